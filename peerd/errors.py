@@ -26,6 +26,7 @@ __all__ = [
     "StorageError",
     "TransportError",
     "TransportTimeout",
+    "TrackerError",
     "TransportUnavailable",
     "UntrustedManifest",
 ]
@@ -109,3 +110,17 @@ class IdentityError(PeerError):
 
 class StorageError(PeerError):
     """Local disk problem: output not writable, disk full, state file corrupt."""
+
+
+# --- tracker ----------------------------------------------------------------
+class TrackerError(PeerError):
+    """The tracker refused a request or could not be used.
+
+    ``code`` is the tracker's error code (docs/PROTOCOL.md), e.g. ``not-found``,
+    ``ambiguous-prefix``, ``auth-failed``, or ``unreachable`` when we could not
+    talk to it at all.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
