@@ -1,0 +1,51 @@
+"""One stream contract, two backends: ``reactor`` (epoll) and ``proactor`` (io_uring).
+
+:func:`get_transport` is the one place a backend is chosen.
+"""
+
+from __future__ import annotations
+
+import os
+
+from peerd.errors import TransportUnavailable
+
+from ._base import DEFAULT_BACKLOG, Listener, Stream, StreamStats, Transport
+
+__all__ = [
+    "DEFAULT_BACKLOG",
+    "TRANSPORTS",
+    "Listener",
+    "Stream",
+    "StreamStats",
+    "Transport",
+    "get_transport",
+]
+
+TRANSPORTS = ("reactor", "proactor")
+ENV_VAR = "PEER_TRANSPORT"
+
+
+def get_transport(name: str | None = None) -> Transport:
+    """Return the transport called ``name`` (else ``$PEER_TRANSPORT``, else ``reactor``).
+
+    Raises:
+        TransportUnavailable: unknown name, or io_uring cannot be used here
+            (the message says why in one line and suggests ``--transport reactor``).
+    """
+    chosen = name or os.environ.get(ENV_VAR) or "reactor"
+    if chosen == "reactor":
+        from .reactor import ReactorTransport
+
+        return ReactorTransport()
+    if chosen == "proactor":
+        try:
+            from .proactor import ProactorTransport, probe
+        except ImportError as exc:
+            raise TransportUnavailable(
+                f"proactor transport unavailable: {exc}; `--transport reactor` works"
+            ) from exc
+        probe()
+        return ProactorTransport()
+    raise TransportUnavailable(
+        f"unknown transport {chosen!r}: choose one of {', '.join(TRANSPORTS)}"
+    )

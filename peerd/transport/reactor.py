@@ -1,0 +1,247 @@
+"""The reactor backend: Trio's own sockets (readiness via epoll on Linux).
+
+Trio's I/O manager waits on epoll until a socket is readable or writable,
+then the non-blocking system call runs in the Trio thread. ``sendfile`` is
+``os.sendfile`` on the non-blocking socket, retried after ``wait_writable``
+whenever the socket buffer is full, so file bytes never pass through Python.
+Positional disk I/O runs in Trio's worker threads (``os.preadv`` /
+``os.pwrite`` release the GIL).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from typing import Any
+
+import trio
+
+from peerd.errors import StorageError, TransportError, TransportTimeout
+
+from ._base import (
+    DEFAULT_BACKLOG,
+    IGNORED_ACCEPT_ERRNOS,
+    Listener,
+    Stream,
+    StreamStats,
+    Transport,
+    addr2,
+    check_backlog,
+    connect_error,
+    resolve,
+    translating,
+)
+
+__all__ = ["ReactorListener", "ReactorStream", "ReactorTransport"]
+
+BACKEND = "reactor"
+
+
+class ReactorStream(Stream):
+    """A connected Trio socket."""
+
+    backend = BACKEND
+
+    def __init__(self, sock: trio.socket.SocketType) -> None:
+        self._sock = sock
+        self.stats = StreamStats(BACKEND)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.local_address = addr2(sock.getsockname())
+        try:
+            self.peer_address = addr2(sock.getpeername())
+        except OSError:  # already reset by the peer: keep an honest placeholder
+            self.peer_address = ("", 0)
+
+    def fileno(self) -> int:
+        """The socket's file descriptor (-1 once closed)."""
+        return self._sock.fileno()
+
+    async def recv_into(self, buf: Any, nbytes: int = 0) -> int:
+        with translating("recv"):
+            n = await self._sock.recv_into(buf, nbytes)
+        self.stats.recv_ops += 1
+        self.stats.bytes_received += n
+        return n
+
+    async def send_all(self, data: Any) -> None:
+        with memoryview(data) as view, view.cast("B") as flat:
+            total = len(flat)
+            sent = 0
+            with translating("send"):
+                if total == 0:
+                    await trio.lowlevel.checkpoint_if_cancelled()
+                    if self._sock.fileno() < 0:
+                        raise trio.ClosedResourceError
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                    return
+                while sent < total:
+                    n = await self._sock.send(flat[sent:])
+                    sent += n
+                    self.stats.send_ops += 1
+                    self.stats.bytes_sent += n
+
+    async def sendfile(self, fd: int, offset: int, count: int) -> None:
+        if offset < 0 or count < 0:
+            raise ValueError("offset and count must be >= 0")
+        await trio.lowlevel.checkpoint_if_cancelled()
+        waited = False
+        end = offset + count
+        with translating("sendfile"):
+            while offset < end:
+                sockfd = self._sock.fileno()
+                if sockfd < 0:
+                    raise trio.ClosedResourceError
+                try:
+                    n = os.sendfile(sockfd, fd, offset, end - offset)
+                except BlockingIOError:
+                    waited = True
+                    await trio.lowlevel.wait_writable(self._sock)
+                    continue
+                except OSError as exc:
+                    if exc.errno in (errno.EBADF, errno.EINVAL) and self._sock.fileno() >= 0:
+                        raise StorageError(f"sendfile: cannot read file: {exc.strerror}") from exc
+                    raise
+                if n == 0:
+                    raise StorageError(
+                        f"sendfile: file ended at offset {offset}, {end - offset} bytes short"
+                    )
+                offset += n
+                self.stats.send_ops += 1
+                self.stats.bytes_sent += n
+        if not waited:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def send_eof(self) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        with translating("send_eof"):
+            if self._sock.fileno() < 0:
+                raise trio.ClosedResourceError
+            try:
+                self._sock.shutdown(socket.SHUT_WR)
+            except OSError as exc:
+                if exc.errno != errno.ENOTCONN:  # peer already gone: EOF is moot
+                    raise
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def aclose(self) -> None:
+        self._sock.close()  # wakes tasks blocked on it with ClosedResourceError
+        await trio.lowlevel.checkpoint()
+
+
+class ReactorListener(Listener):
+    """A listening Trio socket."""
+
+    def __init__(self, sock: trio.socket.SocketType) -> None:
+        self._sock = sock
+        self.host, self.port = addr2(sock.getsockname())
+
+    async def accept(self) -> Stream:
+        while True:
+            try:
+                sock, _addr = await self._sock.accept()
+            except trio.ClosedResourceError:
+                raise TransportError(f"accept on port {self.port}: listener is closed") from None
+            except OSError as exc:
+                if exc.errno in IGNORED_ACCEPT_ERRNOS:
+                    continue
+                raise TransportError(f"accept on port {self.port}: {exc.strerror}") from exc
+            try:
+                return ReactorStream(sock)
+            except OSError:  # reset between accept() and setsockopt(): skip it
+                sock.close()
+
+    async def aclose(self) -> None:
+        self._sock.close()
+        await trio.lowlevel.checkpoint()
+
+
+class ReactorTransport(Transport):
+    """Trio sockets; disk I/O in worker threads."""
+
+    name = BACKEND
+
+    async def connect(
+        self,
+        host: str,
+        port: int,
+        *,
+        timeout: float = 10.0,
+        source_host: str | None = None,
+    ) -> Stream:
+        family, sockaddr = await resolve(host, port)
+        sock = trio.socket.socket(family, socket.SOCK_STREAM)
+        try:
+            if source_host is not None:
+                try:
+                    await sock.bind((source_host, 0))
+                except OSError as exc:
+                    raise connect_error(host, port, exc) from exc
+            with trio.move_on_after(timeout) as scope:
+                try:
+                    await sock.connect(sockaddr)
+                except OSError as exc:
+                    raise connect_error(host, port, exc) from exc
+            if scope.cancelled_caught:
+                raise TransportTimeout(
+                    f"cannot connect to {host}:{port}: timed out after {timeout}s"
+                )
+            try:
+                return ReactorStream(sock)
+            except OSError as exc:
+                raise connect_error(host, port, exc) from exc
+        except BaseException:
+            sock.close()
+            raise
+
+    async def open_listener(
+        self, host: str, port: int, *, backlog: int = DEFAULT_BACKLOG
+    ) -> Listener:
+        backlog = check_backlog(backlog)
+        try:
+            family, sockaddr = await resolve(host, port, for_bind=True)
+        except TransportError as exc:
+            raise TransportError(f"cannot listen on {host}:{port}: {exc}") from exc
+        sock = trio.socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            await sock.bind(sockaddr)
+            sock.listen(backlog)
+        except OSError as exc:
+            sock.close()
+            raise TransportError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+        return ReactorListener(sock)
+
+    async def pread_into(self, fd: int, buf: Any, offset: int) -> int:
+        return await trio.to_thread.run_sync(pread_fill, fd, buf, offset)
+
+    async def pwrite(self, fd: int, data: Any, offset: int) -> int:
+        return await trio.to_thread.run_sync(pwrite_all, fd, data, offset)
+
+
+def pread_fill(fd: int, buf: Any, offset: int) -> int:
+    """Blocking: fill ``buf`` from ``fd`` at ``offset`` until full or EOF."""
+    with memoryview(buf) as view, view.cast("B") as flat:
+        got = 0
+        while got < len(flat):
+            try:
+                n = os.preadv(fd, [flat[got:]], offset + got)
+            except OSError as exc:
+                raise StorageError(f"read at offset {offset + got}: {exc.strerror}") from exc
+            if n == 0:
+                break
+            got += n
+        return got
+
+
+def pwrite_all(fd: int, data: Any, offset: int) -> int:
+    """Blocking: write all of ``data`` to ``fd`` at ``offset``."""
+    with memoryview(data) as view, view.cast("B") as flat:
+        done = 0
+        while done < len(flat):
+            try:
+                n = os.pwrite(fd, flat[done:], offset + done)
+            except OSError as exc:
+                raise StorageError(f"write at offset {offset + done}: {exc.strerror}") from exc
+            done += n
+        return done

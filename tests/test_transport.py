@@ -1,0 +1,563 @@
+"""Behaviour of both transports behind the one stream contract.
+
+Every test takes the ``transport`` fixture (tests/conftest.py), so it runs
+against the reactor (epoll) and the proactor (io_uring) alike.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import resource
+import socket
+import struct
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from peerd.errors import (
+    ConnectError,
+    ConnectionClosed,
+    ConnectionReset,
+    StorageError,
+    TransportError,
+    TransportTimeout,
+    TransportUnavailable,
+)
+from peerd.transport import Listener, Stream, Transport, get_transport
+
+MiB = 1 << 20
+
+
+async def stream_pair(transport: Transport) -> tuple[Stream, Stream]:
+    """(client, server) streams connected over loopback."""
+    listener = await transport.open_listener("127.0.0.1", 0)
+    try:
+        async with trio.open_nursery() as nursery:
+            accepted: list[Stream] = []
+
+            async def accept_one() -> None:
+                accepted.append(await listener.accept())
+
+            nursery.start_soon(accept_one)
+            client = await transport.connect("127.0.0.1", listener.port)
+    finally:
+        await listener.aclose()
+    return client, accepted[0]
+
+
+def pattern(seed: int, size: int) -> bytes:
+    """Deterministic, position-dependent bytes (so a lost or moved byte shows)."""
+    block = hashlib.sha256(seed.to_bytes(8, "big")).digest()
+    reps = size // len(block) + 1
+    return (block * reps)[:size]
+
+
+# --- selection ----------------------------------------------------------------
+
+
+def test_get_transport_unknown_name_lists_valid_names() -> None:
+    with pytest.raises(TransportUnavailable, match="reactor, proactor"):
+        get_transport("carrier-pigeon")
+
+
+def test_get_transport_default_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PEER_TRANSPORT", raising=False)
+    assert get_transport().name == "reactor"
+    monkeypatch.setenv("PEER_TRANSPORT", "nope")
+    with pytest.raises(TransportUnavailable, match="nope"):
+        get_transport()
+    assert get_transport("reactor").name == "reactor"
+
+
+# --- conformance ----------------------------------------------------------------
+
+
+class HalfCloseable(trio.abc.HalfCloseableStream):
+    """Adapter: our Stream seen through Trio's stream ABC, for Trio's checkers.
+
+    Maps our exceptions back to Trio's (ConnectionReset → BrokenResourceError,
+    use after close → ClosedResourceError) and adds the busy-detection the
+    checkers expect from Trio streams.
+    """
+
+    def __init__(self, stream: Stream) -> None:
+        self.stream = stream
+        self.closed = False
+        self.eof_sent = False
+        self.sending = False
+        self.receiving = False
+
+    def _map(self, exc: TransportError) -> BaseException:
+        if self.closed:
+            return trio.ClosedResourceError()
+        if isinstance(exc, ConnectionReset):
+            return trio.BrokenResourceError(str(exc))
+        return exc
+
+    async def send_all(self, data: Any) -> None:
+        if self.sending:
+            raise trio.BusyResourceError("another task is sending")
+        if self.closed or self.eof_sent:
+            await trio.lowlevel.checkpoint()
+            raise trio.ClosedResourceError()
+        self.sending = True
+        try:
+            await self.stream.send_all(data)
+        except TransportError as exc:
+            raise self._map(exc) from exc
+        finally:
+            self.sending = False
+
+    async def wait_send_all_might_not_block(self) -> None:
+        if self.sending:
+            raise trio.BusyResourceError("another task is sending")
+        await trio.lowlevel.checkpoint()
+        if self.closed:
+            raise trio.ClosedResourceError()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self.receiving:
+            raise trio.BusyResourceError("another task is receiving")
+        if max_bytes is None:
+            max_bytes = 65536
+        if not isinstance(max_bytes, int):
+            raise TypeError("max_bytes must be an int")
+        if self.closed:
+            await trio.lowlevel.checkpoint()
+            raise trio.ClosedResourceError()
+        self.receiving = True
+        try:
+            return await self.stream.receive_some(max_bytes)
+        except TransportError as exc:
+            raise self._map(exc) from exc
+        finally:
+            self.receiving = False
+
+    async def send_eof(self) -> None:
+        if self.closed:
+            await trio.lowlevel.checkpoint()
+            raise trio.ClosedResourceError()
+        self.eof_sent = True
+        await self.stream.send_eof()
+
+    async def aclose(self) -> None:
+        self.closed = True
+        await self.stream.aclose()
+
+
+async def test_trio_half_closeable_stream_conformance(transport: Transport) -> None:
+    async def maker() -> tuple[HalfCloseable, HalfCloseable]:
+        a, b = await stream_pair(transport)
+        return HalfCloseable(a), HalfCloseable(b)
+
+    with trio.fail_after(30):
+        await trio.testing.check_half_closeable_stream(maker, None)
+
+
+# --- basic behaviour --------------------------------------------------------------
+
+
+async def test_echo_stats_and_addresses(transport: Transport) -> None:
+    async def echo(stream: Stream) -> None:
+        while data := await stream.receive_some(1000):
+            await stream.send_all(data)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            listener: Listener = await nursery.start(transport.serve, "127.0.0.1", 0, echo)
+            assert listener.port > 0
+            async with await transport.connect("127.0.0.1", listener.port) as client:
+                assert client.backend == transport.name
+                assert client.peer_address == ("127.0.0.1", listener.port)
+                assert client.local_address[0] == "127.0.0.1"
+                message = pattern(1, 5000)
+                await client.send_all(memoryview(message)[:3000])
+                await client.send_all(bytearray(message[3000:]))
+                back = bytearray(5000)
+                await client.recv_exactly_into(back)
+                assert back == message
+                await client.send_eof()  # half-close: the echo handler ends
+                assert await client.receive_some() == b""  # server closed after handler
+                stats = client.stats
+                assert stats.backend == transport.name
+                assert stats.bytes_sent == 5000
+                assert stats.bytes_received == 5000
+                assert stats.send_ops >= 2
+                assert stats.recv_ops >= 2
+            nursery.cancel_scope.cancel()
+
+
+async def test_recv_into_nbytes_and_eof(transport: Transport) -> None:
+    a, b = await stream_pair(transport)
+    async with a, b:
+        await a.send_all(b"hello world")
+        buf = bytearray(100)
+        with trio.fail_after(5):
+            got = 0
+            while got < 5:
+                got += await b.recv_into(memoryview(buf)[got:], 5 - got)
+        assert bytes(buf[:5]) == b"hello"
+        await a.aclose()
+        rest = bytearray(6)
+        await b.recv_exactly_into(rest)
+        assert rest == b" world"
+        assert await b.recv_into(buf) == 0
+
+
+async def test_serve_shutdown_closes_listener_and_connections(transport: Transport) -> None:
+    entered = trio.Event()
+
+    async def hold(stream: Stream) -> None:
+        entered.set()
+        await trio.sleep_forever()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            listener: Listener = await nursery.start(transport.serve, "127.0.0.1", 0, hold)
+            client = await transport.connect("127.0.0.1", listener.port)
+            await entered.wait()
+            nursery.cancel_scope.cancel()
+        async with client:
+            try:  # the server side was closed: EOF or reset, never a hang
+                assert await client.receive_some() == b""
+            except ConnectionReset:
+                pass
+        with pytest.raises(ConnectError, match=rf"cannot connect to 127\.0\.0\.1:{listener.port}"):
+            await transport.connect("127.0.0.1", listener.port)
+
+
+async def test_serve_handler_transport_error_ends_only_that_connection(
+    transport: Transport,
+) -> None:
+    async def strict(stream: Stream) -> None:
+        buf = bytearray(10)
+        await stream.recv_exactly_into(buf)  # ConnectionClosed on a short message
+        await stream.send_all(buf)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            listener: Listener = await nursery.start(transport.serve, "127.0.0.1", 0, strict)
+            async with await transport.connect("127.0.0.1", listener.port) as bad:
+                await bad.send_all(b"short")
+                await bad.send_eof()
+                assert await bad.receive_some() == b""
+            async with await transport.connect("127.0.0.1", listener.port) as good:
+                await good.send_all(b"0123456789")
+                out = bytearray(10)
+                await good.recv_exactly_into(out)
+                assert out == b"0123456789"
+            nursery.cancel_scope.cancel()
+
+
+async def test_listen_close_listen_again_same_port(transport: Transport) -> None:
+    first = await transport.open_listener("127.0.0.1", 0, backlog=512)
+    port = first.port
+    a = await transport.connect("127.0.0.1", port)
+    b = await first.accept()
+    await first.aclose()
+    await first.aclose()  # idempotent
+    await b.aclose()  # server side closes first: its socket enters TIME_WAIT
+    await a.aclose()
+    second = await transport.open_listener("127.0.0.1", port)
+    async with second:
+        assert second.port == port
+        async with await transport.connect("127.0.0.1", port) as c, await second.accept() as d:
+            await c.send_all(b"again")
+            assert await d.receive_some() == b"again"
+
+
+async def test_listen_on_busy_port_is_transport_error(transport: Transport) -> None:
+    async with await transport.open_listener("127.0.0.1", 0) as first:
+        with pytest.raises(TransportError, match=rf"cannot listen on 127\.0\.0\.1:{first.port}"):
+            await transport.open_listener("127.0.0.1", first.port)
+
+
+async def test_connect_to_closed_port_is_connect_error(transport: Transport) -> None:
+    listener = await transport.open_listener("127.0.0.1", 0)
+    port = listener.port
+    await listener.aclose()
+    with pytest.raises(ConnectError, match=rf"^cannot connect to 127\.0\.0\.1:{port}: "):
+        await transport.connect("127.0.0.1", port)
+
+
+async def test_connect_to_unresolvable_name_is_connect_error(transport: Transport) -> None:
+    with pytest.raises(ConnectError, match=r"cannot connect to no-such-host\.invalid:80"):
+        await transport.connect("no-such-host.invalid", 80)
+
+
+async def test_connect_timeout_is_transport_timeout(transport: Transport) -> None:
+    # A listener whose accept queue is full drops further SYNs: connect hangs.
+    sock = socket.socket()
+    try:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(0)
+        port = sock.getsockname()[1]
+        fillers = []
+        with trio.fail_after(5):
+            for _ in range(2):  # fill the (backlog + 1) queue
+                try:
+                    fillers.append(await transport.connect("127.0.0.1", port, timeout=0.5))
+                except TransportTimeout:
+                    break
+            with pytest.raises(TransportTimeout, match=rf"127\.0\.0\.1:{port}"):
+                await transport.connect("127.0.0.1", port, timeout=0.3)
+        for f in fillers:
+            await f.aclose()
+    finally:
+        sock.close()
+
+
+async def test_connect_binds_source_host(transport: Transport) -> None:
+    async with await transport.open_listener("127.0.0.1", 0) as listener:
+        async with await transport.connect(
+            "127.0.0.1", listener.port, source_host="127.0.0.2"
+        ) as client:
+            assert client.local_address[0] == "127.0.0.2"
+            async with await listener.accept() as server:
+                assert server.peer_address == client.local_address
+
+
+async def test_cancelled_connect_passes_cancellation_through(transport: Transport) -> None:
+    async with await transport.open_listener("127.0.0.1", 0) as listener:
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await transport.connect("127.0.0.1", listener.port)
+        assert scope.cancelled_caught
+
+
+# --- failures in the middle -----------------------------------------------------------
+
+
+async def test_peer_closes_mid_transfer(transport: Transport) -> None:
+    a, b = await stream_pair(transport)
+    async with b:
+        await a.send_all(pattern(2, 100_000))
+        await a.aclose()
+        buf = bytearray(MiB)
+        with trio.fail_after(5), pytest.raises(ConnectionClosed, match="100000 of 1048576"):
+            await b.recv_exactly_into(buf)
+        assert buf[:100_000] == pattern(2, 100_000)
+
+
+def _raw_connect_with_linger0(port: int) -> trio.socket.SocketType:
+    sock = trio.socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    return sock
+
+
+async def test_reset_by_peer_on_receive(transport: Transport) -> None:
+    async with await transport.open_listener("127.0.0.1", 0) as listener:
+        raw = _raw_connect_with_linger0(listener.port)
+        await raw.connect(("127.0.0.1", listener.port))
+        async with await listener.accept() as server:
+            with trio.fail_after(5):
+                await raw.send(b"partial")
+                raw.close()  # SO_LINGER 0: RST instead of FIN
+                buf = bytearray(64)
+                with pytest.raises(ConnectionReset, match="reset"):
+                    while True:
+                        await server.recv_into(buf)
+
+
+async def test_reset_by_peer_on_send(transport: Transport) -> None:
+    async with await transport.open_listener("127.0.0.1", 0) as listener:
+        raw = _raw_connect_with_linger0(listener.port)
+        await raw.connect(("127.0.0.1", listener.port))
+        async with await listener.accept() as server:
+            raw.close()
+            chunk = bytes(MiB)
+            with trio.fail_after(5), pytest.raises(ConnectionReset):
+                while True:
+                    await server.send_all(chunk)
+
+
+async def test_cancel_mid_receive_then_reuse_buffer(transport: Transport) -> None:
+    a, b = await stream_pair(transport)
+    async with a, b:
+        first = pattern(3, MiB)
+        second = pattern(4, MiB)
+        buf = bytearray(8 * MiB)
+        await a.send_all(first)
+        with trio.move_on_after(0.3) as scope:
+            await b.recv_exactly_into(buf)  # gets `first`, then waits for more
+        assert scope.cancelled_caught
+        assert buf[: len(first)] == first
+        # The cancelled receive must be finished in the kernel: after new data
+        # arrives, nothing may write into the buffer behind our back.
+        buf[:] = b"\xee" * len(buf)
+        await a.send_all(second)
+        await trio.sleep(0.2)
+        assert buf.count(b"\xee") == len(buf)
+        with trio.fail_after(5):
+            await b.recv_exactly_into(memoryview(buf)[: len(second)])
+        assert buf[: len(second)] == second
+        assert buf.count(b"\xee", len(second)) == len(buf) - len(second)
+
+        # Single receive: cancelled before data means no data was consumed.
+        with trio.move_on_after(0.1):
+            await b.recv_into(buf)
+        await a.send_all(b"after")
+        out = bytearray(5)
+        with trio.fail_after(5):
+            await b.recv_exactly_into(out)
+        assert out == b"after"
+
+
+async def test_close_wakes_blocked_receiver(transport: Transport) -> None:
+    a, b = await stream_pair(transport)
+    async with a:
+
+        async def blocked() -> None:
+            with pytest.raises(ConnectionClosed):
+                await b.recv_into(bytearray(4096))
+
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(blocked)
+                await trio.testing.wait_all_tasks_blocked()
+                await b.aclose()
+
+
+# --- bulk ------------------------------------------------------------------------
+
+
+async def _hashing_receiver(stream: Stream, total: int, chunk: int) -> bytes:
+    h = hashlib.sha256()
+    buf = bytearray(chunk)
+    got = 0
+    while got < total:
+        view = memoryview(buf)[: min(chunk, total - got)]
+        await stream.recv_exactly_into(view)
+        await trio.to_thread.run_sync(h.update, view)
+        got += len(view)
+    assert await stream.receive_some() == b""
+    return h.digest()
+
+
+async def test_one_gib_transfer_checked_by_hash(transport: Transport) -> None:
+    total = 1 << 30
+    chunk = 4 * MiB
+    block = bytearray(os.urandom(chunk))
+    expected = hashlib.sha256()
+    a, b = await stream_pair(transport)
+
+    async def sender() -> None:
+        async with a:
+            for i in range(total // chunk):
+                block[:8] = i.to_bytes(8, "big")  # every chunk differs
+                expected.update(block)
+                await a.send_all(block)
+
+    result: list[bytes] = []
+
+    async def receiver() -> None:
+        async with b:
+            result.append(await _hashing_receiver(b, total, chunk))
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sender)
+            nursery.start_soon(receiver)
+    assert result == [expected.digest()]
+    assert b.stats.bytes_received == total
+    assert a.stats.bytes_sent == total
+
+
+async def test_500_concurrent_connections(transport: Transport) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 2048 and hard > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+
+    async def echo(stream: Stream) -> None:
+        buf = bytearray(8)
+        await stream.recv_exactly_into(buf)
+        await stream.send_all(buf[::-1])
+
+    async def client(port: int, i: int, done: list[int]) -> None:
+        async with await transport.connect("127.0.0.1", port) as s:
+            msg = i.to_bytes(8, "big")
+            await s.send_all(msg)
+            back = bytearray(8)
+            await s.recv_exactly_into(back)
+            assert back == msg[::-1]
+            done.append(i)
+
+    done: list[int] = []
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            listener: Listener = await nursery.start(
+                functools.partial(transport.serve, backlog=1024), "127.0.0.1", 0, echo
+            )
+            async with trio.open_nursery() as clients:
+                for i in range(500):
+                    clients.start_soon(client, listener.port, i, done)
+            nursery.cancel_scope.cancel()
+    assert sorted(done) == list(range(500))
+
+
+# --- files ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def data_file(tmp_path: Any) -> Iterator[tuple[int, bytes]]:
+    content = os.urandom(3 * MiB + 17)
+    path = tmp_path / "data.bin"
+    path.write_bytes(content)
+    fd = os.open(path, os.O_RDONLY)
+    yield fd, content
+    os.close(fd)
+
+
+@pytest.mark.parametrize(("offset", "count"), [(0, 1), (12345, 2_000_001), (3 * MiB + 3, 14)])
+async def test_sendfile_ranges(
+    transport: Transport, data_file: tuple[int, bytes], offset: int, count: int
+) -> None:
+    fd, content = data_file
+    a, b = await stream_pair(transport)
+    async with a, b:
+        got = bytearray(count)
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(b.recv_exactly_into, got)
+                await a.sendfile(fd, offset, count)
+                await a.send_all(b"!")
+        assert got == content[offset : offset + count]
+        assert a.stats.bytes_sent == count + 1
+        assert await b.receive_some(1) == b"!"
+
+
+async def test_sendfile_past_end_of_file_is_storage_error(
+    transport: Transport, data_file: tuple[int, bytes]
+) -> None:
+    fd, content = data_file
+    a, b = await stream_pair(transport)
+    async with a, b:
+        with trio.fail_after(10), pytest.raises(StorageError, match="90 bytes short"):
+            await a.sendfile(fd, len(content) - 10, 100)  # 10 bytes fit the socket buffer
+        got = bytearray(10)
+        await b.recv_exactly_into(got)
+        assert got == content[-10:]
+
+
+async def test_pread_into_and_pwrite(transport: Transport, tmp_path: Any) -> None:
+    path = tmp_path / "disk.bin"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        data = pattern(5, 2 * MiB + 3)
+        assert await transport.pwrite(fd, memoryview(data)[1:], 4097) == len(data) - 1
+        buf = bytearray(MiB)
+        assert await transport.pread_into(fd, buf, 4097 + 10) == MiB
+        assert buf == data[11 : 11 + MiB]
+        tail = bytearray(100)
+        end = 4097 + len(data) - 1
+        assert await transport.pread_into(fd, tail, end - 7) == 7  # short only at EOF
+        assert tail[:7] == data[-7:]
+    finally:
+        os.close(fd)
+    with pytest.raises(StorageError):
+        await transport.pread_into(fd, bytearray(10), 0)  # closed fd
