@@ -1,0 +1,322 @@
+"""The ``peer`` command: thin; parses arguments, runs the library, maps errors.
+
+Every expected failure is a :class:`~peerd.errors.PeerError`; it is printed
+as one line (``peer: error: ...``) with a non-zero exit code, never a
+traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated, Any
+
+import trio
+import typer
+
+from peerd.errors import PeerError
+from peerd.identity import Identity, parse_public_key, peer_home
+from peerd.ratelimit import parse_rate
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="peer: share files with verified, signed chunks over a peer-to-peer swarm.",
+)
+
+EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130
+DEFAULT_TRACKER = "127.0.0.1:7070"
+
+TrackerOpt = Annotated[
+    str | None,
+    typer.Option("--tracker", help="Tracker HOST:PORT (default $PEER_TRACKER or 127.0.0.1:7070)."),
+]
+HostOpt = Annotated[str, typer.Option("--host", help="Address to listen on (and connect from).")]
+PortOpt = Annotated[int, typer.Option("--port", help="Port to listen on; 0 = any free port.")]
+TransportOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--transport",
+        help="reactor (epoll) or proactor (io_uring); default $PEER_TRANSPORT or reactor.",
+    ),
+]
+UpOpt = Annotated[
+    str | None, typer.Option("--up-limit", help="Upload limit per second, e.g. 32MiB.")
+]
+DownOpt = Annotated[
+    str | None, typer.Option("--down-limit", help="Download limit per second, e.g. 10MB.")
+]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log what the node does.")]
+
+
+class Interrupted(PeerError):
+    """Ctrl-C or SIGTERM."""
+
+
+def fail(message: str, code: int = EXIT_ERROR) -> None:
+    typer.echo(f"peer: error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="peer: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def parse_tracker(text: str | None) -> tuple[str, int]:
+    text = text or os.environ.get("PEER_TRACKER") or DEFAULT_TRACKER
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise PeerError(f"cannot read tracker address {text!r}: use HOST:PORT, e.g. 127.0.0.1:7070")
+    return host.strip("[]"), int(port)
+
+
+def parse_limit(text: str | None, option: str) -> int | None:
+    try:
+        return parse_rate(text)
+    except ValueError as exc:
+        raise PeerError(f"{option}: {exc}") from None
+
+
+def run_trio(main: Callable[[], Awaitable[Any]], *, interrupt_ok: bool = False) -> Any:
+    """Run ``main`` under Trio; SIGINT/SIGTERM cancel it cleanly.
+
+    With ``interrupt_ok`` a signal is a normal way to stop (seeding); otherwise
+    it is an error (exit 130).
+    """
+    interrupted = False
+
+    async def wrapper() -> Any:
+        nonlocal interrupted
+        result = None
+        async with trio.open_nursery() as nursery:
+
+            async def watch_signals() -> None:
+                nonlocal interrupted
+                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    async for _ in signals:
+                        interrupted = True
+                        nursery.cancel_scope.cancel()
+                        return
+
+            async def body() -> None:
+                nonlocal result
+                result = await main()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch_signals)
+            nursery.start_soon(body)
+        return result
+
+    try:
+        result = trio.run(wrapper, strict_exception_groups=False)
+    except PeerError as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"{exc.strerror or exc}")
+    if interrupted and not interrupt_ok:
+        fail(
+            "interrupted; verified chunks are kept: run the same command again to resume",
+            EXIT_INTERRUPTED,
+        )
+    return result
+
+
+def _transport(name: str | None):  # type: ignore[no-untyped-def]
+    from peerd.transport import get_transport
+
+    return get_transport(name)
+
+
+def _identity() -> Identity:
+    return Identity.load_or_create(peer_home())
+
+
+# --- commands ---------------------------------------------------------------------
+@app.command("id")
+def cmd_id() -> None:
+    """Print this user's public key (created on first use)."""
+    try:
+        identity = _identity()
+    except PeerError as exc:
+        fail(str(exc))
+    typer.echo(identity.public_hex)
+
+
+@app.command("share")
+def cmd_share(
+    path: Annotated[Path, typer.Argument(help="The file to share.")],
+    tracker: TrackerOpt = None,
+    host: HostOpt = "127.0.0.1",
+    port: PortOpt = 0,
+    transport: TransportOpt = None,
+    hash_algo: Annotated[
+        str, typer.Option("--hash", help="blake3 (default) or sha256.")
+    ] = "blake3",
+    up_limit: UpOpt = None,
+    down_limit: DownOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Share a file: print its content id, then seed until Ctrl-C."""
+    setup_logging(verbose)
+    from peerd.daemon import try_daemon_share
+    from peerd.node import Node
+    from peerd.share import share_file
+
+    try:
+        handed = try_daemon_share(peer_home(), path, hash_algo)
+        if handed is not None:
+            typer.echo(handed)
+            typer.echo(f"shared by the running daemon; get it with: peer get {handed}", err=True)
+            return
+        tracker_addr = parse_tracker(tracker)
+        up, down = parse_limit(up_limit, "--up-limit"), parse_limit(down_limit, "--down-limit")
+        identity = _identity()
+        backend = _transport(transport)
+    except PeerError as exc:
+        fail(str(exc))
+
+    async def main() -> None:
+        node = Node(
+            identity,
+            backend,
+            host=host,
+            port=port,
+            tracker=tracker_addr,
+            up_limit=up,
+            down_limit=down,
+        )
+        async with trio.open_nursery() as nursery:
+            await nursery.start(node.run)
+            content = await share_file(node, identity, path, algo=hash_algo)
+            cid = content.content_id.hex()
+            print(cid, flush=True)
+            print(
+                f"seeding {path.name} on {node.host}:{node.port}; get it with: peer get {cid}",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    run_trio(main, interrupt_ok=True)
+
+
+@app.command("get")
+def cmd_get(
+    content_id: Annotated[
+        str,
+        typer.Argument(metavar="ID", help="Content id, or a unique prefix of 16+ hex characters."),
+    ],
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Output file or directory.")
+    ] = None,
+    trust: Annotated[
+        str | None, typer.Option("--trust", help="Refuse a manifest not signed by this public key.")
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Overwrite an existing output file.")
+    ] = False,
+    seed: Annotated[
+        bool, typer.Option("--seed", help="Keep seeding after the download completes.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary line.")] = False,
+    timeout: Annotated[
+        float, typer.Option("--timeout", help="Give up after this many seconds without progress.")
+    ] = 60.0,
+    tracker: TrackerOpt = None,
+    host: HostOpt = "127.0.0.1",
+    port: PortOpt = 0,
+    transport: TransportOpt = None,
+    up_limit: UpOpt = None,
+    down_limit: DownOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Download a file from every useful peer at once, verifying every chunk."""
+    setup_logging(verbose)
+    from peerd.download import download
+    from peerd.node import Node
+    from peerd.progress import ProgressView
+
+    try:
+        tracker_addr = parse_tracker(tracker)
+        trust_key = parse_public_key(trust) if trust else None
+        up, down = parse_limit(up_limit, "--up-limit"), parse_limit(down_limit, "--down-limit")
+        identity = _identity()
+        backend = _transport(transport)
+    except PeerError as exc:
+        fail(str(exc))
+    show_progress = not as_json and sys.stderr.isatty()
+
+    async def main() -> Any:
+        node = Node(
+            identity,
+            backend,
+            host=host,
+            port=port,
+            tracker=tracker_addr,
+            up_limit=up,
+            down_limit=down,
+        )
+        async with trio.open_nursery() as nursery:
+            await nursery.start(node.run)
+            view = ProgressView(enabled=show_progress)
+            with view:
+                _content, result = await download(
+                    node,
+                    content_id,
+                    output,
+                    trust=trust_key,
+                    force=force,
+                    stall_timeout=timeout,
+                    on_start=lambda c: view.track(nursery, c),
+                )
+            if as_json:
+                print(json.dumps(asdict(result)), flush=True)
+            else:
+                print(
+                    f"{result.path}: {result.bytes} bytes verified in {result.seconds:.2f} s "
+                    f"({result.MBps} MB/s) from {result.peers_used} peer(s)",
+                    file=sys.stderr,
+                )
+            if seed:
+                print("seeding; Ctrl-C to stop", file=sys.stderr, flush=True)
+                await trio.sleep_forever()
+            nursery.cancel_scope.cancel()
+        return result
+
+    run_trio(main, interrupt_ok=seed)
+
+
+@app.command("tracker")
+def cmd_tracker(
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 7070,
+    transport: TransportOpt = None,
+    data: Annotated[
+        Path | None, typer.Option("--data", help="Directory for the manifest database.")
+    ] = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Run a tracker in the foreground."""
+    from tracker.server import run_tracker
+
+    setup_logging(True)
+    raise typer.Exit(run_tracker(host, port, transport, data))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        typer.echo("peer: interrupted", err=True)
+        sys.exit(EXIT_INTERRUPTED)

@@ -1,0 +1,154 @@
+"""``peer get``: resolve an id, fetch and verify the manifest, download, finish.
+
+The download itself is a :class:`~peerd.swarm.Content` with a
+:class:`~peerd.store.ChunkStore` in a running :class:`~peerd.node.Node`; this
+module wires the steps together and decides when to give up: when no new
+verified byte arrived for ``stall_timeout`` seconds (peers gone, none found),
+the download stops with a clear error and keeps its verified chunks for a
+later resume.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from .errors import PeerError, TrackerError
+from .manifest import Manifest, parse_content_id
+from .node import Node
+from .store import ChunkStore
+from .swarm import Content
+
+__all__ = ["DownloadError", "DownloadResult", "download", "fetch_manifest", "resolve_id"]
+
+
+class DownloadError(PeerError):
+    """The download could not finish (no peers, stalled, interrupted)."""
+
+
+@dataclass
+class DownloadResult:
+    """What ``peer get --json`` prints."""
+
+    id: str
+    path: str
+    bytes: int
+    seconds: float
+    MBps: float
+    peers_used: int
+    bytes_per_peer: dict[str, int] = field(default_factory=dict)
+    hash_failures: int = 0
+    resumed_bytes: int = 0
+
+
+async def resolve_id(node: Node, text: str) -> bytes:
+    """A full content id from 64 hex characters or a unique prefix of 16+."""
+    parsed = parse_content_id(text)
+    if isinstance(parsed, bytes):
+        return parsed
+
+    async def call(client):  # type: ignore[no-untyped-def]
+        return await client.resolve(parsed)
+
+    return await node.tracker_call(call)  # type: ignore[return-value]
+
+
+async def fetch_manifest(node: Node, cid: bytes, trust: bytes | None) -> Manifest:
+    """The manifest for ``cid`` from the tracker, verified (id, signatures, trust)."""
+
+    async def call(client):  # type: ignore[no-untyped-def]
+        return await client.get_manifest(cid)
+
+    manifest: Manifest = await node.tracker_call(call)  # type: ignore[assignment]
+    manifest.verify(cid, trust)
+    return manifest
+
+
+def output_path(output: Path | None, name: str) -> Path:
+    if output is None:
+        return Path.cwd() / name
+    if output.is_dir():
+        return output / name
+    return output
+
+
+async def download(
+    node: Node,
+    text_id: str,
+    output: Path | None,
+    *,
+    trust: bytes | None = None,
+    force: bool = False,
+    stall_timeout: float = 60.0,
+    on_start: Callable[[Content], None] | None = None,
+) -> tuple[Content, DownloadResult]:
+    """Download a content into ``output`` and return the running content and a summary.
+
+    The content keeps serving (seeding) in ``node`` until the node stops or
+    the caller removes it.
+
+    Raises:
+        TrackerError: unknown id, ambiguous prefix, tracker unreachable.
+        IntegrityError: bad or untrusted manifest.
+        StorageError: output exists, not writable, disk full.
+        DownloadError: no peers / no progress for ``stall_timeout`` seconds.
+    """
+    started = trio.current_time()
+    cid = await resolve_id(node, text_id)
+    try:
+        manifest = await fetch_manifest(node, cid, trust)
+    except TrackerError as exc:
+        if exc.code == "not-found":
+            raise TrackerError(
+                "not-found", f"no content with id {cid.hex()} is known to the tracker"
+            ) from None
+        raise
+    path = output_path(output, manifest.info.name)
+    store = await ChunkStore.open(manifest.info, cid, path, force=force)
+    try:
+        content = await node.add_content(manifest, store)
+    except BaseException:
+        store.close()
+        raise
+    if on_start is not None:
+        on_start(content)
+    last_bytes = -1
+    last_progress = trio.current_time()
+    while not content.completed.is_set():
+        with trio.move_on_after(1.0):
+            await content.completed.wait()
+        now = trio.current_time()
+        if content.downloaded != last_bytes:
+            last_bytes = content.downloaded
+            last_progress = now
+        elif now - last_progress > stall_timeout:
+            node.remove_content(cid)
+            what = (
+                "no peers have this content"
+                if not content.bytes_from
+                else "all peers stopped sending"
+            )
+            raise DownloadError(
+                f"{what} (no progress for {stall_timeout:.0f} s); "
+                f"{store.resumed_bytes + content.downloaded} bytes verified so far are kept: "
+                "run the same command again to resume"
+            )
+    final = await trio.to_thread.run_sync(store.finalize_sync)
+    seconds = max(trio.current_time() - started, 1e-9)
+    got = content.downloaded
+    result = DownloadResult(
+        id=cid.hex(),
+        path=os.fspath(final),
+        bytes=manifest.info.size,
+        seconds=round(seconds, 3),
+        MBps=round(got / seconds / 1e6, 1),
+        peers_used=sum(1 for v in content.bytes_from.values() if v),
+        bytes_per_peer=dict(content.bytes_from),
+        hash_failures=content.hash_failures,
+        resumed_bytes=store.resumed_bytes,
+    )
+    return content, result

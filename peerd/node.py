@@ -1,0 +1,228 @@
+"""A peerd node: one listener, one tracker client, many contents.
+
+The node owns the nursery every other task lives in. It accepts connections
+(the seed's framework: socket, SO_REUSEADDR, bind, listen, accept, handle,
+release — the transport does the first steps), reads the remote HELLO to
+learn which content the connection is about, answers with its own HELLO and
+hands the connection to that :class:`~peerd.swarm.Content`. Outgoing
+connections do the same in the other order.
+
+Limits a remote controls: total inbound connections and connections per
+address (excess is closed at once), and a handshake deadline so a connection
+that never speaks does not hold a slot.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable
+
+import trio
+
+from .errors import PeerError, RemoteProtocolError, TrackerError, TransportError
+from .identity import Identity
+from .manifest import Manifest
+from .ratelimit import RateLimiter
+from .store import ChunkStore, SourceFile
+from .swarm import Content
+from .tracker_client import TrackerClient
+from .transport import Stream, Transport
+from .wire import NEED_DATA, PROTOCOL_VERSION, Closed, Goodbye, Hello, PeerConnection, Peers
+
+__all__ = ["Node"]
+
+log = logging.getLogger("peerd.node")
+
+HANDSHAKE_TIMEOUT = 10.0
+CONNECT_TIMEOUT = 10.0
+MAX_INBOUND = 512
+MAX_INBOUND_PER_ADDRESS = 256
+
+
+class Node:
+    """A peer: serves what it holds, fetches what it lacks.
+
+    Args:
+        identity: this peer's key pair.
+        transport: the reactor or proactor transport.
+        host: address to listen on (also the source address of outgoing
+            connections when it is a specific address).
+        port: port to listen on, 0 = any free port.
+        tracker: ``(host, port)`` of the tracker.
+        up_limit / down_limit: payload bytes per second, None = unlimited.
+    """
+
+    def __init__(
+        self,
+        identity: Identity,
+        transport: Transport,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        tracker: tuple[str, int] = ("127.0.0.1", 7070),
+        up_limit: int | None = None,
+        down_limit: int | None = None,
+    ) -> None:
+        self.identity = identity
+        self.transport = transport
+        self.host = host
+        self.port = port
+        self.tracker_address = tracker
+        self.up_limiter = RateLimiter(up_limit)
+        self.down_limiter = RateLimiter(down_limit)
+        self.contents: dict[bytes, Content] = {}
+        self._scopes: dict[bytes, trio.CancelScope] = {}
+        self._tracker: TrackerClient | None = None
+        self._tracker_lock = trio.Lock()
+        self._inbound = 0
+        self._per_address: Counter[str] = Counter()
+        self.nursery: trio.Nursery
+
+    @property
+    def source_host(self) -> str | None:
+        return None if self.host in ("", "0.0.0.0", "::") else self.host
+
+    # --- lifecycle -----------------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen and serve until cancelled; then release everything."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self.nursery = nursery
+                listener = await nursery.start(
+                    self.transport.serve, self.host, self.port, self._handle_inbound
+                )
+                self.port = listener.port
+                task_status.started(self)
+        finally:
+            with trio.CancelScope(shield=True):
+                if self._tracker is not None:
+                    await self._tracker.aclose()
+                    self._tracker = None
+                for content in self.contents.values():
+                    content.source.close()
+
+    async def add_content(self, manifest: Manifest, source: SourceFile | ChunkStore) -> Content:
+        """Start serving (and, for an incomplete store, downloading) a content."""
+        cid = manifest.content_id
+        if cid in self.contents:
+            raise PeerError(f"content {cid.hex()} is already active in this node")
+        content = Content(self, manifest, source)
+        self.contents[cid] = content
+        scope = trio.CancelScope()
+        self._scopes[cid] = scope
+
+        async def runner(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            try:
+                with scope:
+                    await content.run(task_status=task_status)
+            finally:
+                self.contents.pop(cid, None)
+                self._scopes.pop(cid, None)
+
+        await self.nursery.start(runner)
+        return content
+
+    def remove_content(self, cid: bytes) -> None:
+        """Stop a content (announces ``stopped``); its files stay as they are."""
+        scope = self._scopes.get(cid)
+        if scope is not None:
+            scope.cancel()
+
+    # --- tracker ---------------------------------------------------------------------
+    async def tracker_call(self, fn: Callable[[TrackerClient], object]) -> object:
+        """Run ``await fn(client)`` on a live tracker connection (reconnecting)."""
+        async with self._tracker_lock:
+            if self._tracker is None:
+                host, port = self.tracker_address
+                self._tracker = await TrackerClient.connect(
+                    self.transport, host, port, self.identity, timeout=CONNECT_TIMEOUT
+                )
+            client = self._tracker
+        try:
+            return await fn(client)  # type: ignore[misc]
+        except TrackerError as exc:
+            if exc.code == "unreachable":
+                await self._drop_tracker(client)
+            raise
+        except TransportError as exc:
+            await self._drop_tracker(client)
+            raise TrackerError("unreachable", f"lost the tracker connection: {exc}") from exc
+
+    async def _drop_tracker(self, client: TrackerClient) -> None:
+        if self._tracker is client:
+            self._tracker = None
+            with trio.CancelScope(shield=True):
+                await client.aclose()
+
+    async def announce(self, cid: bytes, event: str, bits: bytes) -> Peers | None:
+        async def call(client: TrackerClient) -> Peers | None:
+            return await client.announce(cid, self.port, event, bits)
+
+        return await self.tracker_call(call)  # type: ignore[return-value]
+
+    # --- connections -------------------------------------------------------------------
+    def _hello(self, cid: bytes) -> Hello:
+        return Hello(PROTOCOL_VERSION, self.identity.public_key, self.port, cid)
+
+    @staticmethod
+    async def _read_hello(stream: Stream, conn: PeerConnection) -> Hello:
+        while True:
+            event = conn.next_event()
+            if event is NEED_DATA:
+                conn.receive_data(await stream.receive_some(65536))
+                continue
+            if isinstance(event, Hello):
+                return event
+            if isinstance(event, Closed | Goodbye):
+                reason = getattr(event, "reason", "closed")
+                raise RemoteProtocolError(f"peer left during the handshake ({reason})")
+            raise RemoteProtocolError(f"expected HELLO, got {type(event).__name__}")
+
+    async def _handle_inbound(self, stream: Stream) -> None:
+        address = stream.peer_address[0]
+        if self._inbound >= MAX_INBOUND or self._per_address[address] >= MAX_INBOUND_PER_ADDRESS:
+            log.info("refusing connection from %s: too many connections", address)
+            return
+        self._inbound += 1
+        self._per_address[address] += 1
+        hello: Hello | None = None
+        content: Content | None = None
+        try:
+            conn = PeerConnection()
+            with trio.move_on_after(HANDSHAKE_TIMEOUT):
+                hello = await self._read_hello(stream, conn)
+                content = self.contents.get(hello.content_id)
+                await stream.send_all(conn.send(self._hello(hello.content_id)))
+                if content is None:
+                    await stream.send_all(conn.send(Goodbye("unknown content")))
+                    return
+            if content is None or hello is None:
+                return
+            await content.attach(stream, conn, hello, initiated=False)
+        except PeerError as exc:
+            log.debug("inbound connection from %s ended: %s", address, exc)
+        finally:
+            self._inbound -= 1
+            self._per_address[address] -= 1
+            if not self._per_address[address]:
+                del self._per_address[address]
+
+    async def connect_peer(self, content: Content, ip: str, port: int, key: bytes) -> None:
+        """Open a connection to a peer the tracker told us about and run it."""
+        stream = await self.transport.connect(
+            ip, port, timeout=CONNECT_TIMEOUT, source_host=self.source_host
+        )
+        try:
+            conn = PeerConnection()
+            await stream.send_all(conn.send(self._hello(content.content_id)))
+            with trio.fail_after(HANDSHAKE_TIMEOUT):
+                hello = await self._read_hello(stream, conn)
+            if hello.content_id != content.content_id:
+                raise RemoteProtocolError("peer answered about another content")
+            await content.attach(stream, conn, hello, initiated=True)
+        except trio.TooSlowError:
+            raise TransportError(f"peer {ip}:{port} did not complete the handshake") from None
+        finally:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()

@@ -1,0 +1,315 @@
+"""Which chunk to ask for next, and from whom: the pure chunk picker.
+
+Theory of operation
+-------------------
+The picker knows, for one download, which chunks we hold, which are in
+flight (and from which peers), and how many connected peers hold each chunk
+(*availability*). It does no I/O and reads no clock: callers pass ``now``.
+That keeps it deterministic, which is what lets the simulator drive a
+thousand-peer swarm through the very same code.
+
+Rarest first. Missing, unrequested chunks live in *buckets* keyed by their
+availability among connected peers (plus a small weight from the tracker's
+swarm-wide counts before we have talked to anyone). A request for peer P
+walks the buckets from the rarest up and, inside a bucket, starts at a random
+position so that leechers spread over different chunks; the first chunk P
+holds wins. Buckets are lists with a position map, so add/remove are O(1);
+a picked chunk costs O(1) when the peer is a seeder and a short scan otherwise.
+
+Endgame. When no unrequested chunk is left that P holds, P may duplicate a
+request already in flight elsewhere (at most ``endgame_copies`` holders per
+chunk). The first copy to arrive wins; :meth:`chunk_received` returns the
+other peers so their copies can be cancelled.
+
+Timeouts. Each request carries a deadline; :meth:`expired` returns the ones
+that passed so the caller can cancel them and the chunk goes back in its
+bucket, to be fetched from someone else.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass, field
+
+__all__ = ["PiecePicker", "bits_from_flags", "flags_from_bits"]
+
+PeerKey = Hashable
+
+_TO_FLAGS = bytes.maketrans(b"01", b"\x00\x01")
+_TO_CHARS = bytes.maketrans(b"\x00\x01", b"01")
+
+
+def flags_from_bits(bits: bytes, n: int) -> bytearray:
+    """Wire bitfield (MSB first) -> one byte (0/1) per chunk, length ``n``."""
+    if n == 0:
+        return bytearray()
+    text = format(int.from_bytes(bits, "big"), f"0{len(bits) * 8}b")[:n]
+    return bytearray(text.encode("ascii").translate(_TO_FLAGS))
+
+
+def bits_from_flags(flags: bytes | bytearray) -> bytes:
+    """One byte (0/1) per chunk -> wire bitfield (MSB first, zero padded)."""
+    n = len(flags)
+    if n == 0:
+        return b""
+    nbytes = (n + 7) // 8
+    text = bytes(flags).translate(_TO_CHARS) + b"0" * (nbytes * 8 - n)
+    return int(text, 2).to_bytes(nbytes, "big")
+
+
+@dataclass
+class _Peer:
+    flags: bytearray
+    inflight: set[int] = field(default_factory=set)
+
+
+class PiecePicker:
+    """Rarest-first chunk selection with endgame, for one download.
+
+    Args:
+        num_chunks: chunks in the file.
+        have: one byte (0/1) per chunk we already hold (verified).
+        rng: a ``random.Random`` (seeded in tests and the simulator).
+        endgame_copies: most peers one chunk may be requested from at once
+            in endgame mode.
+    """
+
+    def __init__(
+        self,
+        num_chunks: int,
+        have: bytes | bytearray | None = None,
+        *,
+        rng: random.Random | None = None,
+        endgame_copies: int = 2,
+    ) -> None:
+        self.num_chunks = num_chunks
+        self.have = bytearray(have) if have is not None else bytearray(num_chunks)
+        if len(self.have) != num_chunks:
+            raise ValueError("have must have one entry per chunk")
+        self._rng = rng or random.Random()
+        self.endgame_copies = endgame_copies
+        self.avail = [0] * num_chunks
+        self._swarm_weight = [0] * num_chunks  # tracker counts, used before peers connect
+        self._peers: dict[PeerKey, _Peer] = {}
+        # chunk -> {peer: deadline}
+        self._inflight: dict[int, dict[PeerKey, float]] = {}
+        self._buckets: dict[int, list[int]] = {}
+        self._pos = [-1] * num_chunks  # index inside its bucket, -1 if not in one
+        self._bucket_of = [0] * num_chunks
+        self.missing = num_chunks - sum(self.have)
+        for i in range(num_chunks):
+            if not self.have[i]:
+                self._bucket_add(i)
+
+    # --- buckets ------------------------------------------------------------
+    def _key(self, i: int) -> int:
+        # Connected peers dominate; swarm-wide counts only break ties among
+        # chunks nobody connected holds yet (both capped so keys stay small).
+        return min(self.avail[i], 1000) * 16 + min(self._swarm_weight[i], 15)
+
+    def _bucket_add(self, i: int) -> None:
+        key = self._key(i)
+        bucket = self._buckets.setdefault(key, [])
+        self._pos[i] = len(bucket)
+        self._bucket_of[i] = key
+        bucket.append(i)
+
+    def _bucket_remove(self, i: int) -> None:
+        pos = self._pos[i]
+        if pos < 0:
+            return
+        bucket = self._buckets[self._bucket_of[i]]
+        last = bucket.pop()
+        if last != i:
+            bucket[pos] = last
+            self._pos[last] = pos
+        if not bucket:
+            del self._buckets[self._bucket_of[i]]
+        self._pos[i] = -1
+
+    def _rebucket(self, i: int) -> None:
+        if self._pos[i] >= 0 and self._bucket_of[i] != self._key(i):
+            self._bucket_remove(i)
+            self._bucket_add(i)
+
+    # --- swarm knowledge ----------------------------------------------------
+    def set_swarm_availability(self, counts: Iterable[int]) -> None:
+        """Per-chunk holder counts from the tracker (a prior for rarest-first)."""
+        for i, c in enumerate(counts):
+            if i >= self.num_chunks:
+                break
+            if self._swarm_weight[i] != c:
+                self._swarm_weight[i] = c
+                self._rebucket(i)
+
+    def add_peer(self, peer: PeerKey, flags: bytes | bytearray | None = None) -> None:
+        """A connection is up; ``flags`` is its bitfield (one byte per chunk)."""
+        if peer in self._peers:
+            self.remove_peer(peer)
+        f = bytearray(flags) if flags is not None else bytearray(self.num_chunks)
+        if len(f) != self.num_chunks:
+            raise ValueError("peer flags must have one entry per chunk")
+        self._peers[peer] = _Peer(f)
+        avail, have, pos = self.avail, self.have, self._pos
+        for i in (j for j, v in enumerate(f) if v):
+            avail[i] += 1
+            if not have[i] and pos[i] >= 0:
+                self._rebucket(i)
+
+    def peer_has(self, peer: PeerKey, index: int) -> None:
+        """The peer announced (HAVE) one more chunk."""
+        p = self._peers.get(peer)
+        if p is None or not 0 <= index < self.num_chunks or p.flags[index]:
+            return
+        p.flags[index] = 1
+        self.avail[index] += 1
+        self._rebucket(index)
+
+    def remove_peer(self, peer: PeerKey) -> list[int]:
+        """A connection is gone; its in-flight chunks become requestable again."""
+        p = self._peers.pop(peer, None)
+        if p is None:
+            return []
+        for i in (j for j, v in enumerate(p.flags) if v):
+            self.avail[i] -= 1
+            self._rebucket(i)
+        released = sorted(p.inflight)
+        for i in released:
+            self._release(peer, i)
+        return released
+
+    def peer_flags(self, peer: PeerKey) -> bytearray | None:
+        p = self._peers.get(peer)
+        return p.flags if p is not None else None
+
+    def interesting(self, peer: PeerKey) -> bool:
+        """Does the peer hold any chunk we still lack?"""
+        p = self._peers.get(peer)
+        if p is None:
+            return False
+        have = self.have
+        return any(v and not have[i] for i, v in enumerate(p.flags))
+
+    # --- requests -----------------------------------------------------------
+    @property
+    def complete(self) -> bool:
+        return self.missing == 0
+
+    @property
+    def endgame(self) -> bool:
+        """True once every missing chunk is already in flight."""
+        return not self._buckets and self.missing > 0
+
+    def inflight_count(self, peer: PeerKey) -> int:
+        p = self._peers.get(peer)
+        return len(p.inflight) if p is not None else 0
+
+    def pick(self, peer: PeerKey, count: int, now: float, timeout: float) -> list[int]:
+        """Choose up to ``count`` chunks to request from ``peer``.
+
+        The chosen chunks are marked in flight from ``peer`` with deadline
+        ``now + timeout``.
+        """
+        p = self._peers.get(peer)
+        if p is None or count <= 0:
+            return []
+        chosen: list[int] = []
+        flags = p.flags
+        for key in sorted(self._buckets):
+            if len(chosen) >= count:
+                break
+            bucket = self._buckets.get(key)
+            if not bucket:
+                continue
+            # Scan from a random start; removals swap the last element in,
+            # so walk a snapshot of candidates instead of live positions.
+            n = len(bucket)
+            start = self._rng.randrange(n)
+            picked_here: list[int] = []
+            for k in range(n):
+                i = bucket[(start + k) % n]
+                if flags[i]:
+                    picked_here.append(i)
+                    if len(chosen) + len(picked_here) >= count:
+                        break
+            for i in picked_here:
+                self._bucket_remove(i)
+                self._mark(peer, p, i, now + timeout)
+            chosen.extend(picked_here)
+        if len(chosen) < count and not self._buckets:
+            chosen.extend(self._pick_endgame(peer, p, count - len(chosen), now + timeout))
+        return chosen
+
+    def _pick_endgame(self, peer: PeerKey, p: _Peer, count: int, deadline: float) -> list[int]:
+        cands = [
+            i
+            for i, holders in self._inflight.items()
+            if peer not in holders and len(holders) < self.endgame_copies and p.flags[i]
+        ]
+        self._rng.shuffle(cands)
+        # Prefer the chunks with the fewest copies in flight.
+        cands.sort(key=lambda i: len(self._inflight[i]))
+        out = cands[:count]
+        for i in out:
+            self._mark(peer, p, i, deadline)
+        return out
+
+    def _mark(self, peer: PeerKey, p: _Peer, i: int, deadline: float) -> None:
+        self._inflight.setdefault(i, {})[peer] = deadline
+        p.inflight.add(i)
+
+    def _release(self, peer: PeerKey, i: int) -> None:
+        holders = self._inflight.get(i)
+        if holders is None or peer not in holders:
+            return
+        del holders[peer]
+        p = self._peers.get(peer)
+        if p is not None:
+            p.inflight.discard(i)
+        if not holders:
+            del self._inflight[i]
+            if not self.have[i] and self._pos[i] < 0:
+                self._bucket_add(i)
+
+    def is_requested(self, peer: PeerKey, index: int) -> bool:
+        holders = self._inflight.get(index)
+        return holders is not None and peer in holders
+
+    def cancel(self, peer: PeerKey, index: int) -> None:
+        """The request is void (rejected, cancelled, timed out, failed hash)."""
+        self._release(peer, index)
+
+    def chunk_received(self, peer: PeerKey, index: int) -> list[PeerKey]:
+        """A verified chunk from ``peer`` is stored.
+
+        Returns the other peers that still have it in flight (cancel those).
+        """
+        holders = self._inflight.pop(index, {})
+        for q in holders:
+            qp = self._peers.get(q)
+            if qp is not None:
+                qp.inflight.discard(index)
+        self._bucket_remove(index)
+        if not self.have[index]:
+            self.have[index] = 1
+            self.missing -= 1
+        return [q for q in holders if q != peer]
+
+    def expired(self, now: float) -> list[tuple[PeerKey, int]]:
+        """Requests whose deadline has passed (not released: call cancel)."""
+        return [
+            (peer, i)
+            for i, holders in self._inflight.items()
+            for peer, deadline in holders.items()
+            if deadline <= now
+        ]
+
+    def next_deadline(self) -> float | None:
+        """The earliest request deadline, for the caller's timer."""
+        best: float | None = None
+        for holders in self._inflight.values():
+            for d in holders.values():
+                if best is None or d < best:
+                    best = d
+        return best

@@ -1,0 +1,70 @@
+"""The progress bar of ``peer get`` on a terminal (rich, on stderr)."""
+
+from __future__ import annotations
+
+from types import TracebackType
+
+import trio
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+from .swarm import Content
+
+__all__ = ["ProgressView"]
+
+
+class ProgressView:
+    """A rich progress bar fed from a running :class:`Content`; inert when disabled."""
+
+    def __init__(self, *, enabled: bool) -> None:
+        self.enabled = enabled
+        self._progress: Progress | None = None
+        if enabled:
+            self._progress = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                DownloadColumn(),
+                TransferSpeedColumn(),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[peers]} peers"),
+                console=Console(stderr=True),
+                transient=False,
+            )
+
+    def __enter__(self) -> ProgressView:
+        if self._progress is not None:
+            self._progress.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def track(self, nursery: trio.Nursery, content: Content) -> None:
+        """Start updating the bar from ``content`` until it completes."""
+        progress = self._progress
+        if progress is None:
+            return
+        task = progress.add_task(content.info.name, total=content.info.size, peers=0)
+
+        async def update() -> None:
+            while True:
+                progress.update(task, completed=content.have_bytes, peers=len(content.sessions))
+                if content.completed.is_set():
+                    return
+                with trio.move_on_after(0.25):
+                    await content.completed.wait()
+
+        nursery.start_soon(update)

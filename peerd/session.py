@@ -1,0 +1,284 @@
+"""One connection to one remote peer about one content: the thin glue.
+
+Theory of operation
+-------------------
+A :class:`PeerSession` pumps bytes between a transport stream and a sans-IO
+:class:`~peerd.wire.PeerConnection`, in two tasks:
+
+* the **reader** turns received bytes into events and hands them to the
+  session's :class:`~peerd.swarm.Content` (the swarm logic). A DATA payload is
+  not parsed: the bytes the protocol object already buffered are copied into
+  a preallocated chunk buffer and the rest is received straight into it;
+  hashing and the positional write then run beside the reader, so the next
+  payload is already arriving while the previous one is verified.
+* the **writer** owns the send side: small control frames (requests, haves,
+  cancels) are coalesced into one send and always go before queued uploads;
+  an upload is the 13-byte DATA header then ``sendfile`` straight from disk.
+
+Limits a remote controls are bounded here: queued upload requests per
+connection (excess gets REJECT ``busy``), request ranges, and DATA frames we
+did not ask for (a protocol error that closes the connection).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from typing import TYPE_CHECKING
+
+import trio
+
+from .errors import PeerError, RemoteProtocolError
+from .wire import (
+    NEED_DATA,
+    Bitfield,
+    Cancel,
+    Closed,
+    DataHeader,
+    DataPayload,
+    Event,
+    Goodbye,
+    Have,
+    Hello,
+    ManifestRequest,
+    ManifestResponse,
+    PeerConnection,
+    Reject,
+    Request,
+)
+
+if TYPE_CHECKING:
+    from .swarm import Content
+    from .transport import Stream
+
+__all__ = ["MAX_QUEUED_UPLOADS", "PeerSession"]
+
+log = logging.getLogger("peerd.session")
+
+MAX_QUEUED_UPLOADS = 64  # requests a remote may have queued with us
+RECV_SIZE = 256 * 1024
+MAX_HAVE_PER_FRAME = 4096
+
+
+class PeerSession:
+    """A live connection with a remote peer, after both HELLOs."""
+
+    def __init__(
+        self,
+        content: Content,
+        stream: Stream,
+        conn: PeerConnection,
+        hello: Hello,
+        *,
+        initiated: bool,
+    ) -> None:
+        self.content = content
+        self.stream = stream
+        self.conn = conn
+        self.remote_key: bytes = hello.key
+        self.remote_port: int = hello.port
+        self.initiated = initiated
+        host, _port = stream.peer_address
+        self.address = (host, hello.port)
+        self.name = f"{hello.key.hex()[:12]}@{host}:{hello.port}"
+        # requests we sent: (index, offset, length)
+        self.requests: set[tuple[int, int, int]] = set()
+        # requests we cancelled; a late DATA for them is read and dropped
+        self.cancelled: deque[tuple[int, int, int]] = deque(maxlen=256)
+        self.received_bytes = 0
+        self.sent_bytes = 0
+        self.last_payload_at = trio.current_time()
+        self.depth = 4
+        self.timeouts = 0
+        self._control: list[bytes] = []
+        self._haves: list[int] = []
+        self._uploads: deque[tuple[int, int, int]] = deque()
+        self._wake = trio.Event()
+        self._closing = False
+        self._cancel_scope = trio.CancelScope()
+        # rate window for adaptive pipelining
+        self._window_start = trio.current_time()
+        self._window_bytes = 0
+        self.rate = 0.0
+
+    # --- queueing (called by Content, never blocks) ---------------------------
+    def _kick(self) -> None:
+        self._wake.set()
+
+    def send_control(self, event: Event) -> None:
+        if self._closing:
+            return
+        self._control.append(self.conn.send(event))
+        self._kick()
+
+    def request(self, index: int, offset: int, length: int) -> None:
+        self.requests.add((index, offset, length))
+        self.send_control(Request(index, offset, length))
+
+    def cancel_request(self, index: int, offset: int, length: int) -> None:
+        req = (index, offset, length)
+        if req in self.requests:
+            self.requests.discard(req)
+            self.cancelled.append(req)
+            self.send_control(Cancel(index, offset, length))
+
+    def announce_have(self, index: int) -> None:
+        if not self._closing:
+            self._haves.append(index)
+            self._kick()
+
+    def close(self, reason: str = "") -> None:
+        """Say goodbye (best effort) and stop both tasks."""
+        if not self._closing:
+            if reason:
+                try:
+                    self._control.append(self.conn.send(Goodbye(reason[:200])))
+                except PeerError:
+                    pass
+            self._closing = True
+            self._kick()
+
+    # --- running ---------------------------------------------------------------
+    async def run(self) -> None:
+        """Run until either side closes; always leaves the stream closed."""
+        try:
+            with self._cancel_scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._writer)
+                    await self._reader()
+                    # The remote is gone or said goodbye: nothing left to send.
+                    nursery.cancel_scope.cancel()
+        except* RemoteProtocolError as group:
+            log.warning("peer %s violated the protocol: %s", self.name, group.exceptions[0])
+        except* (PeerError, trio.BrokenResourceError) as group:
+            log.debug("session %s ended: %s", self.name, group.exceptions[0])
+        finally:
+            self._closing = True
+            with trio.CancelScope(shield=True):
+                await self.stream.aclose()
+
+    def abort(self) -> None:
+        self._closing = True
+        self._cancel_scope.cancel()
+
+    async def _reader(self) -> None:
+        conn, stream, content = self.conn, self.stream, self.content
+        while not self._closing:
+            event = conn.next_event()
+            if event is NEED_DATA:
+                data = await stream.receive_some(RECV_SIZE)
+                conn.receive_data(data)
+                continue
+            if isinstance(event, Closed):
+                return
+            if isinstance(event, DataHeader):
+                await self._receive_payload(event)
+            elif isinstance(event, Request):
+                self._on_request(event)
+            elif isinstance(event, Cancel):
+                try:
+                    self._uploads.remove((event.index, event.offset, event.length))
+                except ValueError:
+                    pass
+            elif isinstance(event, Have):
+                content.on_have(self, event.indices)
+            elif isinstance(event, Bitfield):
+                content.on_bitfield(self, event.bits)
+            elif isinstance(event, Reject):
+                req = (event.index, event.offset, event.length)
+                if req in self.requests:
+                    self.requests.discard(req)
+                    content.on_reject(self, event.index, event.reason)
+            elif isinstance(event, ManifestRequest):
+                self.send_control(ManifestResponse(content.manifest_bytes))
+            elif isinstance(event, Goodbye):
+                return
+            elif isinstance(event, DataPayload | ManifestResponse | Hello):
+                # DataPayload cannot appear: payloads are taken directly.
+                raise RemoteProtocolError(f"unexpected {type(event).__name__} from {self.name}")
+
+    async def _receive_payload(self, header: DataHeader) -> None:
+        req = (header.index, header.offset, header.length)
+        wanted = req in self.requests
+        if not wanted and req not in self.cancelled:
+            raise RemoteProtocolError(
+                f"peer sent chunk {header.index} [{header.offset}+{header.length}] it was not asked for"
+            )
+        self.requests.discard(req)
+        pool = self.content.buffers
+        buf = await pool.acquire()
+        try:
+            view = memoryview(buf)[: header.length]
+            n = self.conn.take_payload_into(view)
+            if n < header.length:
+                await self.stream.recv_exactly_into(view[n:])
+                self.conn.payload_consumed_externally(header.length - n)
+            await self.content.node.down_limiter.consume(header.length)
+        except BaseException:
+            pool.release(buf)
+            raise
+        now = trio.current_time()
+        self.last_payload_at = now
+        self.received_bytes += header.length
+        self._account(header.length, now)
+        if not wanted:
+            pool.release(buf)
+            return
+        # Verification runs in the content's nursery: a session that ends
+        # meanwhile must not throw away a chunk that fully arrived.
+        self.content.nursery.start_soon(
+            self.content.store_chunk, self, header.index, buf, header.length
+        )
+
+    def _account(self, nbytes: int, now: float) -> None:
+        self._window_bytes += nbytes
+        span = now - self._window_start
+        if span >= 0.5:
+            self.rate = self._window_bytes / span
+            self._window_bytes = 0
+            self._window_start = now
+
+    def _on_request(self, req: Request) -> None:
+        content = self.content
+        reason = content.check_request(self, req.index, req.offset, req.length)
+        if reason is None and len(self._uploads) >= MAX_QUEUED_UPLOADS:
+            reason = "busy"
+        if reason is not None:
+            self.send_control(Reject(req.index, req.offset, req.length, reason))
+            return
+        self._uploads.append((req.index, req.offset, req.length))
+        self._kick()
+
+    async def _writer(self) -> None:
+        stream, content = self.stream, self.content
+        while True:
+            if self._haves:
+                haves, self._haves = self._haves, []
+                for k in range(0, len(haves), MAX_HAVE_PER_FRAME):
+                    self._control.append(
+                        self.conn.send(Have(tuple(haves[k : k + MAX_HAVE_PER_FRAME])))
+                    )
+            if self._control:
+                frames, self._control = self._control, []
+                await stream.send_all(b"".join(frames))
+                continue
+            if self._closing:
+                await stream.send_eof()
+                # Give the remote a moment to read our goodbye and close.
+                await trio.sleep(5)
+                self._cancel_scope.cancel()
+                return
+            if self._uploads:
+                index, offset, length = self._uploads.popleft()
+                source = content.source
+                if not content.can_serve(index):
+                    self.send_control(Reject(index, offset, length, "missing"))
+                    continue
+                await content.node.up_limiter.consume(length)
+                await stream.send_all(self.conn.send(DataHeader(index, offset, length)))
+                await stream.sendfile(source.fd, index * content.info.chunk_size + offset, length)
+                self.sent_bytes += length
+                content.on_uploaded(self, length)
+                continue
+            self._wake = trio.Event()
+            await self._wake.wait()

@@ -1,0 +1,86 @@
+"""Sharing a file: build (or reuse) its manifest, sign, publish, seed.
+
+Manifests are cached under ``$PEER_HOME/manifests`` by absolute path, size
+and mtime, so sharing the same unchanged file again is instant.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+import trio
+
+from .errors import ManifestError, StorageError
+from .identity import Identity, peer_home
+from .manifest import Info, Manifest, build_manifest
+from .node import Node
+from .store import SourceFile
+from .swarm import Content
+
+__all__ = ["load_or_build_info", "share_file"]
+
+log = logging.getLogger("peerd.share")
+
+
+def _cache_path(home: Path, path: Path, st: os.stat_result, algo: str) -> Path:
+    key = f"{path}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\0{algo}".encode()
+    return home / "manifests" / (hashlib.sha256(key).hexdigest() + ".info")
+
+
+def load_or_build_info(path: Path, algo: str = "blake3", home: Path | None = None) -> Info:
+    """The manifest info of ``path``, from the cache when the file is unchanged.
+
+    Blocking: run it in a worker thread from Trio.
+
+    Raises:
+        StorageError: the file cannot be read or is not a regular file.
+        ManifestError: the file cannot be described (name, size limits).
+    """
+    path = path.resolve()
+    home = home or peer_home()
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise StorageError(f"cannot share {path}: {exc.strerror}") from None
+    cache = _cache_path(home, path, st, algo)
+    try:
+        info = Info.decode(cache.read_bytes())
+        if info.size == st.st_size and info.algo == algo and info.name == path.name:
+            return info
+    except (OSError, ManifestError):
+        pass
+    info = build_manifest(path, algo)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = cache.with_suffix(".tmp")
+        tmp.write_bytes(info.encode())
+        os.replace(tmp, cache)
+    except OSError as exc:
+        log.info("could not cache the manifest of %s: %s", path, exc)
+    return info
+
+
+async def share_file(
+    node: Node, identity: Identity, path: Path, *, algo: str = "blake3", home: Path | None = None
+) -> Content:
+    """Describe, sign and publish ``path``, then serve it from ``node``.
+
+    Returns the running :class:`Content` (its ``content_id`` is the id to give out).
+    """
+    path = await trio.to_thread.run_sync(path.resolve)
+    info = await trio.to_thread.run_sync(load_or_build_info, path, algo, home)
+    manifest = Manifest(info, ()).signed(identity)
+    source = await trio.to_thread.run_sync(SourceFile, path, info)
+    try:
+
+        async def publish(client):  # type: ignore[no-untyped-def]
+            await client.publish(manifest)
+
+        await node.tracker_call(publish)
+    except BaseException:
+        source.close()
+        raise
+    return await node.add_content(manifest, source)

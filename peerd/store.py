@@ -1,0 +1,265 @@
+"""Chunks on disk: the download target with resume state, and shared sources.
+
+Theory of operation (resume)
+----------------------------
+A download writes into ``PATH.part``, preallocated to the full size, with one
+positional write per verified chunk. Beside it, ``PATH.part.state`` records
+which chunks were verified and written; it is rewritten atomically (temp file
++ rename) at intervals and at exit, always *after* the chunk writes it
+describes, so it never claims a chunk that is not on disk. It is still not
+trusted: on restart every claimed chunk is read back and hashed (on all
+cores, at hashing speed) and only the ones that match are kept.
+
+When every chunk is in, the part file is fsynced and moved into place with
+``link`` + ``unlink`` (which fails instead of overwriting an existing PATH)
+or, with ``force``, ``rename``. So PATH never holds a partial file.
+
+A shared file is served from the user's own file (:class:`SourceFile`); its
+size and mtime are checked before each chunk goes out, and a changed file is
+no longer served.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import msgpack
+import trio
+
+from .errors import StorageError
+from .hashing import hash_chunk
+from .manifest import Info
+from .picker import bits_from_flags, flags_from_bits
+
+__all__ = ["ChunkStore", "SourceFile", "describe_os_error"]
+
+STATE_VERSION = 1
+
+
+def describe_os_error(exc: OSError, what: str) -> StorageError:
+    """Turn an OSError into a StorageError a user can act on."""
+    if exc.errno == errno.ENOSPC:
+        return StorageError(f"disk full while {what}: free some space and run the command again")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return StorageError(f"permission denied while {what}: {exc.strerror}")
+    return StorageError(f"{what} failed: {exc.strerror or exc}")
+
+
+class SourceFile:
+    """A complete local file being shared; every chunk is available."""
+
+    def __init__(self, path: Path, info: Info) -> None:
+        self.path = path
+        self.info = info
+        try:
+            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise describe_os_error(exc, f"opening {path}") from None
+        st = os.fstat(self.fd)
+        self._signature = (st.st_size, st.st_mtime_ns)
+        if st.st_size != info.size:
+            os.close(self.fd)
+            raise StorageError(f"{path} changed since its manifest was built; share it again")
+        self.have = bytearray(b"\x01" * info.num_chunks)
+        self.changed = False
+
+    def unchanged(self) -> bool:
+        """False (for good) once the file's size or mtime differ from when it was opened."""
+        if self.changed:
+            return False
+        try:
+            st = os.fstat(self.fd)
+        except OSError:
+            st = None
+        if st is None or (st.st_size, st.st_mtime_ns) != self._signature:
+            self.changed = True
+            self.have = bytearray(self.info.num_chunks)
+        return not self.changed
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class ChunkStore:
+    """The file being downloaded: ``PATH.part`` plus its resume state."""
+
+    def __init__(self, info: Info, content_id: bytes, path: Path, force: bool) -> None:
+        self.info = info
+        self.content_id = content_id
+        self.path = path
+        self.part_path = path.with_name(path.name + ".part")
+        self.state_path = path.with_name(path.name + ".part.state")
+        self.force = force
+        self.fd = -1
+        self.have = bytearray(info.num_chunks)
+        self.resumed_bytes = 0
+        self._dirty = False
+
+    # --- opening -------------------------------------------------------------
+    @classmethod
+    async def open(
+        cls, info: Info, content_id: bytes, path: Path, *, force: bool = False
+    ) -> ChunkStore:
+        """Create or resume ``path.part``; re-verify what the state file claims.
+
+        Raises:
+            StorageError: PATH exists (without ``force``), the directory is not
+                writable, or the disk cannot hold the file.
+        """
+        store = cls(info, content_id, path, force)
+        await trio.to_thread.run_sync(store._open_sync)
+        return store
+
+    def _open_sync(self) -> None:
+        if self.path.exists() and not self.force:
+            raise StorageError(f"{self.path} already exists; use --force to overwrite it")
+        if not self.path.parent.is_dir():
+            raise StorageError(f"directory {self.path.parent} does not exist")
+        try:
+            self.fd = os.open(self.part_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise describe_os_error(exc, f"creating {self.part_path}") from None
+        try:
+            claimed = self._load_state()
+            if os.fstat(self.fd).st_size != self.info.size:
+                os.ftruncate(self.fd, self.info.size)
+            if self.info.size:
+                os.posix_fallocate(self.fd, 0, self.info.size)
+        except OSError as exc:
+            os.close(self.fd)
+            self.fd = -1
+            raise describe_os_error(exc, f"preallocating {self.part_path}") from None
+        if claimed:
+            self._verify_claimed(claimed)
+
+    def _load_state(self) -> list[int]:
+        try:
+            raw = self.state_path.read_bytes()
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise describe_os_error(exc, f"reading {self.state_path}") from None
+        try:
+            state = msgpack.unpackb(raw, raw=False, max_bin_len=1 << 20)
+            ok = (
+                isinstance(state, dict)
+                and state.get("v") == STATE_VERSION
+                and state.get("id") == self.content_id
+                and isinstance(state.get("bits"), bytes)
+                and len(state["bits"]) == (self.info.num_chunks + 7) // 8
+            )
+        except Exception:
+            ok = False
+        if not ok:
+            return []  # another file's or a corrupt state: start from nothing
+        flags = flags_from_bits(state["bits"], self.info.num_chunks)
+        return [i for i, v in enumerate(flags) if v]
+
+    def _verify_claimed(self, claimed: list[int]) -> None:
+        info = self.info
+
+        def check(i: int) -> bool:
+            off, length = self.chunk_range(i)
+            data = os.pread(self.fd, length, off)
+            return len(data) == length and hash_chunk(info.algo, data) == info.chunk_hash(i)
+
+        workers = max(1, min(len(claimed), os.cpu_count() or 1))
+        with ThreadPoolExecutor(workers) as pool:
+            for i, good in zip(claimed, pool.map(check, claimed), strict=True):
+                if good:
+                    self.have[i] = 1
+                    self.resumed_bytes += self.chunk_range(i)[1]
+
+    # --- chunks --------------------------------------------------------------
+    def chunk_range(self, index: int) -> tuple[int, int]:
+        off = index * self.info.chunk_size
+        return off, min(self.info.chunk_size, self.info.size - off)
+
+    def mark_have(self, index: int) -> None:
+        """Record a chunk that is verified and written."""
+        if not self.have[index]:
+            self.have[index] = 1
+            self._dirty = True
+
+    @property
+    def complete(self) -> bool:
+        return all(self.have)
+
+    def write_chunk_sync(self, index: int, data: memoryview | bytes) -> None:
+        """Positional write of one verified chunk (call from a worker thread)."""
+        off, length = self.chunk_range(index)
+        view = memoryview(data)[:length]
+        try:
+            while view:
+                n = os.pwrite(self.fd, view, off)
+                view = view[n:]
+                off += n
+        except OSError as exc:
+            raise describe_os_error(exc, f"writing {self.part_path}") from None
+
+    # --- state ---------------------------------------------------------------
+    def flush_state_sync(self) -> None:
+        """Atomically rewrite the resume state (only if something changed)."""
+        if not self._dirty or self.fd < 0:
+            return
+        self._dirty = False
+        blob = msgpack.packb(
+            {"v": STATE_VERSION, "id": self.content_id, "bits": bits_from_flags(self.have)},
+            use_bin_type=True,
+        )
+        tmp = self.state_path.with_name(self.state_path.name + ".tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(blob)
+            os.replace(tmp, self.state_path)
+        except OSError as exc:
+            self._dirty = True
+            raise describe_os_error(exc, f"saving {self.state_path}") from None
+
+    async def flush_state(self) -> None:
+        await trio.to_thread.run_sync(self.flush_state_sync)
+
+    def finalize_sync(self) -> Path:
+        """fsync the complete part file and move it to PATH (never a partial PATH)."""
+        if not self.complete:
+            raise StorageError("download is not complete")
+        try:
+            os.fsync(self.fd)
+            if self.force:
+                os.replace(self.part_path, self.path)
+            else:
+                try:
+                    os.link(self.part_path, self.path)
+                except FileExistsError:
+                    raise StorageError(
+                        f"{self.path} appeared while downloading; use --force to overwrite it"
+                    ) from None
+                os.unlink(self.part_path)
+            dfd = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError as exc:
+            raise describe_os_error(exc, f"moving the download to {self.path}") from None
+        try:
+            self.state_path.unlink()
+        except FileNotFoundError:
+            pass
+        self._dirty = False
+        return self.path
+
+    def close(self) -> None:
+        """Flush state and close the part file (the part file stays for resume)."""
+        if self.fd >= 0:
+            try:
+                self.flush_state_sync()
+            except StorageError:
+                pass
+            os.close(self.fd)
+            self.fd = -1

@@ -1,0 +1,423 @@
+"""One content in the swarm: its sessions, its picker, its tracker announces.
+
+Theory of operation
+-------------------
+A :class:`Content` is what a node knows and does about one content id: the
+signed manifest, where the bytes live (a :class:`~peerd.store.SourceFile`
+when sharing a complete file, a :class:`~peerd.store.ChunkStore` while
+downloading), the :class:`~peerd.picker.PiecePicker` while chunks are
+missing, and one :class:`~peerd.session.PeerSession` per connected peer.
+
+Downloading is event driven: whenever something changes (a bitfield or HAVE
+arrives, a chunk is stored, a request is rejected or times out), the picker
+tops up each interested session to its pipeline *depth*. The depth follows
+the peer's measured rate: enough requests to cover about a quarter second of
+transfer at that rate, at least two, at most :data:`MAX_DEPTH`.
+
+A received chunk is hashed in a worker thread (blake3 and hashlib release the
+GIL), then written at its offset; only then is it marked as held, announced
+to every connected peer (HAVE) and, batched, to the tracker. A chunk that
+fails its hash bans the peer that sent it for this download.
+
+The tracker loop announces ``started``, then ``progress`` at most every
+:data:`PROGRESS_EVERY` seconds while chunks arrive, ``completed`` once, and
+``periodic`` at the interval the tracker asks; every answer may reveal new
+peers to connect to. A tracker that is down is retried with backoff while
+transfers with known peers go on.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import TYPE_CHECKING
+
+import trio
+
+from .errors import PeerError, TrackerError
+from .hashing import hash_chunk
+from .manifest import Manifest
+from .picker import PiecePicker, bits_from_flags, flags_from_bits
+from .session import PeerSession
+from .store import ChunkStore, SourceFile
+from .wire import Bitfield, Hello, PeerConnection
+
+if TYPE_CHECKING:
+    from .node import Node
+    from .transport import Stream
+
+__all__ = ["BufferPool", "Content"]
+
+log = logging.getLogger("peerd.swarm")
+
+MAX_DEPTH = 32
+PROGRESS_EVERY = 2.0
+STATE_FLUSH_EVERY = 1.0
+REQUEST_TIMEOUT = 15.0
+STALL_TIMEOUT = 20.0
+MAX_PEERS = 50
+BUFFER_BUDGET = 48 * 1024 * 1024  # bytes of chunk buffers per download
+
+
+class BufferPool:
+    """Preallocated chunk buffers, bounded: the reader waits when all are busy."""
+
+    def __init__(self, size: int, count: int) -> None:
+        self.size = size
+        self._free: list[bytearray] = []
+        self._sem = trio.Semaphore(count)
+
+    async def acquire(self) -> bytearray:
+        await self._sem.acquire()
+        return self._free.pop() if self._free else bytearray(self.size)
+
+    def release(self, buf: bytearray) -> None:
+        self._free.append(buf)
+        self._sem.release()
+
+
+class Content:
+    """Everything one node does about one content id."""
+
+    def __init__(self, node: Node, manifest: Manifest, source: SourceFile | ChunkStore) -> None:
+        self.node = node
+        self.manifest = manifest
+        self.manifest_bytes = manifest.encode()
+        self.info = manifest.info
+        self.content_id = manifest.content_id
+        self.source = source
+        n = self.info.num_chunks
+        self.picker: PiecePicker | None = None
+        if isinstance(source, ChunkStore) and not source.complete:
+            self.picker = PiecePicker(n, source.have)
+        chunk = max(1, min(self.info.chunk_size, self.info.size or 1))
+        self.buffers = BufferPool(chunk, max(2, BUFFER_BUDGET // chunk))
+        self.sessions: dict[bytes, PeerSession] = {}
+        self.connecting: set[bytes] = set()
+        self.banned: set[bytes] = set()
+        self.bytes_from: dict[str, int] = {}
+        self.hash_failures = 0
+        self.uploaded = 0
+        self.downloaded = 0
+        self.completed = trio.Event()
+        if self.picker is None:
+            self.completed.set()
+        self.nursery: trio.Nursery
+        self._progress_pending = False
+        self._tracker_wake = trio.Event()
+        self.tracker_peers = 0
+        self.started_at = trio.current_time()
+
+    # --- state helpers ---------------------------------------------------------
+    @property
+    def have(self) -> bytearray:
+        return self.source.have
+
+    @property
+    def have_bytes(self) -> int:
+        info, have = self.info, self.have
+        full = sum(have) * info.chunk_size
+        if info.num_chunks and have[-1]:
+            full -= info.num_chunks * info.chunk_size - info.size
+        return full
+
+    def bitfield(self) -> bytes:
+        return bits_from_flags(self.have)
+
+    # --- running ---------------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Announce, connect, time out requests; until cancelled."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self.nursery = nursery
+                task_status.started()
+                nursery.start_soon(self._tracker_loop)
+                nursery.start_soon(self._ticker)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._announce_stopped()
+                if isinstance(self.source, ChunkStore):
+                    await trio.to_thread.run_sync(self.source.flush_state_sync)
+
+    async def attach(
+        self, stream: Stream, conn: PeerConnection, hello: Hello, *, initiated: bool
+    ) -> None:
+        """Run a session on an established connection (both HELLOs exchanged)."""
+        key = hello.key
+        if key in self.banned or key == self.node.identity.public_key:
+            return
+        old = self.sessions.get(key)
+        if old is not None:
+            # Both sides connected to each other: keep the connection opened by
+            # the smaller key, so both ends make the same choice.
+            mine = self.node.identity.public_key
+            keep_new = (mine if initiated else key) < (mine if old.initiated else key)
+            if not keep_new:
+                return
+            old.close("duplicate connection")
+        session = PeerSession(self, stream, conn, hello, initiated=initiated)
+        self.sessions[key] = session
+        session.send_control(Bitfield(self.bitfield()))
+        if self.picker is not None:
+            self.picker.add_peer(session)
+        try:
+            await session.run()
+        finally:
+            if self.sessions.get(key) is session:
+                del self.sessions[key]
+            if self.picker is not None:
+                self.picker.remove_peer(session)
+                for req in list(session.requests):
+                    session.requests.discard(req)
+                self._fill_all()
+
+    # --- events from sessions --------------------------------------------------
+    def on_bitfield(self, session: PeerSession, bits: bytes) -> None:
+        n = self.info.num_chunks
+        if len(bits) != (n + 7) // 8:
+            session.close("bitfield has the wrong length")
+            return
+        if self.picker is not None:
+            self.picker.add_peer(session, flags_from_bits(bits, n))
+            self._fill(session)
+
+    def on_have(self, session: PeerSession, indices: tuple[int, ...]) -> None:
+        if self.picker is None:
+            return
+        n = self.info.num_chunks
+        for i in indices:
+            if 0 <= i < n:
+                self.picker.peer_has(session, i)
+        self._fill(session)
+
+    def on_reject(self, session: PeerSession, index: int, reason: str) -> None:
+        if self.picker is None:
+            return
+        self.picker.cancel(session, index)
+        flags = self.picker.peer_flags(session)
+        if reason == "missing" and flags is not None and flags[index]:
+            # It advertised a chunk it does not have: stop asking it for that one.
+            self.picker.remove_peer(session)
+            flags[index] = 0
+            self.picker.add_peer(session, flags)
+        self._fill_all()
+
+    def check_request(
+        self, session: PeerSession, index: int, offset: int, length: int
+    ) -> str | None:
+        """Why a remote's request cannot be served, or None."""
+        if session.remote_key in self.banned:
+            return "banned"
+        if not 0 <= index < self.info.num_chunks:
+            return "invalid"
+        chunk_len = min(self.info.chunk_size, self.info.size - index * self.info.chunk_size)
+        if length < 1 or offset + length > chunk_len:
+            return "invalid"
+        if not self.can_serve(index):
+            return "missing"
+        return None
+
+    def can_serve(self, index: int) -> bool:
+        src = self.source
+        if isinstance(src, SourceFile) and not src.unchanged():
+            return False
+        return bool(src.have[index])
+
+    def on_uploaded(self, session: PeerSession, nbytes: int) -> None:
+        self.uploaded += nbytes
+
+    async def store_chunk(
+        self, session: PeerSession, index: int, buf: bytearray, length: int
+    ) -> None:
+        """Verify a received chunk, write it, and tell everyone (runs in our nursery)."""
+        picker, store = self.picker, self.source
+        try:
+            if picker is None or not isinstance(store, ChunkStore) or store.have[index]:
+                return
+            view = memoryview(buf)[:length]
+            good = await trio.to_thread.run_sync(self._hash_matches, index, view)
+            if not good:
+                self._on_hash_failure(session, index)
+                return
+            if store.have[index]:
+                return  # another copy won the race while we hashed (endgame)
+            await trio.to_thread.run_sync(store.write_chunk_sync, index, view)
+            store.mark_have(index)
+        finally:
+            self.buffers.release(buf)
+        self.downloaded += length
+        self.bytes_from[session.name] = self.bytes_from.get(session.name, 0) + length
+        losers = picker.chunk_received(session, index)
+        for other in losers:
+            assert isinstance(other, PeerSession)
+            off, ln = 0, length
+            other.cancel_request(index, off, ln)
+        for s in self.sessions.values():
+            s.announce_have(index)
+        self._progress_pending = True
+        if picker.complete:
+            await self._finish()
+        else:
+            self._fill_all()
+
+    def _hash_matches(self, index: int, view: memoryview) -> bool:
+        return hash_chunk(self.info.algo, view) == self.info.chunk_hash(index)
+
+    def _on_hash_failure(self, session: PeerSession, index: int) -> None:
+        self.hash_failures += 1
+        self.banned.add(session.remote_key)
+        log.warning(
+            "banned peer %s for this download: chunk %d it sent failed its hash",
+            session.name,
+            index,
+        )
+        if self.picker is not None:
+            self.picker.cancel(session, index)
+            self.picker.remove_peer(session)
+        session.close("sent a chunk that failed its hash")
+        self._fill_all()
+
+    async def _finish(self) -> None:
+        store = self.source
+        assert isinstance(store, ChunkStore)
+        self.picker = None
+        for s in self.sessions.values():
+            for req in list(s.requests):
+                s.cancel_request(*req)
+        self.completed.set()
+        self._tracker_wake.set()
+
+    # --- requesting --------------------------------------------------------------
+    def _timeout(self) -> float:
+        limit = self.node.down_limiter.rate
+        if limit is None:
+            return REQUEST_TIMEOUT
+        inflight = sum(len(s.requests) for s in self.sessions.values()) * self.info.chunk_size
+        return REQUEST_TIMEOUT + inflight / limit
+
+    def _fill(self, session: PeerSession) -> None:
+        picker = self.picker
+        if picker is None or session._closing:
+            return
+        chunk = self.info.chunk_size
+        # Cover ~0.25 s at the measured rate, at least 2 and at most MAX_DEPTH.
+        session.depth = max(2, min(MAX_DEPTH, math.ceil(session.rate * 0.25 / chunk) + 2))
+        want = session.depth - len(session.requests)
+        if want <= 0:
+            return
+        now = trio.current_time()
+        for index in picker.pick(session, want, now, self._timeout()):
+            off = index * chunk
+            session.request(index, 0, min(chunk, self.info.size - off))
+
+    def _fill_all(self) -> None:
+        for s in list(self.sessions.values()):
+            self._fill(s)
+
+    async def _ticker(self) -> None:
+        """Request timeouts, stalled peers, resume-state flushes."""
+        last_flush = trio.current_time()
+        while True:
+            await trio.sleep(0.5)
+            now = trio.current_time()
+            picker = self.picker
+            if picker is not None:
+                by_name = {id(s): s for s in self.sessions.values()}
+                for peer, index in picker.expired(now):
+                    picker.cancel(peer, index)
+                    s = by_name.get(id(peer))
+                    if s is not None:
+                        s.timeouts += 1
+                        s.cancel_request(index, 0, self._chunk_len(index))
+                for s in list(self.sessions.values()):
+                    if s.requests and now - s.last_payload_at > STALL_TIMEOUT:
+                        log.info("dropping peer %s: no data for %.0f s", s.name, STALL_TIMEOUT)
+                        s.abort()
+                self._fill_all()
+            store = self.source
+            if isinstance(store, ChunkStore) and now - last_flush >= STATE_FLUSH_EVERY:
+                last_flush = now
+                await trio.to_thread.run_sync(store.flush_state_sync)
+
+    def _chunk_len(self, index: int) -> int:
+        return min(self.info.chunk_size, self.info.size - index * self.info.chunk_size)
+
+    # --- tracker -------------------------------------------------------------------
+    async def _tracker_loop(self) -> None:
+        event = "started"
+        backoff = 1.0
+        interval = 30.0
+        last = -math.inf
+        completed_sent = self.picker is None
+        while True:
+            try:
+                peers = await self.node.announce(self.content_id, event, self.bitfield())
+            except TrackerError as exc:
+                log.info("tracker announce failed (%s); retrying in %.0f s", exc, backoff)
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
+                continue
+            backoff = 1.0
+            last = trio.current_time()
+            self._progress_pending = False
+            if peers is not None:
+                interval = max(1.0, float(peers.interval))
+                self.tracker_peers = len(peers.peers)
+                if self.picker is not None and peers.availability:
+                    avail = peers.availability
+                    self.picker.set_swarm_availability(
+                        int.from_bytes(avail[k : k + 2], "big") for k in range(0, len(avail), 2)
+                    )
+                self._connect_to(peers.peers)
+            if event == "completed":
+                completed_sent = True
+            # Wait for: the interval, batched progress, or completion.
+            event = "periodic"
+            deadline = last + interval
+            while True:
+                now = trio.current_time()
+                if self.picker is None and not completed_sent:
+                    event = "completed"
+                    break
+                if self._progress_pending and now - last >= PROGRESS_EVERY:
+                    event = "progress"
+                    break
+                if now >= deadline:
+                    break
+                self._tracker_wake = trio.Event()
+                with trio.move_on_after(min(deadline - now, PROGRESS_EVERY)):
+                    await self._tracker_wake.wait()
+
+    def _connect_to(self, entries: tuple) -> None:  # type: ignore[type-arg]
+        if self.picker is None:
+            return  # seeders wait for leechers to connect
+        mine = self.node.identity.public_key
+        for entry in entries:
+            key = entry.key
+            if (
+                key == mine
+                or key in self.sessions
+                or key in self.connecting
+                or key in self.banned
+                or entry.port == 0
+            ):
+                continue
+            if len(self.sessions) + len(self.connecting) >= MAX_PEERS:
+                break
+            self.connecting.add(key)
+            self.nursery.start_soon(self._connect_one, entry.ip, entry.port, key)
+
+    async def _connect_one(self, ip: str, port: int, key: bytes) -> None:
+        try:
+            await self.node.connect_peer(self, ip, port, key)
+        except PeerError as exc:
+            log.info("could not use peer %s:%d: %s", ip, port, exc)
+        finally:
+            self.connecting.discard(key)
+
+    async def _announce_stopped(self) -> None:
+        with trio.move_on_after(2):
+            try:
+                await self.node.announce(self.content_id, "stopped", self.bitfield())
+            except PeerError:
+                pass

@@ -1,0 +1,101 @@
+"""The pure chunk picker: rarest first, endgame, timeouts, bitfield helpers."""
+
+from __future__ import annotations
+
+import random
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from peerd.picker import PiecePicker, bits_from_flags, flags_from_bits
+
+
+@given(st.lists(st.integers(0, 1), max_size=300))
+def test_flags_bits_round_trip(flags: list[int]) -> None:
+    f = bytearray(flags)
+    bits = bits_from_flags(f)
+    assert len(bits) == (len(f) + 7) // 8
+    assert flags_from_bits(bits, len(f)) == f
+
+
+def test_bit_order_is_msb_first() -> None:
+    assert bits_from_flags(bytearray([1, 0, 0, 0, 0, 0, 0, 0, 1])) == b"\x80\x80"
+
+
+def test_rarest_chunk_first() -> None:
+    p = PiecePicker(4, rng=random.Random(1))
+    p.add_peer("a", bytearray([1, 1, 1, 1]))
+    p.add_peer("b", bytearray([1, 1, 0, 1]))
+    p.add_peer("c", bytearray([1, 0, 0, 1]))
+    # chunk 2 is held by one peer only, chunk 1 by two
+    assert p.pick("a", 2, now=0, timeout=10) == [2, 1]
+
+
+def test_never_picks_what_peer_lacks_or_we_have() -> None:
+    p = PiecePicker(3, bytearray([1, 0, 0]), rng=random.Random(2))
+    p.add_peer("a", bytearray([1, 1, 0]))
+    assert p.pick("a", 5, now=0, timeout=10) == [1]
+    assert p.pick("a", 5, now=0, timeout=10) == []  # 1 is in flight, a has nothing else
+
+
+def test_endgame_duplicates_and_reports_losers() -> None:
+    p = PiecePicker(1, rng=random.Random(3))
+    p.add_peer("a", bytearray([1]))
+    p.add_peer("b", bytearray([1]))
+    assert p.pick("a", 1, now=0, timeout=10) == [0]
+    assert p.endgame
+    assert p.pick("b", 1, now=0, timeout=10) == [0]  # duplicate request
+    assert p.chunk_received("b", 0) == ["a"]
+    assert p.complete
+
+
+def test_timeout_returns_chunk_to_pool() -> None:
+    p = PiecePicker(2, rng=random.Random(4))
+    p.add_peer("slow", bytearray([1, 1]))
+    p.add_peer("fast", bytearray([1, 1]))
+    assert sorted(p.pick("slow", 2, now=0, timeout=5)) == [0, 1]
+    assert p.expired(4.9) == []
+    expired = p.expired(5.0)
+    assert sorted(i for _, i in expired) == [0, 1]
+    for peer, i in expired:
+        p.cancel(peer, i)
+    assert sorted(p.pick("fast", 2, now=5, timeout=5)) == [0, 1]
+
+
+def test_peer_leaving_releases_its_requests() -> None:
+    p = PiecePicker(3, rng=random.Random(5))
+    p.add_peer("a", bytearray([1, 1, 1]))
+    p.add_peer("b", bytearray([1, 1, 1]))
+    got = p.pick("a", 3, now=0, timeout=10)
+    assert sorted(got) == [0, 1, 2]
+    assert sorted(p.remove_peer("a")) == [0, 1, 2]
+    assert sorted(p.pick("b", 3, now=0, timeout=10)) == [0, 1, 2]
+
+
+def test_have_updates_availability() -> None:
+    p = PiecePicker(2, rng=random.Random(6))
+    p.add_peer("a", bytearray([0, 0]))
+    assert p.pick("a", 2, now=0, timeout=10) == []
+    p.peer_has("a", 1)
+    assert p.pick("a", 2, now=0, timeout=10) == [1]
+
+
+@given(st.integers(1, 64), st.integers(0, 2**32), st.integers(1, 5))
+def test_every_chunk_is_eventually_delivered(n: int, seed: int, npeers: int) -> None:
+    rng = random.Random(seed)
+    p = PiecePicker(n, rng=rng)
+    peers = [f"p{k}" for k in range(npeers)]
+    holders = {peer: bytearray(rng.randint(0, 1) for _ in range(n)) for peer in peers}
+    holders[peers[0]] = bytearray(b"\x01" * n)  # one seeder: everything is available
+    for peer, flags in holders.items():
+        p.add_peer(peer, flags)
+    steps = 0
+    while not p.complete:
+        steps += 1
+        assert steps < 10 * n + 10
+        for peer in peers:
+            for i in p.pick(peer, 3, now=0, timeout=10):
+                assert holders[peer][i]
+                assert not p.have[i]
+                p.chunk_received(peer, i)
+    assert p.missing == 0
