@@ -313,6 +313,105 @@ def cmd_tracker(
     raise typer.Exit(run_tracker(host, port, transport, data))
 
 
+@app.command("daemon")
+def cmd_daemon(
+    tracker: TrackerOpt = None,
+    host: HostOpt = "127.0.0.1",
+    port: PortOpt = 0,
+    transport: TransportOpt = None,
+    up_limit: UpOpt = None,
+    down_limit: DownOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Run a long-lived node for this $PEER_HOME (control it with status, ls, stop)."""
+    setup_logging(verbose)
+    from peerd.daemon import run_daemon
+    from peerd.node import Node
+
+    try:
+        tracker_addr = parse_tracker(tracker)
+        up, down = parse_limit(up_limit, "--up-limit"), parse_limit(down_limit, "--down-limit")
+        identity = _identity()
+        backend = _transport(transport)
+    except PeerError as exc:
+        fail(str(exc))
+    home = peer_home()
+
+    async def main() -> None:
+        node = Node(
+            identity,
+            backend,
+            host=host,
+            port=port,
+            tracker=tracker_addr,
+            up_limit=up,
+            down_limit=down,
+        )
+        print(f"daemon for {home} starting", file=sys.stderr, flush=True)
+        await run_daemon(home, node, identity)
+
+    run_trio(main, interrupt_ok=True)
+
+
+def _control(request: dict[str, Any]) -> dict[str, Any]:
+    from peerd.daemon import control_request
+
+    try:
+        reply = control_request(peer_home(), request)
+    except PeerError as exc:
+        fail(str(exc))
+    if reply is None:
+        fail(f"no daemon runs for {peer_home()}; start one with `peer daemon`")
+    assert reply is not None
+    return reply
+
+
+@app.command("status")
+def cmd_status(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Show the daemon's transfers: progress, rate, peers."""
+    reply = _control({"cmd": "status"})
+    if as_json:
+        print(json.dumps(reply))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="transfers")
+    for col in ("id", "name", "state", "progress", "down MB/s", "uploaded", "peers"):
+        table.add_column(col)
+    for t in reply.get("transfers", []):
+        pct = 100.0 * t["have"] / t["size"] if t["size"] else 100.0
+        table.add_row(
+            t["id"][:16],
+            t["name"],
+            t["state"],
+            f"{pct:.1f}%",
+            str(t["down_MBps"]),
+            f"{t['uploaded'] / 1e6:.1f} MB",
+            str(t["peers"]),
+        )
+    Console().print(table)
+    for cid, err in reply.get("errors", {}).items():
+        typer.echo(f"{cid[:16]}: {err}", err=True)
+
+
+@app.command("ls")
+def cmd_ls() -> None:
+    """List what the daemon shares."""
+    reply = _control({"cmd": "ls"})
+    for entry in reply.get("shared", []):
+        typer.echo(f"{entry['id']}  {entry['path']}")
+
+
+@app.command("stop")
+def cmd_stop() -> None:
+    """Stop the daemon (it announces the stop and closes everything)."""
+    _control({"cmd": "stop"})
+    typer.echo("daemon stopped", err=True)
+
+
 def main() -> None:
     """Console-script entry point."""
     try:

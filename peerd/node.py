@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -26,9 +27,11 @@ from .manifest import Manifest
 from .ratelimit import RateLimiter
 from .store import ChunkStore, SourceFile
 from .swarm import Content
-from .tracker_client import TrackerClient
 from .transport import Stream, Transport
 from .wire import NEED_DATA, PROTOCOL_VERSION, Closed, Goodbye, Hello, PeerConnection, Peers
+
+if TYPE_CHECKING:
+    from .tracker_client import TrackerClient
 
 __all__ = ["Node"]
 
@@ -134,6 +137,8 @@ class Node:
         """Run ``await fn(client)`` on a live tracker connection (reconnecting)."""
         async with self._tracker_lock:
             if self._tracker is None:
+                from .tracker_client import TrackerClient
+
                 host, port = self.tracker_address
                 self._tracker = await TrackerClient.connect(
                     self.transport, host, port, self.identity, timeout=CONNECT_TIMEOUT
