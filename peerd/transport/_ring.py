@@ -1,0 +1,317 @@
+"""One io_uring per Trio run, woken through an eventfd that Trio's epoll watches.
+
+Theory of operation
+-------------------
+* The ring lives in a ``trio.lowlevel.RunVar``: created lazily by the first
+  proactor operation of a run, closed when the run ends (its two system tasks
+  are cancelled then, and the reaper's ``finally`` tears the ring down).
+* Submission: an operation prepares its SQE(s) and parks in
+  ``wait_task_rescheduled``. The first preparation in a scheduling pass wakes
+  the *flusher* system task; because Trio runs newly woken tasks in the next
+  batch, every task that ran in this pass has prepared its SQEs by then, and
+  one ``io_uring_submit`` sends them all. Right after submitting, the flusher
+  harvests completions that io_uring produced inline (data already in the
+  socket, space in the send buffer, page-cache reads), so those tasks wake
+  without an eventfd round trip.
+* Completion: an eventfd is registered with the ring; the *reaper* system
+  task awaits ``trio.lowlevel.wait_readable(eventfd)``, drains it and
+  harvests every ready CQE, rescheduling exactly the tasks whose operations
+  are complete (an operation may be a linked chain of SQEs; its task wakes
+  when the last one is in).
+* Buffers: the caller passes ``keep``, every object the kernel may touch
+  (buffer, memoryview, Iovec). The ``_Op`` holds it until the completion has
+  been harvested, so Python can never free or resize memory the kernel still
+  writes into (pitfall 5 of docs: a live memoryview pins the bytearray).
+* Cancellation: the abort function submits ``ASYNC_CANCEL`` for the op's
+  user_data and returns ``Abort.FAILED``: the task stays parked until the
+  op's own CQE arrives. ``-ECANCELED``/``-EINTR`` then raise Trio's
+  ``Cancelled`` (through the ``raise_cancel`` Trio handed us); a real result
+  that won the race is delivered instead, and the enclosing cancel scope
+  fires at the caller's next checkpoint. Either way the kernel is done with
+  the buffer before the caller runs again.
+* liburing quirks handled here: ``cqe.res`` raises OSError for negative
+  results (read ``user_data`` first, always mark the CQE seen); a prep call
+  that raises leaves its SQE in the ring, so it is turned into a NOP; the
+  library never releases the GIL, so nothing here ever blocks in the ring.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import itertools
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import outcome
+import trio
+
+from peerd.errors import TransportUnavailable
+
+try:  # the probe reports a missing wheel; importing this module must not fail
+    import liburing as L
+except ImportError:  # pragma: no cover - depends on the machine
+    L = None
+
+__all__ = ["Ring", "current_ring", "probe"]
+
+RING_ENTRIES = 1024  # CQ is twice that; overflow is handled by the kernel anyway
+_CANCEL_UID = 0  # user_data of cancel requests and neutralised SQEs (ignored)
+
+Step = tuple[Callable[..., Any], tuple[Any, ...]]
+
+_REQUIRED_OPS = (
+    "IORING_OP_READV",
+    "IORING_OP_WRITEV",
+    "IORING_OP_RECV",
+    "IORING_OP_SEND",
+    "IORING_OP_SPLICE",
+    "IORING_OP_ASYNC_CANCEL",
+    "IORING_OP_NOP",
+)
+
+
+def _unavailable(why: str) -> TransportUnavailable:
+    return TransportUnavailable(
+        f"proactor (io_uring) transport unavailable: {why}; `--transport reactor` works"
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def _probe_cached() -> str | None:
+    if L is None:
+        return "the liburing package is not installed (pip install liburing)"
+    try:
+        with open("/proc/sys/kernel/io_uring_disabled") as f:
+            disabled = f.read().strip()
+    except OSError:
+        disabled = "0"
+    if disabled == "2":
+        return "io_uring is disabled by sysctl kernel.io_uring_disabled=2"
+    ring = L.Ring()
+    try:
+        L.io_uring_queue_init(8, ring, 0)
+    except OSError as exc:
+        if exc.errno == errno.ENOSYS:
+            return "the kernel has no io_uring or a seccomp filter blocks it (ENOSYS)"
+        if exc.errno == errno.EPERM:
+            extra = " (kernel.io_uring_disabled=1)" if disabled == "1" else ""
+            return f"io_uring setup is not permitted here{extra} (EPERM)"
+        return f"io_uring setup failed: {exc.strerror}"
+    try:
+        probe_obj = L.io_uring_get_probe_ring(ring)
+        if probe_obj is None:
+            return "the kernel does not support the io_uring opcode probe"
+        missing = [
+            name
+            for name in _REQUIRED_OPS
+            if not L.io_uring_opcode_supported(probe_obj, getattr(L.io_uring_op, name))
+        ]
+        if missing:
+            return f"the kernel's io_uring lacks {', '.join(missing)}"
+    finally:
+        L.io_uring_queue_exit(ring)
+    return None
+
+
+def probe() -> None:
+    """Check that io_uring can be used: import, sysctl, ring setup, opcodes.
+
+    Raises:
+        TransportUnavailable: one line saying why, and that the reactor works.
+    """
+    why = _probe_cached()
+    if why is not None:
+        raise _unavailable(why)
+
+
+class _Op:
+    __slots__ = ("keep", "raise_cancel", "remaining", "results", "task", "uids")
+
+    def __init__(self, task: trio.lowlevel.Task, n: int, keep: object) -> None:
+        self.task = task
+        self.keep = keep  # everything the kernel may touch, alive until the CQE
+        self.results = [0] * n
+        self.remaining = n
+        self.uids: list[int] = []
+        self.raise_cancel: Callable[[], Any] | None = None
+
+
+class Ring:
+    """An io_uring bound to the current Trio run (use :func:`current_ring`)."""
+
+    def __init__(self) -> None:
+        assert L is not None
+        self._ring = L.Ring()
+        self._cqe = L.Cqe()
+        L.io_uring_queue_init(RING_ENTRIES, self._ring, 0)
+        self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        L.io_uring_register_eventfd(self._ring, self._efd)
+        self._uids = itertools.count(1)
+        self._ops: dict[int, tuple[_Op, int]] = {}  # uid -> (op, index in chain)
+        self._unsubmitted = 0
+        self._flusher: trio.lowlevel.Task | None = None  # set while parked
+        self._closed = False
+        trio.lowlevel.spawn_system_task(self._reaper, name="peerd.io_uring.reaper")
+        trio.lowlevel.spawn_system_task(self._flush_loop, name="peerd.io_uring.flusher")
+
+    # -- submission ------------------------------------------------------------
+    def _get_sqe(self) -> Any:
+        sqe = L.io_uring_get_sqe(self._ring)
+        if sqe is None:  # SQ full: push what we have to the kernel, then retry
+            self._submit()
+            sqe = L.io_uring_get_sqe(self._ring)
+            if sqe is None:
+                raise RuntimeError("io_uring submission queue is full")
+        return sqe
+
+    def _prepare(self, fn: Callable[..., Any], args: tuple[Any, ...], uid: int, flags: int) -> Any:
+        sqe = self._get_sqe()
+        self._unsubmitted += 1
+        try:
+            fn(sqe, *args)
+        except BaseException:
+            _neutralise(sqe)  # the SQE is in the ring already
+            raise
+        if flags:
+            L.io_uring_sqe_set_flags(sqe, flags)
+        L.io_uring_sqe_set_data64(sqe, uid)
+        return sqe
+
+    def _submit(self) -> None:
+        if self._unsubmitted:
+            self._unsubmitted = 0
+            L.io_uring_submit(self._ring)
+
+    async def _flush_loop(self) -> None:
+        while True:
+            if not self._unsubmitted:
+                self._flusher = trio.lowlevel.current_task()
+                await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.SUCCEEDED)
+            self._submit()
+            self._harvest()
+
+    def _wake_flusher(self) -> None:
+        task, self._flusher = self._flusher, None
+        if task is not None:
+            trio.lowlevel.reschedule(task)
+
+    async def perform(self, steps: Sequence[Step], keep: object) -> list[int]:
+        """Run one SQE, or a chain linked with IOSQE_IO_LINK; return every result.
+
+        Results are raw: ``>= 0`` or ``-errno`` (a failed link gives the rest
+        ``-ECANCELED``). Cancellation is delivered as Trio's ``Cancelled`` only
+        once every SQE of the chain has completed.
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self._closed:
+            raise RuntimeError("io_uring ring is closed")
+        op = _Op(trio.lowlevel.current_task(), len(steps), keep)
+        last = len(steps) - 1
+        if L.io_uring_sq_space_left(self._ring) < len(steps):
+            self._submit()  # a chain must not be split across two submits
+        sqes = []
+        try:
+            for i, (fn, args) in enumerate(steps):
+                uid = next(self._uids)
+                sqes.append(self._prepare(fn, args, uid, L.IOSQE_IO_LINK if i < last else 0))
+                op.uids.append(uid)
+        except BaseException:
+            for sqe in sqes:  # not submitted yet: turn the earlier links into NOPs
+                _neutralise(sqe)
+            raise
+        for i, uid in enumerate(op.uids):
+            self._ops[uid] = (op, i)
+        self._wake_flusher()
+
+        def abort(raise_cancel: Callable[[], Any]) -> trio.lowlevel.Abort:
+            op.raise_cancel = raise_cancel
+            for uid in op.uids:
+                if uid in self._ops:
+                    self._prepare(L.io_uring_prep_cancel64, (uid,), _CANCEL_UID, 0)
+            self._submit()  # submits the op too if the flusher has not run yet
+            return trio.lowlevel.Abort.FAILED
+
+        results: list[int] = await trio.lowlevel.wait_task_rescheduled(abort)
+        if op.raise_cancel is not None and any(
+            r in (-errno.ECANCELED, -errno.EINTR) for r in results
+        ):
+            op.raise_cancel()
+        return results
+
+    async def perform1(self, fn: Callable[..., Any], args: tuple[Any, ...], keep: object) -> int:
+        """Run a single SQE prepared by ``fn(sqe, *args)``; return its raw result."""
+        return (await self.perform(((fn, args),), keep))[0]
+
+    def cancel_fd(self, fd: int) -> None:
+        """Cancel every in-flight operation on ``fd`` (before closing it)."""
+        if self._closed:
+            return
+        flags = L.IORING_ASYNC_CANCEL_ALL | L.IORING_ASYNC_CANCEL_FD
+        self._prepare(L.io_uring_prep_cancel_fd, (fd, flags), _CANCEL_UID, 0)
+        self._submit()
+
+    # -- completion ------------------------------------------------------------
+    def _harvest(self) -> None:
+        ring, cqe = self._ring, self._cqe
+        while True:
+            try:
+                L.io_uring_peek_cqe(ring, cqe)
+            except BlockingIOError:
+                return
+            entry = cqe[0]
+            uid = entry.user_data
+            try:
+                res = entry.res
+            except OSError as exc:
+                res = -(exc.errno or errno.EIO)
+            finally:
+                L.io_uring_cqe_seen(ring, entry)
+            found = self._ops.pop(uid, None)
+            if found is None:
+                continue
+            op, index = found
+            op.results[index] = res
+            op.remaining -= 1
+            if op.remaining == 0:
+                op.keep = None
+                trio.lowlevel.reschedule(op.task, outcome.Value(op.results))
+
+    async def _reaper(self) -> None:
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(self._efd)
+                try:
+                    os.read(self._efd, 8)
+                except BlockingIOError:
+                    pass
+                self._harvest()
+        finally:
+            self._close()
+
+    def _close(self) -> None:
+        self._closed = True
+        # Tasks still parked here would be a bug (the run is over); the kernel
+        # cancels and waits for their SQEs in queue_exit.
+        trio.lowlevel.notify_closing(self._efd)
+        L.io_uring_queue_exit(self._ring)
+        os.close(self._efd)
+
+
+def _neutralise(sqe: Any) -> None:
+    L.io_uring_prep_nop(sqe)  # also clears the SQE's flags (no dangling link)
+    L.io_uring_sqe_set_data64(sqe, _CANCEL_UID)
+
+
+_RING: trio.lowlevel.RunVar[Ring] = trio.lowlevel.RunVar("peerd_io_uring")
+
+
+def current_ring() -> Ring:
+    """The ring of the current Trio run, created on first use."""
+    try:
+        return _RING.get()
+    except LookupError:
+        ring = Ring()
+        _RING.set(ring)
+        return ring
