@@ -465,7 +465,7 @@ def test_bad_events_are_local_errors(make: Any) -> None:
 
 
 def test_events_normalise_bytes_and_sequences() -> None:
-    assert w.Bitfield(bytearray(b"\x80")) == w.Bitfield(b"\x80")
+    assert w.Bitfield(bytearray(b"\x80")) == w.Bitfield(b"\x80")  # type: ignore[arg-type]
     assert w.Have([1, 2]).indices == (1, 2)  # type: ignore[arg-type]
     assert hash(w.Have((1, 2))) == hash(w.Have((1, 2)))
 

@@ -1,0 +1,300 @@
+"""Property tests for the wire: round trips under any split, and the fuzz invariant.
+
+Invariant (as in h11's fuzz harness): whatever bytes arrive, a connection
+yields valid events or raises RemoteProtocolError -- never anything else,
+never a hang.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from peerd import wire as w
+from peerd.errors import LocalProtocolError, RemoteProtocolError
+from tests.test_wire import CID, KEY, NONCE, SIG, drain, raw_frame
+
+SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+u32 = st.integers(0, 2**32 - 1)
+length = st.integers(1, w.MAX_PAYLOAD)
+b32 = st.binary(min_size=32, max_size=32)
+text = st.text(max_size=40)
+
+# A DATA frame is not an event on the sending side: (index, offset, payload).
+DataFrame = tuple[int, int, bytes]
+data_frames = st.tuples(u32, u32, st.binary(min_size=1, max_size=300))
+
+peer_events = st.one_of(
+    st.builds(w.Bitfield, st.binary(max_size=64)),
+    st.builds(w.Have, st.lists(u32, min_size=1, max_size=20).map(tuple)),
+    st.builds(w.Request, u32, u32, length),
+    st.builds(w.Cancel, u32, u32, length),
+    st.builds(w.Reject, u32, u32, length, st.sampled_from(sorted(w.REJECT_REASONS))),
+    st.just(w.ManifestRequest()),
+    st.builds(w.ManifestResponse, st.binary(min_size=1, max_size=100)),
+)
+client_events = st.one_of(
+    st.builds(
+        w.Announce,
+        b32,
+        st.integers(0, 65535),
+        st.sampled_from(sorted(w.ANNOUNCE_EVENTS)),
+        st.binary(max_size=64),
+        st.integers(0, 200),
+    ),
+    st.builds(w.Publish, st.binary(min_size=1, max_size=100)),
+    st.builds(w.GetManifest, b32),
+    st.builds(w.Resolve, st.from_regex(r"[0-9a-f]{16,64}", fullmatch=True)),
+    st.builds(w.Scrape, st.lists(b32, min_size=1, max_size=5).map(tuple)),
+)
+peer_entries = st.builds(
+    w.PeerEntry,
+    st.ip_addresses().map(str),
+    st.integers(0, 65535),
+    b32,
+    st.binary(max_size=16),
+)
+server_events = st.one_of(
+    st.builds(
+        w.Peers,
+        b32,
+        st.integers(1, 86400),
+        st.lists(peer_entries, max_size=5).map(tuple),
+        st.binary(max_size=32).map(lambda b: b[: len(b) // 2 * 2]),
+    ),
+    st.builds(w.TrackerManifest, st.binary(min_size=1, max_size=100)),
+    st.builds(w.Resolved, b32),
+    st.builds(
+        w.ScrapeResult,
+        st.lists(st.builds(w.ScrapeStat, b32, u32, u32, u32), max_size=5).map(tuple),
+    ),
+    st.just(w.Ok()),
+    st.builds(w.Error, st.from_regex(r"[a-z0-9][a-z0-9-]{0,63}", fullmatch=True), text),
+)
+
+
+def _split(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    edges = [0, *points, len(data)]
+    return [data[a:b] for a, b in itertools.pairwise(edges) if b > a]
+
+
+def _merge(events: list[w.Event]) -> list[object]:
+    """Join consecutive DataPayload pieces so splits do not matter."""
+    out: list[object] = []
+    for event in events:
+        if isinstance(event, w.DataPayload) and out and isinstance(out[-1], bytes):
+            out[-1] += event.data
+        elif isinstance(event, w.DataPayload):
+            out.append(event.data)
+        else:
+            out.append(event)
+    return out
+
+
+# --- round trips under arbitrary splits -----------------------------------------------------
+@SETTINGS
+@given(
+    items=st.lists(st.one_of(peer_events, data_frames), max_size=12),
+    cuts=st.lists(st.integers(0, 10_000), max_size=20),
+    goodbye=st.one_of(st.none(), text),
+)
+def test_peer_stream_round_trip(
+    items: list[w.Event | DataFrame], cuts: list[int], goodbye: str | None
+) -> None:
+    sender, receiver = w.PeerConnection(), w.PeerConnection()
+    hello = w.Hello(1, KEY, 0, CID)
+    out = [sender.send(hello)]
+    expected: list[object] = [hello]
+    for item in items:
+        if isinstance(item, tuple):
+            index, offset, payload = item
+            out.append(sender.send_data(index, offset, payload))
+            expected += [w.DataHeader(index, offset, len(payload)), payload]
+        else:
+            out.append(sender.send(item))
+            expected.append(item)
+    if goodbye is not None:
+        out.append(sender.send(w.Goodbye(goodbye)))
+        expected.append(w.Goodbye(goodbye))
+    events: list[w.Event] = []
+    for piece in _split(b"".join(out), cuts):
+        receiver.receive_data(piece)
+        events += drain(receiver)
+    receiver.receive_data(b"")
+    events += drain(receiver)
+    assert _merge(events) == [*expected, w.Closed()]
+
+
+@SETTINGS
+@given(
+    requests=st.lists(client_events, max_size=8),
+    replies=st.lists(server_events, max_size=8),
+    cuts=st.lists(st.integers(0, 10_000), max_size=20),
+)
+def test_tracker_round_trip(
+    requests: list[w.Event], replies: list[w.Event], cuts: list[int]
+) -> None:
+    client, server = w.TrackerClientConnection(), w.TrackerServerConnection()
+    challenge, auth = w.Challenge(1, NONCE), w.Auth(KEY, SIG)
+    for piece in _split(server.send(challenge), cuts):
+        client.receive_data(piece)
+    assert drain(client) == [challenge]
+    upstream = client.send(auth) + b"".join(client.send(e) for e in requests)
+    got_up: list[w.Event] = []
+    for piece in _split(upstream, cuts):
+        server.receive_data(piece)
+        got_up += drain(server)
+    downstream = server.send(w.Ok()) + b"".join(server.send(e) for e in replies)
+    got_down: list[w.Event] = []
+    for piece in _split(downstream, cuts):
+        client.receive_data(piece)
+        got_down += drain(client)
+    assert got_up == [auth, *requests]
+    assert got_down == [w.Ok(), *replies]
+
+
+# --- the fuzz invariant ------------------------------------------------------------------
+def _fresh_peer() -> w.FrameConnection:
+    return w.PeerConnection()
+
+
+def _primed_peer() -> w.FrameConnection:
+    conn = w.PeerConnection()
+    conn.receive_data(w.PeerConnection().send(w.Hello(1, KEY, 0, CID)))
+    assert isinstance(conn.next_event(), w.Hello)
+    return conn
+
+
+def _fresh_client() -> w.FrameConnection:
+    return w.TrackerClientConnection()
+
+
+def _primed_client() -> w.FrameConnection:
+    conn = w.TrackerClientConnection()
+    conn.receive_data(raw_frame(w.FrameType.CHALLENGE, {"v": 1, "nonce": NONCE}))
+    conn.next_event()
+    conn.send(w.Auth(KEY, SIG))
+    return conn
+
+
+def _fresh_server() -> w.FrameConnection:
+    conn = w.TrackerServerConnection()
+    conn.send(w.Challenge(1, NONCE))
+    return conn
+
+
+def _primed_server() -> w.FrameConnection:
+    conn = _fresh_server()
+    conn.receive_data(raw_frame(w.FrameType.AUTH, {"key": KEY, "sig": SIG}))
+    conn.next_event()
+    conn.send(w.Ok())
+    return conn
+
+
+FACTORIES: list[Callable[[], w.FrameConnection]] = [
+    _fresh_peer,
+    _primed_peer,
+    _fresh_client,
+    _primed_client,
+    _fresh_server,
+    _primed_server,
+]
+factories = st.sampled_from(FACTORIES)
+
+
+def _feed_hostile(conn: w.FrameConnection, pieces: list[bytes]) -> None:
+    """Feed bytes then EOF; only events or RemoteProtocolError may come out."""
+    try:
+        for piece in filter(None, pieces):  # b"" would mean EOF
+            conn.receive_data(piece)
+            for event in drain(conn):
+                assert isinstance(event, w.Event)
+        conn.receive_data(b"")
+        events = drain(conn)
+        # After EOF the connection must reach a verdict: Closed or an error.
+        assert events and isinstance(events[-1], w.Closed)
+    except RemoteProtocolError:
+        pass
+
+
+@SETTINGS
+@given(factory=factories, data=st.binary(max_size=400), cuts=st.lists(st.integers(0, 400)))
+def test_random_bytes_into_every_role(
+    factory: Callable[[], w.FrameConnection], data: bytes, cuts: list[int]
+) -> None:
+    _feed_hostile(factory(), _split(data, cuts))
+
+
+# A plausible header followed by random bytes reaches the body decoders far more
+# often than pure noise does.
+@SETTINGS
+@given(
+    factory=factories,
+    ftype=st.sampled_from(sorted(w.MAX_BODY)),
+    body=st.binary(max_size=200),
+)
+def test_random_bodies_into_every_role(
+    factory: Callable[[], w.FrameConnection], ftype: int, body: bytes
+) -> None:
+    _feed_hostile(factory(), [raw_frame(ftype, body, packed=True)])
+
+
+def _send_what_fits(sender: w.FrameConnection, events: list[w.Event]) -> bytes:
+    out = b""
+    for event in events:
+        try:
+            out += sender.send(event)
+        except LocalProtocolError:
+            pass  # not a message this sender may send; skip it
+    return out
+
+
+def _valid_stream(factory: Callable[[], w.FrameConnection], events: list[w.Event]) -> bytes:
+    """Bytes the other side could legitimately send to a connection from ``factory``."""
+    if factory in (_fresh_peer, _primed_peer):
+        peer = w.PeerConnection()
+        hello = peer.send(w.Hello(1, KEY, 0, CID))
+        head = hello if factory is _fresh_peer else b""
+        return head + _send_what_fits(peer, events) + peer.send_data(1, 2, b"payload")
+    if factory is _fresh_client:
+        return w.TrackerServerConnection().send(w.Challenge(1, NONCE))
+    if factory is _primed_client:
+        server = _fresh_server()
+        server.receive_data(raw_frame(w.FrameType.AUTH, {"key": KEY, "sig": SIG}))
+        server.next_event()
+        return server.send(w.Ok()) + _send_what_fits(server, events)
+    client = w.TrackerClientConnection()
+    client.receive_data(w.TrackerServerConnection().send(w.Challenge(1, NONCE)))
+    client.next_event()
+    auth = client.send(w.Auth(KEY, SIG))
+    head = auth if factory is _fresh_server else b""
+    return head + _send_what_fits(client, events) + client.send(w.GetManifest(CID))
+
+
+@SETTINGS
+@given(
+    factory=factories,
+    events=st.lists(st.one_of(peer_events, client_events, server_events), max_size=6),
+    position=st.integers(0, 10_000),
+    xor=st.integers(1, 255),
+    truncate=st.booleans(),
+)
+def test_mutated_valid_streams(
+    factory: Callable[[], w.FrameConnection],
+    events: list[w.Event],
+    position: int,
+    xor: int,
+    truncate: bool,
+) -> None:
+    stream = bytearray(_valid_stream(factory, events))
+    position %= len(stream)
+    if truncate:
+        del stream[position:]
+    else:
+        stream[position] ^= xor
+    _feed_hostile(factory(), [bytes(stream)])
