@@ -1,0 +1,204 @@
+"""The pure swarm index: time is an argument, so expiry needs no sleeping."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from peerd.errors import TrackerError
+from tracker.index import SwarmIndex, SwarmStat
+
+CID = bytes(range(32))
+CID2 = bytes(range(1, 33))
+
+
+def key(n: int) -> bytes:
+    return n.to_bytes(32, "big")
+
+
+def bitmap(n: int, have: set[int]) -> bytes:
+    out = bytearray((n + 7) // 8)
+    for i in have:
+        out[i // 8] |= 0x80 >> (i % 8)
+    return bytes(out)
+
+
+def avail_counts(avail: bytes) -> list[int]:
+    return [int.from_bytes(avail[i : i + 2], "big") for i in range(0, len(avail), 2)]
+
+
+def test_announce_returns_others_and_availability() -> None:
+    idx = SwarmIndex(ttl=100, interval=30)
+    peers, avail = idx.announce(
+        CID, key(1), "10.0.0.1", 7001, "started", bitmap(10, {0, 1}), 10, 50, 0
+    )
+    assert peers == []
+    assert avail_counts(avail) == [1, 1] + [0] * 8
+    peers, avail = idx.announce(
+        CID, key(2), "10.0.0.2", 7002, "started", bitmap(10, {1, 9}), 10, 50, 1
+    )
+    assert peers == [("10.0.0.1", 7001, key(1), bitmap(10, {0, 1}))]
+    assert avail_counts(avail) == [1, 2] + [0] * 7 + [1]
+    # progress replaces the bitmap: counts follow (subtract old, add new)
+    _, avail = idx.announce(CID, key(1), "10.0.0.1", 7001, "progress", bitmap(10, {2}), 10, 50, 2)
+    assert avail_counts(avail) == [0, 1, 1] + [0] * 6 + [1]
+    assert len(idx) == 2 and idx.num_contents == 1
+
+
+def test_never_returns_the_asker_and_respects_want() -> None:
+    idx = SwarmIndex()
+    for n in range(20):
+        idx.announce(CID, key(n), "10.0.0.1", 7000 + n, "started", bitmap(16, {n % 16}), 16, 0, 0)
+    peers, _ = idx.announce(CID, key(3), "10.0.0.1", 7003, "periodic", bitmap(16, {3}), 16, 5, 1)
+    assert len(peers) == 5
+    assert key(3) not in {p[2] for p in peers}
+    peers, _ = idx.announce(CID, key(3), "10.0.0.1", 7003, "periodic", bitmap(16, {3}), 16, 50, 1)
+    assert len(peers) == 19 and key(3) not in {p[2] for p in peers}
+    peers, _ = idx.announce(CID, key(3), "10.0.0.1", 7003, "periodic", bitmap(16, {3}), 16, 0, 1)
+    assert peers == []
+
+
+def test_rarest_holder_comes_first() -> None:
+    idx = SwarmIndex()
+    n = 8
+    # ten peers hold the common chunks 1..5; one peer alone holds chunk 0
+    for i in range(10):
+        idx.announce(
+            CID, key(100 + i), "10.0.0.2", 7000, "started", bitmap(n, {1, 2, 3, 4, 5}), n, 0, 0
+        )
+    idx.announce(CID, key(7), "10.0.0.3", 7007, "started", bitmap(n, {0}), n, 0, 0)
+    # one peer holds nothing the asker lacks
+    idx.announce(CID, key(8), "10.0.0.4", 7008, "started", bitmap(n, {6}), n, 0, 0)
+    peers, avail = idx.announce(CID, key(9), "10.0.0.5", 7009, "started", bitmap(n, {6}), n, 3, 1)
+    assert peers[0][2] == key(7)  # holds the rarest chunk, though fewer chunks
+    assert {p[2] for p in peers[1:]} <= {key(100 + i) for i in range(10)}
+    assert avail_counts(avail) == [1, 10, 10, 10, 10, 10, 2, 0]
+    peers, _ = idx.announce(CID, key(9), "10.0.0.5", 7009, "periodic", bitmap(n, {6}), n, 50, 2)
+    assert peers[-1][2] == key(8)  # useless to the asker: last
+
+
+def test_seeder_is_offered_leechers_first() -> None:
+    idx = SwarmIndex()
+    full = bitmap(8, set(range(8)))
+    idx.announce(CID, key(1), "10.0.0.1", 1, "started", full, 8, 0, 0)
+    idx.announce(CID, key(2), "10.0.0.2", 2, "started", bitmap(8, {0}), 8, 0, 0)
+    peers, _ = idx.announce(CID, key(3), "10.0.0.3", 3, "started", full, 8, 1, 0)
+    assert [p[2] for p in peers] == [key(2)]
+
+
+def test_ttl_expiry_with_a_mocked_clock() -> None:
+    idx = SwarmIndex(ttl=60, interval=20)
+    idx.announce(CID, key(1), "10.0.0.1", 1, "started", bitmap(8, {0}), 8, 0, 0)
+    idx.announce(CID, key(2), "10.0.0.2", 2, "started", bitmap(8, {1}), 8, 0, 30)
+    # at t=59 both alive; key 1 is not returned after t=60 even before a sweep
+    peers, _ = idx.announce(CID, key(3), "10.0.0.3", 3, "started", bitmap(8, set()), 8, 50, 59)
+    assert {p[2] for p in peers} == {key(1), key(2)}
+    peers, _ = idx.announce(CID, key(3), "10.0.0.3", 3, "periodic", bitmap(8, set()), 8, 50, 60.5)
+    assert {p[2] for p in peers} == {key(2)}
+    assert idx.expire(60.5) == 1
+    assert len(idx) == 2
+    _, avail = idx.announce(CID, key(3), "10.0.0.3", 3, "periodic", bitmap(8, set()), 8, 50, 61)
+    assert avail_counts(avail) == [0, 1, 0, 0, 0, 0, 0, 0]
+    # a periodic announce keeps an entry alive past its first TTL
+    idx.announce(CID, key(2), "10.0.0.2", 2, "periodic", bitmap(8, {1}), 8, 0, 80)
+    assert idx.expire(120.9) == 0
+    assert idx.expire(121.0) == 1  # key 3 (last seen 61)
+    assert len(idx) == 1
+    assert idx.expire(140.1) == 1
+    assert len(idx) == 0 and idx.num_contents == 0  # the content disappears too
+
+
+def test_stop_removes_the_entry_and_scrape_counts() -> None:
+    idx = SwarmIndex()
+    full = bitmap(12, set(range(12)))
+    idx.announce(CID, key(1), "10.0.0.1", 1, "started", full, 12, 0, 0)
+    idx.announce(CID, key(2), "10.0.0.2", 2, "started", bitmap(12, {3}), 12, 0, 0)
+    idx.announce(CID, key(3), "10.0.0.3", 3, "started", bitmap(12, {4}), 12, 0, 0)
+    assert idx.scrape([CID, CID2], 1) == [SwarmStat(CID, 1, 2, 0), SwarmStat(CID2, 0, 0, 0)]
+    idx.announce(CID, key(2), "10.0.0.2", 2, "completed", full, 12, 0, 2)
+    idx.announce(CID, key(2), "10.0.0.2", 2, "completed", full, 12, 0, 3)  # once per key
+    assert idx.scrape([CID], 3) == [SwarmStat(CID, 2, 1, 1)]
+    assert idx.announce(CID, key(1), "10.0.0.1", 1, "stopped", full, 12, 50, 4) == ([], b"")
+    assert idx.scrape([CID], 4) == [SwarmStat(CID, 1, 1, 1)]
+    peers, _ = idx.announce(CID, key(3), "10.0.0.3", 3, "periodic", bitmap(12, {4}), 12, 50, 5)
+    assert [p[2] for p in peers] == [key(2)]
+    # stopping an unknown key or content is harmless
+    assert idx.announce(CID2, key(9), "10.0.0.9", 9, "stopped", b"", None, 50, 5) == ([], b"")
+
+
+def test_bitmap_size_is_checked() -> None:
+    idx = SwarmIndex()
+    with pytest.raises(TrackerError) as info:
+        idx.announce(CID, key(1), "10.0.0.1", 1, "started", b"\x00\x00\x00", 10, 0, 0)
+    assert info.value.code == "bad-request"
+    with pytest.raises(TrackerError, match="beyond the last chunk"):
+        idx.announce(CID, key(1), "10.0.0.1", 1, "started", b"\x00\x01", 10, 0, 0)
+    assert idx.num_contents == 0  # a refused first announce leaves nothing behind
+    # no manifest known: the first bitmap fixes the size, later ones must match
+    idx.announce(CID, key(1), "10.0.0.1", 1, "started", b"\xff", None, 0, 0)
+    assert idx.num_chunks(CID) == 8
+    with pytest.raises(TrackerError):
+        idx.announce(CID, key(2), "10.0.0.2", 1, "started", b"\xff\xff", None, 0, 0)
+    # the manifest arrives: a differently sized swarm is rebuilt from announces
+    idx.announce(CID, key(2), "10.0.0.2", 1, "started", b"\xe0", 3, 0, 1)
+    assert idx.num_chunks(CID) == 3 and len(idx) == 1
+    with pytest.raises(TrackerError):
+        idx.announce(CID, key(2), "10.0.0.2", 1, "bogus", b"\xe0", 3, 0, 1)
+
+
+def test_limits_bound_growth() -> None:
+    idx = SwarmIndex(max_contents=3, max_contents_per_peer=2, max_peers_per_content=3)
+    for n in range(3):
+        idx.announce(CID, key(n), "10.0.0.1", 1, "started", b"\x00", 8, 0, 0)
+    with pytest.raises(TrackerError) as info:
+        idx.announce(CID, key(9), "10.0.0.1", 1, "started", b"\x00", 8, 0, 0)
+    assert info.value.code == "limit"
+    idx.announce(CID2, key(0), "10.0.0.1", 1, "started", b"\x00", 8, 0, 0)
+    idx.announce(b"\x01" * 32, key(5), "10.0.0.1", 1, "started", b"\x00", 8, 0, 0)
+    with pytest.raises(TrackerError, match="too many contents"):
+        idx.announce(bytes(32), key(5), "10.0.0.1", 1, "started", b"\x00", 8, 0, 0)
+    idx.announce(CID2, key(0), "10.0.0.1", 1, "stopped", b"\x00", 8, 0, 0)
+    idx.announce(bytes(32), key(0), "10.0.0.1", 1, "started", b"\x00", 8, 0, 0)
+    with pytest.raises(TrackerError, match="at most 2 contents"):
+        idx.announce(b"\x01" * 32, key(0), "10.0.0.1", 1, "started", b"\x00", 8, 0, 0)
+    with pytest.raises(ValueError):
+        SwarmIndex(max_peers_per_content=70_000)
+
+
+def test_ipv6_and_address_updates() -> None:
+    idx = SwarmIndex()
+    idx.announce(CID, key(1), "::1", 5, "started", b"\x80", 1, 0, 0)
+    idx.announce(CID, key(1), "::ffff:10.1.2.3", 6, "periodic", b"\x80", 1, 0, 1)
+    peers, _ = idx.announce(CID, key(2), "127.0.0.1", 7, "started", b"\x00", 1, 5, 2)
+    assert peers == [("10.1.2.3", 6, key(1), b"\x80")]
+    with pytest.raises(TrackerError):
+        idx.announce(CID, key(3), "not-an-ip", 7, "started", b"\x00", 1, 5, 2)
+
+
+def test_random_workload_keeps_counts_consistent() -> None:
+    rng = random.Random(7)
+    idx = SwarmIndex(ttl=50)
+    n = 37
+    live: dict[bytes, tuple[float, set[int]]] = {}
+    now = 0.0
+    for _ in range(2000):
+        now += rng.random()
+        k = key(rng.randrange(40))
+        if rng.random() < 0.1:
+            idx.announce(CID, k, "10.0.0.1", 1, "stopped", b"", n, 0, now)
+            live.pop(k, None)
+            continue
+        have = {i for i in range(n) if rng.random() < 0.3}
+        peers, avail = idx.announce(CID, k, "10.0.0.1", 1, "progress", bitmap(n, have), n, 10, now)
+        live[k] = (now + 50, have)
+        live = {kk: v for kk, v in live.items() if v[0] > now}
+        expect = [sum(1 for _, h in live.values() if i in h) for i in range(n)]
+        if rng.random() < 0.05:
+            idx.expire(now)
+        # lazily expired entries may still be counted until a sweep; after one, exact
+        idx.expire(now)
+        _, avail = idx.announce(CID, k, "10.0.0.1", 1, "periodic", bitmap(n, have), n, 10, now)
+        assert avail_counts(avail) == expect
+        assert k not in {p[2] for p in peers}
+        assert len(peers) == min(10, len(live) - 1)
