@@ -33,13 +33,10 @@ _LEAF = b"\x00"
 _NODE = b"\x01"
 
 
-def _blake3(data: Any = b"") -> Any:
-    # max_threads=1: we parallelise across chunks, not inside one.
-    return blake3.blake3(data, max_threads=1)
-
-
+# blake3.blake3 is single-threaded unless asked otherwise (max_threads defaults
+# to 1); we rely on that, because parallelism comes from hashing many chunks at once.
 _CONSTRUCTORS: dict[str, Callable[..., Any]] = {
-    "blake3": _blake3,
+    "blake3": blake3.blake3,
     "sha256": hashlib.sha256,
 }
 
@@ -75,6 +72,9 @@ def hash_chunk(algo: str, data: Any) -> bytes:
     Raises:
         ManifestError: unknown algorithm.
     """
+    if algo == "blake3":
+        # Explicit max_threads=1: one chunk per thread, never a nested thread pool.
+        return blake3.blake3(data, max_threads=1).digest()  # type: ignore[no-any-return]
     digest: bytes = _constructor(algo)(data).digest()
     return digest
 
