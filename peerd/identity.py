@@ -111,7 +111,8 @@ class Identity:
     @classmethod
     def _load(cls, path: Path) -> Identity:
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            # O_NONBLOCK so a FIFO planted here cannot hang us; no effect on a file.
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         except FileNotFoundError:
             raise
         except OSError as exc:

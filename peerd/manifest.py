@@ -546,7 +546,9 @@ def build_manifest(
     if type(threads) is not int or threads < 1:
         raise ManifestError(f"threads must be a positive integer, got {threads!r}")
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; it has no
+        # effect on reads from a regular file.
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as exc:
         raise StorageError(f"cannot open {path}: {exc.strerror or exc}") from None
     try:

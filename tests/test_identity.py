@@ -87,6 +87,12 @@ def test_key_file_is_a_directory(tmp_path: Path) -> None:
         Identity.load_or_create(tmp_path)
 
 
+def test_key_file_fifo_does_not_hang(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "identity.key", 0o600)
+    with pytest.raises(IdentityError, match="not a regular file"):
+        Identity.load_or_create(tmp_path)
+
+
 def test_key_file_symlink_refused(tmp_path: Path) -> None:
     real = tmp_path / "real"
     Identity.load_or_create(real)

@@ -101,6 +101,9 @@ def test_build_manifest_errors(tmp_path: Path) -> None:
         build_manifest(tmp_path / "missing")
     with pytest.raises(StorageError, match="not a regular file"):
         build_manifest(tmp_path)
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(StorageError, match="not a regular file"):
+        build_manifest(tmp_path / "fifo")  # must not block waiting for a writer
     (tmp_path / "f").write_bytes(b"x")
     with pytest.raises(ManifestError, match="power of two"):
         build_manifest(tmp_path / "f", chunk_size=3 * CS)
