@@ -56,7 +56,7 @@ __all__ = ["MAX_QUEUED_UPLOADS", "PeerSession"]
 log = logging.getLogger("peerd.session")
 
 MAX_QUEUED_UPLOADS = 64  # requests a remote may have queued with us
-RECV_SIZE = 256 * 1024
+RECV_SIZE = 64 * 1024  # control reads; payloads bypass this
 MAX_HAVE_PER_FRAME = 4096
 
 

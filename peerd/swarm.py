@@ -235,13 +235,11 @@ class Content:
             if picker is None or not isinstance(store, ChunkStore) or store.have[index]:
                 return
             view = memoryview(buf)[:length]
-            good = await trio.to_thread.run_sync(self._hash_matches, index, view)
+            # One trip to a worker thread: hash, then (if good) positional write.
+            good = await trio.to_thread.run_sync(self._verify_and_write, store, index, view)
             if not good:
                 self._on_hash_failure(session, index)
                 return
-            if store.have[index]:
-                return  # another copy won the race while we hashed (endgame)
-            await trio.to_thread.run_sync(store.write_chunk_sync, index, view)
             store.mark_have(index)
         finally:
             self.buffers.release(buf)
@@ -260,8 +258,13 @@ class Content:
         else:
             self._fill_all()
 
-    def _hash_matches(self, index: int, view: memoryview) -> bool:
-        return hash_chunk(self.info.algo, view) == self.info.chunk_hash(index)
+    def _verify_and_write(self, store: ChunkStore, index: int, view: memoryview) -> bool:
+        """Worker thread: hash the chunk; write it only if it matches."""
+        if hash_chunk(self.info.algo, view) != self.info.chunk_hash(index):
+            return False
+        if not store.have[index]:  # another copy may have won the race (endgame)
+            store.write_chunk_sync(index, view)
+        return True
 
     def _on_hash_failure(self, session: PeerSession, index: int) -> None:
         self.hash_failures += 1
