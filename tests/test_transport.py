@@ -74,6 +74,20 @@ def test_get_transport_default_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
     assert get_transport("reactor").name == "reactor"
 
 
+def test_proactor_unavailable_says_why_and_suggests_reactor(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from peerd.transport import _ring
+
+    monkeypatch.setattr(_ring, "L", None)
+    _ring._probe_cached.cache_clear()
+    try:
+        with pytest.raises(TransportUnavailable, match=r"liburing.*`--transport reactor` works"):
+            get_transport("proactor")
+    finally:
+        _ring._probe_cached.cache_clear()
+
+
 # --- conformance ----------------------------------------------------------------
 
 

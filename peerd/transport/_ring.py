@@ -180,7 +180,7 @@ class Ring:
         return sqe
 
     def _submit(self) -> None:
-        if self._unsubmitted:
+        if self._unsubmitted and not self._closed:
             self._unsubmitted = 0
             L.io_uring_submit(self._ring)
 
@@ -254,6 +254,8 @@ class Ring:
 
     # -- completion ------------------------------------------------------------
     def _harvest(self) -> None:
+        if self._closed:
+            return
         ring, cqe = self._ring, self._cqe
         while True:
             try:
