@@ -15,6 +15,7 @@ that never speaks does not hold a slot.
 from __future__ import annotations
 
 import logging
+import os
 from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -22,13 +23,22 @@ from typing import TYPE_CHECKING
 import trio
 
 from .errors import PeerError, RemoteProtocolError, TrackerError, TransportError
-from .identity import Identity
+from .identity import Identity, verify_signature
 from .manifest import Manifest
 from .ratelimit import RateLimiter
 from .store import ChunkStore, SourceFile
 from .swarm import Content
 from .transport import Stream, Transport
-from .wire import NEED_DATA, PROTOCOL_VERSION, Closed, Goodbye, Hello, PeerConnection, Peers
+from .wire import (
+    NEED_DATA,
+    PROTOCOL_VERSION,
+    Closed,
+    Goodbye,
+    Hello,
+    PeerConnection,
+    Peers,
+    Proof,
+)
 
 if TYPE_CHECKING:
     from .tracker_client import TrackerClient
@@ -41,6 +51,12 @@ HANDSHAKE_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 10.0
 MAX_INBOUND = 512
 MAX_INBOUND_PER_ADDRESS = 256
+PROOF_CONTEXT = b"peer-hello-v1\0"
+
+
+def proof_message(nonce: bytes, content_id: bytes) -> bytes:
+    """What a PROOF signs: the other side's HELLO nonce and the content id."""
+    return PROOF_CONTEXT + nonce + content_id
 
 
 class Node:
@@ -167,22 +183,40 @@ class Node:
         return await self.tracker_call(call)  # type: ignore[return-value]
 
     # --- connections -------------------------------------------------------------------
-    def _hello(self, cid: bytes) -> Hello:
-        return Hello(PROTOCOL_VERSION, self.identity.public_key, self.port, cid)
+    def _hello(self, cid: bytes, nonce: bytes) -> Hello:
+        return Hello(PROTOCOL_VERSION, self.identity.public_key, self.port, cid, nonce)
+
+    def _proof(self, their_hello: Hello) -> Proof:
+        return Proof(self.identity.sign(proof_message(their_hello.nonce, their_hello.content_id)))
 
     @staticmethod
-    async def _read_hello(stream: Stream, conn: PeerConnection) -> Hello:
+    async def _read_handshake(stream: Stream, conn: PeerConnection, want: type) -> Hello | Proof:
         while True:
             event = conn.next_event()
             if event is NEED_DATA:
                 conn.receive_data(await stream.receive_some(65536))
                 continue
-            if isinstance(event, Hello):
-                return event
+            if isinstance(event, want):
+                return event  # type: ignore[return-value]
             if isinstance(event, Closed | Goodbye):
                 reason = getattr(event, "reason", "closed")
                 raise RemoteProtocolError(f"peer left during the handshake ({reason})")
-            raise RemoteProtocolError(f"expected HELLO, got {type(event).__name__}")
+            raise RemoteProtocolError(f"expected {want.__name__}, got {type(event).__name__}")
+
+    async def _check_proof(
+        self, stream: Stream, conn: PeerConnection, hello: Hello, nonce: bytes
+    ) -> None:
+        """Read the remote PROOF: its HELLO key must have signed our nonce."""
+        proof = await self._read_handshake(stream, conn, Proof)
+        assert isinstance(proof, Proof)
+        if hello.version != PROTOCOL_VERSION:
+            raise RemoteProtocolError(
+                f"peer speaks protocol version {hello.version}, we speak {PROTOCOL_VERSION}"
+            )
+        if not verify_signature(hello.key, proof.signature, proof_message(nonce, hello.content_id)):
+            raise RemoteProtocolError(
+                "peer's PROOF does not verify: it does not hold the key it claims"
+            )
 
     async def _handle_inbound(self, stream: Stream) -> None:
         address = stream.peer_address[0]
@@ -195,14 +229,21 @@ class Node:
         content: Content | None = None
         try:
             conn = PeerConnection()
-            with trio.move_on_after(HANDSHAKE_TIMEOUT):
-                hello = await self._read_hello(stream, conn)
-                content = self.contents.get(hello.content_id)
-                await stream.send_all(conn.send(self._hello(hello.content_id)))
+            nonce = os.urandom(32)
+            with trio.move_on_after(HANDSHAKE_TIMEOUT) as handshake:
+                first = await self._read_handshake(stream, conn, Hello)
+                assert isinstance(first, Hello)
+                content = self.contents.get(first.content_id)
+                reply = conn.send(self._hello(first.content_id, nonce)) + conn.send(
+                    self._proof(first)
+                )
                 if content is None:
-                    await stream.send_all(conn.send(Goodbye("unknown content")))
+                    await stream.send_all(reply + conn.send(Goodbye("unknown content")))
                     return
-            if content is None or hello is None:
+                await stream.send_all(reply)
+                await self._check_proof(stream, conn, first, nonce)
+                hello = first
+            if handshake.cancelled_caught or content is None or hello is None:
                 return
             await content.attach(stream, conn, hello, initiated=False)
         except PeerError as exc:
@@ -220,11 +261,15 @@ class Node:
         )
         try:
             conn = PeerConnection()
-            await stream.send_all(conn.send(self._hello(content.content_id)))
+            nonce = os.urandom(32)
+            await stream.send_all(conn.send(self._hello(content.content_id, nonce)))
             with trio.fail_after(HANDSHAKE_TIMEOUT):
-                hello = await self._read_hello(stream, conn)
-            if hello.content_id != content.content_id:
-                raise RemoteProtocolError("peer answered about another content")
+                hello = await self._read_handshake(stream, conn, Hello)
+                assert isinstance(hello, Hello)
+                if hello.content_id != content.content_id:
+                    raise RemoteProtocolError("peer answered about another content")
+                await stream.send_all(conn.send(self._proof(hello)))
+                await self._check_proof(stream, conn, hello, nonce)
             await content.attach(stream, conn, hello, initiated=True)
         except trio.TooSlowError:
             raise TransportError(f"peer {ip}:{port} did not complete the handshake") from None

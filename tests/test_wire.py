@@ -22,7 +22,8 @@ SIG = bytes(range(64))
 NONCE = b"\x07" * 32
 
 PEER_EVENTS: list[w.Event] = [
-    w.Hello(w.PROTOCOL_VERSION, KEY, 6881, CID),
+    w.Hello(w.PROTOCOL_VERSION, KEY, 6881, CID, NONCE),
+    w.Proof(SIG),
     w.Bitfield(b"\xf0\x0f\x80"),
     w.Bitfield(b""),
     w.Have((0, 5, 2**32 - 1)),
@@ -68,11 +69,14 @@ def raw_frame(ftype: int, body: Any, *, packed: bool = False) -> bytes:
 def peer_pair() -> tuple[w.PeerConnection, w.PeerConnection]:
     """Two peer connections that have exchanged HELLO."""
     a, b = w.PeerConnection(), w.PeerConnection()
-    hello = w.Hello(w.PROTOCOL_VERSION, KEY, 1, CID)
-    b.receive_data(a.send(hello))
-    a.receive_data(b.send(hello))
+    hello = w.Hello(w.PROTOCOL_VERSION, KEY, 1, CID, NONCE)
+    proof = w.Proof(SIG)
+    b.receive_data(a.send(hello) + a.send(proof))
+    a.receive_data(b.send(hello) + b.send(proof))
     assert a.next_event() == hello
     assert b.next_event() == hello
+    assert a.next_event() == proof
+    assert b.next_event() == proof
     return a, b
 
 
@@ -108,7 +112,7 @@ def transfer(src: w.FrameConnection, dst: w.FrameConnection, event: w.Event) -> 
 
 
 # --- round trips ---------------------------------------------------------------
-@pytest.mark.parametrize("event", PEER_EVENTS[1:], ids=lambda e: type(e).__name__)
+@pytest.mark.parametrize("event", PEER_EVENTS[2:], ids=lambda e: type(e).__name__)
 def test_peer_round_trip_both_ways(event: w.Event) -> None:
     a, b = peer_pair()
     transfer(a, b, event)
@@ -130,6 +134,7 @@ def test_tracker_server_to_client(event: w.Event) -> None:
 def test_hello_and_challenge_round_trip() -> None:
     a, b = w.PeerConnection(), w.PeerConnection()
     transfer(a, b, PEER_EVENTS[0])
+    transfer(a, b, PEER_EVENTS[1])
     client, server = w.TrackerClientConnection(), w.TrackerServerConnection()
     transfer(server, client, SERVER_EVENTS[0])
     transfer(client, server, CLIENT_EVENTS[0])
@@ -403,7 +408,11 @@ def test_request_schema(body: Any, match: str) -> None:
             msgpack.packb({"idx": 1, "off": 0, "len": 1, "reason": "meh"}),
             "busy",
         ),
-        (w.FrameType.HELLO, msgpack.packb({"v": 1, "key": b"k", "port": 1, "id": CID}), "32"),
+        (
+            w.FrameType.HELLO,
+            msgpack.packb({"v": 1, "key": b"k", "port": 1, "id": CID, "nonce": NONCE}),
+            "32",
+        ),
         (w.FrameType.HELLO, msgpack.packb({"v": 1, "key": KEY, "port": 70000, "id": CID}), "port"),
     ],
     ids=lambda v: w.FrameType(v).name if isinstance(v, w.FrameType) else None,
@@ -438,9 +447,11 @@ def test_peers_schema(body: Any, match: str) -> None:
 @pytest.mark.parametrize(
     "make",
     [
-        lambda: w.Hello(0, KEY, 1, CID),
-        lambda: w.Hello(1, KEY[:31], 1, CID),
-        lambda: w.Hello(1, KEY, -1, CID),
+        lambda: w.Hello(0, KEY, 1, CID, NONCE),
+        lambda: w.Hello(1, KEY[:31], 1, CID, NONCE),
+        lambda: w.Hello(1, KEY, -1, CID, NONCE),
+        lambda: w.Hello(1, KEY, 1, CID, NONCE[:31]),
+        lambda: w.Proof(SIG[:63]),
         lambda: w.Have(()),
         lambda: w.Have((True,)),
         lambda: w.Request(0, 0, 0),

@@ -107,9 +107,10 @@ def test_peer_stream_round_trip(
     items: list[w.Event | DataFrame], cuts: list[int], goodbye: str | None
 ) -> None:
     sender, receiver = w.PeerConnection(), w.PeerConnection()
-    hello = w.Hello(1, KEY, 0, CID)
-    out = [sender.send(hello)]
-    expected: list[object] = [hello]
+    hello = w.Hello(1, KEY, 0, CID, NONCE)
+    proof = w.Proof(SIG)
+    out = [sender.send(hello), sender.send(proof)]
+    expected: list[object] = [hello, proof]
     for item in items:
         if isinstance(item, tuple):
             index, offset, payload = item
@@ -165,8 +166,10 @@ def _fresh_peer() -> w.FrameConnection:
 
 def _primed_peer() -> w.FrameConnection:
     conn = w.PeerConnection()
-    conn.receive_data(w.PeerConnection().send(w.Hello(1, KEY, 0, CID)))
+    other = w.PeerConnection()
+    conn.receive_data(other.send(w.Hello(1, KEY, 0, CID, NONCE)) + other.send(w.Proof(SIG)))
     assert isinstance(conn.next_event(), w.Hello)
+    assert isinstance(conn.next_event(), w.Proof)
     return conn
 
 
@@ -258,7 +261,7 @@ def _valid_stream(factory: Callable[[], w.FrameConnection], events: list[w.Event
     """Bytes the other side could legitimately send to a connection from ``factory``."""
     if factory in (_fresh_peer, _primed_peer):
         peer = w.PeerConnection()
-        hello = peer.send(w.Hello(1, KEY, 0, CID))
+        hello = peer.send(w.Hello(1, KEY, 0, CID, NONCE)) + peer.send(w.Proof(SIG))
         head = hello if factory is _fresh_peer else b""
         return head + _send_what_fits(peer, events) + peer.send_data(1, 2, b"payload")
     if factory is _fresh_client:

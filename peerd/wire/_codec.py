@@ -111,10 +111,21 @@ _RANGE_KEYS = ("idx", "off", "len")
 
 _SPECS: dict[int, _Spec] = {
     FrameType.HELLO: _Spec(
-        ("v", "key", "port", "id"),
+        ("v", "key", "port", "id", "nonce"),
         0,
-        lambda e: {"v": e.version, "key": e.key, "port": e.port, "id": e.content_id},
-        lambda f: ev.Hello(f.get_int("v"), f.get_bin("key"), f.get_int("port"), f.get_bin("id")),
+        lambda e: {
+            "v": e.version,
+            "key": e.key,
+            "port": e.port,
+            "id": e.content_id,
+            "nonce": e.nonce,
+        },
+        lambda f: ev.Hello(
+            f.get_int("v"), f.get_bin("key"), f.get_int("port"), f.get_bin("id"), f.get_bin("nonce")
+        ),
+    ),
+    FrameType.PROOF: _Spec(
+        ("sig",), 0, lambda e: {"sig": e.signature}, lambda f: ev.Proof(f.get_bin("sig"))
     ),
     FrameType.BITFIELD: _Spec(
         ("bits",), 0, lambda e: {"bits": e.bits}, lambda f: ev.Bitfield(f.get_bin("bits"))
@@ -257,6 +268,7 @@ EVENT_TYPES: dict[type, int] = {
     ev.ManifestRequest: FrameType.MANIFEST_REQUEST,
     ev.ManifestResponse: FrameType.MANIFEST,
     ev.Goodbye: FrameType.GOODBYE,
+    ev.Proof: FrameType.PROOF,
     ev.Challenge: FrameType.CHALLENGE,
     ev.Auth: FrameType.AUTH,
     ev.Announce: FrameType.ANNOUNCE,

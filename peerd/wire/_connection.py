@@ -306,10 +306,12 @@ class PeerConnection(FrameConnection):
             name = frame_name(ftype)
             if state is PeerState.AWAIT_HELLO:
                 msg = f"{who} must send HELLO first, not {name}"
+            elif state is PeerState.AWAIT_PROOF:
+                msg = f"{who} must send PROOF right after HELLO, not {name}"
             elif state is PeerState.DONE:
                 msg = f"{who} sent GOODBYE; {name} cannot follow it"
             else:
-                msg = f"{who} already sent HELLO; it is sent exactly once"
+                msg = f"{who} already sent {name}; HELLO and PROOF are sent exactly once"
             raise self._violation(sending, msg)
         if apply:
             if sending:

@@ -166,18 +166,37 @@ class Closed(Event):
 # peer <-> peer ------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class Hello(Event):
-    """HELLO (1): first message each way; ``port`` 0 means "not listening"."""
+    """HELLO (1): first message each way; ``port`` 0 means "not listening".
+
+    ``nonce`` is 32 fresh random bytes the other side must sign in its PROOF.
+    """
 
     version: int
     key: bytes
     port: int
     content_id: bytes
+    nonce: bytes
 
     def __post_init__(self) -> None:
         _int(self, "version", 1, MAX_VERSION)
         _bytes(self, "key", KEY_SIZE, KEY_SIZE)
         _int(self, "port", 0, 65535)
         _bytes(self, "content_id", ID_SIZE, ID_SIZE)
+        _bytes(self, "nonce", NONCE_SIZE, NONCE_SIZE)
+
+
+@dataclass(frozen=True, slots=True)
+class Proof(Event):
+    """PROOF (11): second message each way; proves the HELLO key is the sender's.
+
+    ``signature`` is Ed25519 by the sender's HELLO key over
+    ``b"peer-hello-v1\\0" + the other side's HELLO nonce + content_id``.
+    """
+
+    signature: bytes
+
+    def __post_init__(self) -> None:
+        _bytes(self, "signature", SIGNATURE_SIZE, SIGNATURE_SIZE)
 
 
 @dataclass(frozen=True, slots=True)

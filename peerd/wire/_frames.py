@@ -52,6 +52,7 @@ class FrameType(enum.IntEnum):
     MANIFEST_REQUEST = 8
     MANIFEST = 9
     GOODBYE = 10
+    PROOF = 11
     # client <-> tracker
     CHALLENGE = 32
     AUTH = 33
@@ -84,6 +85,7 @@ MAX_BODY: dict[int, int] = {
     # 2**20 chunk hashes are 32 MiB; the rest is name, signatures and framing.
     FrameType.MANIFEST: 40 * MiB,
     FrameType.GOODBYE: _SMALL,
+    FrameType.PROOF: _SMALL,
     FrameType.CHALLENGE: _SMALL,
     FrameType.AUTH: _SMALL,
     FrameType.ANNOUNCE: 256 * KiB,

@@ -4,7 +4,8 @@ Rules (docs/PROTOCOL.md, "Conversation"):
 
 Peer connection -- each direction is independent and symmetric:
   * the first message a side sends is HELLO, and it sends HELLO exactly once;
-  * after HELLO any peer message may follow, in any order;
+  * the second is PROOF (its signature over the other side's nonce), once;
+  * after PROOF any peer message may follow, in any order;
   * GOODBYE is the last message a side sends.
 
 Tracker connection -- one conversation, shared by both directions:
@@ -43,6 +44,7 @@ class PeerState(enum.Enum):
     """Where one direction of a peer connection is."""
 
     AWAIT_HELLO = "await-hello"
+    AWAIT_PROOF = "await-proof"
     OPEN = "open"
     DONE = "done"  # GOODBYE was sent
 
@@ -59,12 +61,15 @@ PEER_TYPES = frozenset(
         F.MANIFEST_REQUEST,
         F.MANIFEST,
         F.GOODBYE,
+        F.PROOF,
     }
 )
 
 PEER_TABLE: dict[tuple[PeerState, int], PeerState] = {
-    (PeerState.AWAIT_HELLO, F.HELLO): PeerState.OPEN,
-    **{(PeerState.OPEN, t): PeerState.OPEN for t in PEER_TYPES - {F.HELLO, F.GOODBYE}},
+    (PeerState.AWAIT_HELLO, F.HELLO): PeerState.AWAIT_PROOF,
+    (PeerState.AWAIT_PROOF, F.PROOF): PeerState.OPEN,
+    (PeerState.AWAIT_PROOF, F.GOODBYE): PeerState.DONE,
+    **{(PeerState.OPEN, t): PeerState.OPEN for t in PEER_TYPES - {F.HELLO, F.PROOF, F.GOODBYE}},
     (PeerState.OPEN, F.GOODBYE): PeerState.DONE,
 }
 
