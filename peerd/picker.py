@@ -32,7 +32,21 @@ import random
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 
-__all__ = ["PiecePicker", "bits_from_flags", "flags_from_bits"]
+__all__ = ["MAX_DEPTH", "PiecePicker", "bits_from_flags", "flags_from_bits", "pipeline_depth"]
+
+MAX_DEPTH = 32
+PIPELINE_SECONDS = 0.25
+
+
+def pipeline_depth(rate: float, chunk_size: int) -> int:
+    """Requests to keep in flight to a peer sending ``rate`` bytes/s.
+
+    Enough to cover :data:`PIPELINE_SECONDS` of transfer at that rate (the
+    link's bandwidth-delay product with a margin), plus two so the sender
+    never idles between a completion and the next request; at most
+    :data:`MAX_DEPTH`.
+    """
+    return max(2, min(MAX_DEPTH, int(rate * PIPELINE_SECONDS / chunk_size + 0.999) + 2))
 
 PeerKey = Hashable
 

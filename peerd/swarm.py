@@ -37,7 +37,7 @@ import trio
 from .errors import PeerError, TrackerError
 from .hashing import hash_chunk
 from .manifest import Manifest
-from .picker import PiecePicker, bits_from_flags, flags_from_bits
+from .picker import PiecePicker, bits_from_flags, flags_from_bits, pipeline_depth
 from .session import PeerSession
 from .store import ChunkStore, SourceFile
 from .wire import Bitfield, Hello, PeerConnection
@@ -50,7 +50,6 @@ __all__ = ["BufferPool", "Content"]
 
 log = logging.getLogger("peerd.swarm")
 
-MAX_DEPTH = 32
 PROGRESS_EVERY = 2.0
 STATE_FLUSH_EVERY = 1.0
 REQUEST_TIMEOUT = 15.0
@@ -303,8 +302,7 @@ class Content:
         if picker is None or session._closing:
             return
         chunk = self.info.chunk_size
-        # Cover ~0.25 s at the measured rate, at least 2 and at most MAX_DEPTH.
-        session.depth = max(2, min(MAX_DEPTH, math.ceil(session.rate * 0.25 / chunk) + 2))
+        session.depth = pipeline_depth(session.rate, chunk)
         want = session.depth - len(session.requests)
         if want <= 0:
             return
