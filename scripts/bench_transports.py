@@ -27,6 +27,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import blake3
 import trio
@@ -39,7 +40,7 @@ MODELS = ("blocking", "reactor", "proactor")
 FILE_SIZE = 256 * MiB
 
 
-def new_hasher(name: str) -> object:
+def new_hasher(name: str) -> Any:
     return blake3.blake3() if name == "blake3" else hashlib.sha256()
 
 
@@ -132,11 +133,11 @@ def recv_blocking(conns: int, per_conn: int, hash_name: str | None, path: str | 
         full: queue.Queue[bytearray | None] = queue.Queue()
         for _ in range(2):
             free.put(bytearray(MSG))
-        hasher = new_hasher(hash_name) if hash_name else None
+        hasher: Any = new_hasher(hash_name) if hash_name else None
 
         def hash_loop() -> None:
             while (buf := full.get()) is not None:
-                hasher.update(buf)  # type: ignore[union-attr]
+                hasher.update(buf)
                 free.put(buf)
 
         ht = threading.Thread(target=hash_loop) if hasher else None
@@ -184,7 +185,7 @@ async def recv_trio(
     await listener.aclose()
 
     async def run(s: Stream) -> None:
-        hasher = new_hasher(hash_name) if hash_name else None
+        hasher: Any = new_hasher(hash_name) if hash_name else None
         free_send, free_recv = trio.open_memory_channel[bytearray](2)
         full_send, full_recv = trio.open_memory_channel[bytearray](2)
         for _ in range(2):
@@ -192,7 +193,7 @@ async def recv_trio(
 
         async def hash_loop() -> None:
             async for buf in full_recv:
-                await trio.to_thread.run_sync(hasher.update, buf)  # type: ignore[union-attr]
+                await trio.to_thread.run_sync(hasher.update, buf)
                 await free_send.send(buf)
 
         async with s, trio.open_nursery() as nursery:

@@ -13,11 +13,15 @@ Theory of operation (the ring machinery is in ``_ring.py``)
   only whole bytes/bytearray objects. Sending is symmetric (``SEND`` +
   ``MSG_WAITALL`` for bytes/bytearray, ``writev`` otherwise).
 * File to socket (``sendfile``): splice file -> pipe -> socket, the two
-  splices submitted as one linked chain per pipe-full. Chosen over "read into
-  a buffer, then send" because it never copies file bytes into user memory
-  (one copy fewer per byte, which on two cores is the scarce resource) and
-  measured on par with ``os.sendfile`` in the notes' prototype (2277 vs 2227
-  MB/s for one connection); see docs/bench_transports.md for this code.
+  splices submitted as one linked chain per pipe-full (pipe grown to 4 MiB
+  when allowed). Chosen over "read into a buffer, then send" because it
+  never copies file bytes into user memory and the notes' prototype measured
+  it on par with ``os.sendfile``. Measured with this code
+  (docs/bench_transports.md) it reaches only ~0.77x of the reactor's
+  ``os.sendfile``: io_uring always punts splice to io-wq kernel workers, and
+  on two cores those hops compete with sender and receiver. The untried
+  alternative is READ into registered buffers + SEND (one extra copy, but no
+  worker hop); it should be measured before switching.
 * Accept and connect stay on Trio's sockets (the reactor path): they happen
   once per connection, not per byte, and reusing the reactor's code keeps
   timeouts, cancellation and error messages identical across backends. The
