@@ -10,6 +10,15 @@ describes, so it never claims a chunk that is not on disk. It is still not
 trusted: on restart every claimed chunk is read back and hashed (on all
 cores, at hashing speed) and only the ones that match are kept.
 
+Chunk writes use ``O_DIRECT`` where the file system supports it (the chunk
+buffers are page-aligned ``mmap`` memory and chunk offsets are multiples of
+the page size): the data goes from our buffer to the disk without the
+page-cache copy, which measured as the largest single CPU cost of a download
+on this 2-core machine (~30% of the leecher's CPU for buffered writes into a
+preallocated file). The short last chunk, unaligned buffers, and file systems
+without ``O_DIRECT`` (tmpfs) use ordinary buffered writes on a second
+descriptor; the kernel keeps the two coherent and one fsync covers both.
+
 When every chunk is in, the part file is fsynced and moved into place with
 ``link`` + ``unlink`` (which fails instead of overwriting an existing PATH)
 or, with ``force``, ``rename``. So PATH never holds a partial file.
@@ -21,7 +30,9 @@ no longer served.
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import mmap
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -34,9 +45,22 @@ from .hashing import hash_chunk
 from .manifest import Info
 from .picker import bits_from_flags, flags_from_bits
 
-__all__ = ["ChunkStore", "SourceFile", "describe_os_error"]
+__all__ = ["ChunkStore", "SourceFile", "aligned_buffer", "describe_os_error"]
 
 STATE_VERSION = 1
+DIRECT_ALIGN = 4096
+
+
+def aligned_buffer(size: int) -> mmap.mmap:
+    """A zeroed, page-aligned, writable buffer (anonymous mmap) for chunk data."""
+    return mmap.mmap(-1, max(size, 1))
+
+
+def _is_aligned(view: memoryview) -> bool:
+    if view.readonly:
+        return False
+    address = ctypes.addressof(ctypes.c_char.from_buffer(view))
+    return address % DIRECT_ALIGN == 0
 
 
 def describe_os_error(exc: OSError, what: str) -> StorageError:
@@ -96,6 +120,7 @@ class ChunkStore:
         self.state_path = path.with_name(path.name + ".part.state")
         self.force = force
         self.fd = -1
+        self.direct_fd = -1
         self.have = bytearray(info.num_chunks)
         self.resumed_bytes = 0
         self._dirty = False
@@ -136,6 +161,10 @@ class ChunkStore:
             raise describe_os_error(exc, f"preallocating {self.part_path}") from None
         if claimed:
             self._verify_claimed(claimed)
+        try:
+            self.direct_fd = os.open(self.part_path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+        except OSError:
+            self.direct_fd = -1  # no O_DIRECT here (tmpfs): buffered writes only
 
     def _load_state(self) -> list[int]:
         try:
@@ -194,9 +223,23 @@ class ChunkStore:
         """Positional write of one verified chunk (call from a worker thread)."""
         off, length = self.chunk_range(index)
         view = memoryview(data)[:length]
+        fd = self.fd
+        if (
+            self.direct_fd >= 0
+            and off % DIRECT_ALIGN == 0
+            and length % DIRECT_ALIGN == 0
+            and _is_aligned(view)
+        ):
+            fd = self.direct_fd
         try:
             while view:
-                n = os.pwrite(self.fd, view, off)
+                try:
+                    n = os.pwrite(fd, view, off)
+                except OSError as exc:
+                    if fd != self.direct_fd or exc.errno != errno.EINVAL:
+                        raise
+                    fd = self.fd  # O_DIRECT refused after all: write buffered
+                    continue
                 view = view[n:]
                 off += n
         except OSError as exc:
@@ -263,3 +306,6 @@ class ChunkStore:
                 pass
             os.close(self.fd)
             self.fd = -1
+        if self.direct_fd >= 0:
+            os.close(self.direct_fd)
+            self.direct_fd = -1

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
+import mmap
 from typing import TYPE_CHECKING
 
 import trio
@@ -39,7 +40,7 @@ from .hashing import hash_chunk
 from .manifest import Manifest
 from .picker import PiecePicker, bits_from_flags, flags_from_bits, pipeline_depth
 from .session import PeerSession
-from .store import ChunkStore, SourceFile
+from .store import ChunkStore, SourceFile, aligned_buffer
 from .wire import Bitfield, Hello, PeerConnection
 
 if TYPE_CHECKING:
@@ -55,7 +56,7 @@ STATE_FLUSH_EVERY = 1.0
 REQUEST_TIMEOUT = 15.0
 STALL_TIMEOUT = 20.0
 MAX_PEERS = 50
-BUFFER_BUDGET = 48 * 1024 * 1024  # bytes of chunk buffers per download
+BUFFER_BUDGET = 32 * 1024 * 1024  # bytes of chunk buffers per download
 
 
 class BufferPool:
@@ -63,14 +64,15 @@ class BufferPool:
 
     def __init__(self, size: int, count: int) -> None:
         self.size = size
-        self._free: list[bytearray] = []
+        self._free: list[mmap.mmap] = []
         self._sem = trio.Semaphore(count)
 
-    async def acquire(self) -> bytearray:
+    async def acquire(self) -> mmap.mmap:
         await self._sem.acquire()
-        return self._free.pop() if self._free else bytearray(self.size)
+        # Most recently released first: its pages are still warm in the cache.
+        return self._free.pop() if self._free else aligned_buffer(self.size)
 
-    def release(self, buf: bytearray) -> None:
+    def release(self, buf: mmap.mmap) -> None:
         self._free.append(buf)
         self._sem.release()
 
@@ -226,7 +228,7 @@ class Content:
         self.uploaded += nbytes
 
     async def store_chunk(
-        self, session: PeerSession, index: int, buf: bytearray, length: int
+        self, session: PeerSession, index: int, buf: mmap.mmap, length: int
     ) -> None:
         """Verify a received chunk, write it, and tell everyone (runs in our nursery)."""
         picker, store = self.picker, self.source
