@@ -24,9 +24,9 @@ __all__ = [
     "RemoteProtocolError",
     "SignatureError",
     "StorageError",
+    "TrackerError",
     "TransportError",
     "TransportTimeout",
-    "TrackerError",
     "TransportUnavailable",
     "UntrustedManifest",
 ]

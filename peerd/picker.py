@@ -48,6 +48,7 @@ def pipeline_depth(rate: float, chunk_size: int) -> int:
     """
     return max(2, min(MAX_DEPTH, int(rate * PIPELINE_SECONDS / chunk_size + 0.999) + 2))
 
+
 PeerKey = Hashable
 
 _TO_FLAGS = bytes.maketrans(b"01", b"\x00\x01")
