@@ -156,8 +156,14 @@ class Node:
                 from .tracker_client import TrackerClient
 
                 host, port = self.tracker_address
+                # From our own address, so the tracker records where we listen.
                 self._tracker = await TrackerClient.connect(
-                    self.transport, host, port, self.identity, timeout=CONNECT_TIMEOUT
+                    self.transport,
+                    host,
+                    port,
+                    self.identity,
+                    timeout=CONNECT_TIMEOUT,
+                    source_host=self.source_host,
                 )
             client = self._tracker
         try:
