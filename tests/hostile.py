@@ -1,0 +1,343 @@
+"""A hostile test peer, written from docs/PROTOCOL.md alone.
+
+It deliberately imports nothing of ``peerd`` (no wire, session or node code):
+framing, msgpack bodies, the HELLO + PROOF handshake and the tracker's
+CHALLENGE / AUTH / ANNOUNCE are implemented here with ``msgpack`` and
+``cryptography`` straight from the document, so the tests check the spec as
+much as the reference peer.
+
+Theory of operation: :class:`HostilePeer` is a plain-socket server run by
+threads (one per connection) inside the test process. It answers the
+handshake correctly and then misbehaves in one chosen way (``mode``):
+
+* ``honest``   serves real bytes read from the file;
+* ``corrupt``  serves wrong bytes for the chunks in ``corrupt`` (real bytes
+  for the others);
+* ``liar``     advertises every chunk but holds only those in ``holds``:
+  the others are answered with REJECT ``missing``;
+* ``silent``   accepts requests and never answers them;
+* ``drip``     answers with a DATA header, then one payload byte per second
+  (slowloris).
+
+Everything it does is recorded (``served``, ``corrupted``, ``requests``,
+``goodbyes``) so a test can assert what the real peer made of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+# Message types (PROTOCOL.md, "Peer messages" and "Tracker messages").
+HELLO, BITFIELD, HAVE, REQUEST, DATA, CANCEL, REJECT = 1, 2, 3, 4, 5, 6, 7
+MANIFEST_REQUEST, MANIFEST, GOODBYE, PROOF = 8, 9, 10, 11
+CHALLENGE, AUTH, ANNOUNCE, PEERS, PUBLISH, GET_MANIFEST, T_MANIFEST = 32, 33, 34, 35, 36, 37, 38
+OK, ERROR = 43, 44
+
+PROOF_CONTEXT = b"peer-hello-v1\x00"
+AUTH_CONTEXT = b"peer-tracker-auth-v1\x00"
+HEADER = struct.Struct(">BI")
+DATA_HEADER = struct.Struct(">II")
+
+
+# --- framing -----------------------------------------------------------------------
+def frame(kind: int, body: bytes) -> bytes:
+    """One frame: type u8, length u32 big-endian, body."""
+    return HEADER.pack(kind, len(body)) + body
+
+
+def message(kind: int, **fields: Any) -> bytes:
+    """A control frame whose body is the msgpack map of ``fields`` (str keys, bin bytes)."""
+    return frame(kind, msgpack.packb(fields, use_bin_type=True))
+
+
+def data_frame(index: int, offset: int, payload: bytes) -> bytes:
+    """A DATA frame: 8-byte index/offset header then the raw payload."""
+    return frame(DATA, DATA_HEADER.pack(index, offset) + payload)
+
+
+def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    """Read exactly ``n`` bytes; ConnectionError on EOF."""
+    parts = bytearray()
+    while len(parts) < n:
+        got = sock.recv(n - len(parts))
+        if not got:
+            raise ConnectionError("EOF")
+        parts += got
+    return bytes(parts)
+
+
+def read_frame(sock: socket.socket) -> tuple[int, bytes]:
+    """Read one frame: (type, body bytes)."""
+    kind, length = HEADER.unpack(recv_exactly(sock, 5))
+    return kind, recv_exactly(sock, length)
+
+
+def read_message(sock: socket.socket) -> tuple[int, dict[str, Any]]:
+    """Read one control frame and decode its msgpack body (DATA bodies are returned raw)."""
+    kind, body = read_frame(sock)
+    if kind == DATA:
+        return kind, {"raw": body}
+    return kind, msgpack.unpackb(body, raw=False)
+
+
+# --- keys ----------------------------------------------------------------------------
+class Key:
+    """An Ed25519 key pair with the raw 32-byte public key the protocol uses."""
+
+    def __init__(self) -> None:
+        self.private = Ed25519PrivateKey.generate()
+        self.public = self.private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+    def sign(self, data: bytes) -> bytes:
+        return self.private.sign(data)
+
+
+def verify(public: bytes, signature: bytes, data: bytes) -> bool:
+    try:
+        Ed25519PublicKey.from_public_bytes(public).verify(signature, data)
+    except Exception:
+        return False
+    return True
+
+
+# --- manifests (PROTOCOL.md "Content ids, manifests and signatures") ----------------------
+@dataclass
+class ContentInfo:
+    """What the hostile peer needs of a manifest: id, sizes, the encoded manifest."""
+
+    content_id: bytes
+    size: int
+    chunk_size: int
+    manifest: bytes
+
+    @property
+    def num_chunks(self) -> int:
+        return -(-self.size // self.chunk_size)
+
+    def chunk_length(self, index: int) -> int:
+        return min(self.chunk_size, self.size - index * self.chunk_size)
+
+    @classmethod
+    def from_manifest(cls, manifest: bytes) -> ContentInfo:
+        outer = msgpack.unpackb(manifest, raw=False)
+        info_bytes = outer["info"]
+        info = msgpack.unpackb(info_bytes, raw=False)
+        return cls(hashlib.sha256(info_bytes).digest(), info["size"], info["chunk_size"], manifest)
+
+
+def bitfield(flags: list[bool]) -> bytes:
+    """Most significant bit first, pad bits zero."""
+    out = bytearray((len(flags) + 7) // 8)
+    for i, v in enumerate(flags):
+        if v:
+            out[i // 8] |= 0x80 >> (i % 8)
+    return bytes(out)
+
+
+# --- tracker client ----------------------------------------------------------------------
+class TrackerSession:
+    """An authenticated tracker connection (CHALLENGE, AUTH, OK) for one key."""
+
+    def __init__(self, port: int, key: Key, host: str = "127.0.0.1") -> None:
+        self.sock = socket.create_connection((host, port), timeout=10)
+        kind, body = read_message(self.sock)
+        assert kind == CHALLENGE, (kind, body)
+        sig = key.sign(AUTH_CONTEXT + body["nonce"])
+        self.sock.sendall(message(AUTH, key=key.public, sig=sig))
+        kind, body = read_message(self.sock)
+        assert kind == OK, (kind, body)
+
+    def request(self, data: bytes) -> tuple[int, dict[str, Any]]:
+        self.sock.sendall(data)
+        return read_message(self.sock)
+
+    def get_manifest(self, content_id: bytes) -> bytes:
+        kind, body = self.request(message(GET_MANIFEST, id=content_id))
+        assert kind == T_MANIFEST, (kind, body)
+        return bytes(body["manifest"])
+
+    def announce(self, content_id: bytes, port: int, event: str, bits: bytes, want: int = 50):
+        return self.request(
+            message(ANNOUNCE, id=content_id, port=port, event=event, bits=bits, want=want)
+        )
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+# --- the hostile peer --------------------------------------------------------------------
+@dataclass
+class HostilePeer:
+    """A peer server that answers the handshake and then misbehaves (see module doc)."""
+
+    content: ContentInfo
+    source: Path
+    mode: str = "honest"
+    corrupt: set[int] = field(default_factory=set)
+    holds: set[int] = field(default_factory=set)
+    host: str = "127.0.0.1"
+    key: Key = field(default_factory=Key)
+    served: list[int] = field(default_factory=list)
+    corrupted: list[int] = field(default_factory=list)
+    requests: list[tuple[int, int, int]] = field(default_factory=list)
+    goodbyes: list[str] = field(default_factory=list)
+    handshakes: int = 0
+
+    def __post_init__(self) -> None:
+        assert self.mode in ("honest", "corrupt", "liar", "silent", "drip"), self.mode
+        self._listener = socket.create_server((self.host, 0))
+        self.port: int = self._listener.getsockname()[1]
+        self._stop = threading.Event()
+        self._socks: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._accept_loop, daemon=True)]
+        self._threads[0].start()
+        self._tracker: TrackerSession | None = None
+
+    @property
+    def name(self) -> str:
+        """How the reference peer names us in logs: 12 hex digits of the key."""
+        return self.key.public.hex()[:12]
+
+    def announce(self, tracker_port: int) -> None:
+        """Join the swarm at the tracker with a full bitfield (whatever we really hold)."""
+        self._tracker = TrackerSession(tracker_port, self.key)
+        bits = bitfield([True] * self.content.num_chunks)
+        kind, body = self._tracker.announce(self.content.content_id, self.port, "started", bits)
+        assert kind == PEERS, (kind, body)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._listener.close()
+        with self._lock:
+            for s in self._socks:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                s.close()
+        if self._tracker is not None:
+            self._tracker.close()
+
+    # --- serving ---------------------------------------------------------------------
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                self._socks.append(sock)
+            t = threading.Thread(target=self._serve, args=(sock,), daemon=True)
+            t.start()
+
+    def _serve(self, sock: socket.socket) -> None:
+        try:
+            self._converse(sock)
+        except (OSError, ConnectionError, ValueError, KeyError):
+            pass
+        finally:
+            sock.close()
+
+    def _converse(self, sock: socket.socket) -> None:
+        content = self.content
+        # The connecting side speaks first: its HELLO tells us the content.
+        kind, hello = read_message(sock)
+        assert kind == HELLO and hello["id"] == content.content_id, (kind, hello)
+        nonce = os.urandom(32)
+        sock.sendall(
+            message(
+                HELLO, v=1, key=self.key.public, port=self.port, id=content.content_id, nonce=nonce
+            )
+            + message(PROOF, sig=self.key.sign(PROOF_CONTEXT + hello["nonce"] + content.content_id))
+        )
+        kind, proof = read_message(sock)
+        assert kind == PROOF, (kind, proof)
+        if not verify(hello["key"], proof["sig"], PROOF_CONTEXT + nonce + content.content_id):
+            return
+        self.handshakes += 1
+        sock.sendall(message(BITFIELD, bits=bitfield([True] * content.num_chunks)))
+        fd = os.open(self.source, os.O_RDONLY)
+        try:
+            while not self._stop.is_set():
+                kind, body = read_message(sock)
+                if kind == GOODBYE:
+                    self.goodbyes.append(body["reason"])
+                    return
+                if kind == MANIFEST_REQUEST:
+                    sock.sendall(message(MANIFEST, manifest=content.manifest))
+                elif kind == REQUEST:
+                    self._on_request(sock, fd, body["idx"], body["off"], body["len"])
+        finally:
+            os.close(fd)
+
+    def _on_request(self, sock: socket.socket, fd: int, index: int, off: int, length: int) -> None:
+        self.requests.append((index, off, length))
+        mode = self.mode
+        if mode == "silent":
+            return
+        if mode == "liar" and index not in self.holds:
+            sock.sendall(message(REJECT, idx=index, off=off, len=length, reason="missing"))
+            return
+        payload = os.pread(fd, length, index * self.content.chunk_size + off)
+        if mode == "corrupt" and index in self.corrupt:
+            payload = bytes(b ^ 0x5A for b in payload[:64]) + payload[64:]
+            self.corrupted.append(index)
+        if mode == "drip":
+            sock.sendall(HEADER.pack(DATA, 8 + length) + DATA_HEADER.pack(index, off))
+            for k in range(length):
+                if self._stop.wait(1.0):
+                    return
+                sock.sendall(payload[k : k + 1])
+            return
+        sock.sendall(data_frame(index, off, payload))
+        self.served.append(index)
+
+
+def handshake(
+    port: int, content_id: bytes, key: Key | None = None, host: str = "127.0.0.1"
+) -> socket.socket:
+    """Connect to a real peer and complete HELLO + PROOF; returns the socket after its PROOF.
+
+    The peer's BITFIELD (and anything after) is left unread in the socket.
+    """
+    key = key or Key()
+    sock = socket.create_connection((host, port), timeout=10)
+    nonce = os.urandom(32)
+    sock.sendall(message(HELLO, v=1, key=key.public, port=0, id=content_id, nonce=nonce))
+    kind, hello = read_message(sock)
+    assert kind == HELLO, (kind, hello)
+    kind, proof = read_message(sock)
+    assert kind == PROOF, (kind, proof)
+    assert verify(hello["key"], proof["sig"], PROOF_CONTEXT + nonce + content_id)
+    sock.sendall(message(PROOF, sig=key.sign(PROOF_CONTEXT + hello["nonce"] + content_id)))
+    return sock
+
+
+def rss_kib(pid: int) -> int:
+    """Resident set size of a process in KiB (Linux)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.05) -> None:
+    """Poll ``predicate()`` until true or fail with ``what``."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(interval)
