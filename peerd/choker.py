@@ -1,0 +1,233 @@
+"""Who gets our upload next: the pure upload-slot (unchoke) policy.
+
+Theory of operation
+-------------------
+A node's upload link is one shared resource; every connection has its own
+writer, and the :class:`Choker` decides across connections which one may send
+the next chunk. It does no I/O and reads no clock (callers pass ``now``), so
+the simulator drives the very same object as the real node.
+
+The protocol has no CHOKE message: a remote learns nothing about our slots,
+it only sees its requests served (or not). So the policy is expressed purely
+as a *service order* over queued requests:
+
+* **Fair share (``slots=0``, the default).** Every connection with a queued
+  request is eligible, and service is round robin, one chunk per turn. Each
+  requesting peer therefore gets ``rate / k`` of our upload when ``k`` peers
+  are asking, and nobody's requests wait behind a favoured peer's. In the
+  simulator this beats tit-for-tat on completion time (see
+  docs/ARCHITECTURE.md, "Upload slots"): the swarm-wide lower bound needs
+  *every* uploader busy *all* the time, and a request that sits unserved at a
+  choked uploader pins its chunk in the requester's picker until it times
+  out, which idles links.
+* **Tit-for-tat (``slots=k``).** Only ``k`` peers are served: ``k - 1``
+  regular slots for the peers that send us the most (reciprocation; rates
+  come from :meth:`update`), ranked by what we served them least when we
+  receive nothing (a seeder), plus one *optimistic* slot handed to another
+  requesting peer every ``optimistic_every`` seconds so newcomers can
+  bootstrap. The set is recomputed every ``rechoke_every`` seconds. Requests
+  from choked peers stay queued; the caller bounds the queue and may reject
+  the excess (``busy``).
+
+Either way service is work conserving: if no unchoked peer has a request,
+a choked one is served rather than leaving the link idle.
+
+**Fresh first.** Among the peers whose turn it could be, the request for the
+chunk *we* have uploaded the fewest times wins (ties: round-robin order).
+For a seeder this is what keeps its scarce upload on chunks the swarm does
+not have yet: two leechers that picked the same "rarest" chunk (they cannot
+see each other's requests) no longer cost the seeder two uploads while
+fresh chunks wait. For a leecher it spreads what it holds more evenly. A
+peer's queue is short (its pipeline depth), so the scan is cheap and a
+peer waits at most one round per fresher request.
+
+The choker owns the upload queue: requests enter with :meth:`on_request`,
+leave with :meth:`on_cancel` or as the answer of :meth:`next_request`.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from collections.abc import Hashable, Mapping
+
+__all__ = ["Choker"]
+
+PeerKey = Hashable
+
+
+Request = tuple[int, int, int]  # (index, offset, length), as on the wire
+
+
+class Choker:
+    """Upload-slot policy and upload queue for one node (one link, many connections).
+
+    Args:
+        slots: peers served at once; 0 = every requesting peer, in fair round
+            robin. Otherwise at least 2 (``slots - 1`` regular + 1 optimistic).
+        max_queued: requests one peer may have queued (more are refused, so the
+            caller can answer REJECT ``busy``).
+        fresh_first: prefer requests for the chunks we uploaded least.
+        rechoke_every: seconds between recomputations of the unchoked set.
+        optimistic_every: seconds an optimistic unchoke lasts.
+        rng: randomness for the optimistic choice (seeded in tests).
+
+    Raises:
+        ValueError: ``slots`` is 1 or negative, ``max_queued`` < 1, or a
+            period is not positive.
+    """
+
+    def __init__(
+        self,
+        *,
+        slots: int = 0,
+        max_queued: int = 64,
+        fresh_first: bool = True,
+        rechoke_every: float = 10.0,
+        optimistic_every: float = 30.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        if slots < 0 or slots == 1:
+            raise ValueError("slots must be 0 (fair share) or at least 2")
+        if max_queued < 1:
+            raise ValueError("max_queued must be at least 1")
+        if rechoke_every <= 0 or optimistic_every <= 0:
+            raise ValueError("rechoke_every and optimistic_every must be positive")
+        self.slots = slots
+        self.max_queued = max_queued
+        self.fresh_first = fresh_first
+        self.rechoke_every = rechoke_every
+        self.optimistic_every = optimistic_every
+        self._rng = rng or random.Random()
+        self._queues: dict[PeerKey, deque[Request]] = {}
+        self._served: dict[PeerKey, int] = {}  # peer -> bytes we sent it
+        self._rates: dict[PeerKey, float] = {}  # peer -> bytes/s it sends us
+        self._sent: dict[int, int] = {}  # chunk index -> times we uploaded it
+        self._turns: deque[PeerKey] = deque()  # round-robin order of waiting peers
+        self._unchoked: set[PeerKey] = set()
+        self._optimistic: PeerKey | None = None
+        self._next_rechoke = float("-inf")
+        self._next_optimistic = float("-inf")
+
+    # --- membership -----------------------------------------------------------
+    def add_peer(self, peer: PeerKey) -> None:
+        """A connection is up (idempotent)."""
+        self._queues.setdefault(peer, deque())
+        self._served.setdefault(peer, 0)
+
+    def remove_peer(self, peer: PeerKey) -> list[Request]:
+        """A connection is gone: forget it; returns the requests it had queued."""
+        queue = self._queues.pop(peer, None)
+        self._served.pop(peer, None)
+        self._rates.pop(peer, None)
+        self._unchoked.discard(peer)
+        if queue:
+            self._turns.remove(peer)
+        if self._optimistic == peer:
+            self._optimistic = None
+            self._next_optimistic = float("-inf")
+        return list(queue or ())
+
+    # --- the queue ------------------------------------------------------------
+    def on_request(self, peer: PeerKey, request: Request) -> bool:
+        """Queue a request from the peer; False if its queue is full (reject it).
+
+        Raises:
+            KeyError: the peer was never added (a caller bug).
+        """
+        queue = self._queues[peer]
+        if len(queue) >= self.max_queued:
+            return False
+        if not queue:
+            self._turns.append(peer)
+        queue.append(request)
+        return True
+
+    def on_cancel(self, peer: PeerKey, request: Request) -> bool:
+        """Drop a queued request (the peer cancelled it); False if it was not queued."""
+        queue = self._queues.get(peer)
+        if not queue:
+            return False
+        try:
+            queue.remove(request)
+        except ValueError:
+            return False
+        if not queue:
+            self._turns.remove(peer)
+        return True
+
+    def queued(self, peer: PeerKey) -> int:
+        """Requests the peer has waiting with us."""
+        queue = self._queues.get(peer)
+        return len(queue) if queue else 0
+
+    def times_sent(self, index: int) -> int:
+        """How many times :meth:`next_request` handed out chunk ``index``."""
+        return self._sent.get(index, 0)
+
+    # --- policy -------------------------------------------------------------
+    def is_unchoked(self, peer: PeerKey) -> bool:
+        """Would the peer's requests be served in turn now (always True in fair share)?"""
+        return self.slots == 0 or peer in self._unchoked
+
+    def update(self, now: float, rates: Mapping[PeerKey, float] | None = None) -> None:
+        """Feed fresh download rates (bytes/s we receive from each peer).
+
+        Recomputes the unchoked set when ``rechoke_every`` has passed, and the
+        optimistic slot when ``optimistic_every`` has passed.
+        """
+        if rates is not None:
+            for peer, rate in rates.items():
+                if peer in self._queues:
+                    self._rates[peer] = rate
+        if self.slots == 0 or now < self._next_rechoke:
+            return
+        self._next_rechoke = now + self.rechoke_every
+        wanting = list(self._turns)
+        # Reciprocation first; among equals (e.g. we are a seeder and receive
+        # nothing) the peer we served least so far.
+        wanting.sort(key=lambda p: (-self._rates.get(p, 0.0), self._served[p]))
+        regular = set(wanting[: self.slots - 1])
+        if self._optimistic not in self._queues or now >= self._next_optimistic:
+            others = [p for p in wanting if p not in regular]
+            self._optimistic = self._rng.choice(others) if others else None
+            self._next_optimistic = now + self.optimistic_every
+        self._unchoked = regular
+        if self._optimistic is not None:
+            self._unchoked.add(self._optimistic)
+
+    def next_request(self, now: float) -> tuple[PeerKey, Request] | None:
+        """The request to upload now, taken off its queue; None if nothing is queued.
+
+        Round robin over the peers with queued requests (only the unchoked
+        ones while any of them asks, when ``slots`` > 0); with ``fresh_first``
+        the turn goes to the request for our least-uploaded chunk, round-robin
+        order breaking ties.
+        """
+        if self.slots:
+            self.update(now)
+        turns = self._turns
+        if not turns:
+            return None
+        eligible: list[PeerKey] = list(turns)
+        if self.slots:
+            eligible = [p for p in turns if p in self._unchoked] or eligible
+        sent = self._sent
+        best_peer, best_pos, best_count = eligible[0], 0, -1
+        if self.fresh_first:
+            for peer in eligible:
+                for pos, req in enumerate(self._queues[peer]):
+                    count = sent.get(req[0], 0)
+                    if best_count < 0 or count < best_count:
+                        best_peer, best_pos, best_count = peer, pos, count
+                if best_count == 0:
+                    break
+        queue = self._queues[best_peer]
+        request = queue[best_pos]
+        del queue[best_pos]
+        turns.remove(best_peer)
+        if queue:
+            turns.append(best_peer)
+        sent[request[0]] = sent.get(request[0], 0) + 1
+        self._served[best_peer] += request[2]
+        return best_peer, request

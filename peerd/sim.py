@@ -1,0 +1,669 @@
+"""A whole swarm in one process on a virtual clock: the scheduler at scale.
+
+Theory of operation
+-------------------
+Real processes stop at a few dozen peers on one machine, but everything that
+decides is pure code, so ``N`` peers can run here in memory through the very
+same objects the node uses: a :class:`~peerd.wire.PeerConnection` per
+connection end (every message is encoded, fed as bytes and parsed back), a
+:class:`~peerd.picker.PiecePicker` per leecher, a :class:`~peerd.choker.Choker`
+per upload link, one :class:`tracker.index.SwarmIndex` for the tracker, and
+real Ed25519 identities that sign and verify every handshake PROOF. The
+Trio glue (``peerd.swarm`` / ``peerd.session``) is mirrored decision by
+decision -- top-up to ``pipeline_depth``, HAVE to every session on every
+chunk, endgame cancels, the 0.5 s ticker, the tracker's progress batching --
+reusing their constants; the few decisions that live inline there are marked
+``# mirrors`` below.
+
+Time is a heap of ``(time, seq, callback)`` events, never steps, so an idle
+peer costs nothing.
+
+The link model (stated, because it decides the numbers):
+
+* **Upload** is the only constraint (downloads are unconstrained, as in the
+  textbook bound). A node sends one chunk at a time at its full upload rate;
+  its choker picks which connection's queued request goes next. Throughput
+  equals fair sharing of the link, with lower per-chunk latency.
+* **Delay.** Each node has a one-way access delay; a message from A to B
+  arrives ``delay_A + delay_B`` after it left A (after its last byte, for a
+  chunk). A connection is in order, like TCP: control frames queued while an
+  upload is on the wire go out right after it (one writer per connection).
+* **Loss** ``p`` (TCP hides it): a chunk is sent at ``rate * (1 - p)``
+  (retransmitted bytes cost upload), and any message of ``k`` segments of
+  1448 bytes is, with probability ``1 - (1 - p) ** k``, held one extra
+  round trip (a fast retransmit).
+* **Payloads are not materialised.** The receiver takes the DATA header from
+  the protocol object and reports the payload as read past it
+  (``payload_consumed_externally``), the node's own zero-copy path; chunk
+  hashing is not simulated (every sender is honest).
+* **Connections.** A node dials while it has fewer than ``max_peers``
+  connections and accepts while it has fewer than ``max_inbound``; a full
+  node refuses by closing the connection.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import os
+import random
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from tracker.index import SwarmIndex
+
+from .choker import Choker
+from .errors import RemoteProtocolError
+from .identity import Identity, verify_signature
+from .node import PROTOCOL_VERSION, proof_message
+from .picker import PiecePicker, bits_from_flags, flags_from_bits, pipeline_depth
+from .session import MAX_HAVE_PER_FRAME, MAX_QUEUED_UPLOADS
+from .swarm import PROGRESS_EVERY, REQUEST_TIMEOUT, STALL_TIMEOUT
+from .wire import (
+    NEED_DATA,
+    Bitfield,
+    Cancel,
+    Closed,
+    DataHeader,
+    Goodbye,
+    Have,
+    Hello,
+    PeerConnection,
+    Proof,
+    Reject,
+    Request,
+)
+
+__all__ = ["SimConfig", "SimResult", "Simulation", "leecher_rates", "run", "t_min"]
+
+MiB = 1 << 20
+TICK = 0.5  # mirrors Content._ticker's period
+RATE_WINDOW = 0.5  # mirrors PeerSession._account's window
+MSS = 1448
+
+
+def leecher_rates(n: int, rate: float, heterogeneous: bool) -> list[float]:
+    """Upload rates of ``n`` leechers: all ``rate``, or half of them at ``rate / 4``."""
+    if not heterogeneous:
+        return [rate] * n
+    return [rate / 4 if i % 2 else rate for i in range(n)]
+
+
+def t_min(size: int, seed_rate: float, rates: list[float]) -> float:
+    """The textbook lower bound: ``max(F / u_s, N F / (u_s + sum u_i))``."""
+    return max(size / seed_rate, len(rates) * size / (seed_rate + sum(rates)))
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """One simulated swarm: 1 seeder and ``n`` leechers, all starting at t = 0.
+
+    Args:
+        n: leechers.
+        chunks: chunks in the file.
+        chunk_size: bytes per chunk (the file is ``chunks * chunk_size``).
+        seed_rate: the seeder's upload rate, bytes/s.
+        heterogeneous: half the leechers upload at a quarter of ``seed_rate``.
+        delay: one-way access delay of every node, seconds.
+        loss: packet loss probability on every link.
+        max_peers: connections a node dials up to (as ``swarm.MAX_PEERS``).
+        max_inbound: connections a node accepts up to (as ``node.MAX_INBOUND``);
+            larger than ``max_peers`` so a late or unlucky node still finds room.
+        slots: the choker's upload slots (0 = fair round robin).
+        fresh_first: the choker prefers requests for its least-uploaded chunks.
+        seed: randomness (identities are fresh; everything else is seeded).
+        max_time: virtual seconds after which the run is abandoned
+            (0 = 20 times the lower bound).
+    """
+
+    n: int = 10
+    chunks: int = 256
+    chunk_size: int = 256 * 1024
+    seed_rate: float = 1.0 * MiB
+    heterogeneous: bool = False
+    delay: float = 0.025
+    loss: float = 0.0
+    max_peers: int = 16
+    max_inbound: int = 64
+    slots: int = 0
+    fresh_first: bool = True
+    seed: int = 1
+    max_time: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.n < 1 or self.chunks < 1 or self.chunk_size < 1 or self.seed_rate <= 0:
+            raise ValueError("n, chunks, chunk_size and seed_rate must be positive")
+        if not 0 <= self.loss < 0.5 or self.delay < 0 or self.max_peers < 1:
+            raise ValueError("need 0 <= loss < 0.5, delay >= 0 and max_peers >= 1")
+
+
+@dataclass
+class SimResult:
+    """What a run measured. Times are virtual seconds except ``wall``."""
+
+    config: SimConfig
+    size: int
+    rates: list[float]
+    T: float
+    T_min: float
+    client_server: float
+    wall: float
+    completed: list[float]  # per leecher (inf if it never finished)
+    uploaded: list[int]  # per node, seeder first
+    busy: list[float]  # seconds each node's upload link was sending
+    received: list[int]  # chunks stored per leecher
+    duplicates: int  # chunk payloads that arrived for a chunk already held
+    events: int
+    handshakes: int
+
+    @property
+    def ratio(self) -> float:
+        return self.T / self.T_min
+
+
+class _Session:
+    """One end of one connection (mirrors PeerSession's state)."""
+
+    __slots__ = (
+        "arrive_after",
+        "cancelled",
+        "closing",
+        "conn",
+        "control",
+        "depth",
+        "haves",
+        "kicked",
+        "last_payload_at",
+        "node",
+        "nonce",
+        "open",
+        "other",
+        "rate",
+        "remote",
+        "requests",
+        "sending",
+        "window_bytes",
+        "window_start",
+    )
+
+    def __init__(self, node: _Node, remote: _Node, now: float) -> None:
+        self.node, self.remote = node, remote
+        self.other: _Session
+        self.conn = PeerConnection()
+        self.nonce = os.urandom(32)
+        self.open = False
+        self.closing = False
+        self.requests: set[tuple[int, int, int]] = set()
+        self.cancelled: deque[tuple[int, int, int]] = deque(maxlen=256)
+        self.control: list[bytes] = []
+        self.haves: list[int] = []
+        self.kicked = False
+        self.sending = False
+        self.arrive_after = 0.0
+        self.depth = 4
+        self.rate = 0.0
+        self.window_start = now
+        self.window_bytes = 0
+        self.last_payload_at = now
+
+
+@dataclass(eq=False)
+class _Node:
+    idx: int
+    identity: Identity
+    ip: str
+    rate: float
+    delay: float
+    picker: PiecePicker | None
+    have: bytearray
+    choker: Choker
+    sessions: dict[bytes, _Session] = field(default_factory=dict)
+    connecting: set[bytes] = field(default_factory=set)
+    uploading: bool = False
+    uploaded: int = 0
+    busy: float = 0.0
+    completed_at: float = math.inf
+    progress_pending: bool = False
+    last_announce: float = -math.inf
+    announce_at: float = math.inf  # the next scheduled announce
+    received: int = 0
+
+    @property
+    def key(self) -> bytes:
+        return self.identity.public_key
+
+
+class Simulation:
+    """Build the swarm from a :class:`SimConfig`; :meth:`run` plays it to the end."""
+
+    def __init__(self, config: SimConfig) -> None:
+        self.cfg = c = config
+        self.rng = random.Random(c.seed)
+        self.now = 0.0
+        self._heap: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
+        self._seq = 0
+        self.events = 0
+        self.handshakes = 0
+        self.duplicates = 0
+        self.size = c.chunks * c.chunk_size
+        self.content_id = self.rng.randbytes(32)
+        self.index = SwarmIndex()
+        self.rates = leecher_rates(c.n, c.seed_rate, c.heterogeneous)
+        self.nodes: list[_Node] = []
+        self.by_addr: dict[tuple[str, int], _Node] = {}
+        # Node pairs with a connection (or an attempt): stands in for the
+        # node's duplicate-connection rule (Content.attach keeps one of two).
+        self.pairs: set[frozenset[int]] = set()
+        for i, rate in enumerate([c.seed_rate, *self.rates]):
+            seeder = i == 0
+            picker = None if seeder else PiecePicker(c.chunks, rng=random.Random(self.rng.random()))
+            node = _Node(
+                idx=i,
+                identity=Identity.generate(),
+                ip=f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}",
+                rate=rate,
+                delay=c.delay,
+                picker=picker,
+                have=bytearray([1 if seeder else 0]) * c.chunks,
+                choker=Choker(
+                    slots=c.slots,
+                    max_queued=MAX_QUEUED_UPLOADS,
+                    fresh_first=c.fresh_first,
+                    rng=random.Random(self.rng.random()),
+                ),
+            )
+            self.nodes.append(node)
+            self.by_addr[(node.ip, 6881)] = node
+        self.leechers_left = c.n
+
+    # --- the clock --------------------------------------------------------------
+    def at(self, t: float, fn: Callable[..., None], *args: Any) -> None:
+        self._seq += 1
+        heapq.heappush(self._heap, (t, self._seq, fn, args))
+
+    def run(self) -> SimResult:
+        """Play the swarm until every leecher completes (or ``max_time``)."""
+        started = time.perf_counter()
+        self._announce(self.nodes[0], "started")
+        for node in self.nodes[1:]:
+            # A flash crowd: every leecher starts within the first 100 ms.
+            self.at(self.rng.uniform(0.0, 0.1), self._announce, node, "started")
+            self.at(self.rng.uniform(0.0, TICK), self._tick, node)
+        heap = self._heap
+        max_time = self.cfg.max_time or 20 * t_min(self.size, self.cfg.seed_rate, self.rates)
+        while heap and self.leechers_left:
+            t, _seq, fn, args = heapq.heappop(heap)
+            if t > max_time:
+                break
+            self.now = t
+            self.events += 1
+            fn(*args)
+        wall = time.perf_counter() - started
+        leechers = self.nodes[1:]
+        done = [n.completed_at for n in leechers]
+        return SimResult(
+            config=self.cfg,
+            size=self.size,
+            rates=self.rates,
+            T=max(done),
+            T_min=t_min(self.size, self.cfg.seed_rate, self.rates),
+            client_server=self.cfg.n * self.size / self.cfg.seed_rate,
+            wall=wall,
+            completed=done,
+            uploaded=[n.uploaded for n in self.nodes],
+            busy=[n.busy for n in self.nodes],
+            received=[n.received for n in leechers],
+            duplicates=self.duplicates,
+            events=self.events,
+            handshakes=self.handshakes,
+        )
+
+    # --- links ----------------------------------------------------------------------
+    def _lossy_delay(self, nbytes: int, a: _Node, b: _Node) -> float:
+        one_way = a.delay + b.delay
+        p = self.cfg.loss
+        if p and self.rng.random() < 1 - (1 - p) ** math.ceil(nbytes / MSS):
+            return 3 * one_way  # one extra round trip: fast retransmit
+        return one_way
+
+    def _deliver(self, s: _Session, data: bytes, leave: float) -> None:
+        """Put bytes on the wire from session ``s`` to its other end, in order."""
+        arrive = max(leave + self._lossy_delay(len(data), s.node, s.remote), s.arrive_after)
+        s.arrive_after = arrive
+        self.at(arrive, self._on_bytes, s.other, data)
+
+    def _kick(self, s: _Session) -> None:
+        if not s.kicked and not s.sending:
+            s.kicked = True
+            self.at(self.now, self._writer, s)
+
+    def _writer(self, s: _Session) -> None:
+        """The session writer's control turn: HAVEs and control frames coalesced."""
+        s.kicked = False
+        if s.sending:
+            return  # the upload on the wire finishes first; it kicks us again
+        if s.haves and s.open and not s.closing:
+            haves, s.haves = s.haves, []
+            for k in range(0, len(haves), MAX_HAVE_PER_FRAME):
+                s.control.append(s.conn.send(Have(tuple(haves[k : k + MAX_HAVE_PER_FRAME]))))
+        if s.control:
+            frames, s.control = s.control, []
+            self._deliver(s, b"".join(frames), self.now)
+
+    def _send(self, s: _Session, event: Any) -> None:
+        if not s.closing:
+            s.control.append(s.conn.send(event))
+            self._kick(s)
+
+    # --- tracker (mirrors Content._tracker_loop) ------------------------------------
+    def _announce(self, node: _Node, event: str) -> None:
+        node.announce_at = math.inf
+        node.progress_pending = False
+        node.last_announce = self.now
+        self.at(self.now + node.delay, self._tracker_answer, node, event)
+
+    def _tracker_answer(self, node: _Node, event: str) -> None:
+        peers, avail = self.index.announce(
+            self.content_id,
+            node.key,
+            node.ip,
+            6881,
+            event,
+            bits_from_flags(node.have),
+            self.cfg.chunks,
+            self.cfg.max_peers,
+            self.now,
+        )
+        self.at(self.now + node.delay, self._on_peers, node, peers, avail)
+
+    def _on_peers(self, node: _Node, peers: list[Any], avail: bytes) -> None:
+        if node.picker is not None and avail:
+            node.picker.set_swarm_availability(
+                int.from_bytes(avail[k : k + 2], "big") for k in range(0, len(avail), 2)
+            )
+        if node.picker is not None:  # mirrors _connect_to: seeders wait for leechers
+            for ip, port, key, _bits in peers:
+                if key == node.key or key in node.sessions or key in node.connecting or port == 0:
+                    continue
+                if len(node.sessions) + len(node.connecting) >= self.cfg.max_peers:
+                    break
+                self._dial(node, self.by_addr[(ip, port)])
+        interval = self.index.interval
+        if node.picker is not None and len(node.sessions) < self.cfg.max_peers // 2:
+            # NOT in swarm.py yet (proposed): an under-connected leecher asks
+            # again soon instead of waiting a whole interval with no peers.
+            interval = PROGRESS_EVERY
+        self._schedule_announce(node, self.now + interval)
+
+    def _schedule_announce(self, node: _Node, t: float) -> None:
+        t = max(t, self.now)
+        if t < node.announce_at:
+            node.announce_at = t
+            self.at(t, self._announce_due, node, t)
+
+    def _announce_due(self, node: _Node, t: float) -> None:
+        if node.announce_at != t:
+            return  # superseded by an earlier one
+        event = "completed" if node.picker is None and node.completed_at == self.now else "periodic"
+        if node.progress_pending and event == "periodic":
+            event = "progress"
+        self._announce(node, event)
+
+    # --- connections ------------------------------------------------------------------
+    def _dial(self, a: _Node, b: _Node) -> None:
+        pair = frozenset((a.idx, b.idx))
+        if pair in self.pairs:
+            return
+        self.pairs.add(pair)
+        a.connecting.add(b.key)
+        sa, sb = _Session(a, b, self.now), _Session(b, a, self.now)
+        sa.other, sb.other = sb, sa
+        # TCP handshake (one round trip), then our HELLO goes out.
+        rtt = 2 * (a.delay + b.delay)
+        self.at(self.now + rtt, self._accept, sa)
+
+    def _accept(self, sa: _Session) -> None:
+        a, b = sa.node, sa.remote
+        if len(b.sessions) + len(b.connecting) >= self.cfg.max_inbound:
+            a.connecting.discard(b.key)  # refused: the stream just closes
+            self.pairs.discard(frozenset((a.idx, b.idx)))
+            return
+        b.connecting.add(a.key)
+        self._send(sa, Hello(PROTOCOL_VERSION, a.key, 6881, self.content_id, sa.nonce))
+
+    def _on_handshake(self, s: _Session, event: Any) -> None:
+        if isinstance(event, Hello):
+            if event.key != s.remote.key or event.content_id != self.content_id:
+                raise RemoteProtocolError("peer answered with another key or content")
+            if s.conn.our_state.value == "await-hello":  # inbound: answer HELLO + PROOF
+                self._send(s, Hello(PROTOCOL_VERSION, s.node.key, 6881, self.content_id, s.nonce))
+            self._send(s, Proof(s.node.identity.sign(proof_message(event.nonce, event.content_id))))
+        elif isinstance(event, Proof):
+            msg = proof_message(s.nonce, self.content_id)
+            if not verify_signature(s.remote.key, event.signature, msg):
+                raise RemoteProtocolError("peer's PROOF does not verify")
+            self.handshakes += 1
+            self._attach(s)
+
+    def _attach(self, s: _Session) -> None:
+        """Mirrors Content.attach: register, send our bitfield, tell the picker."""
+        node, key = s.node, s.remote.key
+        node.connecting.discard(key)
+        s.open = True
+        node.sessions[key] = s
+        node.choker.add_peer(s)
+        self._send(s, Bitfield(bits_from_flags(node.have)))
+        if node.picker is not None:
+            node.picker.add_peer(s)
+
+    def _close(self, s: _Session) -> None:
+        self.pairs.discard(frozenset((s.node.idx, s.remote.idx)))
+        for end in (s, s.other):
+            end.closing = True
+            node = end.node
+            node.connecting.discard(end.remote.key)
+            if node.sessions.get(end.remote.key) is end:
+                del node.sessions[end.remote.key]
+            node.choker.remove_peer(end)
+            if node.picker is not None:
+                node.picker.remove_peer(end)
+                end.requests.clear()
+                self._fill_all(node)
+
+    # --- receiving ---------------------------------------------------------------------
+    def _on_bytes(self, s: _Session, data: bytes) -> None:
+        if s.closing:
+            return
+        conn = s.conn
+        conn.receive_data(data)
+        while not s.closing:
+            event = conn.next_event()
+            if event is NEED_DATA:
+                return
+            if not s.open:
+                self._on_handshake(s, event)
+            elif isinstance(event, DataHeader):
+                # The payload is never materialised: the node's zero-copy path.
+                conn.payload_consumed_externally(event.length)
+                self._on_data(s, event)
+            elif isinstance(event, Request):
+                self._on_request(s, (event.index, event.offset, event.length))
+            elif isinstance(event, Cancel):
+                s.node.choker.on_cancel(s, (event.index, event.offset, event.length))
+            elif isinstance(event, Have):
+                self._on_have(s, event.indices)
+            elif isinstance(event, Bitfield):
+                self._on_bitfield(s, event.bits)
+            elif isinstance(event, Reject):
+                self._on_reject(s, event)
+            elif isinstance(event, Closed | Goodbye):
+                self._close(s)
+            else:
+                raise RemoteProtocolError(f"unexpected {type(event).__name__}")
+
+    def _on_bitfield(self, s: _Session, bits: bytes) -> None:
+        picker = s.node.picker
+        if picker is not None:
+            picker.add_peer(s, flags_from_bits(bits, self.cfg.chunks))
+            self._fill(s)
+
+    def _on_have(self, s: _Session, indices: tuple[int, ...]) -> None:
+        picker = s.node.picker
+        if picker is None:
+            return
+        for i in indices:
+            if 0 <= i < self.cfg.chunks:
+                picker.peer_has(s, i)
+        self._fill(s)
+
+    def _on_reject(self, s: _Session, event: Reject) -> None:
+        req = (event.index, event.offset, event.length)
+        picker = s.node.picker
+        if req not in s.requests or picker is None:
+            return
+        s.requests.discard(req)
+        picker.cancel(s, event.index)
+        self._fill_all(s.node)
+
+    def _on_request(self, s: _Session, req: tuple[int, int, int]) -> None:
+        """Mirrors PeerSession._on_request + Content.check_request."""
+        node = s.node
+        index, offset, length = req
+        reason = None
+        if not 0 <= index < self.cfg.chunks or offset + length > self.cfg.chunk_size:
+            reason = "invalid"
+        elif not node.have[index]:
+            reason = "missing"
+        elif not node.choker.on_request(s, req):
+            reason = "busy"
+        if reason is not None:
+            self._send(s, Reject(index, offset, length, reason))
+            return
+        self._pump(node)
+
+    def _on_data(self, s: _Session, header: DataHeader) -> None:
+        """Mirrors PeerSession._receive_payload then Content.store_chunk."""
+        req = (header.index, header.offset, header.length)
+        node = s.node
+        wanted = req in s.requests
+        if not wanted and req not in s.cancelled:
+            raise RemoteProtocolError(f"chunk {header.index} was not asked for")
+        s.requests.discard(req)
+        now = self.now
+        s.last_payload_at = now
+        s.window_bytes += header.length
+        if now - s.window_start >= RATE_WINDOW:
+            s.rate = s.window_bytes / (now - s.window_start)
+            s.window_bytes, s.window_start = 0, now
+        picker = node.picker
+        if not wanted or picker is None or node.have[header.index]:
+            self.duplicates += 1
+            return
+        index = header.index
+        node.have[index] = 1
+        node.received += 1
+        for other in picker.chunk_received(s, index):
+            assert isinstance(other, _Session)
+            other_req = (index, 0, header.length)
+            if other_req in other.requests:
+                other.requests.discard(other_req)
+                other.cancelled.append(other_req)
+                self._send(other, Cancel(*other_req))
+        for t in node.sessions.values():
+            t.haves.append(index)
+            self._kick(t)
+        node.progress_pending = True
+        if picker.complete:
+            self._finish(node)
+        else:
+            self._fill_all(node)
+            self._schedule_announce(node, node.last_announce + PROGRESS_EVERY)
+        self._pump(node)  # we may now serve what was just stored
+
+    def _finish(self, node: _Node) -> None:
+        node.picker = None
+        node.completed_at = self.now
+        self.leechers_left -= 1
+        for t in node.sessions.values():
+            for req in list(t.requests):
+                t.requests.discard(req)
+                t.cancelled.append(req)
+                self._send(t, Cancel(*req))
+        self._schedule_announce(node, self.now)
+
+    # --- requesting (mirrors Content._fill / _fill_all / _ticker) ---------------------
+    def _fill(self, s: _Session) -> None:
+        picker = s.node.picker
+        if picker is None or s.closing or not s.open:
+            return
+        chunk = self.cfg.chunk_size
+        s.depth = pipeline_depth(s.rate, chunk)
+        want = s.depth - len(s.requests)
+        if want <= 0:
+            return
+        for index in picker.pick(s, want, self.now, REQUEST_TIMEOUT):
+            req = (index, 0, chunk)
+            s.requests.add(req)
+            self._send(s, Request(*req))
+
+    def _fill_all(self, node: _Node) -> None:
+        for s in list(node.sessions.values()):
+            self._fill(s)
+
+    def _tick(self, node: _Node) -> None:
+        picker = node.picker
+        if picker is None:
+            return
+        now = self.now
+        if node.choker.slots:  # reciprocation: what each peer sends us
+            node.choker.update(now, {s: s.rate for s in node.sessions.values()})
+        for peer, index in picker.expired(now):
+            picker.cancel(peer, index)
+            assert isinstance(peer, _Session)
+            req = (index, 0, self.cfg.chunk_size)
+            if req in peer.requests:
+                peer.requests.discard(req)
+                peer.cancelled.append(req)
+                self._send(peer, Cancel(*req))
+        for s in list(node.sessions.values()):
+            if s.requests and now - s.last_payload_at > STALL_TIMEOUT:
+                self._close(s)
+        self._fill_all(node)
+        self.at(now + TICK, self._tick, node)
+
+    # --- uploading ------------------------------------------------------------------
+    def _pump(self, node: _Node) -> None:
+        """Start the next upload if the link is free: the choker picks the connection."""
+        if node.uploading:
+            return
+        while True:
+            nxt = node.choker.next_request(self.now)
+            if nxt is None:
+                return
+            s, req = nxt
+            assert isinstance(s, _Session)
+            if not s.closing:
+                break
+        node.uploading = True
+        s.sending = True
+        seconds = req[2] / (node.rate * (1.0 - self.cfg.loss))
+        node.busy += seconds
+        self.at(self.now + seconds, self._uploaded, s, req)
+
+    def _uploaded(self, s: _Session, req: tuple[int, int, int]) -> None:
+        node = s.node
+        node.uploading = False
+        s.sending = False
+        if not s.closing:
+            node.uploaded += req[2]
+            self._deliver(s, s.conn.send(DataHeader(*req)), self.now)
+            self._kick(s)  # control frames that waited behind the payload
+        self._pump(node)
+
+
+def run(config: SimConfig) -> SimResult:
+    """Build and run one simulated swarm."""
+    return Simulation(config).run()

@@ -1,0 +1,125 @@
+"""The pure upload-slot policy: fair share, fresh-first, tit-for-tat slots."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from peerd.choker import Choker
+
+
+def _drain(ch: Choker, now: float = 0.0) -> list[tuple[object, int]]:
+    out = []
+    while (nxt := ch.next_request(now)) is not None:
+        peer, req = nxt
+        out.append((peer, req[0]))
+    return out
+
+
+def test_fair_share_is_round_robin_across_peers() -> None:
+    ch = Choker(fresh_first=False)
+    for p in "ab":
+        ch.add_peer(p)
+    for i in range(3):
+        assert ch.on_request("a", (i, 0, 10))
+    assert ch.on_request("b", (10, 0, 10))
+    assert ch.on_request("b", (11, 0, 10))
+    assert _drain(ch) == [("a", 0), ("b", 10), ("a", 1), ("b", 11), ("a", 2)]
+
+
+def test_fresh_first_prefers_the_chunk_uploaded_least() -> None:
+    ch = Choker()
+    for p in "abc":
+        ch.add_peer(p)
+    ch.on_request("a", (5, 0, 10))
+    ch.on_request("b", (5, 0, 10))  # same chunk: two leechers picked it
+    ch.on_request("c", (7, 0, 10))
+    first = ch.next_request(0.0)
+    assert first == ("a", (5, 0, 10))
+    # Chunk 5 went out once; c's fresh chunk 7 jumps ahead of b's duplicate.
+    assert ch.next_request(0.0) == ("c", (7, 0, 10))
+    assert ch.next_request(0.0) == ("b", (5, 0, 10))
+    assert ch.times_sent(5) == 2 and ch.times_sent(7) == 1
+    assert ch.next_request(0.0) is None
+
+
+def test_queue_limit_cancel_and_remove() -> None:
+    ch = Choker(max_queued=2)
+    ch.add_peer("a")
+    assert ch.on_request("a", (1, 0, 10))
+    assert ch.on_request("a", (2, 0, 10))
+    assert not ch.on_request("a", (3, 0, 10))  # full: the caller rejects "busy"
+    assert ch.queued("a") == 2
+    assert ch.on_cancel("a", (1, 0, 10))
+    assert not ch.on_cancel("a", (1, 0, 10))
+    assert not ch.on_cancel("zz", (1, 0, 10))
+    assert ch.remove_peer("a") == [(2, 0, 10)]
+    assert ch.queued("a") == 0
+    assert ch.next_request(0.0) is None
+    with pytest.raises(KeyError):
+        ch.on_request("a", (1, 0, 10))
+
+
+def test_cancelling_the_last_request_takes_the_peer_out_of_turn() -> None:
+    ch = Choker(fresh_first=False)
+    ch.add_peer("a")
+    ch.add_peer("b")
+    ch.on_request("a", (1, 0, 10))
+    ch.on_request("b", (2, 0, 10))
+    ch.on_cancel("a", (1, 0, 10))
+    assert _drain(ch) == [("b", 2)]
+
+
+def test_slots_serve_reciprocating_peers_and_one_optimistic() -> None:
+    ch = Choker(slots=2, rng=random.Random(3), fresh_first=False)
+    for p in "abc":
+        ch.add_peer(p)
+        for i in range(4):
+            ch.on_request(p, (i, 0, 10))
+    ch.update(0.0, {"a": 1000.0, "b": 10.0, "c": 0.0})
+    assert ch.is_unchoked("a")
+    unchoked = [p for p in "abc" if ch.is_unchoked(p)]
+    assert len(unchoked) == 2  # one regular (best rate) + one optimistic
+    (choked,) = (p for p in "abc" if p not in unchoked)
+    order = [p for p, _ in _drain(ch, 1.0)]
+    assert set(order[:8]) == set(unchoked)
+    # Work conserving: once the unchoked peers have nothing queued, the
+    # choked peer is served rather than leaving the link idle.
+    assert order[8:] == [choked] * 4
+
+
+def test_optimistic_slot_rotates() -> None:
+    ch = Choker(slots=2, rechoke_every=1.0, optimistic_every=5.0, rng=random.Random(0))
+    peers = [f"p{i}" for i in range(8)]
+    for p in peers:
+        ch.add_peer(p)
+        ch.on_request(p, (0, 0, 10))
+    seen = set()
+    for t in range(0, 200, 5):
+        ch.update(float(t), {"p0": 100.0})
+        assert ch.is_unchoked("p0")
+        seen |= {p for p in peers[1:] if ch.is_unchoked(p)}
+    assert len(seen) > 1
+
+
+def test_fair_share_unchokes_everyone() -> None:
+    ch = Choker()
+    ch.add_peer("a")
+    ch.update(0.0, {"a": 5.0})
+    assert ch.is_unchoked("a")
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"slots": 1},
+        {"slots": -1},
+        {"max_queued": 0},
+        {"rechoke_every": 0},
+        {"optimistic_every": -1},
+    ],
+)
+def test_bad_arguments(kwargs: dict[str, float]) -> None:
+    with pytest.raises(ValueError):
+        Choker(**kwargs)  # type: ignore[arg-type]
