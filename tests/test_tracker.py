@@ -29,11 +29,16 @@ from peerd.tracker_client import AUTH_CONTEXT, TrackerClient
 from peerd.transport import Stream, Transport
 from peerd.wire import (
     NEED_DATA,
+    Announce,
     Auth,
     Challenge,
     Closed,
     Error,
     Event,
+    Ok,
+    Peers,
+    Scrape,
+    ScrapeResult,
     ScrapeStat,
     TrackerClientConnection,
 )
@@ -340,6 +345,42 @@ async def test_connection_limits_and_handshake_timeout(
                 reply = await read_event(stream, conn)
                 assert isinstance(reply, Error) and reply.code == "handshake-timeout"
             await a.aclose()
+
+
+async def test_pipelined_requests_and_idle_timeout(transport: Transport, tmp_path: Path) -> None:
+    alice, bob = Identity.generate(), Identity.generate()
+    limits = TrackerLimits(idle_timeout=1.0)
+    with trio.fail_after(20):
+        async with running_tracker(transport, tmp_path, limits=limits) as connect:
+            async with await connect(alice) as a:
+                await a.announce(CID, 6001, "started", b"\x80")
+                # AUTH and three requests in one write: answered in order
+                async with await transport.connect("127.0.0.1", connect.port) as stream:
+                    conn = TrackerClientConnection()
+                    challenge = await read_event(stream, conn)
+                    assert isinstance(challenge, Challenge)
+                    sig = bob.sign(AUTH_CONTEXT + challenge.nonce)
+                    await stream.send_all(
+                        conn.send(Auth(bob.public_key, sig))
+                        + conn.send(Announce(CID, 6002, "started", b"\x40", 50))
+                        + conn.send(Announce(CID, 6002, "periodic", b"\x40", 50))
+                        + conn.send(Scrape((CID,)))
+                    )
+                    assert isinstance(await read_event(stream, conn), Ok)
+                    for _ in range(2):
+                        peers = await read_event(stream, conn)
+                        assert isinstance(peers, Peers)
+                        assert [(p.ip, p.port, p.key, p.bits) for p in peers.peers] == [
+                            ("127.0.0.1", 6001, alice.public_key, b"\x80")
+                        ]
+                        assert peers.availability == b"\x00\x01" * 2 + bytes(12)
+                    assert await read_event(stream, conn) == ScrapeResult(
+                        (ScrapeStat(CID, 0, 2, 0),)
+                    )
+                    # then silence: the tracker closes the connection
+                    start = trio.current_time()
+                    assert isinstance(await read_event(stream, conn), Closed)
+                    assert 0.9 < trio.current_time() - start < 4.0
 
 
 async def test_unreachable_tracker(transport: Transport) -> None:

@@ -6,7 +6,9 @@ import random
 
 import pytest
 
-from peerd.errors import TrackerError
+from peerd.errors import LocalProtocolError, TrackerError
+from peerd.wire import MAX_BODY, FrameType, PeerEntry, Peers
+from peerd.wire._codec import decode_body, encode_body, encode_peers_body
 from tracker.index import SwarmIndex, SwarmStat
 
 CID = bytes(range(32))
@@ -202,3 +204,87 @@ def test_random_workload_keeps_counts_consistent() -> None:
         assert avail_counts(avail) == expect
         assert k not in {p[2] for p in peers}
         assert len(peers) == min(10, len(live) - 1)
+
+
+def _slow_body(cid: bytes, interval: int, peers: list, avail: bytes) -> bytes:
+    """The PEERS body the validated event path gives for ``announce``'s answer."""
+    return encode_body(
+        FrameType.PEERS, Peers(cid, interval, tuple(PeerEntry(*p) for p in peers), avail)
+    )
+
+
+def test_encoded_answers_match_the_event_path() -> None:
+    # Two indexes see the same workload; one answers with tuples (encoded here
+    # through validated events), the other with cached encoded bodies. Small
+    # sample and ttl so window rotation, cache reuse and expiry all happen.
+    rng = random.Random(11)
+    plain = SwarmIndex(ttl=6, sample=8)
+    fast = SwarmIndex(ttl=6, sample=8)
+    n = 21
+    palette = [bitmap(n, {i for i in range(n) if rng.random() < 0.5}) for _ in range(4)]
+    palette.append(bitmap(n, set(range(n))))
+    now = 0.0
+    hits = 0
+    for step in range(3000):
+        now += rng.random() * 0.05
+        cid = rng.choice((CID, CID2))
+        k = key(rng.randrange(30))
+        ip = rng.choice(("10.0.0.1", "::1", "192.168.7.9"))
+        roll = rng.random()
+        event = "stopped" if roll < 0.03 else "progress" if roll < 0.1 else "periodic"
+        bits = rng.choice(palette)
+        want = rng.choice((0, 3, 50))
+        peers, avail = plain.announce(cid, k, ip, 7000, event, bits, n, want, now)
+        body = fast.announce_encoded(cid, k, ip, 7000, event, bits, n, want, now, 30)
+        if event == "stopped":
+            assert body is None and peers == [] and avail == b""
+            continue
+        assert body == _slow_body(cid, 30, peers, avail), step
+        if step % 500 == 0:
+            plain.expire(now)
+            fast.expire(now)
+        hits += body is fast.announce_encoded(cid, k, ip, 7000, "periodic", bits, n, want, now, 30)
+        plain.announce(cid, k, ip, 7000, "periodic", bits, n, want, now)
+    assert hits > 1000  # the cache does answer repeated questions
+
+
+def test_cached_answer_never_lists_an_expired_peer() -> None:
+    idx = SwarmIndex(ttl=10)
+    idx.announce(CID, key(1), "10.0.0.1", 1, "started", b"\x80", 8, 0, 0)
+    idx.announce(CID, key(2), "10.0.0.2", 2, "started", b"\x40", 8, 0, 1.5)
+    first = idx.announce_encoded(CID, key(3), "10.0.0.3", 3, "started", b"\x00", 8, 5, 1.6, 60)
+    again = idx.announce_encoded(CID, key(3), "10.0.0.3", 3, "periodic", b"\x00", 8, 5, 1.7, 60)
+    assert again is first  # unchanged swarm, same question: the cached bytes
+    # key(1) expires at 10.0 while the ranking is still fresh (made at 9.9)
+    idx.announce_encoded(CID, key(3), "10.0.0.3", 3, "periodic", b"\x00", 8, 5, 9.9, 60)
+    later = idx.announce_encoded(CID, key(3), "10.0.0.3", 3, "periodic", b"\x00", 8, 5, 10.5, 60)
+    peers, avail = idx.announce(CID, key(3), "10.0.0.3", 3, "periodic", b"\x00", 8, 5, 10.5)
+    assert [p[2] for p in peers] == [key(2)]
+    assert later == _slow_body(CID, 60, peers, avail)
+
+
+def test_huge_bitmaps_are_trimmed_to_one_peers_body() -> None:
+    n = 2**20  # the largest content: 128 KiB bitmaps, 130 of them exceed 16 MiB
+    idx = SwarmIndex()
+    empty = bytes(n // 8)
+    for i in range(131):
+        idx.announce(CID, key(i), "10.0.0.1", 1, "started", empty, n, 0, 0)
+    body = idx.announce_encoded(CID, key(0), "10.0.0.1", 1, "periodic", empty, n, 200, 1, 60)
+    assert body is not None and len(body) <= MAX_BODY[FrameType.PEERS]
+    event = decode_body(FrameType.PEERS, body)
+    assert isinstance(event, Peers) and 100 < len(event.peers) < 130
+
+
+def test_trusted_peers_encoder_checks_message_fields() -> None:
+    entry = ("10.0.0.1", 1, key(1), b"\x80")
+    good = encode_peers_body(CID, 60, [entry], b"\x00\x01")
+    assert good == _slow_body(CID, 60, [entry], b"\x00\x01")
+    for bad in (
+        (CID[:31], 60, [entry], b""),
+        (CID, 0, [entry], b""),
+        (CID, True, [entry], b""),
+        (CID, 60, [entry] * 201, b""),
+        (CID, 60, [entry], b"\x00"),
+    ):
+        with pytest.raises(LocalProtocolError):
+            encode_peers_body(*bad)

@@ -27,7 +27,14 @@ availability range counted first; candidates with nothing to offer come last,
 those that lack something the asker has before the rest (they will want to
 download from it). The ranking depends only on the swarm's state and the
 asker's bits, so it is cached per (swarm version, asker bits, want) for a
-short while: most announces are periodic and change nothing.
+short while: most announces are periodic and change nothing. Next to each
+ranking the cache keeps the encoded PEERS bodies built from it (one per
+"which asker was dropped from the list"), so ``announce_encoded`` answers a
+repeated question with a dict lookup and no per-peer work at all. A body is
+only reused until the earliest expiry among the peers it lists, so it never
+lists a peer that ``announce`` would have skipped. The cache is one FIFO for
+the whole index, bounded in entries and in body bytes; entries carry their
+swarm's serial number and version, so a stale one is recognised on sight.
 
 Expiry is lazy (expired slots are skipped when answering) plus a sweep,
 ``expire(now)``, that the server calls every few seconds; a swarm is only
@@ -36,11 +43,14 @@ walked when the lower bound it keeps on its earliest expiry has passed.
 
 from __future__ import annotations
 
+import itertools
 import socket
 from array import array
 from dataclasses import dataclass
 
 from peerd.errors import TrackerError
+from peerd.wire import MAX_BODY, FrameType
+from peerd.wire._codec import encode_peers_body
 
 __all__ = ["EVENTS", "PeerInfo", "SwarmIndex", "SwarmStat"]
 
@@ -52,7 +62,14 @@ PeerInfo = tuple[str, int, bytes, bytes]
 _MAX_LANES_PEERS = 65_535  # a 16-bit availability lane must never overflow
 _V4_MAPPED = b"\x00" * 10 + b"\xff\xff"
 _RANK_CACHE_SECONDS = 2.0
-_RANK_CACHE_ENTRIES = 8
+_ANSWER_ENTRIES = 8192  # cached rankings, whole index
+_ANSWER_BYTES = 16 * 2**20  # encoded PEERS bodies kept, whole index
+_ANSWER_BODY_MAX = 64 * 1024  # bigger bodies are rebuilt every time
+_PEERS_LIMIT = MAX_BODY[FrameType.PEERS]
+# Upper bound of one encoded PEERS entry beyond its bitmap: array header,
+# str8 of up to 45 characters, uint16 port, bin8 key, bin32 header.
+_ENTRY_OVERHEAD = 1 + 47 + 3 + 34 + 5
+_serials = itertools.count(1)
 
 # byte -> its bit j (0 or 1), j = 0 the top bit (chunk 8k+0).
 _BIT_J = tuple(bytes((b >> (7 - j)) & 1 for b in range(256)) for j in range(8))
@@ -70,6 +87,20 @@ class SwarmStat:
     seeders: int
     leechers: int
     completed: int
+
+
+class _Answer:
+    """One cached ranking and the PEERS bodies built from it."""
+
+    __slots__ = ("bodies", "ranked", "serial", "until", "version")
+
+    def __init__(self, serial: int, version: int, until: float, ranked: list[int]) -> None:
+        self.serial = serial
+        self.version = version
+        self.until = until
+        self.ranked = ranked
+        # asker slot dropped from `ranked` (-1: none) -> (valid until, body)
+        self.bodies: dict[int, tuple[float, bytes]] = {}
 
 
 def _pack_ip(ip: str) -> bytes:
@@ -112,11 +143,10 @@ class _Swarm:
         "min_expiry",
         "nbytes",
         "num_chunks",
-        "rank_cache",
-        "rank_version",
         "rare",
         "rare_version",
         "seeders",
+        "serial",
         "slots",
         "start",
         "version",
@@ -140,8 +170,7 @@ class _Swarm:
         self.completed_keys: set[bytes] = set()
         self.min_expiry = float("inf")
         self.version = 0
-        self.rank_cache: dict[tuple[bytes, int], tuple[float, list[int]]] = {}
-        self.rank_version = -1
+        self.serial = next(_serials)  # tells a recreated swarm from its predecessor
         self.rare = 0
         self.rare_version = -1
         self.start = 0
@@ -255,6 +284,9 @@ class SwarmIndex:
         self._peer_contents: dict[bytes, int] = {}  # key -> number of swarms it is in
         self._entries = 0
         self._ip_names: dict[bytes, str] = {}  # packed -> text, a small bounded cache
+        self._ip_packed: dict[str, bytes] = {}  # text -> packed, a small bounded cache
+        self._answers: dict[tuple[bytes, bytes, int], _Answer] = {}  # FIFO, see module doc
+        self._answer_bytes = 0
 
     # -- queries -------------------------------------------------------------
     def __len__(self) -> int:
@@ -322,6 +354,71 @@ class SwarmIndex:
             TrackerError: ``bad-request`` (unknown event, bitmap of the wrong
             size or with pad bits set) or ``limit`` (a cap is reached).
         """
+        recorded = self._record(content_id, key, ip, port, event, bits, num_chunks, now)
+        if recorded is None:
+            return [], b""
+        swarm, slot = recorded
+        if want <= 0:
+            return [], swarm.avail()
+        answer = self._ranking(content_id, swarm, bits, want, now)
+        return self._pick(swarm, answer.ranked, slot, want, now)[0], swarm.avail()
+
+    def announce_encoded(
+        self,
+        content_id: bytes,
+        key: bytes,
+        ip: str,
+        port: int,
+        event: str,
+        bits: bytes,
+        num_chunks: int | None,
+        want: int,
+        now: float,
+        interval: int,
+    ) -> bytes | None:
+        """``announce``, answered as an encoded PEERS body (the server's hot path).
+
+        Same arguments, effects and errors as ``announce``; ``interval`` is the
+        PEERS ``interval`` field. Returns the msgpack body of the PEERS message
+        that carries ``announce``'s answer (byte for byte what encoding
+        ``Peers`` would give), or None for ``stopped``. Repeated questions are
+        answered from the cache described in the module doc.
+        """
+        recorded = self._record(content_id, key, ip, port, event, bits, num_chunks, now)
+        if recorded is None:
+            return None
+        swarm, slot = recorded
+        if want <= 0:
+            return encode_peers_body(content_id, interval, (), swarm.avail())
+        answer = self._ranking(content_id, swarm, bits, want, now)
+        dropped = slot if slot in answer.ranked else -1
+        hit = answer.bodies.get(dropped)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        peers, until = self._pick(swarm, answer.ranked, slot, want, now)
+        body = encode_peers_body(content_id, interval, peers, swarm.avail())
+        if len(body) <= _ANSWER_BODY_MAX:
+            old = answer.bodies.get(dropped)
+            if old is not None:
+                self._answer_bytes -= len(old[1])
+            answer.bodies[dropped] = (min(until, answer.until), body)
+            self._answer_bytes += len(body)
+            while self._answer_bytes > _ANSWER_BYTES and len(self._answers) > 1:
+                self._evict_answer()
+        return body
+
+    def _record(
+        self,
+        content_id: bytes,
+        key: bytes,
+        ip: str,
+        port: int,
+        event: str,
+        bits: bytes,
+        num_chunks: int | None,
+        now: float,
+    ) -> tuple[_Swarm, int] | None:
+        """The bookkeeping half of an announce: (swarm, asker's slot), None if stopped."""
         if event not in EVENTS:
             raise TrackerError("bad-request", f"unknown announce event {event!r}")
         swarm = self._swarms.get(content_id)
@@ -330,7 +427,7 @@ class SwarmIndex:
                 slot = swarm.slots.get(key)
                 if slot is not None:
                     self._remove(content_id, swarm, slot)
-            return [], b""
+            return None
         if swarm is not None and num_chunks is not None and swarm.num_chunks != num_chunks:
             # The swarm was sized from bitmaps before the manifest was known.
             self.set_num_chunks(content_id, num_chunks)
@@ -352,7 +449,12 @@ class SwarmIndex:
             self._remove(content_id, swarm, slot)  # expired: starts afresh
             swarm = self._swarms.setdefault(content_id, swarm)
             slot = None
-        addr = _pack_ip(ip) + port.to_bytes(2, "big")
+        packed = self._ip_packed.get(ip)
+        if packed is None:
+            if len(self._ip_packed) >= 4096:
+                self._ip_packed.clear()
+            packed = self._ip_packed[ip] = _pack_ip(ip)
+        addr = packed + port.to_bytes(2, "big")
         try:
             if slot is None:
                 self._admit(swarm, key)
@@ -372,7 +474,7 @@ class SwarmIndex:
             swarm.completed += 1
             if len(swarm.completed_keys) < self.max_peers_per_content:
                 swarm.completed_keys.add(key)
-        return self._choose(swarm, slot, bits, want, now), swarm.avail()
+        return swarm, slot
 
     def set_num_chunks(self, content_id: bytes, num_chunks: int) -> None:
         """Tell the index a content's real chunk count (its manifest arrived).
@@ -447,15 +549,36 @@ class SwarmIndex:
             # by live entries (completed counts are soft state, like the peers).
             self._swarms.pop(content_id, None)
 
-    def _rank(self, swarm: _Swarm, asker_bits: bytes, want: int, now: float) -> list[int]:
-        if swarm.rank_version != swarm.version:
+    def _evict_answer(self) -> None:
+        oldest = next(iter(self._answers))
+        gone = self._answers.pop(oldest)
+        self._answer_bytes -= sum(len(b) for _, b in gone.bodies.values())
+
+    def _ranking(
+        self, content_id: bytes, swarm: _Swarm, asker_bits: bytes, want: int, now: float
+    ) -> _Answer:
+        """The cached ranking for this question, recomputed if stale or missing."""
+        cache_key = (content_id, asker_bits, want)
+        answer = self._answers.get(cache_key)
+        if answer is not None:
             # A ranking is only valid for the swarm state it was built on.
-            swarm.rank_cache.clear()
-            swarm.rank_version = swarm.version
-        cache_key = (asker_bits, want)
-        hit = swarm.rank_cache.get(cache_key)
-        if hit is not None and hit[0] > now:
-            return hit[1]
+            if answer.serial == swarm.serial and answer.version == swarm.version:
+                if answer.until > now:
+                    return answer
+            del self._answers[cache_key]
+            self._answer_bytes -= sum(len(b) for _, b in answer.bodies.values())
+        answer = _Answer(
+            swarm.serial,
+            swarm.version,
+            now + _RANK_CACHE_SECONDS,
+            self._rank(swarm, asker_bits, want, now),
+        )
+        while len(self._answers) >= _ANSWER_ENTRIES:
+            self._evict_answer()
+        self._answers[cache_key] = answer
+        return answer
+
+    def _rank(self, swarm: _Swarm, asker_bits: bytes, want: int, now: float) -> list[int]:
         nb = swarm.nbytes
         mine = int.from_bytes(asker_bits, "big")
         lacks = swarm.full_int & ~mine
@@ -497,25 +620,32 @@ class SwarmIndex:
             if len(ranked) > want:
                 break
         # want + 1 so dropping the asker still leaves `want` peers.
-        if len(swarm.rank_cache) >= _RANK_CACHE_ENTRIES:
-            swarm.rank_cache.clear()
-        swarm.rank_cache[cache_key] = (now + _RANK_CACHE_SECONDS, ranked)
         return ranked
 
-    def _choose(
-        self, swarm: _Swarm, asker: int, asker_bits: bytes, want: int, now: float
-    ) -> list[PeerInfo]:
-        if want <= 0:
-            return []
-        ranked = self._rank(swarm, asker_bits, want, now)
-        out: list[PeerInfo] = []
+    def _pick(
+        self, swarm: _Swarm, ranked: list[int], asker: int, want: int, now: float
+    ) -> tuple[list[PeerInfo], float]:
+        """Up to ``want`` live peers of ``ranked`` other than ``asker``.
+
+        Returns them with the earliest expiry among them (when this answer
+        stops being the one ``ranked`` gives). Fewer are returned if their
+        bitmaps would not fit one PEERS body.
+        """
         nb = swarm.nbytes
+        fit = (_PEERS_LIMIT - 2 * swarm.num_chunks - 64) // (_ENTRY_OVERHEAD + nb)
+        want = min(want, fit)
+        out: list[PeerInfo] = []
+        until = float("inf")
         keys, expires, addrs, bits = swarm.keys, swarm.expires, swarm.addrs, swarm.bits
         names = self._ip_names
         for slot in ranked:
+            if len(out) >= want:
+                break
             key = keys[slot]
-            if slot == asker or key is None or expires[slot] <= now:
+            exp = expires[slot]
+            if slot == asker or key is None or exp <= now:
                 continue
+            until = min(until, exp)
             a = slot * 18
             packed = bytes(addrs[a : a + 16])
             ip = names.get(packed)
@@ -531,6 +661,4 @@ class SwarmIndex:
                     bytes(bits[slot * nb : (slot + 1) * nb]),
                 )
             )
-            if len(out) >= want:
-                break
-        return out
+        return out, until

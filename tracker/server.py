@@ -20,6 +20,15 @@ task that pumps bytes through it:
    ERROR ``bad-frame`` and the connection closes; nothing a client sends can
    raise anything else out of the handler.
 
+Hot path: an ANNOUNCE for a content the index knows is answered without an
+``await`` and without building events: ``SwarmIndex.announce_encoded``
+returns the PEERS body (usually from its answer cache) and the loop prepends
+the 5-byte frame header itself. Everything else goes through
+``conn.send(event)``. Each receive feeds one per-connection buffer (no
+per-read allocation) and every complete frame in it is answered before the
+next ``await``; the idle timeout is one cancel scope per connection whose
+deadline moves at most once a second, not a new scope per message.
+
 The swarm index is pure and fast, so it runs synchronously in the Trio thread.
 The manifest database (and manifest verification, which hashes up to 32 MiB
 of chunk hashes) runs in one worker thread. A background task sweeps expired
@@ -36,6 +45,7 @@ import logging
 import os
 import secrets
 import signal
+import struct
 import sys
 import time
 from collections import defaultdict
@@ -66,6 +76,7 @@ from peerd.wire import (
     Closed,
     Error,
     Event,
+    FrameType,
     GetManifest,
     Ok,
     PeerEntry,
@@ -78,6 +89,7 @@ from peerd.wire import (
     ScrapeStat,
     TrackerManifest,
     TrackerServerConnection,
+    TrackerState,
 )
 
 from .index import SwarmIndex
@@ -98,6 +110,8 @@ DEFAULT_PORT = 7070
 AUTH_CONTEXT = b"peer-tracker-auth-v1\0"
 _SWEEP_SECONDS = 5.0
 _RECV_SIZE = 65536
+_RECV_SIZE_SMALL = 4096  # per connection; grows to _RECV_SIZE once a read fills it
+_FRAME_HEADER = struct.Struct(">BI")  # PROTOCOL.md "Frames": type u8, length u32 BE
 
 
 @dataclass(frozen=True)
@@ -240,40 +254,87 @@ class _Tracker:
     async def _serve_requests(
         self, stream: Stream, conn: TrackerServerConnection, address: str, key: bytes
     ) -> None:
-        bucket = _Bucket(self.limits.messages_per_second, self.clock())
+        # The hot loop (see "Hot path" in the module doc). Once READY the
+        # tracker conversation never leaves READY and every reply type is
+        # allowed, so PEERS frames built here need no state-machine step.
+        assert conn.state is TrackerState.READY
+        clock = self.clock
+        bucket = _Bucket(self.limits.messages_per_second, clock())
         area = self.address_buckets[address]
-        while True:
-            broken: RemoteProtocolError | None = None
-            batch: list[Event] = []
-            try:
-                with trio.move_on_after(self.limits.idle_timeout):
-                    batch.append(await self._next(stream, conn))
-                if not batch:
-                    log.info("closed idle connection from %s", address)
-                    return
-                # Answer everything already buffered, then send it in one write.
-                while len(batch) < 64 and not isinstance(batch[-1], Closed):
-                    event = conn.next_event()
+        idle = self.limits.idle_timeout
+        buf = bytearray(_RECV_SIZE_SMALL)
+        view = memoryview(buf)
+        out = bytearray()
+        with trio.CancelScope() as watchdog:
+            stamp = trio.current_time()
+            watchdog.deadline = stamp + idle
+            while True:
+                # Answer everything already buffered (AUTH may have come with
+                # pipelined requests); one write per batch.
+                while True:
+                    try:
+                        event = conn.next_event()
+                    except RemoteProtocolError as exc:
+                        await self._flush(stream, out)
+                        await self._refuse(stream, conn, address, "bad-frame", str(exc))
+                        return
                     if event is NEED_DATA:
                         break
-                    batch.append(event)
-            except RemoteProtocolError as exc:
-                broken = exc
-            out = bytearray()
-            for event in batch:
-                if isinstance(event, Closed):
-                    await self._flush(stream, out)
-                    return
-                now = self.clock()
-                wait = max(bucket.take(now), area.take(now))
-                if wait > 0:
-                    await self._flush(stream, out)
-                    await trio.sleep(wait)
-                out += conn.send(await self._answer(event, key, address))
-            await self._flush(stream, out)
-            if broken is not None:
-                await self._refuse(stream, conn, address, "bad-frame", str(broken))
-                return
+                    if type(event) is Closed:
+                        await self._flush(stream, out)
+                        return
+                    now = clock()
+                    wait = max(bucket.take(now), area.take(now))
+                    if wait > 0:
+                        await self._flush(stream, out)
+                        await trio.sleep(wait)
+                        now = clock()
+                    if type(event) is Announce and (
+                        body := self._announce_now(event, key, address, now)
+                    ):
+                        out += _FRAME_HEADER.pack(FrameType.PEERS, len(body))
+                        out += body
+                    else:
+                        out += conn.send(await self._answer(event, key, address))
+                    if len(out) >= _RECV_SIZE:
+                        await self._flush(stream, out)
+                await self._flush(stream, out)
+                n = await stream.recv_into(view)
+                # Moving a deadline costs a heap push: do it at most once a second.
+                if (t := trio.current_time()) - stamp >= 1.0:
+                    watchdog.deadline = t + idle
+                    stamp = t
+                conn.receive_data(view[:n] if n else b"")
+                if n == len(buf) < _RECV_SIZE:  # a big message is coming in
+                    buf = bytearray(_RECV_SIZE)
+                    view = memoryview(buf)
+        log.info("closed idle connection from %s", address)
+
+    def _announce_now(self, ev: Announce, key: bytes, address: str, now: float) -> bytes | None:
+        """The synchronous fast path: a PEERS body, or None to take the general path.
+
+        None when the announce needs the database (a content the index does
+        not know yet), is a ``stopped`` (answered by OK) or is refused
+        (the general path turns the refusal into ERROR).
+        """
+        num_chunks = self.index.num_chunks(ev.content_id)
+        if num_chunks is None or ev.event == "stopped":
+            return None
+        try:
+            return self.index.announce_encoded(
+                ev.content_id,
+                key,
+                address,
+                ev.port,
+                ev.event,
+                ev.bits,
+                num_chunks,
+                ev.want,
+                now,
+                self.interval,
+            )
+        except TrackerError:
+            return None
 
     async def _next(self, stream: Stream, conn: TrackerServerConnection) -> Event:
         while True:

@@ -10,7 +10,7 @@ naming the message and the field.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +21,7 @@ from peerd.errors import LocalProtocolError, RemoteProtocolError
 from . import _events as ev
 from ._frames import MAX_BODY, FrameType, frame_name
 
-__all__ = ["EVENT_TYPES", "decode_body", "encode_body"]
+__all__ = ["EVENT_TYPES", "decode_body", "encode_body", "encode_peers_body"]
 
 _TYPE_NAMES = {int: "int", bytes: "bin", str: "str", list: "array"}
 
@@ -297,6 +297,55 @@ def encode_body(ftype: int, event: ev.Event) -> bytes:
         raise LocalProtocolError(
             f"{frame_name(ftype)} body of {len(body)} bytes exceeds the limit of "
             f"{MAX_BODY[ftype]}; send less"
+        )
+    return body
+
+
+def encode_peers_body(
+    content_id: bytes,
+    interval: int,
+    peers: Sequence[tuple[str, int, bytes, bytes]],
+    availability: bytes,
+) -> bytes:
+    """Encode a PEERS body from plain ``(ip, port, key, bits)`` tuples: the trusted path.
+
+    Produces exactly the bytes ``encode_body(PEERS, Peers(...))`` would, without
+    building a ``PeerEntry`` per peer (that validation was most of a tracker's
+    time per announce). It is for a sender whose entries are valid by
+    construction -- the tracker's index: IPs are ``inet_ntop`` of packed
+    addresses, ports come from two bytes, keys are authenticated 32-byte keys,
+    bitmaps were checked on the way in. The message-level fields and the body
+    size are still checked here (cheap); per-entry fields are not. Receivers
+    validate everything as usual.
+
+    Raises:
+        LocalProtocolError: a message-level field is out of range, or the body
+            exceeds the PEERS limit (send fewer peers).
+    """
+    if (
+        type(content_id) is not bytes
+        or len(content_id) != ev.ID_SIZE
+        or type(interval) is not int
+        or not 1 <= interval <= ev.MAX_INTERVAL
+        or len(peers) > ev.MAX_PEERS
+        or type(availability) is not bytes
+        or len(availability) % 2
+        or len(availability) > ev.MAX_AVAIL_LEN
+    ):
+        raise LocalProtocolError(
+            f"PEERS: invalid message fields (id {len(content_id)} bytes, interval {interval}, "
+            f"{len(peers)} peers, avail {len(availability)} bytes)"
+        )
+    # Same key order and the same packer as the PEERS spec above: tuples pack
+    # as msgpack arrays, so the bytes are identical to the event path.
+    body: bytes = msgpack.packb(
+        {"id": content_id, "interval": interval, "peers": peers, "avail": availability},
+        use_bin_type=True,
+    )
+    if len(body) > MAX_BODY[FrameType.PEERS]:
+        raise LocalProtocolError(
+            f"PEERS body of {len(body)} bytes exceeds the limit of "
+            f"{MAX_BODY[FrameType.PEERS]}; send fewer peers"
         )
     return body
 

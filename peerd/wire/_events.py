@@ -8,8 +8,8 @@ events are hashable and compare by value.
 
 from __future__ import annotations
 
-import ipaddress
 import re
+import socket
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,6 +81,21 @@ _CODE = re.compile(r"[a-z0-9][a-z0-9-]*")
 
 
 # --- validation helpers -------------------------------------------------------
+def is_ip_text(ip: str) -> bool:
+    """True if ``ip`` is a textual IPv4 (dotted quad) or IPv6 address.
+
+    ``inet_pton`` is the C parser the socket layer itself uses: about 0.2 us
+    against ~3 us for ``ipaddress.ip_address`` (a client decodes up to 200 of
+    these per PEERS). It accepts the same forms except IPv6 zone ids
+    (``fe80::1%eth0``), which mean nothing to another host anyway.
+    """
+    try:
+        socket.inet_pton(socket.AF_INET6 if ":" in ip else socket.AF_INET, ip)
+    except (OSError, ValueError):  # ValueError: embedded NUL or non-ASCII text
+        return False
+    return True
+
+
 def _where(obj: object, name: str) -> str:
     return f"{type(obj).__name__}.{name}"
 
@@ -360,10 +375,8 @@ class PeerEntry:
 
     def __post_init__(self) -> None:
         ip = _str(self, "ip", 2, MAX_IP_TEXT)
-        try:
-            ipaddress.ip_address(ip)
-        except ValueError:
-            raise LocalProtocolError(f"PeerEntry.ip is not an IP address: {ip!r}") from None
+        if not is_ip_text(ip):
+            raise LocalProtocolError(f"PeerEntry.ip is not an IP address: {ip!r}")
         _int(self, "port", 0, 65535)
         _bytes(self, "key", KEY_SIZE, KEY_SIZE)
         _bytes(self, "bits", 0, MAX_BITS_LEN)
