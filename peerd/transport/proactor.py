@@ -38,8 +38,8 @@ Theory of operation (the ring machinery is in ``_ring.py``)
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
+import select
 import socket
 from typing import Any
 
@@ -55,8 +55,8 @@ from .reactor import ReactorListener, ReactorStream, ReactorTransport
 __all__ = ["ProactorListener", "ProactorStream", "ProactorTransport", "probe"]
 
 BACKEND = "proactor"
-_PAGE = 4096
-_PIPE_SIZES = (4 << 20, 1 << 20)  # ask for the largest pipe the system grants
+_POLLIN = select.POLLIN
+_POLLOUT = select.POLLOUT
 _MSG_WAITALL = socket.MSG_WAITALL
 _MSG_NOSIGNAL = socket.MSG_NOSIGNAL
 _CANCELLED = (-errno.ECANCELED, -errno.EINTR)
@@ -82,14 +82,13 @@ class ProactorStream(Stream):
     backend = BACKEND
 
     def __init__(self, sock: socket.socket) -> None:
-        sock.setblocking(True)
+        sock.setblocking(False)  # io_uring polls internally; os.sendfile must not block
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._sock = sock
         self._fd = sock.fileno()
         self._ring = current_ring()
         self._inflight = 0
         self._closed = False
-        self._pipe: tuple[int, int, int] | None = None  # (read end, write end, size)
         self.stats = StreamStats(BACKEND)
         self.local_address = addr2(sock.getsockname())
         try:
@@ -125,11 +124,26 @@ class ProactorStream(Stream):
         finally:
             self._inflight -= 1
 
-    async def _one(self, fn: Any, args: tuple[Any, ...], keep: object, what: str) -> int:
-        res = (await self._run([(fn, args)], keep, what))[0]
+    async def _one(
+        self, fn: Any, args: tuple[Any, ...], keep: object, what: str, events: int
+    ) -> int:
+        while True:
+            res = (await self._run([(fn, args)], keep, what))[0]
+            if res != -errno.EAGAIN:
+                break
+            # readv/writev honour O_NONBLOCK (recv/send poll inside io_uring):
+            # wait for readiness through the ring, then retry.
+            await self._wait(events, what)
         if res < 0:
             raise self._failure(res, what)
         return res
+
+    async def _wait(self, events: int, what: str) -> None:
+        res = (await self._run([(_ring.L.io_uring_prep_poll_add, (self._fd, events))], None, what))[
+            0
+        ]
+        if res < 0:
+            raise self._failure(res, what)
 
     # -- receiving -----------------------------------------------------------------
     async def recv_into(self, buf: Any, nbytes: int = 0) -> int:
@@ -143,10 +157,14 @@ class ProactorStream(Stream):
             return 0
         whole = _whole_bytearray(view)
         if whole is not None:
-            n = await self._one(_ring.L.io_uring_prep_recv, (self._fd, whole, 0), view, "recv")
+            n = await self._one(
+                _ring.L.io_uring_prep_recv, (self._fd, whole, 0), view, "recv", _POLLIN
+            )
         else:
             iov = _ring.L.Iovec([view])
-            n = await self._one(_ring.L.io_uring_prep_readv, (self._fd, iov), (view, iov), "recv")
+            n = await self._one(
+                _ring.L.io_uring_prep_readv, (self._fd, iov), (view, iov), "recv", _POLLIN
+            )
         self.stats.recv_ops += 1
         self.stats.bytes_received += n
         return n
@@ -159,7 +177,7 @@ class ProactorStream(Stream):
         if whole is not None and total:
             # One op fills it all unless EOF, reset or a signal cuts it short.
             got = await self._one(
-                _ring.L.io_uring_prep_recv, (self._fd, whole, _MSG_WAITALL), view, "recv"
+                _ring.L.io_uring_prep_recv, (self._fd, whole, _MSG_WAITALL), view, "recv", _POLLIN
             )
             self.stats.recv_ops += 1
             self.stats.bytes_received += got
@@ -189,85 +207,48 @@ class ProactorStream(Stream):
         if type(data) in (bytes, bytearray):
             flags = _MSG_WAITALL | _MSG_NOSIGNAL
             sent = await self._one(
-                _ring.L.io_uring_prep_send, (self._fd, data, flags), view, "send"
+                _ring.L.io_uring_prep_send, (self._fd, data, flags), view, "send", _POLLOUT
             )
             self.stats.send_ops += 1
             self.stats.bytes_sent += sent
         while sent < total:
             rest = view[sent:]
             iov = _ring.L.Iovec([rest])
-            n = await self._one(_ring.L.io_uring_prep_writev, (self._fd, iov), (rest, iov), "send")
+            n = await self._one(
+                _ring.L.io_uring_prep_writev, (self._fd, iov), (rest, iov), "send", _POLLOUT
+            )
             sent += n
             self.stats.send_ops += 1
             self.stats.bytes_sent += n
 
-    def _get_pipe(self) -> tuple[int, int, int]:
-        if self._pipe is None:
-            r, w = os.pipe2(os.O_CLOEXEC)
-            size = fcntl.fcntl(w, fcntl.F_GETPIPE_SZ)
-            for want in _PIPE_SIZES:
-                try:
-                    size = fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, want)
-                    break
-                except OSError:
-                    continue
-            self._pipe = (r, w, size)
-        return self._pipe
-
-    def _drop_pipe(self) -> None:
-        if self._pipe is not None:
-            r, w, _ = self._pipe
-            self._pipe = None
-            os.close(r)
-            os.close(w)
-
     async def sendfile(self, fd: int, offset: int, count: int) -> None:
         if offset < 0 or count < 0:
             raise ValueError("offset and count must be >= 0")
-        if count == 0:
-            await trio.lowlevel.checkpoint()
-            return
+        await trio.lowlevel.checkpoint_if_cancelled()
         end = offset + count
-        splice = _ring.L.io_uring_prep_splice
+        waited = False
         while offset < end:
-            pr, pw, size = self._get_pipe()
-            # The pipe is empty here; a misaligned range needs one extra page slot.
-            n = min(end - offset, size - _PAGE)
-            steps = [
-                (splice, (fd, offset, pw, -1, n, 0)),
-                (splice, (pr, -1, self._fd, -1, n, 0)),
-            ]
+            if self._closed:
+                raise ConnectionClosed("sendfile: stream is closed")
             try:
-                filled, sent = await self._run(steps, None, "sendfile")
-            except BaseException:
-                self._drop_pipe()  # it may still hold bytes we will never send
-                raise
-            if filled <= 0:
-                if filled < 0:
-                    self._drop_pipe()
-                if self._closed:
-                    raise ConnectionClosed("sendfile: stream is closed")
-                if filled == 0:
-                    raise StorageError(
-                        f"sendfile: file ended at offset {offset}, {end - offset} bytes short"
-                    )
-                raise StorageError(f"sendfile: cannot read file: {os.strerror(-filled)}")
-            if sent < 0 and sent != -errno.ECANCELED:  # a socket error, not a broken link
-                self._drop_pipe()
-                raise self._failure(sent, "sendfile")
-            sent = max(sent, 0)
-            while sent < filled:  # short first splice broke the link, or a short send
-                try:
-                    more = await self._one(
-                        splice, (pr, -1, self._fd, -1, filled - sent, 0), None, "sendfile"
-                    )
-                except BaseException:
-                    self._drop_pipe()
-                    raise
-                sent += more
-            offset += filled
+                n = os.sendfile(self._fd, fd, offset, end - offset)
+            except BlockingIOError:
+                waited = True
+                await self._wait(_POLLOUT, "sendfile")
+                continue
+            except OSError as exc:
+                if exc.errno in (errno.EBADF, errno.EINVAL):
+                    raise StorageError(f"sendfile: cannot read file: {exc.strerror}") from exc
+                raise stream_error(exc, "sendfile") from exc
+            if n == 0:
+                raise StorageError(
+                    f"sendfile: file ended at offset {offset}, {end - offset} bytes short"
+                )
+            offset += n
             self.stats.send_ops += 1
-            self.stats.bytes_sent += filled
+            self.stats.bytes_sent += n
+        if not waited:
+            await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def send_eof(self) -> None:
         await trio.lowlevel.checkpoint_if_cancelled()
@@ -285,10 +266,7 @@ class ProactorStream(Stream):
             self._closed = True
             if self._inflight:
                 self._ring.cancel_fd(self._fd)  # must precede close (see module doc)
-                if self._pipe is not None:
-                    self._ring.cancel_fd(self._pipe[1])
             self._sock.close()
-            self._drop_pipe()
         await trio.lowlevel.checkpoint()
 
 
