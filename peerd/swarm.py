@@ -352,6 +352,9 @@ class Content:
         interval = 30.0
         last = -math.inf
         completed_sent = self.picker is None
+        # Downloading with no peer at all (none known yet, or all gone): ask the
+        # tracker again soon, backing off, instead of waiting a whole interval.
+        lonely_retry = 1.0
         while True:
             try:
                 peers = await self.node.announce(self.content_id, event, self.bitfield())
@@ -387,8 +390,17 @@ class Content:
                     break
                 if now >= deadline:
                     break
+                alone = self.picker is not None and not self.sessions and not self.connecting
+                if alone and now - last >= lonely_retry:
+                    lonely_retry = min(lonely_retry * 2, interval, 30.0)
+                    break
+                if not alone:
+                    lonely_retry = 1.0
+                wait = min(deadline - now, PROGRESS_EVERY)
+                if alone:
+                    wait = min(wait, last + lonely_retry - now)
                 self._tracker_wake = trio.Event()
-                with trio.move_on_after(min(deadline - now, PROGRESS_EVERY)):
+                with trio.move_on_after(max(wait, 0.0)):
                     await self._tracker_wake.wait()
 
     def _connect_to(self, entries: tuple) -> None:  # type: ignore[type-arg]
