@@ -141,7 +141,9 @@ class ChunkStore:
         return store
 
     def _open_sync(self) -> None:
-        if self.path.exists() and not self.force:
+        if self._interrupted_finish():
+            pass  # PATH was our own link to the part file: resume from the part file
+        elif self.path.exists() and not self.force:
             raise StorageError(f"{self.path} already exists; use --force to overwrite it")
         if not self.path.parent.is_dir():
             raise StorageError(f"directory {self.path.parent} does not exist")
@@ -165,6 +167,20 @@ class ChunkStore:
             self.direct_fd = os.open(self.part_path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
         except OSError:
             self.direct_fd = -1  # no O_DIRECT here (tmpfs): buffered writes only
+
+    def _interrupted_finish(self) -> bool:
+        """Undo a finish cut short between linking PATH and removing PATH.part.
+
+        Both names are then the same complete file; dropping the PATH link loses
+        nothing, and the resume below re-verifies the part file and links it again.
+        """
+        try:
+            if not os.path.samefile(self.path, self.part_path):
+                return False
+            os.unlink(self.path)
+        except OSError:
+            return False
+        return True
 
     def _load_state(self) -> list[int]:
         try:
@@ -282,6 +298,9 @@ class ChunkStore:
                     raise StorageError(
                         f"{self.path} appeared while downloading; use --force to overwrite it"
                     ) from None
+                # The state goes before the part file: a crash in between leaves
+                # PATH and PATH.part as one file, which the next open recognises.
+                self._unlink_state()
                 os.unlink(self.part_path)
             dfd = os.open(self.path.parent, os.O_RDONLY)
             try:
@@ -290,12 +309,15 @@ class ChunkStore:
                 os.close(dfd)
         except OSError as exc:
             raise describe_os_error(exc, f"moving the download to {self.path}") from None
+        self._unlink_state()
+        self._dirty = False
+        return self.path
+
+    def _unlink_state(self) -> None:
         try:
             self.state_path.unlink()
         except FileNotFoundError:
             pass
-        self._dirty = False
-        return self.path
 
     def close(self) -> None:
         """Flush state and close the part file (the part file stays for resume)."""
