@@ -119,17 +119,34 @@ def run_trio(main: Callable[[], Awaitable[Any]], *, interrupt_ok: bool = False) 
         return result
 
     try:
-        result = trio.run(wrapper, strict_exception_groups=False)
-    except PeerError as exc:
-        fail(str(exc))
-    except OSError as exc:
-        fail(f"{exc.strerror or exc}")
+        result = trio.run(wrapper)
+    except (PeerError, OSError, BaseExceptionGroup) as exc:
+        expected = _expected_error(exc)
+        if expected is None:
+            raise
+        if isinstance(expected, PeerError):
+            fail(str(expected))
+        fail(f"{expected.strerror or expected}")
     if interrupted and not interrupt_ok:
         fail(
             "interrupted; verified chunks are kept: run the same command again to resume",
             EXIT_INTERRUPTED,
         )
     return result
+
+
+def _expected_error(exc: BaseException) -> PeerError | OSError | None:
+    """The first expected failure in ``exc`` (unwrapping nursery exception groups).
+
+    None when anything else is in there: that is a bug and keeps its traceback.
+    """
+    if isinstance(exc, PeerError | OSError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        found = [_expected_error(e) for e in exc.exceptions]
+        if found and all(f is not None for f in found):
+            return found[0]
+    return None
 
 
 def _transport(name: str | None):  # type: ignore[no-untyped-def]
