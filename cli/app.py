@@ -124,9 +124,9 @@ def run_trio(main: Callable[[], Awaitable[Any]], *, interrupt_ok: bool = False) 
         expected = _expected_error(exc)
         if expected is None:
             raise
-        if isinstance(expected, PeerError):
-            fail(str(expected))
-        fail(f"{expected.strerror or expected}")
+        if isinstance(expected, OSError):
+            fail(f"{expected.strerror or expected}")
+        fail(str(expected))
     if interrupted and not interrupt_ok:
         fail(
             "interrupted; verified chunks are kept: run the same command again to resume",
