@@ -15,7 +15,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import trio
 import typer
@@ -23,6 +23,9 @@ import typer
 from peerd.errors import PeerError
 from peerd.identity import Identity, parse_public_key, peer_home
 from peerd.ratelimit import parse_rate
+
+if TYPE_CHECKING:
+    from peerd.node import Node
 
 app = typer.Typer(
     add_completion=False,
@@ -159,6 +162,31 @@ def _identity() -> Identity:
     return Identity.load_or_create(peer_home())
 
 
+def make_node(
+    tracker: str | None,
+    host: str,
+    port: int,
+    transport: str | None,
+    up_limit: str | None,
+    down_limit: str | None,
+) -> Node:
+    """Parse the options every networked command shares and build the node.
+
+    Raises:
+        PeerError: a bad option, an unusable key file or transport.
+    """
+
+    return Node(
+        _identity(),
+        _transport(transport),
+        host=host,
+        port=port,
+        tracker=parse_tracker(tracker),
+        up_limit=parse_limit(up_limit, "--up-limit"),
+        down_limit=parse_limit(down_limit, "--down-limit"),
+    )
+
+
 # --- commands ---------------------------------------------------------------------
 @app.command("id")
 def cmd_id() -> None:
@@ -187,7 +215,6 @@ def cmd_share(
     """Share a file: print its content id, then seed until Ctrl-C."""
     setup_logging(verbose)
     from peerd.daemon import try_daemon_share
-    from peerd.node import Node
     from peerd.share import share_file
 
     try:
@@ -196,26 +223,14 @@ def cmd_share(
             typer.echo(handed)
             typer.echo(f"shared by the running daemon; get it with: peer get {handed}", err=True)
             return
-        tracker_addr = parse_tracker(tracker)
-        up, down = parse_limit(up_limit, "--up-limit"), parse_limit(down_limit, "--down-limit")
-        identity = _identity()
-        backend = _transport(transport)
+        node = make_node(tracker, host, port, transport, up_limit, down_limit)
     except PeerError as exc:
         fail(str(exc))
 
     async def main() -> None:
-        node = Node(
-            identity,
-            backend,
-            host=host,
-            port=port,
-            tracker=tracker_addr,
-            up_limit=up,
-            down_limit=down,
-        )
         async with trio.open_nursery() as nursery:
             await nursery.start(node.run)
-            content = await share_file(node, identity, path, algo=hash_algo)
+            content = await share_file(node, node.identity, path, algo=hash_algo)
             cid = content.content_id.hex()
             print(cid, flush=True)
             print(
@@ -260,29 +275,16 @@ def cmd_get(
     """Download a file from every useful peer at once, verifying every chunk."""
     setup_logging(verbose)
     from peerd.download import download
-    from peerd.node import Node
     from peerd.progress import ProgressView
 
     try:
-        tracker_addr = parse_tracker(tracker)
         trust_key = parse_public_key(trust) if trust else None
-        up, down = parse_limit(up_limit, "--up-limit"), parse_limit(down_limit, "--down-limit")
-        identity = _identity()
-        backend = _transport(transport)
+        node = make_node(tracker, host, port, transport, up_limit, down_limit)
     except PeerError as exc:
         fail(str(exc))
     show_progress = not as_json and sys.stderr.isatty()
 
     async def main() -> Any:
-        node = Node(
-            identity,
-            backend,
-            host=host,
-            port=port,
-            tracker=tracker_addr,
-            up_limit=up,
-            down_limit=down,
-        )
         async with trio.open_nursery() as nursery:
             await nursery.start(node.run)
             view = ProgressView(enabled=show_progress)
@@ -343,29 +345,16 @@ def cmd_daemon(
     """Run a long-lived node for this $PEER_HOME (control it with status, ls, stop)."""
     setup_logging(verbose)
     from peerd.daemon import run_daemon
-    from peerd.node import Node
 
     try:
-        tracker_addr = parse_tracker(tracker)
-        up, down = parse_limit(up_limit, "--up-limit"), parse_limit(down_limit, "--down-limit")
-        identity = _identity()
-        backend = _transport(transport)
+        node = make_node(tracker, host, port, transport, up_limit, down_limit)
     except PeerError as exc:
         fail(str(exc))
     home = peer_home()
 
     async def main() -> None:
-        node = Node(
-            identity,
-            backend,
-            host=host,
-            port=port,
-            tracker=tracker_addr,
-            up_limit=up,
-            down_limit=down,
-        )
         print(f"daemon for {home} starting", file=sys.stderr, flush=True)
-        await run_daemon(home, node, identity)
+        await run_daemon(home, node, node.identity)
 
     run_trio(main, interrupt_ok=True)
 
