@@ -175,6 +175,7 @@ def make_node(
     Raises:
         PeerError: a bad option, an unusable key file or transport.
     """
+    from peerd.node import Node
 
     return Node(
         _identity(),
