@@ -57,6 +57,9 @@ except ImportError:  # pragma: no cover - depends on the machine
 __all__ = ["Ring", "current_ring", "probe"]
 
 RING_ENTRIES = 1024  # CQ is twice that; overflow is handled by the kernel anyway
+# Only the Trio thread submits, and it enters the kernel often (epoll_wait,
+# submits): completion work can wait for that instead of interrupting it.
+_SETUP_FLAGS = (L.IORING_SETUP_COOP_TASKRUN | L.IORING_SETUP_SINGLE_ISSUER) if L is not None else 0
 _CANCEL_UID = 0  # user_data of cancel requests and neutralised SQEs (ignored)
 
 Step = tuple[Callable[..., Any], tuple[Any, ...]]
@@ -145,7 +148,13 @@ class Ring:
         assert L is not None
         self._ring = L.Ring()
         self._cqe = L.Cqe()
-        L.io_uring_queue_init(RING_ENTRIES, self._ring, 0)
+        try:
+            L.io_uring_queue_init(RING_ENTRIES, self._ring, _SETUP_FLAGS)
+        except OSError as exc:  # kernel older than 6.0: plain ring
+            if exc.errno != errno.EINVAL:
+                raise
+            self._ring = L.Ring()
+            L.io_uring_queue_init(RING_ENTRIES, self._ring, 0)
         self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         L.io_uring_register_eventfd(self._ring, self._efd)
         self._uids = itertools.count(1)

@@ -17,7 +17,7 @@ from typing import Any
 
 import trio
 
-from peerd.errors import StorageError, TransportError, TransportTimeout
+from peerd.errors import ConnectionClosed, StorageError, TransportError, TransportTimeout
 
 from ._base import (
     DEFAULT_BACKLOG,
@@ -36,6 +36,9 @@ from ._base import (
 __all__ = ["ReactorListener", "ReactorStream", "ReactorTransport"]
 
 BACKEND = "reactor"
+# recv_exactly_into raises SO_RCVLOWAT up to this many bytes, so epoll reports
+# the socket readable (and the kernel wakes us) only once that much is queued.
+LOWAT_CAP = 512 * 1024
 
 
 class ReactorStream(Stream):
@@ -46,6 +49,7 @@ class ReactorStream(Stream):
     def __init__(self, sock: trio.socket.SocketType) -> None:
         self._sock = sock
         self.stats = StreamStats(BACKEND)
+        self._lowat = 1  # the socket's current SO_RCVLOWAT
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.local_address = addr2(sock.getsockname())
         try:
@@ -57,12 +61,44 @@ class ReactorStream(Stream):
         """The socket's file descriptor (-1 once closed)."""
         return self._sock.fileno()
 
+    def _set_lowat(self, lowat: int) -> None:
+        if lowat != self._lowat and self._sock.fileno() >= 0:
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, lowat)
+            self._lowat = lowat
+
     async def recv_into(self, buf: Any, nbytes: int = 0) -> int:
         with translating("recv"):
+            self._set_lowat(1)
             n = await self._sock.recv_into(buf, nbytes)
         self.stats.recv_ops += 1
         self.stats.bytes_received += n
         return n
+
+    async def recv_exactly_into(self, buf: Any) -> None:
+        # Same contract as the base version. The low-water mark is the bytes
+        # still missing (capped): a receiver that is slower than the network
+        # (e.g. one that hashes every chunk) otherwise wakes, schedules and
+        # recv()s for every few segments that arrive, each a Trio task switch.
+        # It never exceeds what we still expect, so it cannot wait for bytes
+        # the peer will not send; the kernel also wakes us early when the
+        # receive window is nearly shut, so a lowat larger than the window
+        # cannot stall the sender.
+        view = memoryview(buf).cast("B")
+        total = len(view)
+        got = 0
+        with translating("recv"):
+            while got < total:
+                self._set_lowat(min(total - got, LOWAT_CAP))
+                n = await self._sock.recv_into(view[got:])
+                self.stats.recv_ops += 1
+                self.stats.bytes_received += n
+                if n == 0:
+                    raise ConnectionClosed(
+                        f"connection closed by peer after {got} of {total} expected bytes"
+                    )
+                got += n
+        if total == 0:
+            await trio.lowlevel.checkpoint()
 
     async def send_all(self, data: Any) -> None:
         with memoryview(data) as view, view.cast("B") as flat:
