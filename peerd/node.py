@@ -51,6 +51,7 @@ HANDSHAKE_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 10.0
 MAX_INBOUND = 512
 MAX_INBOUND_PER_ADDRESS = 256
+TRACKER_PROBE_EVERY = 5.0  # how soon a restarted tracker hears from us again
 PROOF_CONTEXT = b"peer-hello-v1\0"
 
 
@@ -94,6 +95,9 @@ class Node:
         self._scopes: dict[bytes, trio.CancelScope] = {}
         self._tracker: TrackerClient | None = None
         self._tracker_lock = trio.Lock()
+        # Counts tracker connections made; a content that announced on an older
+        # one announces again (a restarted tracker has forgotten every peer).
+        self.tracker_epoch = 0
         self._inbound = 0
         self._per_address: Counter[str] = Counter()
         self.nursery: trio.Nursery
@@ -112,6 +116,7 @@ class Node:
                     self.transport.serve, self.host, self.port, self._handle_inbound
                 )
                 self.port = listener.port
+                nursery.start_soon(self._tracker_watch)
                 task_status.started(self)
         finally:
             with trio.CancelScope(shield=True):
@@ -165,6 +170,9 @@ class Node:
                     timeout=CONNECT_TIMEOUT,
                     source_host=self.source_host,
                 )
+                self.tracker_epoch += 1
+                for content in self.contents.values():
+                    content.wake_tracker_loop()
             client = self._tracker
         try:
             return await fn(client)  # type: ignore[misc]
@@ -175,6 +183,28 @@ class Node:
         except TransportError as exc:
             await self._drop_tracker(client)
             raise TrackerError("unreachable", f"lost the tracker connection: {exc}") from exc
+
+    async def _tracker_watch(self) -> None:
+        """Notice a lost tracker connection even when nothing else talks to it.
+
+        A seeder only announces every interval (a minute), so a tracker that
+        restarted would not know it for that long. A tiny SCRAPE every few
+        seconds finds the dead connection; the next probe reconnects, and the
+        new epoch makes every content announce again.
+        """
+        while True:
+            await trio.sleep(TRACKER_PROBE_EVERY)
+            if not self.contents:
+                continue
+            cid = next(iter(self.contents))
+
+            async def probe(client: TrackerClient, cid: bytes = cid) -> object:
+                return await client.scrape([cid])
+
+            try:
+                await self.tracker_call(probe)
+            except PeerError as exc:
+                log.debug("tracker probe failed: %s", exc)
 
     async def _drop_tracker(self, client: TrackerClient) -> None:
         if self._tracker is client:

@@ -125,6 +125,10 @@ class Content:
     def bitfield(self) -> bytes:
         return bits_from_flags(self.have)
 
+    def wake_tracker_loop(self) -> None:
+        """Let the tracker loop look again now (e.g. the tracker connection is new)."""
+        self._tracker_wake.set()
+
     # --- running ---------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Announce, connect, time out requests; until cancelled."""
@@ -364,6 +368,7 @@ class Content:
                 backoff = min(backoff * 2, 30.0)
                 continue
             backoff = 1.0
+            epoch = self.node.tracker_epoch
             last = trio.current_time()
             self._progress_pending = False
             if peers is not None:
@@ -389,6 +394,9 @@ class Content:
                     event = "progress"
                     break
                 if now >= deadline:
+                    break
+                if self.node.tracker_epoch != epoch:
+                    event = "started"  # a new tracker connection: maybe a new tracker
                     break
                 alone = self.picker is not None and not self.sessions and not self.connecting
                 if alone and now - last >= lonely_retry:
