@@ -271,10 +271,12 @@ class PeerSession:
             if self._uploads:
                 index, offset, length = self._uploads.popleft()
                 source = content.source
+                await content.node.up_limiter.consume(length)
+                # Checked after the rate-limit wait, right before the bytes go out:
+                # the shared file may have changed while we waited.
                 if not content.can_serve(index):
                     self.send_control(Reject(index, offset, length, "missing"))
                     continue
-                await content.node.up_limiter.consume(length)
                 await stream.send_all(self.conn.send(DataHeader(index, offset, length)))
                 await stream.sendfile(source.fd, index * content.info.chunk_size + offset, length)
                 self.sent_bytes += length
