@@ -575,3 +575,64 @@ async def test_pread_into_and_pwrite(transport: Transport, tmp_path: Any) -> Non
         os.close(fd)
     with pytest.raises(StorageError):
         await transport.pread_into(fd, bytearray(10), 0)  # closed fd
+
+
+async def test_sendfile_waiting_on_a_full_socket_is_cancellable(
+    transport: Transport, tmp_path: Any
+) -> None:
+    size = 64 * MiB  # sparse: more than loopback socket buffers hold
+    path = tmp_path / "big.bin"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    os.ftruncate(fd, size)
+    a, b = await stream_pair(transport)
+    try:
+        async with a, b:
+            with trio.move_on_after(0.3) as scope:
+                await a.sendfile(fd, 0, size)  # nobody reads: the socket fills up
+            assert scope.cancelled_caught
+            assert 0 < a.stats.bytes_sent < size
+            got = bytearray(a.stats.bytes_sent)  # what went out arrives intact
+            with trio.fail_after(10):
+                await b.recv_exactly_into(got)
+            assert got.count(0) == len(got)
+            await a.send_all(b"!")  # the stream is still usable
+            assert await b.receive_some(1) == b"!"
+    finally:
+        os.close(fd)
+
+
+async def test_exact_receive_of_a_trickle_then_small_receive_returns_promptly(
+    transport: Transport,
+) -> None:
+    # recv_exactly_into may raise the socket's receive low-water mark; it must
+    # still finish when the bytes trickle in, and a later small receive_some
+    # must not wait for more bytes than the peer sends.
+    a, b = await stream_pair(transport)
+    data = pattern(9, 700 * 1024)
+    async with a, b:
+        got = bytearray(len(data))
+
+        async def trickle() -> None:
+            for i in range(0, len(data), 100 * 1024):
+                await a.send_all(data[i : i + 100 * 1024])
+                await trio.sleep(0.02)
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trickle)
+                await b.recv_exactly_into(got)
+        assert got == data
+
+        async def send_later(what: bytes) -> None:
+            await trio.sleep(0.05)  # the receiver is parked before the bytes come
+            await a.send_all(what)
+
+        with trio.fail_after(2):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send_later, b"tail")
+                assert await b.receive_some(100) == b"tail"
+        await a.send_all(b"xy")
+        small = bytearray(2)
+        with trio.fail_after(2):
+            await b.recv_exactly_into(small)
+        assert small == b"xy"
