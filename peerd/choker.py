@@ -41,6 +41,16 @@ fresh chunks wait. For a leecher it spreads what it holds more evenly. A
 peer's queue is short (its pipeline depth), so the scan is cheap and a
 peer waits at most one round per fresher request.
 
+**Super-seeding (``super_seed=n``, for the origin seeder).** Fresh first can
+only choose among the requests that are queued, and leechers judge rarity
+from their few neighbours: late in the first pass most of what they ask the
+seeder for is already somewhere in the swarm. So while some of the ``n``
+chunks has been neither sent nor asked for, a request for a chunk that was
+already sent, or is queued by another peer, is refused (the caller answers
+REJECT ``busy``: "retry later or elsewhere"); the requester asks for another
+chunk and gets the refused one from a peer that has it. Once every chunk is
+sent or queued, requests are accepted again and fresh first orders them.
+
 The choker owns the upload queue: requests enter with :meth:`on_request`,
 leave with :meth:`on_cancel` or as the answer of :meth:`next_request`.
 """
@@ -71,6 +81,9 @@ class Choker:
         rechoke_every: seconds between recomputations of the unchoked set.
         optimistic_every: seconds an optimistic unchoke lasts.
         rng: randomness for the optimistic choice (seeded in tests).
+        super_seed: chunks in the content when this node is the origin
+            seeder and should serve every chunk once before any twice
+            (0 = off). Chunk indices must then be below it.
 
     Raises:
         ValueError: ``slots`` is 1 or negative, ``max_queued`` < 1, or a
@@ -86,7 +99,10 @@ class Choker:
         rechoke_every: float = 10.0,
         optimistic_every: float = 30.0,
         rng: random.Random | None = None,
+        super_seed: int = 0,
     ) -> None:
+        if super_seed < 0:
+            raise ValueError("super_seed must be a chunk count (0 = off)")
         if slots < 0 or slots == 1:
             raise ValueError("slots must be 0 (fair share) or at least 2")
         if max_queued < 1:
@@ -103,6 +119,9 @@ class Choker:
         self._served: dict[PeerKey, int] = {}  # peer -> bytes we sent it
         self._rates: dict[PeerKey, float] = {}  # peer -> bytes/s it sends us
         self._sent: dict[int, int] = {}  # chunk index -> times we uploaded it
+        self._queued: dict[int, int] = {}  # chunk index -> requests queued for it
+        self.super_seed = super_seed
+        self._untouched = super_seed  # chunks neither sent nor queued (super-seeding)
         self._turns: deque[PeerKey] = deque()  # round-robin order of waiting peers
         self._unchoked: set[PeerKey] = set()
         self._optimistic: PeerKey | None = None
@@ -123,6 +142,8 @@ class Choker:
         self._unchoked.discard(peer)
         if queue:
             self._turns.remove(peer)
+            for req in queue:
+                self._dequeued(req[0])
         if self._optimistic == peer:
             self._optimistic = None
             self._next_optimistic = float("-inf")
@@ -138,10 +159,31 @@ class Choker:
         queue = self._queues[peer]
         if len(queue) >= self.max_queued:
             return False
+        index = request[0]
+        queued = self._queued.get(index, 0)
+        if self._untouched > 0 and (queued or self._sent.get(index)):
+            return False  # super-seeding: someone already has (or gets) this one
         if not queue:
             self._turns.append(peer)
         queue.append(request)
+        if not queued and self._untouched > 0 and not self._sent.get(index):
+            self._untouched -= 1
+        self._queued[index] = queued + 1
         return True
+
+    def _dequeued(self, index: int) -> None:
+        left = self._queued[index] - 1
+        if left:
+            self._queued[index] = left
+            return
+        del self._queued[index]
+        if self.super_seed and not self._sent.get(index):
+            self._untouched += 1  # cancelled before it was sent: fresh again
+
+    @property
+    def super_seeding(self) -> bool:
+        """True while requests for chunks already sent or queued are refused."""
+        return self._untouched > 0
 
     def on_cancel(self, peer: PeerKey, request: Request) -> bool:
         """Drop a queued request (the peer cancelled it); False if it was not queued."""
@@ -154,6 +196,7 @@ class Choker:
             return False
         if not queue:
             self._turns.remove(peer)
+        self._dequeued(request[0])
         return True
 
     def queued(self, peer: PeerKey) -> int:
@@ -229,5 +272,6 @@ class Choker:
         if queue:
             turns.append(best_peer)
         sent[request[0]] = sent.get(request[0], 0) + 1
+        self._dequeued(request[0])
         self._served[best_peer] += request[2]
         return best_peer, request

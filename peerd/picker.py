@@ -16,6 +16,19 @@ position so that leechers spread over different chunks; the first chunk P
 holds wins. Buckets are lists with a position map, so add/remove are O(1);
 a picked chunk costs O(1) when the peer is a seeder and a short scan otherwise.
 
+Each peer keeps a count of its *useful* chunks (it holds them, we lack them,
+nobody is fetching them): a request for a peer with nothing useful returns at
+once, and a scan stops as soon as it found what the peer can give. In a big
+swarm most top-ups find nothing new, so this keeps the picker's cost
+proportional to the chunks it actually hands out.
+
+Refusals. A peer that answers REJECT ``busy`` for a chunk (its queue is full,
+or it is a seeder serving every chunk once before any twice) should not be
+asked for that chunk again at once: :meth:`refuse` releases the request and
+keeps that (peer, chunk) pair out of :meth:`pick` until a given time, so the
+next request to that peer goes to a different chunk and the refused one is
+fetched from someone else.
+
 Endgame. When no unrequested chunk is left that P holds, P may duplicate a
 request already in flight elsewhere (at most ``endgame_copies`` holders per
 chunk). The first copy to arrive wins; :meth:`chunk_received` returns the
@@ -77,6 +90,8 @@ def bits_from_flags(flags: bytes | bytearray) -> bytes:
 class _Peer:
     flags: bytearray
     inflight: set[int] = field(default_factory=set)
+    useful: int = 0  # chunks it holds that are missing and unrequested here
+    refused: dict[int, float] | None = None  # chunk -> not before this time
 
 
 class PiecePicker:
@@ -112,6 +127,7 @@ class PiecePicker:
         self._buckets: dict[int, list[int]] = {}
         self._pos = [-1] * num_chunks  # index inside its bucket, -1 if not in one
         self._bucket_of = [0] * num_chunks
+        self._earliest = float("inf")  # lower bound on every request deadline
         self.missing = num_chunks - sum(self.have)
         for i in range(num_chunks):
             if not self.have[i]:
@@ -122,6 +138,22 @@ class PiecePicker:
         # Connected peers dominate; swarm-wide counts only break ties among
         # chunks nobody connected holds yet (both capped so keys stay small).
         return min(self.avail[i], 1000) * 16 + min(self._swarm_weight[i], 15)
+
+    def _open(self, i: int) -> None:
+        """Chunk ``i`` became requestable: it counts as useful for its holders."""
+        self._bucket_add(i)
+        for q in self._peers.values():
+            if q.flags[i]:
+                q.useful += 1
+
+    def _close(self, i: int) -> None:
+        """Chunk ``i`` is no longer requestable (in flight or held)."""
+        if self._pos[i] < 0:
+            return
+        self._bucket_remove(i)
+        for q in self._peers.values():
+            if q.flags[i]:
+                q.useful -= 1
 
     def _bucket_add(self, i: int) -> None:
         key = self._key(i)
@@ -165,12 +197,16 @@ class PiecePicker:
         f = bytearray(flags) if flags is not None else bytearray(self.num_chunks)
         if len(f) != self.num_chunks:
             raise ValueError("peer flags must have one entry per chunk")
-        self._peers[peer] = _Peer(f)
-        avail, have, pos = self.avail, self.have, self._pos
-        for i in (j for j, v in enumerate(f) if v):
+        p = _Peer(f)
+        self._peers[peer] = p
+        avail, pos = self.avail, self._pos
+        i = f.find(1)
+        while i >= 0:
             avail[i] += 1
-            if not have[i] and pos[i] >= 0:
+            if pos[i] >= 0:
+                p.useful += 1
                 self._rebucket(i)
+            i = f.find(1, i + 1)
 
     def peer_has(self, peer: PeerKey, index: int) -> None:
         """The peer announced (HAVE) one more chunk."""
@@ -179,22 +215,37 @@ class PiecePicker:
             return
         p.flags[index] = 1
         self.avail[index] += 1
-        self._rebucket(index)
+        if self._pos[index] >= 0:
+            p.useful += 1
+            self._rebucket(index)
+
+    def peer_lacks(self, peer: PeerKey, index: int) -> bool:
+        """Might the peer still want chunk ``index``? (False once it said it has it.)
+
+        A HAVE for a chunk the remote already holds tells it nothing it can
+        use (it never requests what it has), so the caller may skip it.
+        """
+        p = self._peers.get(peer)
+        return p is None or not p.flags[index]
 
     def remove_peer(self, peer: PeerKey) -> list[int]:
         """A connection is gone; its in-flight chunks become requestable again."""
         p = self._peers.pop(peer, None)
         if p is None:
             return []
-        for i in (j for j, v in enumerate(p.flags) if v):
-            self.avail[i] -= 1
+        avail, f = self.avail, p.flags
+        i = f.find(1)
+        while i >= 0:
+            avail[i] -= 1
             self._rebucket(i)
+            i = f.find(1, i + 1)
         released = sorted(p.inflight)
         for i in released:
-            self._release(peer, i)
+            self._release(peer, p, i)
         return released
 
     def peer_flags(self, peer: PeerKey) -> bytearray | None:
+        """The peer's chunk flags (live; only change them after :meth:`remove_peer`)."""
         p = self._peers.get(peer)
         return p.flags if p is not None else None
 
@@ -224,36 +275,49 @@ class PiecePicker:
         """Choose up to ``count`` chunks to request from ``peer``.
 
         The chosen chunks are marked in flight from ``peer`` with deadline
-        ``now + timeout``.
+        ``now + timeout``. Chunks the peer refused (:meth:`refuse`) are not
+        asked of it again before their time.
         """
         p = self._peers.get(peer)
         if p is None or count <= 0:
             return []
         chosen: list[int] = []
-        flags = p.flags
+        if p.useful:
+            chosen = self._pick_rarest(peer, p, min(count, p.useful), now, now + timeout)
+        if len(chosen) < count and not self._buckets:
+            chosen.extend(self._pick_endgame(peer, p, count - len(chosen), now + timeout))
+        return chosen
+
+    def _pick_rarest(
+        self, peer: PeerKey, p: _Peer, count: int, now: float, deadline: float
+    ) -> list[int]:
+        chosen: list[int] = []
+        flags, refused = p.flags, p.refused
         for key in sorted(self._buckets):
-            if len(chosen) >= count:
-                break
             bucket = self._buckets.get(key)
             if not bucket:
                 continue
             # Scan from a random start; removals swap the last element in,
-            # so walk a snapshot of candidates instead of live positions.
+            # so collect first and mark afterwards.
             n = len(bucket)
             start = self._rng.randrange(n)
             picked_here: list[int] = []
             for k in range(n):
                 i = bucket[(start + k) % n]
                 if flags[i]:
+                    if refused and i in refused:
+                        if refused[i] > now:
+                            continue
+                        del refused[i]
                     picked_here.append(i)
                     if len(chosen) + len(picked_here) >= count:
                         break
             for i in picked_here:
-                self._bucket_remove(i)
-                self._mark(peer, p, i, now + timeout)
+                self._close(i)
+                self._mark(peer, p, i, deadline)
             chosen.extend(picked_here)
-        if len(chosen) < count and not self._buckets:
-            chosen.extend(self._pick_endgame(peer, p, count - len(chosen), now + timeout))
+            if len(chosen) >= count:
+                break
         return chosen
 
     def _pick_endgame(self, peer: PeerKey, p: _Peer, count: int, deadline: float) -> list[int]:
@@ -273,19 +337,20 @@ class PiecePicker:
     def _mark(self, peer: PeerKey, p: _Peer, i: int, deadline: float) -> None:
         self._inflight.setdefault(i, {})[peer] = deadline
         p.inflight.add(i)
+        if deadline < self._earliest:
+            self._earliest = deadline
 
-    def _release(self, peer: PeerKey, i: int) -> None:
+    def _release(self, peer: PeerKey, p: _Peer | None, i: int) -> None:
         holders = self._inflight.get(i)
         if holders is None or peer not in holders:
             return
         del holders[peer]
-        p = self._peers.get(peer)
         if p is not None:
             p.inflight.discard(i)
         if not holders:
             del self._inflight[i]
             if not self.have[i] and self._pos[i] < 0:
-                self._bucket_add(i)
+                self._open(i)
 
     def is_requested(self, peer: PeerKey, index: int) -> bool:
         holders = self._inflight.get(index)
@@ -293,7 +358,19 @@ class PiecePicker:
 
     def cancel(self, peer: PeerKey, index: int) -> None:
         """The request is void (rejected, cancelled, timed out, failed hash)."""
-        self._release(peer, index)
+        self._release(peer, self._peers.get(peer), index)
+
+    def refuse(self, peer: PeerKey, index: int, until: float) -> None:
+        """The peer refused chunk ``index`` (REJECT ``busy``): release it, and do
+        not ask that peer for it again before ``until`` (other peers may be
+        asked at once)."""
+        p = self._peers.get(peer)
+        if p is None:
+            return
+        if p.refused is None:
+            p.refused = {}
+        p.refused[index] = until
+        self._release(peer, p, index)
 
     def chunk_received(self, peer: PeerKey, index: int) -> list[PeerKey]:
         """A verified chunk from ``peer`` is stored.
@@ -305,7 +382,7 @@ class PiecePicker:
             qp = self._peers.get(q)
             if qp is not None:
                 qp.inflight.discard(index)
-        self._bucket_remove(index)
+        self._close(index)
         if not self.have[index]:
             self.have[index] = 1
             self.missing -= 1
@@ -313,12 +390,18 @@ class PiecePicker:
 
     def expired(self, now: float) -> list[tuple[PeerKey, int]]:
         """Requests whose deadline has passed (not released: call cancel)."""
-        return [
-            (peer, i)
-            for i, holders in self._inflight.items()
-            for peer, deadline in holders.items()
-            if deadline <= now
-        ]
+        if now < self._earliest:
+            return []  # the common case, without walking every request
+        out: list[tuple[PeerKey, int]] = []
+        earliest = float("inf")
+        for i, holders in self._inflight.items():
+            for peer, deadline in holders.items():
+                if deadline <= now:
+                    out.append((peer, i))
+                if deadline < earliest:
+                    earliest = deadline
+        self._earliest = earliest
+        return out
 
     def next_deadline(self) -> float | None:
         """The earliest request deadline, for the caller's timer."""

@@ -60,6 +60,7 @@ from .errors import RemoteProtocolError
 from .identity import Identity, verify_signature
 from .node import PROTOCOL_VERSION, proof_message
 from .picker import PiecePicker, bits_from_flags, flags_from_bits, pipeline_depth
+from .scheduling import BUSY_BACKOFF, choose_dials, next_announce_delay, tracker_want
 from .session import MAX_HAVE_PER_FRAME, MAX_QUEUED_UPLOADS
 from .swarm import PROGRESS_EVERY, REQUEST_TIMEOUT, STALL_TIMEOUT
 from .wire import (
@@ -114,6 +115,16 @@ class SimConfig:
             larger than ``max_peers`` so a late or unlucky node still finds room.
         slots: the choker's upload slots (0 = fair round robin).
         fresh_first: the choker prefers requests for its least-uploaded chunks.
+        super_seed: the seeder serves every chunk once before any twice
+            (``Choker(super_seed=chunks)``; refusals answer REJECT ``busy``).
+        suppress_haves: a HAVE goes only to peers not known to hold the chunk.
+        spread: dial a random subset of a larger tracker answer
+            (:func:`peerd.scheduling.choose_dials`) instead of its first peers.
+        busy_backoff: seconds a refused (peer, chunk) pair is not asked again
+            (0: asked again at once, as before).
+        verify: sign and verify the Ed25519 handshake PROOFs (a 1,000-peer
+            swarm may skip the crypto to save wall time; every message still
+            goes through PeerConnection).
         seed: randomness (identities are fresh; everything else is seeded).
         max_time: virtual seconds after which the run is abandoned
             (0 = 20 times the lower bound).
@@ -130,6 +141,11 @@ class SimConfig:
     max_inbound: int = 64
     slots: int = 0
     fresh_first: bool = True
+    super_seed: bool = True
+    suppress_haves: bool = True
+    spread: bool = True
+    busy_backoff: float = BUSY_BACKOFF
+    verify: bool = True
     seed: int = 1
     max_time: float = 0.0
 
@@ -273,6 +289,7 @@ class Simulation:
                     max_queued=MAX_QUEUED_UPLOADS,
                     fresh_first=c.fresh_first,
                     rng=random.Random(self.rng.random()),
+                    super_seed=c.chunks if seeder and c.super_seed else 0,
                 ),
             )
             self.nodes.append(node)
@@ -374,7 +391,7 @@ class Simulation:
             event,
             bits_from_flags(node.have),
             self.cfg.chunks,
-            self.cfg.max_peers,
+            tracker_want(self.cfg.max_peers) if self.cfg.spread else self.cfg.max_peers,
             self.now,
         )
         self.at(self.now + node.delay, self._on_peers, node, peers, avail)
@@ -385,18 +402,24 @@ class Simulation:
                 int.from_bytes(avail[k : k + 2], "big") for k in range(0, len(avail), 2)
             )
         if node.picker is not None:  # mirrors _connect_to: seeders wait for leechers
-            for ip, port, key, _bits in peers:
-                if key == node.key or key in node.sessions or key in node.connecting or port == 0:
-                    continue
-                if len(node.sessions) + len(node.connecting) >= self.cfg.max_peers:
-                    break
-                self._dial(node, self.by_addr[(ip, port)])
-        interval = self.index.interval
-        if node.picker is not None and len(node.sessions) < self.cfg.max_peers // 2:
-            # NOT in swarm.py yet (proposed): an under-connected leecher asks
-            # again soon instead of waiting a whole interval with no peers.
-            interval = PROGRESS_EVERY
-        self._schedule_announce(node, self.now + interval)
+            cands = [
+                (ip, port)
+                for ip, port, key, _bits in peers
+                if not (key == node.key or key in node.sessions or key in node.connecting)
+                and port != 0
+            ]
+            room = self.cfg.max_peers - len(node.sessions) - len(node.connecting)
+            chosen = choose_dials(cands, room, self.rng) if self.cfg.spread else cands[:room]
+            for addr in chosen:
+                self._dial(node, self.by_addr[addr])
+        # Proposed for swarm.py: an under-connected leecher asks again soon.
+        delay = next_announce_delay(
+            len(node.sessions),
+            self.cfg.max_peers,
+            self.index.interval,
+            downloading=node.picker is not None,
+        )
+        self._schedule_announce(node, self.now + delay)
 
     def _schedule_announce(self, node: _Node, t: float) -> None:
         t = max(t, self.now)
@@ -440,10 +463,14 @@ class Simulation:
                 raise RemoteProtocolError("peer answered with another key or content")
             if s.conn.our_state.value == "await-hello":  # inbound: answer HELLO + PROOF
                 self._send(s, Hello(PROTOCOL_VERSION, s.node.key, 6881, self.content_id, s.nonce))
-            self._send(s, Proof(s.node.identity.sign(proof_message(event.nonce, event.content_id))))
+            if self.cfg.verify:
+                sig = s.node.identity.sign(proof_message(event.nonce, event.content_id))
+            else:
+                sig = bytes(64)  # stated in SimConfig: crypto skipped, framing kept
+            self._send(s, Proof(sig))
         elif isinstance(event, Proof):
             msg = proof_message(s.nonce, self.content_id)
-            if not verify_signature(s.remote.key, event.signature, msg):
+            if self.cfg.verify and not verify_signature(s.remote.key, event.signature, msg):
                 raise RemoteProtocolError("peer's PROOF does not verify")
             self.handshakes += 1
             self._attach(s)
@@ -525,7 +552,11 @@ class Simulation:
         if req not in s.requests or picker is None:
             return
         s.requests.discard(req)
-        picker.cancel(s, event.index)
+        if event.reason == "busy" and self.cfg.busy_backoff > 0:
+            # Proposed for swarm.on_reject: "retry later or elsewhere".
+            picker.refuse(s, event.index, self.now + self.cfg.busy_backoff)
+        else:
+            picker.cancel(s, event.index)
         self._fill_all(s.node)
 
     def _on_request(self, s: _Session, req: tuple[int, int, int]) -> None:
@@ -572,9 +603,12 @@ class Simulation:
                 other.requests.discard(other_req)
                 other.cancelled.append(other_req)
                 self._send(other, Cancel(*other_req))
+        suppress = self.cfg.suppress_haves
         for t in node.sessions.values():
-            t.haves.append(index)
-            self._kick(t)
+            # Proposed for store_chunk: no HAVE to a peer that holds the chunk.
+            if not suppress or picker.peer_lacks(t, index):
+                t.haves.append(index)
+                self._kick(t)
         node.progress_pending = True
         if picker.complete:
             self._finish(node)
