@@ -341,3 +341,92 @@ def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.05) 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(interval)
+
+
+class HostileTracker:
+    """A tracker that serves whatever manifest it is given (for hostile-manifest tests).
+
+    It speaks the tracker conversation from PROTOCOL.md: CHALLENGE, then OK to
+    any AUTH (it does not care who asks), MANIFEST (38) for every
+    GET_MANIFEST, an empty PEERS for every ANNOUNCE, ERROR otherwise.
+    """
+
+    def __init__(self, manifest: bytes) -> None:
+        self.manifest = manifest
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        self.served = 0
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
+
+    def _serve(self, sock: socket.socket) -> None:
+        try:
+            sock.sendall(message(CHALLENGE, v=1, nonce=os.urandom(32)))
+            kind, _ = read_message(sock)
+            assert kind == AUTH
+            sock.sendall(message(OK))
+            while True:
+                kind, body = read_message(sock)
+                if kind == GET_MANIFEST:
+                    self.served += 1
+                    sock.sendall(message(T_MANIFEST, manifest=self.manifest))
+                elif kind == ANNOUNCE:
+                    n = len(body["bits"]) * 8
+                    sock.sendall(
+                        message(PEERS, id=body["id"], interval=60, peers=[], avail=b"\0\0" * n)
+                    )
+                else:
+                    sock.sendall(message(ERROR, code="bad-request", message="hostile tracker"))
+        except (OSError, ConnectionError, AssertionError, ValueError):
+            pass
+        finally:
+            sock.close()
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+def info_bytes(
+    name: Any = "f.bin",
+    size: Any = 100,
+    chunk_size: Any = 16384,
+    algo: Any = "sha256",
+    hashes: Any = None,
+    root: Any = None,
+) -> bytes:
+    """An info map in the canonical key order, with any field values at all."""
+    if hashes is None:
+        hashes = b"\x11" * 32
+    if root is None:
+        root = b"\x22" * 32
+    return msgpack.packb(
+        {
+            "v": 1,
+            "name": name,
+            "size": size,
+            "chunk_size": chunk_size,
+            "algo": algo,
+            "hashes": hashes,
+            "root": root,
+        },
+        use_bin_type=True,
+    )
+
+
+def manifest_bytes(info: bytes, sigs: list[tuple[bytes, bytes]] | None = None) -> bytes:
+    """A manifest map around ``info`` bytes; ``content_id`` is sha256(info)."""
+    return msgpack.packb({"info": info, "sigs": [list(s) for s in sigs or []]}, use_bin_type=True)
+
+
+def signed(info: bytes, key: Key) -> tuple[bytes, bytes]:
+    """A real manifest signature by ``key`` over the content id of ``info``."""
+    cid = hashlib.sha256(info).digest()
+    return key.public, key.sign(b"peer-manifest-v1\x00" + cid)
