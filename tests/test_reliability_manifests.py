@@ -48,8 +48,20 @@ def _get(
 ) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PEER_HOME=str(home), PEER_TRANSPORT="reactor")
     return subprocess.run(
-        [sys.executable, "-m", "peerd", "get", cid, "-o", str(out), "--timeout", "5", *extra]
-        + ["--tracker", f"127.0.0.1:{tracker_port}"],
+        [
+            sys.executable,
+            "-m",
+            "peerd",
+            "get",
+            cid,
+            "-o",
+            str(out),
+            "--timeout",
+            "5",
+            *extra,
+            "--tracker",
+            f"127.0.0.1:{tracker_port}",
+        ],
         env=env,
         capture_output=True,
         text=True,
