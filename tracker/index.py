@@ -7,12 +7,24 @@ from any monotonic clock) so expiry is deterministic in tests.
 
 Memory is the constraint (hundreds of thousands of entries), so a swarm is not
 a dict of peer objects but a handful of parallel packed arrays indexed by a
-*slot* number: ``bits`` (one bytearray, ``nbytes`` per slot), ``addrs`` (16
-bytes of IPv6 or IPv4-mapped address plus a big-endian u16 port per slot),
+*slot* number: ``bits`` (a list of each slot's bitmap as an int, so scoring
+candidates needs no conversion; every seeder shares the one "all chunks"
+int), ``heads`` (per
+slot, the peer's address, port and key already msgpack-encoded as the start
+of its PEERS entry: ``[ip, port, key,`` -- the bitmap completes it),
 ``expires`` (an ``array('d')``), and ``keys`` (a list of the 32-byte public
 keys, shared with the ``slots`` dict that maps a key to its slot). Freed slots
 go on a free list and are reused, so a swarm's arrays never outgrow its peak
-population.
+population. A head is built once per (key, ip, port) and the same object is
+shared by every swarm that peer is in while it stays in a small memo (a peer
+announces all its contents in one burst), so a peer in many swarms pays for
+its head once.
+
+An encoded answer is therefore a concatenation: per chosen peer its head, a
+bin header and its bitmap's bytes -- no per-peer objects, no per-peer
+validation (the wire's trusted ``join_peers_body``; every field is valid by
+construction: text from ``inet_ntop``, a u16 port, an authenticated key,
+a bitmap checked on the way in).
 
 Per-chunk availability is one big Python int with a 16-bit lane per chunk.
 A bitmap is widened to lanes with a 256-entry table (a C-level ``join``), so an
@@ -27,14 +39,16 @@ availability range counted first; candidates with nothing to offer come last,
 those that lack something the asker has before the rest (they will want to
 download from it). The ranking depends only on the swarm's state and the
 asker's bits, so it is cached per (swarm version, asker bits, want) for a
-short while: most announces are periodic and change nothing. Next to each
-ranking the cache keeps the encoded PEERS bodies built from it (one per
+short while: most announces are periodic and change nothing. A ranking asked
+for a second time also keeps the encoded PEERS bodies built from it (one per
 "which asker was dropped from the list"), so ``announce_encoded`` answers a
-repeated question with a dict lookup and no per-peer work at all. A body is
-only reused until the earliest expiry among the peers it lists, so it never
-lists a peer that ``announce`` would have skipped. The cache is one FIFO for
-the whole index, bounded in entries and in body bytes; entries carry their
-swarm's serial number and version, so a stale one is recognised on sight.
+repeated question -- e.g. every seeder of a swarm asks the same one -- with a
+dict lookup. A body is only reused until the earliest expiry among the peers
+it lists, so it never lists a peer that ``announce`` would have skipped. The
+cache is one FIFO for the whole index, bounded in entries and in body bytes
+(a few MiB: it must not undo the memory budget per entry); entries carry
+their swarm's serial number and version, so a stale one is recognised on
+sight.
 
 Expiry is lazy (expired slots are skipped when answering) plus a sweep,
 ``expire(now)``, that the server calls every few seconds; a swarm is only
@@ -48,9 +62,11 @@ import socket
 from array import array
 from dataclasses import dataclass
 
+import msgpack
+
 from peerd.errors import TrackerError
 from peerd.wire import MAX_BODY, FrameType
-from peerd.wire._codec import encode_peers_body
+from peerd.wire._codec import encode_peer_entry, join_peers_body
 
 __all__ = ["EVENTS", "PeerInfo", "SwarmIndex", "SwarmStat"]
 
@@ -62,8 +78,9 @@ PeerInfo = tuple[str, int, bytes, bytes]
 _MAX_LANES_PEERS = 65_535  # a 16-bit availability lane must never overflow
 _V4_MAPPED = b"\x00" * 10 + b"\xff\xff"
 _RANK_CACHE_SECONDS = 2.0
-_ANSWER_ENTRIES = 8192  # cached rankings, whole index
-_ANSWER_BYTES = 16 * 2**20  # encoded PEERS bodies kept, whole index
+_ANSWER_ENTRIES = 2048  # cached rankings, whole index
+_ANSWER_BYTES = 4 * 2**20  # encoded PEERS bodies kept, whole index
+_HEAD_MEMO = 4096  # (key, ip, port) -> head, for sharing heads between swarms
 _ANSWER_BODY_MAX = 64 * 1024  # bigger bodies are rebuilt every time
 _PEERS_LIMIT = MAX_BODY[FrameType.PEERS]
 # Upper bound of one encoded PEERS entry beyond its bitmap: array header,
@@ -92,13 +109,14 @@ class SwarmStat:
 class _Answer:
     """One cached ranking and the PEERS bodies built from it."""
 
-    __slots__ = ("bodies", "ranked", "serial", "until", "version")
+    __slots__ = ("asked", "bodies", "ranked", "serial", "until", "version")
 
     def __init__(self, serial: int, version: int, until: float, ranked: list[int]) -> None:
         self.serial = serial
         self.version = version
         self.until = until
         self.ranked = ranked
+        self.asked = 1
         # asker slot dropped from `ranked` (-1: none) -> (valid until, body)
         self.bodies: dict[int, tuple[float, bytes]] = {}
 
@@ -110,6 +128,15 @@ def _pack_ip(ip: str) -> bytes:
         return _V4_MAPPED + socket.inet_pton(socket.AF_INET, ip)
     except OSError:
         raise TrackerError("bad-request", f"not an IP address: {ip!r}") from None
+
+
+def _bin_header(n: int) -> bytes:
+    """msgpack bin header for ``n`` bytes (bin 8 / 16 / 32, as msgpack picks)."""
+    if n < 256:
+        return b"\xc4" + n.to_bytes(1, "big")
+    if n < 65536:
+        return b"\xc5" + n.to_bytes(2, "big")
+    return b"\xc6" + n.to_bytes(4, "big")
 
 
 def _unpack_ip(packed: bytes) -> str:
@@ -130,7 +157,7 @@ class _Swarm:
     """The peers of one content id, as parallel packed arrays (see module doc)."""
 
     __slots__ = (
-        "addrs",
+        "bin_header",
         "bits",
         "completed",
         "completed_keys",
@@ -139,6 +166,7 @@ class _Swarm:
         "free",
         "full",
         "full_int",
+        "heads",
         "keys",
         "min_expiry",
         "nbytes",
@@ -160,8 +188,9 @@ class _Swarm:
         self.full = full_int.to_bytes(self.nbytes, "big")
         self.slots: dict[bytes, int] = {}
         self.keys: list[bytes | None] = []
-        self.bits = bytearray()
-        self.addrs = bytearray()
+        self.bits: list[int] = []  # bitmap per slot, as a big-endian int (0 when free)
+        self.heads: list[bytes | None] = []
+        self.bin_header = _bin_header(self.nbytes)
         self.expires = array("d")
         self.free: list[int] = []
         self.counts = 0
@@ -179,31 +208,30 @@ class _Swarm:
         return len(self.slots)
 
     def slot_bits(self, slot: int) -> bytes:
-        nb = self.nbytes
-        return bytes(self.bits[slot * nb : (slot + 1) * nb])
+        return self.bits[slot].to_bytes(self.nbytes, "big")
 
     def set_bits(self, slot: int, new: bytes) -> None:
-        nb = self.nbytes
-        old = bytes(self.bits[slot * nb : (slot + 1) * nb])
-        if old == new:
+        value = int.from_bytes(new, "big")
+        old = self.bits[slot]
+        if old == value:
             return
-        self.counts += _lanes(new) - _lanes(old)
-        self.seeders += (new == self.full) - (old == self.full)
-        self.bits[slot * nb : (slot + 1) * nb] = new
+        full = self.full_int
+        self.counts += _lanes(new) - _lanes(old.to_bytes(self.nbytes, "big"))
+        self.seeders += (value == full) - (old == full)
+        self.bits[slot] = full if value == full else value  # seeders share one int
         self.version += 1
 
-    def add(self, key: bytes, addr: bytes, bits: bytes, expiry: float) -> int:
-        nb = self.nbytes
+    def add(self, key: bytes, head: bytes, bits: bytes, expiry: float) -> int:
         if self.free:
             slot = self.free.pop()
             self.keys[slot] = key
-            self.addrs[slot * 18 : slot * 18 + 18] = addr
+            self.heads[slot] = head
             self.expires[slot] = expiry
         else:
             slot = len(self.keys)
             self.keys.append(key)
-            self.bits.extend(bytes(nb))
-            self.addrs.extend(addr)
+            self.bits.append(0)
+            self.heads.append(head)
             self.expires.append(expiry)
         self.slots[key] = slot
         self.min_expiry = min(self.min_expiry, expiry)
@@ -217,9 +245,16 @@ class _Swarm:
         self.set_bits(slot, bytes(self.nbytes))
         del self.slots[key]
         self.keys[slot] = None
+        self.heads[slot] = None
         self.free.append(slot)
         self.version += 1
         return key
+
+    def entry(self, slot: int) -> bytes:
+        """The encoded PEERS entry ``[ip, port, key, bits]`` of a live slot."""
+        head = self.heads[slot]
+        assert head is not None
+        return head + self.bin_header + self.bits[slot].to_bytes(self.nbytes, "big")
 
     def avail(self) -> bytes:
         """u16 big-endian count per chunk: the wire form."""
@@ -283,8 +318,7 @@ class SwarmIndex:
         self._swarms: dict[bytes, _Swarm] = {}
         self._peer_contents: dict[bytes, int] = {}  # key -> number of swarms it is in
         self._entries = 0
-        self._ip_names: dict[bytes, str] = {}  # packed -> text, a small bounded cache
-        self._ip_packed: dict[str, bytes] = {}  # text -> packed, a small bounded cache
+        self._heads: dict[tuple[bytes, str, int], bytes] = {}  # see module doc
         self._answers: dict[tuple[bytes, bytes, int], _Answer] = {}  # FIFO, see module doc
         self._answer_bytes = 0
 
@@ -361,7 +395,8 @@ class SwarmIndex:
         if want <= 0:
             return [], swarm.avail()
         answer = self._ranking(content_id, swarm, bits, want, now)
-        return self._pick(swarm, answer.ranked, slot, want, now)[0], swarm.avail()
+        chosen, _ = self._pick(swarm, answer.ranked, slot, want, now)
+        return [_info(swarm.entry(s)) for s in chosen], swarm.avail()
 
     def announce_encoded(
         self,
@@ -389,15 +424,18 @@ class SwarmIndex:
             return None
         swarm, slot = recorded
         if want <= 0:
-            return encode_peers_body(content_id, interval, (), swarm.avail())
+            return join_peers_body(content_id, interval, (), swarm.avail())
         answer = self._ranking(content_id, swarm, bits, want, now)
         dropped = slot if slot in answer.ranked else -1
         hit = answer.bodies.get(dropped)
         if hit is not None and hit[0] > now:
             return hit[1]
-        peers, until = self._pick(swarm, answer.ranked, slot, want, now)
-        body = encode_peers_body(content_id, interval, peers, swarm.avail())
-        if len(body) <= _ANSWER_BODY_MAX:
+        chosen, until = self._pick(swarm, answer.ranked, slot, want, now)
+        heads, packed, nb, hdr = swarm.heads, swarm.bits, swarm.nbytes, swarm.bin_header
+        entries = [heads[s] + hdr + packed[s].to_bytes(nb, "big") for s in chosen]  # type: ignore[operator]
+        body = join_peers_body(content_id, interval, entries, swarm.avail())
+        # Keep bodies only of questions asked more than once: most are not.
+        if answer.asked > 1 and len(body) <= _ANSWER_BODY_MAX:
             old = answer.bodies.get(dropped)
             if old is not None:
                 self._answer_bytes -= len(old[1])
@@ -449,27 +487,30 @@ class SwarmIndex:
             self._remove(content_id, swarm, slot)  # expired: starts afresh
             swarm = self._swarms.setdefault(content_id, swarm)
             slot = None
-        packed = self._ip_packed.get(ip)
-        if packed is None:
-            if len(self._ip_packed) >= 4096:
-                self._ip_packed.clear()
-            packed = self._ip_packed[ip] = _pack_ip(ip)
-        addr = packed + port.to_bytes(2, "big")
+        head = self._heads.get((key, ip, port))
+        if head is None:
+            if len(self._heads) >= _HEAD_MEMO:
+                self._heads.clear()
+            # Canonical text (e.g. "::FFFF:1.2.3.4" -> "1.2.3.4"), as the old
+            # packed-address form gave; the PEERS entry minus its bitmap.
+            text = _unpack_ip(_pack_ip(ip))
+            head = encode_peer_entry(text, port, key, b"")[:-2]
+            self._heads[(key, ip, port)] = head
         try:
             if slot is None:
                 self._admit(swarm, key)
-                slot = swarm.add(key, addr, bits, expiry)
+                slot = swarm.add(key, head, bits, expiry)
                 self._peer_contents[key] = self._peer_contents.get(key, 0) + 1
                 self._entries += 1
             else:
-                if swarm.addrs[slot * 18 : slot * 18 + 18] != addr:
-                    swarm.addrs[slot * 18 : slot * 18 + 18] = addr
+                if swarm.heads[slot] != head:
+                    swarm.heads[slot] = head
                     swarm.version += 1
                 swarm.expires[slot] = expiry
                 swarm.set_bits(slot, bits)
         finally:
             if not swarm.slots:
-                self._swarms.pop(content_id, None)
+                self._drop_swarm(content_id, swarm)
         if event == "completed" and key not in swarm.completed_keys:
             swarm.completed += 1
             if len(swarm.completed_keys) < self.max_peers_per_content:
@@ -488,7 +529,7 @@ class SwarmIndex:
                 if key is not None:
                     self._forget_key(key)
             self._entries -= len(swarm)
-            del self._swarms[content_id]
+            self._drop_swarm(content_id, swarm)
 
     def expire(self, now: float) -> int:
         """Remove every entry whose TTL has passed; returns how many went."""
@@ -547,7 +588,10 @@ class SwarmIndex:
         if not swarm.slots:
             # Nothing of a content survives its last peer: memory stays bounded
             # by live entries (completed counts are soft state, like the peers).
-            self._swarms.pop(content_id, None)
+            self._drop_swarm(content_id, swarm)
+
+    def _drop_swarm(self, content_id: bytes, swarm: _Swarm) -> None:
+        self._swarms.pop(content_id, None)
 
     def _evict_answer(self) -> None:
         oldest = next(iter(self._answers))
@@ -564,6 +608,7 @@ class SwarmIndex:
             # A ranking is only valid for the swarm state it was built on.
             if answer.serial == swarm.serial and answer.version == swarm.version:
                 if answer.until > now:
+                    answer.asked += 1
                     return answer
             del self._answers[cache_key]
             self._answer_bytes -= sum(len(b) for _, b in answer.bodies.values())
@@ -579,7 +624,6 @@ class SwarmIndex:
         return answer
 
     def _rank(self, swarm: _Swarm, asker_bits: bytes, want: int, now: float) -> list[int]:
-        nb = swarm.nbytes
         mine = int.from_bytes(asker_bits, "big")
         lacks = swarm.full_int & ~mine
         rare = swarm.rare_mask() & lacks
@@ -588,27 +632,24 @@ class SwarmIndex:
         total = len(keys)
         if total <= self.sample:
             start, count = 0, total
-            window = bytes(swarm.bits)
+            ints = swarm.bits
         else:
             # Rotate a window of `sample` slots so big swarms are sampled fairly.
             start, count = swarm.start % total, self.sample
             swarm.start = start + count
             end = start + count
-            window = bytes(swarm.bits[start * nb : end * nb])
+            ints = swarm.bits[start:end]
             if end > total:
-                window += bytes(swarm.bits[: (end - total) * nb])
+                ints += swarm.bits[: end - total]
         # useful = chunks it has that the asker lacks (rare ones weigh most);
         # a peer with nothing useful still ranks above one that lacks nothing
         # the asker has, since it will want to download from the asker.
-        scores = []
-        fb = int.from_bytes
-        for i in range(count):
-            theirs = fb(window[i * nb : (i + 1) * nb], "big")
-            useful = theirs & lacks
-            if useful:
-                scores.append(((useful & rare).bit_count() << 42) | (useful.bit_count() << 21) | 1)
-            else:
-                scores.append(1 if mine & ~theirs else 0)
+        scores = [
+            ((u & rare).bit_count() << 42) | (u.bit_count() << 21) | 1
+            if (u := t & lacks)
+            else (1 if mine & ~t else 0)
+            for t in ints
+        ]
         # Stable sort: ties keep window order, which rotates between calls.
         order = sorted(range(count), key=scores.__getitem__, reverse=True)
         ranked: list[int] = []
@@ -624,41 +665,31 @@ class SwarmIndex:
 
     def _pick(
         self, swarm: _Swarm, ranked: list[int], asker: int, want: int, now: float
-    ) -> tuple[list[PeerInfo], float]:
-        """Up to ``want`` live peers of ``ranked`` other than ``asker``.
+    ) -> tuple[list[int], float]:
+        """Up to ``want`` live slots of ``ranked`` other than ``asker``.
 
         Returns them with the earliest expiry among them (when this answer
         stops being the one ``ranked`` gives). Fewer are returned if their
         bitmaps would not fit one PEERS body.
         """
-        nb = swarm.nbytes
-        fit = (_PEERS_LIMIT - 2 * swarm.num_chunks - 64) // (_ENTRY_OVERHEAD + nb)
+        fit = (_PEERS_LIMIT - 2 * swarm.num_chunks - 64) // (_ENTRY_OVERHEAD + swarm.nbytes)
         want = min(want, fit)
-        out: list[PeerInfo] = []
+        out: list[int] = []
         until = float("inf")
-        keys, expires, addrs, bits = swarm.keys, swarm.expires, swarm.addrs, swarm.bits
-        names = self._ip_names
+        keys, expires = swarm.keys, swarm.expires
         for slot in ranked:
             if len(out) >= want:
                 break
-            key = keys[slot]
             exp = expires[slot]
-            if slot == asker or key is None or exp <= now:
+            if slot == asker or keys[slot] is None or exp <= now:
                 continue
-            until = min(until, exp)
-            a = slot * 18
-            packed = bytes(addrs[a : a + 16])
-            ip = names.get(packed)
-            if ip is None:
-                if len(names) >= 4096:
-                    names.clear()
-                ip = names[packed] = _unpack_ip(packed)
-            out.append(
-                (
-                    ip,
-                    addrs[a + 16] << 8 | addrs[a + 17],
-                    key,
-                    bytes(bits[slot * nb : (slot + 1) * nb]),
-                )
-            )
+            if exp < until:
+                until = exp
+            out.append(slot)
         return out, until
+
+
+def _info(entry: bytes) -> PeerInfo:
+    """(ip, port, key, bits) back from an encoded PEERS entry (the tuple API)."""
+    ip, port, key, bits = msgpack.unpackb(entry)
+    return ip, port, key, bits

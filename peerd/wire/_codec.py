@@ -21,7 +21,14 @@ from peerd.errors import LocalProtocolError, RemoteProtocolError
 from . import _events as ev
 from ._frames import MAX_BODY, FrameType, frame_name
 
-__all__ = ["EVENT_TYPES", "decode_body", "encode_body", "encode_peers_body"]
+__all__ = [
+    "EVENT_TYPES",
+    "decode_body",
+    "encode_body",
+    "encode_peer_entry",
+    "encode_peers_body",
+    "join_peers_body",
+]
 
 _TYPE_NAMES = {int: "int", bytes: "bin", str: "str", list: "array"}
 
@@ -301,6 +308,32 @@ def encode_body(ftype: int, event: ev.Event) -> bytes:
     return body
 
 
+def _check_peers_fields(content_id: bytes, interval: int, count: int, availability: bytes) -> None:
+    if (
+        type(content_id) is not bytes
+        or len(content_id) != ev.ID_SIZE
+        or type(interval) is not int
+        or not 1 <= interval <= ev.MAX_INTERVAL
+        or count > ev.MAX_PEERS
+        or type(availability) is not bytes
+        or len(availability) % 2
+        or len(availability) > ev.MAX_AVAIL_LEN
+    ):
+        raise LocalProtocolError(
+            f"PEERS: invalid message fields (id {len(content_id)} bytes, interval {interval}, "
+            f"{count} peers, avail {len(availability)} bytes)"
+        )
+
+
+def _check_peers_size(body: bytes) -> bytes:
+    if len(body) > MAX_BODY[FrameType.PEERS]:
+        raise LocalProtocolError(
+            f"PEERS body of {len(body)} bytes exceeds the limit of "
+            f"{MAX_BODY[FrameType.PEERS]}; send fewer peers"
+        )
+    return body
+
+
 def encode_peers_body(
     content_id: bytes,
     interval: int,
@@ -322,32 +355,54 @@ def encode_peers_body(
         LocalProtocolError: a message-level field is out of range, or the body
             exceeds the PEERS limit (send fewer peers).
     """
-    if (
-        type(content_id) is not bytes
-        or len(content_id) != ev.ID_SIZE
-        or type(interval) is not int
-        or not 1 <= interval <= ev.MAX_INTERVAL
-        or len(peers) > ev.MAX_PEERS
-        or type(availability) is not bytes
-        or len(availability) % 2
-        or len(availability) > ev.MAX_AVAIL_LEN
-    ):
-        raise LocalProtocolError(
-            f"PEERS: invalid message fields (id {len(content_id)} bytes, interval {interval}, "
-            f"{len(peers)} peers, avail {len(availability)} bytes)"
-        )
+    _check_peers_fields(content_id, interval, len(peers), availability)
     # Same key order and the same packer as the PEERS spec above: tuples pack
     # as msgpack arrays, so the bytes are identical to the event path.
     body: bytes = msgpack.packb(
         {"id": content_id, "interval": interval, "peers": peers, "avail": availability},
         use_bin_type=True,
     )
-    if len(body) > MAX_BODY[FrameType.PEERS]:
-        raise LocalProtocolError(
-            f"PEERS body of {len(body)} bytes exceeds the limit of "
-            f"{MAX_BODY[FrameType.PEERS]}; send fewer peers"
+    return _check_peers_size(body)
+
+
+def encode_peer_entry(ip: str, port: int, key: bytes, bits: bytes) -> bytes:
+    """One encoded element of PEERS ``peers``, for ``join_peers_body`` (trusted, unchecked)."""
+    entry: bytes = msgpack.packb((ip, port, key, bits), use_bin_type=True)
+    return entry
+
+
+_PEERS_ID = b"\x84" + msgpack.packb("id")  # map of 4, then the first key
+_PEERS_INTERVAL = msgpack.packb("interval")
+_PEERS_PEERS = msgpack.packb("peers")
+_PEERS_AVAIL = msgpack.packb("avail")
+
+
+def join_peers_body(
+    content_id: bytes, interval: int, entries: Sequence[bytes], availability: bytes
+) -> bytes:
+    """``encode_peers_body`` from entries already encoded by ``encode_peer_entry``.
+
+    Lets a sender that answers many askers from the same peers encode each
+    peer once and only concatenate per answer. Same bytes, same trust
+    contract and the same checks as ``encode_peers_body``.
+    """
+    n = len(entries)
+    _check_peers_fields(content_id, interval, n, availability)
+    count = bytes((0x90 | n,)) if n < 16 else b"\xdc" + n.to_bytes(2, "big")
+    body = b"".join(
+        (
+            _PEERS_ID,
+            msgpack.packb(content_id, use_bin_type=True),
+            _PEERS_INTERVAL,
+            msgpack.packb(interval),
+            _PEERS_PEERS,
+            count,
+            *entries,
+            _PEERS_AVAIL,
+            msgpack.packb(availability, use_bin_type=True),
         )
-    return body
+    )
+    return _check_peers_size(body)
 
 
 # What msgpack can raise on hostile input: ValueError covers ExtraData,
