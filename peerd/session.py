@@ -58,6 +58,9 @@ log = logging.getLogger("peerd.session")
 MAX_QUEUED_UPLOADS = 64  # requests a remote may have queued with us
 RECV_SIZE = 64 * 1024  # control reads; payloads bypass this
 MAX_HAVE_PER_FRAME = 4096
+# Control bytes (mostly REJECTs) queued for a remote that does not read: past
+# this the reader stops reading its requests until the writer has taken them.
+MAX_QUEUED_CONTROL_BYTES = 256 * 1024
 
 
 class PeerSession:
@@ -91,6 +94,8 @@ class PeerSession:
         self.depth = 4
         self.timeouts = 0
         self._control: list[bytes] = []
+        self._control_bytes = 0
+        self._drained = trio.Event()
         self._haves: list[int] = []
         self._uploads: deque[tuple[int, int, int]] = deque()
         self._wake = trio.Event()
@@ -108,7 +113,9 @@ class PeerSession:
     def send_control(self, event: Event) -> None:
         if self._closing:
             return
-        self._control.append(self.conn.send(event))
+        data = self.conn.send(event)
+        self._control.append(data)
+        self._control_bytes += len(data)
         self._kick()
 
     def request(self, index: int, offset: int, length: int) -> None:
@@ -166,6 +173,9 @@ class PeerSession:
         while not self._closing:
             event = conn.next_event()
             if event is NEED_DATA:
+                while self._control_bytes > MAX_QUEUED_CONTROL_BYTES and not self._closing:
+                    self._drained = trio.Event()
+                    await self._drained.wait()
                 data = await stream.receive_some(RECV_SIZE)
                 conn.receive_data(data)
                 continue
@@ -260,6 +270,8 @@ class PeerSession:
                     )
             if self._control:
                 frames, self._control = self._control, []
+                self._control_bytes = 0
+                self._drained.set()
                 await stream.send_all(b"".join(frames))
                 continue
             if self._closing:
