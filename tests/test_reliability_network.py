@@ -1,0 +1,244 @@
+"""Reliability at the network edge (scenarios 9 and 10 of issue 6), both transports.
+
+Hypothesis throws frames at a running tracker and a running peer (before and
+after the handshake); then connection and request floods hit a seeder. After
+each, the processes must still be up, their memory bounded, and a normal
+download must succeed. Frames are built by tests.hostile from docs/PROTOCOL.md.
+"""
+
+from __future__ import annotations
+
+import re
+import resource
+import socket
+import struct
+import subprocess
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from .e2e import Swarm, random_file, swarm
+from .hostile import (
+    DATA,
+    HAVE,
+    REJECT,
+    REQUEST,
+    Key,
+    TrackerSession,
+    frame,
+    handshake,
+    message,
+    read_frame,
+    rss_kib,
+)
+
+pytestmark = pytest.mark.parametrize("backend", ["reactor", "proactor"])
+MiB = 1 << 20
+RSS_GROWTH_LIMIT_KIB = 96 * 1024
+
+
+def _share(s: Swarm, name: str, src: Path) -> tuple[subprocess.Popen[bytes], str, int]:
+    """Share and also learn the seeder's listening port (from its stderr line)."""
+    proc, cid = s.share(name, src)
+    assert proc.stderr is not None
+    line = proc.stderr.readline().decode()
+    m = re.search(r" on [\d.]+:(\d+);", line)
+    assert m, line
+    return proc, cid, int(m.group(1))
+
+
+def _send(port: int, data: bytes, *, host: str = "127.0.0.1", prefix: bytes = b"") -> None:
+    """Connect, send, read whatever comes back for a moment, close. Never raises."""
+    try:
+        with socket.create_connection((host, port), timeout=2) as sock:
+            sock.sendall(prefix + data)
+            sock.settimeout(0.05)
+            try:
+                while sock.recv(65536):
+                    pass
+            except (TimeoutError, OSError):
+                pass
+    except OSError:
+        pass
+
+
+TYPES = st.sampled_from([*range(1, 12), *range(32, 45), 0, 12, 31, 45, 255])
+frames = st.one_of(
+    st.binary(max_size=300),  # random bytes
+    st.builds(frame, TYPES, st.binary(max_size=200)),  # valid header, garbage body
+    st.builds(  # huge length prefixes: never allocate for them
+        lambda t, n: struct.pack(">BI", t, n), TYPES, st.integers(2**24, 2**32 - 1)
+    ),
+    st.builds(lambda t, k: frame(t, b"") * k, TYPES, st.integers(100, 3000)),  # tiny frames
+)
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(data=st.lists(frames, min_size=1, max_size=4))
+def _fuzz(targets: list[tuple[int, bytes]], data: list[bytes]) -> None:
+    for port, prefix in targets:
+        _send(port, b"".join(data), prefix=prefix)
+
+
+def _peer_prefix(cid: bytes) -> bytes:
+    """A well-formed HELLO first, so garbage reaches the post-HELLO parser too."""
+    import os
+
+    return message(1, v=1, key=Key().public, port=0, id=cid, nonce=os.urandom(32))
+
+
+def test_fuzz_live_tracker_and_peer(tmp_path: Path, backend: str) -> None:
+    src = random_file(tmp_path / "f.bin", 4 * MiB)
+    with swarm(tmp_path, backend) as s:
+        seed, cid, seed_port = _share(s, "seed", src)
+        assert s.tracker is not None
+        tracker = s.tracker
+        rss0 = {p.pid: rss_kib(p.pid) for p in (seed, tracker)}
+        # A connection that opens and never speaks, held through the fuzzing.
+        mute = [
+            socket.create_connection(("127.0.0.1", port)) for port in (seed_port, s.tracker_port)
+        ]
+        _fuzz(
+            [(s.tracker_port, b""), (seed_port, b""), (seed_port, _peer_prefix(bytes.fromhex(cid)))]
+        )
+        # Thousands of tiny valid frames after a real handshake / auth.
+        sock = handshake(seed_port, bytes.fromhex(cid))
+        sock.sendall(message(HAVE, idx=[0]) * 5000)
+        sock.close()
+        session = TrackerSession(s.tracker_port, Key())
+        session.sock.sendall(message(39, prefix="ab" * 8) * 3000)
+        session.close()
+        for c in mute:
+            c.close()
+        assert seed.poll() is None and tracker.poll() is None, "a process died"
+        for p in (seed, tracker):
+            grew = rss_kib(p.pid) - rss0[p.pid]
+            assert grew < RSS_GROWTH_LIMIT_KIB, f"pid {p.pid} grew by {grew} KiB"
+        s.get("leech", cid, tmp_path / "got.bin")
+        assert (tmp_path / "got.bin").read_bytes() == src.read_bytes()
+
+
+@pytest.fixture
+def many_files() -> Iterator[None]:
+    """Room for 2,000+ sockets here and in the peers started from this process."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = min(hard, 8192) if hard != resource.RLIM_INFINITY else 8192
+    if want < 4500:
+        pytest.skip(f"RLIMIT_NOFILE hard limit {hard} is too low for 2,000 connections")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def _open_many(port: int, n: int, source: str) -> list[socket.socket]:
+    socks = []
+    for _ in range(n):
+        try:
+            sock = socket.create_connection(
+                (("127.0.0.1", port)), timeout=3, source_address=(source, 0)
+            )
+        except OSError:
+            continue
+        socks.append(sock)
+    return socks
+
+
+def _still_open(sock: socket.socket) -> bool:
+    sock.setblocking(False)
+    try:
+        return sock.recv(1) != b""
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+
+
+def _pushes_back(port: int, cid: bytes, seconds: float = 6.0) -> bool:
+    """Pipeline whole-chunk requests and never read: True once the peer stops reading.
+
+    Each answer is a DATA of 1 MiB or a REJECT; a peer that queued every REJECT
+    for a client that never reads would grow without bound, so it must stop
+    taking requests (our sends then make no progress for a whole second).
+    """
+    sock = handshake(port, cid)
+    sock.setblocking(False)
+    buf = message(REQUEST, idx=0, off=0, len=MiB) * 2000
+    pos, last_progress, start = 0, time.monotonic(), time.monotonic()
+    try:
+        while time.monotonic() - start < seconds:
+            try:
+                pos = (pos + sock.send(buf[pos:])) % len(buf)
+                last_progress = time.monotonic()
+            except BlockingIOError:
+                if time.monotonic() - last_progress > 1.0:
+                    return True
+                time.sleep(0.01)
+        return False
+    finally:
+        sock.close()
+
+
+@pytest.mark.slow
+def test_connection_and_request_floods(tmp_path: Path, backend: str, many_files: None) -> None:
+    src = random_file(tmp_path / "f.bin", 8 * MiB)
+    with swarm(tmp_path, backend) as s:
+        seed, cid_hex, port = _share(s, "seed", src)
+        cid = bytes.fromhex(cid_hex)
+        rss0 = rss_kib(seed.pid)
+        # 2,000 connections from one address: the per-address limit holds.
+        flood = _open_many(port, 2000, "127.0.0.2")
+        assert len(flood) >= 1500, f"only {len(flood)} connections opened"
+        time.sleep(1.0)
+        held = sum(_still_open(c) for c in flood)
+        assert held <= 256, f"{held} connections from one address are held"
+        # An honest peer from another address is served during the flood.
+        leech = s.peer(
+            "leech", "get", cid_hex, "-o", str(tmp_path / "a.bin"), "--json", "--host", "127.0.0.3"
+        )
+        # A client that pipelines 100,000 requests and reads every answer.
+        sock = handshake(port, cid, host="127.0.0.1")
+        replies: Counter[str] = Counter()
+
+        def reader() -> None:
+            try:
+                while sum(replies.values()) < 100_000:
+                    kind, body = read_frame(sock)
+                    if kind == DATA:
+                        replies["data"] += 1
+                    elif kind == REJECT:
+                        replies["busy" if b"busy" in body else "other-reject"] += 1
+            except (OSError, ConnectionError):
+                replies["closed"] += 1
+
+        t = threading.Thread(target=reader, daemon=True)
+        t.start()
+        req = message(REQUEST, idx=0, off=0, len=16)
+        for _k in range(0, 100_000, 5000):
+            sock.sendall(req * 5000)
+        t.join(timeout=90)
+        assert not t.is_alive(), f"replies stopped coming: {replies}"
+        assert replies["data"] + replies["busy"] == 100_000, replies
+        assert replies["busy"] > 0, "no request was refused: the queue limit did not hold"
+        sock.close()
+        assert _pushes_back(port, cid), "the seeder kept reading from a client that never reads"
+        grew = rss_kib(seed.pid) - rss0
+        assert grew < RSS_GROWTH_LIMIT_KIB, f"seeder grew by {grew} KiB"
+        _out, err = leech.communicate(timeout=90)
+        assert leech.returncode == 0, err.decode()
+        assert (tmp_path / "a.bin").read_bytes() == src.read_bytes()
+        for c in flood:
+            c.close()
+        assert seed.poll() is None
