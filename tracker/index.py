@@ -9,19 +9,18 @@ Memory is the constraint (hundreds of thousands of entries), so a swarm is not
 a dict of peer objects but a handful of parallel packed arrays indexed by a
 *slot* number: ``bits`` (a list of each slot's bitmap as an int, so scoring
 candidates needs no conversion; every seeder shares the one "all chunks"
-int), ``heads`` (per
-slot, the peer's address, port and key already msgpack-encoded as the start
-of its PEERS entry: ``[ip, port, key,`` -- the bitmap completes it),
+int), ``heads`` (per slot, the peer's address and port already
+msgpack-encoded as the start of its PEERS entry, ``[ip, port,``),
 ``expires`` (an ``array('d')``), and ``keys`` (a list of the 32-byte public
 keys, shared with the ``slots`` dict that maps a key to its slot). Freed slots
 go on a free list and are reused, so a swarm's arrays never outgrow its peak
-population. A head is built once per (key, ip, port) and the same object is
-shared by every swarm that peer is in while it stays in a small memo (a peer
+population. A head is built once per (ip, port) and the same object is shared
+by every slot with that address while it stays in a small memo (a peer
 announces all its contents in one burst), so a peer in many swarms pays for
 its head once.
 
-An encoded answer is therefore a concatenation: per chosen peer its head, a
-bin header and its bitmap's bytes -- no per-peer objects, no per-peer
+An encoded answer is therefore a concatenation: per chosen peer its head, its
+key, its bitmap's bytes and two bin headers -- no per-peer objects, no per-peer
 validation (the wire's trusted ``join_peers_body``; every field is valid by
 construction: text from ``inet_ntop``, a u16 port, an authenticated key,
 a bitmap checked on the way in).
@@ -80,7 +79,8 @@ _V4_MAPPED = b"\x00" * 10 + b"\xff\xff"
 _RANK_CACHE_SECONDS = 2.0
 _ANSWER_ENTRIES = 2048  # cached rankings, whole index
 _ANSWER_BYTES = 4 * 2**20  # encoded PEERS bodies kept, whole index
-_HEAD_MEMO = 4096  # (key, ip, port) -> head, for sharing heads between swarms
+_HEAD_MEMO = 4096  # (ip, port) -> head, for sharing heads between slots
+_KEY_HEADER = b"\xc4\x20"  # msgpack bin 8 of a 32-byte key
 _ANSWER_BODY_MAX = 64 * 1024  # bigger bodies are rebuilt every time
 _PEERS_LIMIT = MAX_BODY[FrameType.PEERS]
 # Upper bound of one encoded PEERS entry beyond its bitmap: array header,
@@ -252,9 +252,10 @@ class _Swarm:
 
     def entry(self, slot: int) -> bytes:
         """The encoded PEERS entry ``[ip, port, key, bits]`` of a live slot."""
-        head = self.heads[slot]
-        assert head is not None
-        return head + self.bin_header + self.bits[slot].to_bytes(self.nbytes, "big")
+        head, key = self.heads[slot], self.keys[slot]
+        assert head is not None and key is not None
+        bits = self.bits[slot].to_bytes(self.nbytes, "big")
+        return head + _KEY_HEADER + key + self.bin_header + bits
 
     def avail(self) -> bytes:
         """u16 big-endian count per chunk: the wire form."""
@@ -318,7 +319,7 @@ class SwarmIndex:
         self._swarms: dict[bytes, _Swarm] = {}
         self._peer_contents: dict[bytes, int] = {}  # key -> number of swarms it is in
         self._entries = 0
-        self._heads: dict[tuple[bytes, str, int], bytes] = {}  # see module doc
+        self._heads: dict[tuple[str, int], bytes] = {}  # see module doc
         self._answers: dict[tuple[bytes, bytes, int], _Answer] = {}  # FIFO, see module doc
         self._answer_bytes = 0
 
@@ -395,7 +396,7 @@ class SwarmIndex:
         if want <= 0:
             return [], swarm.avail()
         answer = self._ranking(content_id, swarm, bits, want, now)
-        chosen, _ = self._pick(swarm, answer.ranked, slot, want, now)
+        chosen = self._pick(swarm, answer.ranked, slot, want)
         return [_info(swarm.entry(s)) for s in chosen], swarm.avail()
 
     def announce_encoded(
@@ -430,16 +431,20 @@ class SwarmIndex:
         hit = answer.bodies.get(dropped)
         if hit is not None and hit[0] > now:
             return hit[1]
-        chosen, until = self._pick(swarm, answer.ranked, slot, want, now)
-        heads, packed, nb, hdr = swarm.heads, swarm.bits, swarm.nbytes, swarm.bin_header
-        entries = [heads[s] + hdr + packed[s].to_bytes(nb, "big") for s in chosen]  # type: ignore[operator]
+        chosen = self._pick(swarm, answer.ranked, slot, want)
+        heads, keys, packed = swarm.heads, swarm.keys, swarm.bits
+        nb, hdr, kh = swarm.nbytes, swarm.bin_header, _KEY_HEADER
+        entries = [
+            heads[s] + kh + keys[s] + hdr + packed[s].to_bytes(nb, "big")  # type: ignore[operator]
+            for s in chosen
+        ]
         body = join_peers_body(content_id, interval, entries, swarm.avail())
         # Keep bodies only of questions asked more than once: most are not.
         if answer.asked > 1 and len(body) <= _ANSWER_BODY_MAX:
             old = answer.bodies.get(dropped)
             if old is not None:
                 self._answer_bytes -= len(old[1])
-            answer.bodies[dropped] = (min(until, answer.until), body)
+            answer.bodies[dropped] = (answer.until, body)
             self._answer_bytes += len(body)
             while self._answer_bytes > _ANSWER_BYTES and len(self._answers) > 1:
                 self._evict_answer()
@@ -459,6 +464,8 @@ class SwarmIndex:
         """The bookkeeping half of an announce: (swarm, asker's slot), None if stopped."""
         if event not in EVENTS:
             raise TrackerError("bad-request", f"unknown announce event {event!r}")
+        if len(key) != 32:  # encoded answers carry it behind a fixed bin-8 header
+            raise TrackerError("bad-request", f"a public key is 32 bytes, not {len(key)}")
         swarm = self._swarms.get(content_id)
         if event == "stopped":
             if swarm is not None:
@@ -487,15 +494,15 @@ class SwarmIndex:
             self._remove(content_id, swarm, slot)  # expired: starts afresh
             swarm = self._swarms.setdefault(content_id, swarm)
             slot = None
-        head = self._heads.get((key, ip, port))
+        head = self._heads.get((ip, port))
         if head is None:
             if len(self._heads) >= _HEAD_MEMO:
                 self._heads.clear()
-            # Canonical text (e.g. "::FFFF:1.2.3.4" -> "1.2.3.4"), as the old
-            # packed-address form gave; the PEERS entry minus its bitmap.
+            # Canonical text (e.g. "::FFFF:1.2.3.4" -> "1.2.3.4"); the PEERS
+            # entry minus its key and bitmap (and their bin headers).
             text = _unpack_ip(_pack_ip(ip))
-            head = encode_peer_entry(text, port, key, b"")[:-2]
-            self._heads[(key, ip, port)] = head
+            head = encode_peer_entry(text, port, b"", b"")[:-4]
+            self._heads[(ip, port)] = head
         try:
             if slot is None:
                 self._admit(swarm, key)
@@ -612,11 +619,12 @@ class SwarmIndex:
                     return answer
             del self._answers[cache_key]
             self._answer_bytes -= sum(len(b) for _, b in answer.bodies.values())
+        ranked = self._rank(swarm, asker_bits, want, now)
+        # Valid until the first listed peer expires: until then every slot in
+        # it is live, so answering from it needs no per-peer liveness check.
+        first_expiry = min(map(swarm.expires.__getitem__, ranked), default=float("inf"))
         answer = _Answer(
-            swarm.serial,
-            swarm.version,
-            now + _RANK_CACHE_SECONDS,
-            self._rank(swarm, asker_bits, want, now),
+            swarm.serial, swarm.version, min(now + _RANK_CACHE_SECONDS, first_expiry), ranked
         )
         while len(self._answers) >= _ANSWER_ENTRIES:
             self._evict_answer()
@@ -652,41 +660,26 @@ class SwarmIndex:
         ]
         # Stable sort: ties keep window order, which rotates between calls.
         order = sorted(range(count), key=scores.__getitem__, reverse=True)
-        ranked: list[int] = []
-        for i in order:
-            slot = (start + i) % total
-            if keys[slot] is None or expires[slot] <= now:
-                continue
-            ranked.append(slot)
-            if len(ranked) > want:
-                break
-        # want + 1 so dropping the asker still leaves `want` peers.
+        if start:
+            order = [(start + i) % total for i in order]
+        # want + 1 so dropping the asker still leaves `want` peers. Free or
+        # expired slots are rare: filter a little more than needed first.
+        head = want + 9
+        ranked = [s for s in order[:head] if keys[s] is not None and expires[s] > now]
+        if len(ranked) <= want and len(order) > head:
+            ranked += [s for s in order[head:] if keys[s] is not None and expires[s] > now]
+        del ranked[want + 1 :]
         return ranked
 
-    def _pick(
-        self, swarm: _Swarm, ranked: list[int], asker: int, want: int, now: float
-    ) -> tuple[list[int], float]:
-        """Up to ``want`` live slots of ``ranked`` other than ``asker``.
+    def _pick(self, swarm: _Swarm, ranked: list[int], asker: int, want: int) -> list[int]:
+        """Up to ``want`` slots of a valid ``ranked`` (all live) other than ``asker``.
 
-        Returns them with the earliest expiry among them (when this answer
-        stops being the one ``ranked`` gives). Fewer are returned if their
-        bitmaps would not fit one PEERS body.
+        Fewer if their bitmaps would not fit one PEERS body.
         """
         fit = (_PEERS_LIMIT - 2 * swarm.num_chunks - 64) // (_ENTRY_OVERHEAD + swarm.nbytes)
-        want = min(want, fit)
-        out: list[int] = []
-        until = float("inf")
-        keys, expires = swarm.keys, swarm.expires
-        for slot in ranked:
-            if len(out) >= want:
-                break
-            exp = expires[slot]
-            if slot == asker or keys[slot] is None or exp <= now:
-                continue
-            if exp < until:
-                until = exp
-            out.append(slot)
-        return out, until
+        chosen = [s for s in ranked if s != asker]
+        del chosen[min(want, fit) :]
+        return chosen
 
 
 def _info(entry: bytes) -> PeerInfo:
