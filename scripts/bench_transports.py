@@ -418,6 +418,7 @@ def main() -> None:
     kinds = args.cases.split(",")
     models = args.models.split(",")
     rows = []
+    load0 = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         path = None
         if "file" in kinds or "disk" in kinds:
@@ -452,29 +453,35 @@ def main() -> None:
                 rows.append((name, rate, cpu))
                 print_row(name, models, rate, cpu)
     if not args.no_write:
-        write_table(rows, models, args)
+        write_table(rows, models, args, (load0, os.getloadavg()[0]))
+
+
+def ratio(rate: dict[str, list[float]], num: str, den: str) -> str:
+    """Median of the per-round ratios (paired: the two runs were neighbours in time)."""
+    pairs = [a / b for a, b in zip(rate[num], rate[den], strict=True)]
+    return f"{statistics.median(pairs):.2f} ({min(pairs):.2f}-{max(pairs):.2f})"
 
 
 def print_row(
     name: str, models: list[str], rate: dict[str, list[float]], cpu: dict[str, list[float]]
 ) -> None:
     med = {m: statistics.median(v) for m, v in rate.items()}
-    base = med[models[0]]
     parts = [f"{name:16}"]
     for m in models:
         parts.append(
-            f"{m} {med[m]:5.0f} MB/s ±{spread(rate[m]):>4} {med[m] / base:.2f}x "
+            f"{m} {med[m]:5.0f} MB/s ±{spread(rate[m]):>4} {ratio(rate, m, models[0])} "
             f"cpu {statistics.median(cpu[m]):.2f}s/GB"
         )
     if "reactor" in med and "proactor" in med:
-        parts.append(f"p/r {med['proactor'] / med['reactor']:.2f}")
-    print(" | ".join(parts), flush=True)
+        parts.append(f"p/r {ratio(rate, 'proactor', 'reactor')}")
+    print(" | ".join(parts), f"load {os.getloadavg()[0]:.1f}", flush=True)
 
 
 def write_table(
     rows: list[tuple[str, dict[str, list[float]], dict[str, list[float]]]],
     models: list[str],
     args: argparse.Namespace,
+    loads: tuple[float, float],
 ) -> None:
     if models != list(MODELS):
         print("not writing the docs table: it needs all three models")
@@ -488,17 +495,19 @@ def write_table(
     for name, rate, cpu in rows:
         med = {m: statistics.median(v) for m, v in rate.items()}
         c = {m: statistics.median(v) for m, v in cpu.items()}
-        b, r, p = med["blocking"], med["reactor"], med["proactor"]
         cells = [f"{med[m]:.0f} ±{spread(rate[m])}" for m in MODELS]
         lines.append(
-            f"| {name} | {' | '.join(cells)} | {r / b:.2f} | {p / b:.2f} | {p / r:.2f} "
+            f"| {name} | {' | '.join(cells)} | {ratio(rate, 'reactor', 'blocking')} "
+            f"| {ratio(rate, 'proactor', 'blocking')} | {ratio(rate, 'proactor', 'reactor')} "
             f"| {c['blocking']:.2f} / {c['reactor']:.2f} / {c['proactor']:.2f} |"
         )
     out = Path(__file__).resolve().parent.parent / "docs" / "bench_transports.md"
     header = (
         f"Command: `{cmd}` (hash mode {args.hash_mode}; {args.gib:g} GiB per run, "
-        f"4 MiB messages, median of {args.repeat} alternating rounds, ± = (max-min)/median; "
-        f"{os.cpu_count()} cores, Linux {os.uname().release}).\n\n"
+        f"4 MiB messages, {args.repeat} alternating rounds; MB/s: median, ± = (max-min)/median; "
+        "ratios: median of the per-round ratios (min-max); CPU: both ends, median; "
+        f"{os.cpu_count()} cores, Linux {os.uname().release}; 1-minute load average "
+        f"{loads[0]:.1f} at the start, {loads[1]:.1f} at the end).\n\n"
     )
     table = TABLE_START + "\n" + header + "\n".join(lines) + "\n" + TABLE_END
     text = out.read_text() if out.exists() else "# Transport benchmark (loopback)\n\n"
