@@ -22,6 +22,7 @@ from .test_reliability_crashes import state_chunks, wait_chunks
 MiB = 1 << 20
 
 
+@pytest.mark.slow
 def test_tracker_restart_mid_download(tmp_path: Path) -> None:
     src = random_file(tmp_path / "f.bin", 16 * MiB)
     with swarm(tmp_path, "reactor") as s:
@@ -94,7 +95,7 @@ def test_disk_full_mid_download_keeps_state_consistent(tmp_path: Path, small_dis
     with swarm(tmp_path, "reactor") as s:
         _, cid = s.share("seed", src, "--up-limit", "2MiB")
         out = small_disk / "got.bin"
-        leech = s.peer("leech", "get", cid, "-o", str(out), "--timeout", "5")
+        leech = s.peer("leech", "get", cid, "-o", str(out), "--timeout", "3")
         wait_chunks(out, 1, leech)
         filler = small_disk / "filler"
         fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o644)
@@ -120,12 +121,12 @@ def test_disk_full_mid_download_keeps_state_consistent(tmp_path: Path, small_dis
 
 @pytest.mark.parametrize("change", ["modify", "truncate"])
 def test_changed_source_is_not_served(tmp_path: Path, change: str) -> None:
-    src = random_file(tmp_path / "f.bin", 8 * MiB)
+    src = random_file(tmp_path / "f.bin", 6 * MiB)
     original = src.read_bytes()
     with swarm(tmp_path, "reactor") as s:
         seed, cid = s.share("seed", src, "--up-limit", "2MiB")
         out = tmp_path / "got.bin"
-        leech = s.peer("leech", "get", cid, "-o", str(out), "--timeout", "4")
+        leech = s.peer("leech", "get", cid, "-o", str(out), "--timeout", "3")
         wait_chunks(out, 2, leech)
         if change == "modify":
             with open(src, "r+b") as f:  # same size, new bytes everywhere
