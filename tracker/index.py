@@ -652,8 +652,13 @@ class SwarmIndex:
         # useful = chunks it has that the asker lacks (rare ones weigh most);
         # a peer with nothing useful still ranks above one that lacks nothing
         # the asker has, since it will want to download from the asker.
+        # Seeders all share swarm.full_int (see set_bits): score them once.
+        full = swarm.full_int
+        seeder = ((rare.bit_count() << 42) | (lacks.bit_count() << 21) | 1) if lacks else 0
         scores = [
-            ((u & rare).bit_count() << 42) | (u.bit_count() << 21) | 1
+            seeder
+            if t is full
+            else ((u & rare).bit_count() << 42) | (u.bit_count() << 21) | 1
             if (u := t & lacks)
             else (1 if mine & ~t else 0)
             for t in ints
