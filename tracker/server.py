@@ -264,7 +264,7 @@ class _Tracker:
         idle = self.limits.idle_timeout
         buf = bytearray(_RECV_SIZE_SMALL)
         view = memoryview(buf)
-        out = bytearray()
+        out: list[bytes] = []  # replies not yet sent
         with trio.CancelScope() as watchdog:
             stamp = trio.current_time()
             watchdog.deadline = stamp + idle
@@ -292,11 +292,12 @@ class _Tracker:
                     if type(event) is Announce and (
                         body := self._announce_now(event, key, address, now)
                     ):
-                        out += _FRAME_HEADER.pack(FrameType.PEERS, len(body))
-                        out += body
+                        out.append(_FRAME_HEADER.pack(FrameType.PEERS, len(body)))
+                        out.append(body)
                     else:
-                        out += conn.send(await self._answer(event, key, address))
-                    if len(out) >= _RECV_SIZE:
+                        out.append(conn.send(await self._answer(event, key, address)))
+                    # Bounded: a few dozen small replies or one big one.
+                    if len(out) >= 64 or len(out[-1]) >= _RECV_SIZE:
                         await self._flush(stream, out)
                 await self._flush(stream, out)
                 n = await stream.recv_into(view)
@@ -343,10 +344,11 @@ class _Tracker:
                 return event
             conn.receive_data(await stream.receive_some(_RECV_SIZE))
 
-    async def _flush(self, stream: Stream, out: bytearray) -> None:
+    async def _flush(self, stream: Stream, out: list[bytes]) -> None:
         if out:
-            await stream.send_all(bytes(out))
+            data = b"".join(out)
             out.clear()
+            await stream.send_all(data)
 
     async def _refuse(
         self, stream: Stream, conn: TrackerServerConnection, address: str, code: str, message: str
