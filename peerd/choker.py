@@ -84,6 +84,9 @@ class Choker:
         super_seed: chunks in the content when this node is the origin
             seeder and should serve every chunk once before any twice
             (0 = off). Chunk indices must then be below it.
+        max_backlog: requests queued across all peers at most (0 = no bound
+            beyond ``max_queued`` per peer). A request beyond it is refused,
+            so it is sent to another holder instead of waiting here.
 
     Raises:
         ValueError: ``slots`` is 1 or negative, ``max_queued`` < 1, or a
@@ -100,8 +103,9 @@ class Choker:
         optimistic_every: float = 30.0,
         rng: random.Random | None = None,
         super_seed: int = 0,
+        max_backlog: int = 0,
     ) -> None:
-        if super_seed < 0:
+        if super_seed < 0 or max_backlog < 0:
             raise ValueError("super_seed must be a chunk count (0 = off)")
         if slots < 0 or slots == 1:
             raise ValueError("slots must be 0 (fair share) or at least 2")
@@ -121,6 +125,8 @@ class Choker:
         self._sent: dict[int, int] = {}  # chunk index -> times we uploaded it
         self._queued: dict[int, int] = {}  # chunk index -> requests queued for it
         self.super_seed = super_seed
+        self.max_backlog = max_backlog
+        self._backlog = 0  # requests queued, all peers
         self._untouched = super_seed  # chunks neither sent nor queued (super-seeding)
         self._turns: deque[PeerKey] = deque()  # round-robin order of waiting peers
         self._unchoked: set[PeerKey] = set()
@@ -159,6 +165,8 @@ class Choker:
         queue = self._queues[peer]
         if len(queue) >= self.max_queued:
             return False
+        if self.max_backlog and self._backlog >= self.max_backlog:
+            return False
         index = request[0]
         queued = self._queued.get(index, 0)
         if self._untouched > 0 and (queued or self._sent.get(index)):
@@ -169,9 +177,11 @@ class Choker:
         if not queued and self._untouched > 0 and not self._sent.get(index):
             self._untouched -= 1
         self._queued[index] = queued + 1
+        self._backlog += 1
         return True
 
     def _dequeued(self, index: int) -> None:
+        self._backlog -= 1
         left = self._queued[index] - 1
         if left:
             self._queued[index] = left

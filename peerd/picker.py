@@ -29,6 +29,16 @@ keeps that (peer, chunk) pair out of :meth:`pick` until a given time, so the
 next request to that peer goes to a different chunk and the refused one is
 fetched from someone else.
 
+Stale requests. A request queued behind many others at a busy uploader pins
+its chunk: no other neighbour is asked for it, so a neighbour that got the
+chunk meanwhile sits idle while we wait (the simulator showed most idle
+upload links in a swarm's first minute were idle for exactly this reason).
+With ``stale_after`` set, a chunk in flight for longer than that, from one
+peer only, may be asked of a second peer that has nothing fresh to give;
+the first copy to arrive wins and the other is cancelled (while it is still
+queued that costs its uploader nothing). Candidates are kept in a queue
+ordered by request time, so finding them costs only the stale ones.
+
 Endgame. When no unrequested chunk is left that P holds, P may duplicate a
 request already in flight elsewhere (at most ``endgame_copies`` holders per
 chunk). The first copy to arrive wins; :meth:`chunk_received` returns the
@@ -42,6 +52,7 @@ bucket, to be fetched from someone else.
 from __future__ import annotations
 
 import random
+from collections import deque
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 
@@ -102,7 +113,9 @@ class PiecePicker:
         have: one byte (0/1) per chunk we already hold (verified).
         rng: a ``random.Random`` (seeded in tests and the simulator).
         endgame_copies: most peers one chunk may be requested from at once
-            in endgame mode.
+            in endgame mode (and for stale requests).
+        stale_after: seconds after which a chunk requested from one peer may
+            also be requested from another (0 = only in endgame).
     """
 
     def __init__(
@@ -112,6 +125,7 @@ class PiecePicker:
         *,
         rng: random.Random | None = None,
         endgame_copies: int = 2,
+        stale_after: float = 0.0,
     ) -> None:
         self.num_chunks = num_chunks
         self.have = bytearray(have) if have is not None else bytearray(num_chunks)
@@ -119,6 +133,9 @@ class PiecePicker:
             raise ValueError("have must have one entry per chunk")
         self._rng = rng or random.Random()
         self.endgame_copies = endgame_copies
+        self.stale_after = stale_after
+        self._since: dict[int, float] = {}  # chunk in flight -> when first requested
+        self._stale_q: deque[tuple[float, int]] = deque()  # (since, chunk), oldest first
         self.avail = [0] * num_chunks
         self._swarm_weight = [0] * num_chunks  # tracker counts, used before peers connect
         self._peers: dict[PeerKey, _Peer] = {}
@@ -284,8 +301,10 @@ class PiecePicker:
         chosen: list[int] = []
         if p.useful:
             chosen = self._pick_rarest(peer, p, min(count, p.useful), now, now + timeout)
+        if len(chosen) < count and self.stale_after > 0 and self._stale_q:
+            chosen.extend(self._pick_stale(peer, p, count - len(chosen), now, now + timeout))
         if len(chosen) < count and not self._buckets:
-            chosen.extend(self._pick_endgame(peer, p, count - len(chosen), now + timeout))
+            chosen.extend(self._pick_endgame(peer, p, count - len(chosen), now, now + timeout))
         return chosen
 
     def _pick_rarest(
@@ -314,13 +333,44 @@ class PiecePicker:
                         break
             for i in picked_here:
                 self._close(i)
-                self._mark(peer, p, i, deadline)
+                self._mark(peer, p, i, now, deadline)
             chosen.extend(picked_here)
             if len(chosen) >= count:
                 break
         return chosen
 
-    def _pick_endgame(self, peer: PeerKey, p: _Peer, count: int, deadline: float) -> list[int]:
+    def _pick_stale(
+        self, peer: PeerKey, p: _Peer, count: int, now: float, deadline: float
+    ) -> list[int]:
+        queue, since, inflight = self._stale_q, self._since, self._inflight
+        while queue and since.get(queue[0][1]) != queue[0][0]:
+            queue.popleft()  # received or released since
+        cutoff = now - self.stale_after
+        flags, refused = p.flags, p.refused
+        out: list[int] = []
+        for start, i in queue:
+            if start > cutoff:
+                break
+            holders = inflight.get(i)
+            if (
+                holders is None
+                or since.get(i) != start
+                or len(holders) >= self.endgame_copies
+                or peer in holders
+                or not flags[i]
+                or (refused and refused.get(i, now) > now)
+            ):
+                continue
+            out.append(i)
+            if len(out) >= count:
+                break
+        for i in out:
+            self._mark(peer, p, i, now, deadline)
+        return out
+
+    def _pick_endgame(
+        self, peer: PeerKey, p: _Peer, count: int, now: float, deadline: float
+    ) -> list[int]:
         cands = [
             i
             for i, holders in self._inflight.items()
@@ -331,11 +381,17 @@ class PiecePicker:
         cands.sort(key=lambda i: len(self._inflight[i]))
         out = cands[:count]
         for i in out:
-            self._mark(peer, p, i, deadline)
+            self._mark(peer, p, i, now, deadline)
         return out
 
-    def _mark(self, peer: PeerKey, p: _Peer, i: int, deadline: float) -> None:
-        self._inflight.setdefault(i, {})[peer] = deadline
+    def _mark(self, peer: PeerKey, p: _Peer, i: int, now: float, deadline: float) -> None:
+        holders = self._inflight.get(i)
+        if holders is None:
+            holders = self._inflight[i] = {}
+            if self.stale_after > 0:
+                self._since[i] = now
+                self._stale_q.append((now, i))
+        holders[peer] = deadline
         p.inflight.add(i)
         if deadline < self._earliest:
             self._earliest = deadline
@@ -349,6 +405,7 @@ class PiecePicker:
             p.inflight.discard(i)
         if not holders:
             del self._inflight[i]
+            self._since.pop(i, None)
             if not self.have[i] and self._pos[i] < 0:
                 self._open(i)
 
@@ -378,6 +435,7 @@ class PiecePicker:
         Returns the other peers that still have it in flight (cancel those).
         """
         holders = self._inflight.pop(index, {})
+        self._since.pop(index, None)
         for q in holders:
             qp = self._peers.get(q)
             if qp is not None:

@@ -145,6 +145,8 @@ class SimConfig:
     suppress_haves: bool = True
     spread: bool = True
     busy_backoff: float = BUSY_BACKOFF
+    backlog: int = 0
+    stale_after: float = 0.0
     verify: bool = True
     seed: int = 1
     max_time: float = 0.0
@@ -261,6 +263,7 @@ class Simulation:
         self.now = 0.0
         self._heap: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
         self._seq = 0
+        self._dirty: list[_Session] = []  # sessions whose writer has work
         self.events = 0
         self.handshakes = 0
         self.duplicates = 0
@@ -275,7 +278,13 @@ class Simulation:
         self.pairs: set[frozenset[int]] = set()
         for i, rate in enumerate([c.seed_rate, *self.rates]):
             seeder = i == 0
-            picker = None if seeder else PiecePicker(c.chunks, rng=random.Random(self.rng.random()))
+            picker = (
+                None
+                if seeder
+                else PiecePicker(
+                    c.chunks, rng=random.Random(self.rng.random()), stale_after=c.stale_after
+                )
+            )
             node = _Node(
                 idx=i,
                 identity=Identity.generate(),
@@ -290,6 +299,7 @@ class Simulation:
                     fresh_first=c.fresh_first,
                     rng=random.Random(self.rng.random()),
                     super_seed=c.chunks if seeder and c.super_seed else 0,
+                    max_backlog=0 if seeder else c.backlog,
                 ),
             )
             self.nodes.append(node)
@@ -311,6 +321,7 @@ class Simulation:
             self.at(self.rng.uniform(0.0, TICK), self._tick, node)
         heap = self._heap
         max_time = self.cfg.max_time or 20 * t_min(self.size, self.cfg.seed_rate, self.rates)
+        dirty, writer = self._dirty, self._writer
         while heap and self.leechers_left:
             t, _seq, fn, args = heapq.heappop(heap)
             if t > max_time:
@@ -318,6 +329,8 @@ class Simulation:
             self.now = t
             self.events += 1
             fn(*args)
+            while dirty:
+                writer(dirty.pop())
         wall = time.perf_counter() - started
         leechers = self.nodes[1:]
         done = [n.completed_at for n in leechers]
@@ -353,9 +366,12 @@ class Simulation:
         self.at(arrive, self._on_bytes, s.other, data)
 
     def _kick(self, s: _Session) -> None:
+        # The writer runs once the current event is done (same virtual
+        # instant), so everything queued meanwhile goes out as one send --
+        # like PeerSession._writer, which takes all queued frames per pass.
         if not s.kicked and not s.sending:
             s.kicked = True
-            self.at(self.now, self._writer, s)
+            self._dirty.append(s)
 
     def _writer(self, s: _Session) -> None:
         """The session writer's control turn: HAVEs and control frames coalesced."""

@@ -118,8 +118,41 @@ def test_fair_share_unchokes_everyone() -> None:
         {"max_queued": 0},
         {"rechoke_every": 0},
         {"optimistic_every": -1},
+        {"super_seed": -1},
+        {"max_backlog": -1},
     ],
 )
 def test_bad_arguments(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         Choker(**kwargs)  # type: ignore[arg-type]
+
+
+def test_super_seed_serves_every_chunk_once_before_any_twice() -> None:
+    ch = Choker(super_seed=3)
+    for p in "ab":
+        ch.add_peer(p)
+    assert ch.on_request("a", (0, 0, 10))
+    assert not ch.on_request("b", (0, 0, 10))  # queued for a: b gets it elsewhere
+    assert ch.on_request("b", (1, 0, 10))
+    assert ch.next_request(0.0) == ("a", (0, 0, 10))
+    assert not ch.on_request("b", (0, 0, 10))  # sent once already, chunk 2 never
+    assert ch.super_seeding
+    assert ch.on_request("a", (2, 0, 10))  # every chunk sent or queued now
+    assert not ch.super_seeding
+    assert ch.on_request("b", (0, 0, 10))
+    # A fresh chunk that is cancelled before it is sent is fresh again.
+    assert ch.on_cancel("a", (2, 0, 10))
+    assert ch.super_seeding
+
+
+def test_backlog_bounds_requests_across_peers() -> None:
+    ch = Choker(max_backlog=2)
+    for p in "abc":
+        ch.add_peer(p)
+    assert ch.on_request("a", (0, 0, 10))
+    assert ch.on_request("b", (1, 0, 10))
+    assert not ch.on_request("c", (2, 0, 10))
+    ch.next_request(0.0)
+    assert ch.on_request("c", (2, 0, 10))
+    assert ch.remove_peer("b") == [(1, 0, 10)]
+    assert ch.on_request("a", (3, 0, 10))

@@ -99,3 +99,52 @@ def test_every_chunk_is_eventually_delivered(n: int, seed: int, npeers: int) -> 
                 assert not p.have[i]
                 p.chunk_received(peer, i)
     assert p.missing == 0
+
+
+def test_refused_chunk_is_not_asked_of_that_peer_again_until_its_time() -> None:
+    p = PiecePicker(2, rng=random.Random(7))
+    p.add_peer("seed", bytearray([1, 1]))
+    p.add_peer("other", bytearray([1, 0]))
+    first = p.pick("seed", 1, now=0, timeout=10)
+    p.refuse("seed", first[0], until=5.0)
+    assert not p.is_requested("seed", first[0])
+    # The seed is asked for the other chunk; the refused one stays open for others.
+    assert p.pick("seed", 2, now=1, timeout=10) == [1 - first[0]]
+    if first[0] == 0:
+        assert p.pick("other", 1, now=1, timeout=10) == [0]
+    else:
+        assert p.pick("seed", 1, now=5, timeout=10) == [1]  # its time has come
+
+
+def test_peer_lacks_follows_bitfield_and_have() -> None:
+    p = PiecePicker(3)
+    p.add_peer("a", bytearray([1, 0, 0]))
+    assert not p.peer_lacks("a", 0)
+    assert p.peer_lacks("a", 1)
+    p.peer_has("a", 1)
+    assert not p.peer_lacks("a", 1)
+    assert p.peer_lacks("unknown", 0)
+
+
+def test_stale_request_may_be_asked_of_a_second_peer() -> None:
+    # Chunk 2 is held by nobody yet, so this is not endgame.
+    p = PiecePicker(3, rng=random.Random(8), stale_after=1.0)
+    p.add_peer("slow", bytearray([1, 1, 0]))
+    assert sorted(p.pick("slow", 2, now=0, timeout=30)) == [0, 1]
+    assert not p.endgame
+    p.add_peer("idle", bytearray([1, 0, 0]))
+    assert p.pick("idle", 1, now=0.5, timeout=30) == []  # not stale yet
+    assert p.pick("idle", 1, now=1.0, timeout=30) == [0]
+    assert p.chunk_received("idle", 0) == ["slow"]  # cancel the pinned copy
+
+
+def test_expired_skips_the_walk_until_the_earliest_deadline() -> None:
+    p = PiecePicker(3, rng=random.Random(9))
+    p.add_peer("a", bytearray([1, 1, 1]))
+    p.pick("a", 1, now=0, timeout=5)
+    p.pick("a", 1, now=3, timeout=5)
+    assert p.expired(4.0) == []
+    (first,) = p.expired(5.0)
+    p.cancel(*first)
+    assert p.expired(6.0) == []
+    assert len(p.expired(8.0)) == 1
