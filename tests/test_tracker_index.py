@@ -8,7 +8,13 @@ import pytest
 
 from peerd.errors import LocalProtocolError, TrackerError
 from peerd.wire import MAX_BODY, FrameType, PeerEntry, Peers
-from peerd.wire._codec import decode_body, encode_body, encode_peers_body
+from peerd.wire._codec import (
+    decode_body,
+    encode_body,
+    encode_peer_entry,
+    encode_peers_body,
+    join_peers_body,
+)
 from tracker import index as index_module
 from tracker.index import SwarmIndex, SwarmStat
 
@@ -295,6 +301,22 @@ def test_trusted_peers_encoder_checks_message_fields() -> None:
     entry = ("10.0.0.1", 1, key(1), b"\x80")
     good = encode_peers_body(CID, 60, [entry], b"\x00\x01")
     assert good == _slow_body(CID, 60, [entry], b"\x00\x01")
+    rng = random.Random(3)
+    for n in (0, 1, 15, 16, 200):
+        peers = [
+            (rng.choice(("10.0.0.1", "::1", "fe80::1:2:3:4")), rng.randrange(65536), key(i), b"")
+            for i in range(n)
+        ]
+        peers = [
+            (ip, port, k, rng.randbytes(rng.choice((0, 3, 300, 70_000))))
+            for ip, port, k, _ in peers[:3]
+        ] + peers[3:]
+        avail = rng.randbytes(2 * rng.randrange(40_000))
+        encoded = [encode_peer_entry(*p) for p in peers]
+        pieces = [piece for e in encoded for piece in (e[:5], e[5:])]  # split anywhere
+        joined = join_peers_body(CID, 86400, n, pieces, avail)
+        assert joined == encode_peers_body(CID, 86400, peers, avail)
+        assert joined == _slow_body(CID, 86400, peers, avail)
     for bad in (
         (CID[:31], 60, [entry], b""),
         (CID, 0, [entry], b""),

@@ -425,7 +425,7 @@ class SwarmIndex:
             return None
         swarm, slot = recorded
         if want <= 0:
-            return join_peers_body(content_id, interval, (), swarm.avail())
+            return join_peers_body(content_id, interval, 0, (), swarm.avail())
         answer = self._ranking(content_id, swarm, bits, want, now)
         dropped = slot if slot in answer.ranked else -1
         hit = answer.bodies.get(dropped)
@@ -434,11 +434,13 @@ class SwarmIndex:
         chosen = self._pick(swarm, answer.ranked, slot, want)
         heads, keys, packed = swarm.heads, swarm.keys, swarm.bits
         nb, hdr, kh = swarm.nbytes, swarm.bin_header, _KEY_HEADER
-        entries = [
-            heads[s] + kh + keys[s] + hdr + packed[s].to_bytes(nb, "big")  # type: ignore[operator]
-            for s in chosen
-        ]
-        body = join_peers_body(content_id, interval, entries, swarm.avail())
+        full_int, full = swarm.full_int, swarm.full
+        parts: list[bytes | bytearray | None] = []
+        add = parts.extend
+        for s in chosen:
+            b = packed[s]
+            add((heads[s], kh, keys[s], hdr, full if b is full_int else b.to_bytes(nb, "big")))
+        body = join_peers_body(content_id, interval, len(chosen), parts, swarm.avail())  # type: ignore[arg-type]
         # Keep bodies only of questions asked more than once: most are not.
         if answer.asked > 1 and len(body) <= _ANSWER_BODY_MAX:
             old = answer.bodies.get(dropped)

@@ -10,7 +10,7 @@ naming the message and the field.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -378,17 +378,22 @@ _PEERS_AVAIL = msgpack.packb("avail")
 
 
 def join_peers_body(
-    content_id: bytes, interval: int, entries: Sequence[bytes], availability: bytes
+    content_id: bytes,
+    interval: int,
+    count: int,
+    parts: Iterable[bytes | bytearray],
+    availability: bytes,
 ) -> bytes:
-    """``encode_peers_body`` from entries already encoded by ``encode_peer_entry``.
+    """``encode_peers_body`` from ``count`` entries already encoded, given as ``parts``.
 
-    Lets a sender that answers many askers from the same peers encode each
-    peer once and only concatenate per answer. Same bytes, same trust
+    ``parts`` concatenate to ``count`` entries as ``encode_peer_entry`` makes
+    them (an entry may come in several pieces). Lets a sender that keeps its
+    peers partly encoded only concatenate per answer. Same bytes, same trust
     contract and the same checks as ``encode_peers_body``.
     """
-    n = len(entries)
+    n = count
     _check_peers_fields(content_id, interval, n, availability)
-    count = bytes((0x90 | n,)) if n < 16 else b"\xdc" + n.to_bytes(2, "big")
+    header = bytes((0x90 | n,)) if n < 16 else b"\xdc" + n.to_bytes(2, "big")
     body = b"".join(
         (
             _PEERS_ID,
@@ -396,8 +401,8 @@ def join_peers_body(
             _PEERS_INTERVAL,
             msgpack.packb(interval),
             _PEERS_PEERS,
-            count,
-            *entries,
+            header,
+            *parts,
             _PEERS_AVAIL,
             msgpack.packb(availability, use_bin_type=True),
         )
