@@ -30,6 +30,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-peers", type=int, default=16, help="connections a node dials")
     ap.add_argument("--slots", type=int, default=0, help="choker slots (0 = fair share)")
     ap.add_argument("--no-fresh-first", action="store_true", help="plain round robin uploads")
+    ap.add_argument("--no-super-seed", action="store_true", help="seeder serves duplicates too")
+    ap.add_argument("--no-suppress-haves", action="store_true", help="HAVE to every peer")
+    ap.add_argument("--no-spread", action="store_true", help="dial the tracker's first peers")
+    ap.add_argument("--busy-backoff", type=float, default=5.0, help="s before a refusal is retried")
+    ap.add_argument("--backlog", type=int, default=0, help="leecher upload queue bound (0 = none)")
+    ap.add_argument(
+        "--stale-after", type=float, default=0.0, help="s before a pinned request is duplicated"
+    )
+    ap.add_argument(
+        "--no-verify", action="store_true", help="skip Ed25519 in handshakes (framing kept)"
+    )
     ap.add_argument("--seed", type=int, default=1, help="random seed")
     ap.add_argument(
         "--only", choices=("homogeneous", "heterogeneous"), help="run one rate mix only"
@@ -52,6 +63,13 @@ def main(argv: list[str] | None = None) -> int:
                 max_inbound=4 * args.max_peers,
                 slots=args.slots,
                 fresh_first=not args.no_fresh_first,
+                super_seed=not args.no_super_seed,
+                suppress_haves=not args.no_suppress_haves,
+                spread=not args.no_spread,
+                busy_backoff=args.busy_backoff,
+                backlog=args.backlog,
+                stale_after=args.stale_after,
+                verify=not args.no_verify,
                 seed=args.seed,
             )
             for n in args.n
@@ -65,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         f"F = {first.chunks} chunks x {first.chunk_size // 1024} KiB = "
         f"{first.chunks * first.chunk_size / MiB:g} MiB; u_s = {first.seed_rate / MiB:g} MiB/s; "
         f"delay {first.delay * 1000:g} ms per node; loss {first.loss:g}; "
-        f"max_peers {first.max_peers}; slots {first.slots or 'fair'}"
+        f"max_peers {first.max_peers}; slots {first.slots or 'fair'}; "
+        f"super-seed {first.super_seed}; Ed25519 {first.verify}"
     )
     print(
         f"| {'N':>5} | {'rates':<13} | {'T (s)':>8} | {'T_min (s)':>9} | {'T/T_min':>7} "
