@@ -100,6 +100,8 @@ class PeerSession:
         self._uploads: deque[tuple[int, int, int]] = deque()
         self._wake = trio.Event()
         self._closing = False
+        self._local_close = False
+        self._eof_sent = trio.Event()
         self._cancel_scope = trio.CancelScope()
         # rate window for adaptive pipelining
         self._window_start = trio.current_time()
@@ -143,6 +145,7 @@ class PeerSession:
                 except PeerError:
                     pass
             self._closing = True
+            self._local_close = True
             self._kick()
 
     # --- running ---------------------------------------------------------------
@@ -153,7 +156,12 @@ class PeerSession:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._writer)
                     await self._reader()
-                    # The remote is gone or said goodbye: nothing left to send.
+                    if self._local_close:
+                        # We are closing (a ban, a bad bitfield): let the writer
+                        # deliver what is queued and the GOODBYE saying why.
+                        with trio.move_on_after(2):
+                            await self._eof_sent.wait()
+                    # Otherwise the remote is gone or said goodbye: nothing to send.
                     nursery.cancel_scope.cancel()
         except* RemoteProtocolError as group:
             log.warning("peer %s violated the protocol: %s", self.name, group.exceptions[0])
@@ -276,6 +284,7 @@ class PeerSession:
                 continue
             if self._closing:
                 await stream.send_eof()
+                self._eof_sent.set()
                 # Give the remote a moment to read our goodbye and close.
                 await trio.sleep(5)
                 self._cancel_scope.cancel()
