@@ -59,6 +59,7 @@ from __future__ import annotations
 import itertools
 import socket
 from array import array
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import msgpack
@@ -320,7 +321,9 @@ class SwarmIndex:
         self._peer_contents: dict[bytes, int] = {}  # key -> number of swarms it is in
         self._entries = 0
         self._heads: dict[tuple[str, int], bytes] = {}  # see module doc
-        self._answers: dict[tuple[bytes, bytes, int], _Answer] = {}  # FIFO, see module doc
+        # FIFO (see module doc). An OrderedDict because popping a plain dict's
+        # first item scans the deleted entries before it: ~2 us at 2,048.
+        self._answers: OrderedDict[tuple[bytes, bytes, int], _Answer] = OrderedDict()
         self._answer_bytes = 0
 
     # -- queries -------------------------------------------------------------
@@ -603,9 +606,9 @@ class SwarmIndex:
         self._swarms.pop(content_id, None)
 
     def _evict_answer(self) -> None:
-        oldest = next(iter(self._answers))
-        gone = self._answers.pop(oldest)
-        self._answer_bytes -= sum(len(b) for _, b in gone.bodies.values())
+        _, gone = self._answers.popitem(last=False)
+        if gone.bodies:
+            self._answer_bytes -= sum(len(b) for _, b in gone.bodies.values())
 
     def _ranking(
         self, content_id: bytes, swarm: _Swarm, asker_bits: bytes, want: int, now: float
