@@ -124,6 +124,7 @@ class Choker:
         self._rates: dict[PeerKey, float] = {}  # peer -> bytes/s it sends us
         self._sent: dict[int, int] = {}  # chunk index -> times we uploaded it
         self._queued: dict[int, int] = {}  # chunk index -> requests queued for it
+        self._refused: dict[PeerKey, set[int]] = {}  # super-seeding refusals, once each
         self.super_seed = super_seed
         self.max_backlog = max_backlog
         self._backlog = 0  # requests queued, all peers
@@ -143,6 +144,7 @@ class Choker:
     def remove_peer(self, peer: PeerKey) -> list[Request]:
         """A connection is gone: forget it; returns the requests it had queued."""
         queue = self._queues.pop(peer, None)
+        self._refused.pop(peer, None)
         self._served.pop(peer, None)
         self._rates.pop(peer, None)
         self._unchoked.discard(peer)
@@ -170,7 +172,14 @@ class Choker:
         index = request[0]
         queued = self._queued.get(index, 0)
         if self._untouched > 0 and (queued or self._sent.get(index)):
-            return False  # super-seeding: someone already has (or gets) this one
+            # Super-seeding: someone already has (or gets) this one. Refused
+            # once per peer and chunk only: if the peer asks again (after its
+            # busy back-off), nobody else could give it, e.g. the one we sent
+            # it to has left — serve it rather than stall the download.
+            refused = self._refused.setdefault(peer, set())
+            if index not in refused:
+                refused.add(index)
+                return False
         if not queue:
             self._turns.append(peer)
         queue.append(request)
@@ -248,6 +257,31 @@ class Choker:
         self._unchoked = regular
         if self._optimistic is not None:
             self._unchoked.add(self._optimistic)
+
+    def next_request_for(self, peer: PeerKey) -> Request | None:
+        """The request to upload next on ``peer``'s own connection, taken off its queue.
+
+        For a node whose connections each have their own writer (the real
+        node): the writers share the upload link, so the link itself splits
+        the rate among them; the policy still decides *which* of the peer's
+        requests goes first (fresh first) and, in :meth:`on_request`, which
+        requests are accepted at all (queue bounds, super-seeding).
+        """
+        queue = self._queues.get(peer)
+        if not queue:
+            return None
+        pos = 0
+        if self.fresh_first:
+            sent = self._sent
+            pos = min(range(len(queue)), key=lambda k: sent.get(queue[k][0], 0))
+        request = queue[pos]
+        del queue[pos]
+        if not queue:
+            self._turns.remove(peer)
+        self._sent[request[0]] = self._sent.get(request[0], 0) + 1
+        self._dequeued(request[0])
+        self._served[peer] += request[2]
+        return request
 
     def next_request(self, now: float) -> tuple[PeerKey, Request] | None:
         """The request to upload now, taken off its queue; None if nothing is queued.

@@ -212,9 +212,9 @@ class Node:
             with trio.CancelScope(shield=True):
                 await client.aclose()
 
-    async def announce(self, cid: bytes, event: str, bits: bytes) -> Peers | None:
+    async def announce(self, cid: bytes, event: str, bits: bytes, want: int = 50) -> Peers | None:
         async def call(client: TrackerClient) -> Peers | None:
-            return await client.announce(cid, self.port, event, bits)
+            return await client.announce(cid, self.port, event, bits, want)
 
         return await self.tracker_call(call)  # type: ignore[return-value]
 

@@ -97,7 +97,6 @@ class PeerSession:
         self._control_bytes = 0
         self._drained = trio.Event()
         self._haves: list[int] = []
-        self._uploads: deque[tuple[int, int, int]] = deque()
         self._wake = trio.Event()
         self._closing = False
         self._local_close = False
@@ -158,9 +157,14 @@ class PeerSession:
                     await self._reader()
                     if self._local_close:
                         # We are closing (a ban, a bad bitfield): let the writer
-                        # deliver what is queued and the GOODBYE saying why.
+                        # deliver what is queued and the GOODBYE saying why,
+                        # then discard what the remote still sends until it
+                        # closes too: closing a socket with unread input sends
+                        # a reset, which destroys the GOODBYE in flight.
                         with trio.move_on_after(2):
                             await self._eof_sent.wait()
+                            while await self.stream.receive_some(RECV_SIZE):
+                                pass
                     # Otherwise the remote is gone or said goodbye: nothing to send.
                     nursery.cancel_scope.cancel()
         except* RemoteProtocolError as group:
@@ -194,10 +198,7 @@ class PeerSession:
             elif isinstance(event, Request):
                 self._on_request(event)
             elif isinstance(event, Cancel):
-                try:
-                    self._uploads.remove((event.index, event.offset, event.length))
-                except ValueError:
-                    pass
+                content.choker.on_cancel(self, (event.index, event.offset, event.length))
             elif isinstance(event, Have):
                 content.on_have(self, event.indices)
             elif isinstance(event, Bitfield):
@@ -259,12 +260,15 @@ class PeerSession:
     def _on_request(self, req: Request) -> None:
         content = self.content
         reason = content.check_request(self, req.index, req.offset, req.length)
-        if reason is None and len(self._uploads) >= MAX_QUEUED_UPLOADS:
+        # The choker refuses past MAX_QUEUED_UPLOADS, and while super-seeding a
+        # chunk that someone else already has or gets.
+        if reason is None and not content.choker.on_request(
+            self, (req.index, req.offset, req.length)
+        ):
             reason = "busy"
         if reason is not None:
             self.send_control(Reject(req.index, req.offset, req.length, reason))
             return
-        self._uploads.append((req.index, req.offset, req.length))
         self._kick()
 
     async def _writer(self) -> None:
@@ -289,8 +293,9 @@ class PeerSession:
                 await trio.sleep(5)
                 self._cancel_scope.cancel()
                 return
-            if self._uploads:
-                index, offset, length = self._uploads.popleft()
+            upload = content.choker.next_request_for(self)
+            if upload is not None:
+                index, offset, length = upload
                 source = content.source
                 await content.node.up_limiter.consume(length)
                 # Checked after the rate-limit wait, right before the bytes go out:

@@ -31,15 +31,18 @@ from __future__ import annotations
 import logging
 import math
 import mmap
+import random
 from typing import TYPE_CHECKING
 
 import trio
 
+from .choker import Choker
 from .errors import PeerError, TrackerError
 from .hashing import hash_chunk
 from .manifest import Manifest
 from .picker import PiecePicker, bits_from_flags, flags_from_bits, pipeline_depth
-from .session import PeerSession
+from .scheduling import BUSY_BACKOFF, choose_dials, next_announce_delay, tracker_want
+from .session import MAX_QUEUED_UPLOADS, PeerSession
 from .store import ChunkStore, SourceFile, aligned_buffer
 from .wire import Bitfield, Hello, PeerConnection
 
@@ -56,6 +59,7 @@ STATE_FLUSH_EVERY = 1.0
 REQUEST_TIMEOUT = 15.0
 STALL_TIMEOUT = 20.0
 MAX_PEERS = 50
+MAX_WANT = 200  # the most peers ANNOUNCE may ask for (docs/PROTOCOL.md)
 BUFFER_BUDGET = 32 * 1024 * 1024  # bytes of chunk buffers per download
 
 
@@ -94,6 +98,10 @@ class Content:
         chunk = max(1, min(self.info.chunk_size, self.info.size or 1))
         self.buffers = BufferPool(chunk, max(2, BUFFER_BUDGET // chunk))
         self.sessions: dict[bytes, PeerSession] = {}
+        # Upload policy: queue bounds, fresh-first order, and — when we publish
+        # a complete file — super-seeding (every chunk out once before any twice).
+        origin = isinstance(source, SourceFile)
+        self.choker = Choker(max_queued=MAX_QUEUED_UPLOADS, super_seed=n if origin else 0)
         self.connecting: set[bytes] = set()
         self.banned: set[bytes] = set()
         self.bytes_from: dict[str, int] = {}
@@ -108,6 +116,7 @@ class Content:
         self._tracker_wake = trio.Event()
         self.tracker_peers = 0
         self.started_at = trio.current_time()
+        self._rng = random.Random()
 
     # --- state helpers ---------------------------------------------------------
     @property
@@ -162,12 +171,14 @@ class Content:
             old.close("duplicate connection")
         session = PeerSession(self, stream, conn, hello, initiated=initiated)
         self.sessions[key] = session
+        self.choker.add_peer(session)
         session.send_control(Bitfield(self.bitfield()))
         if self.picker is not None:
             self.picker.add_peer(session)
         try:
             await session.run()
         finally:
+            self.choker.remove_peer(session)
             if self.sessions.get(key) is session:
                 del self.sessions[key]
             if self.picker is not None:
@@ -197,6 +208,11 @@ class Content:
 
     def on_reject(self, session: PeerSession, index: int, reason: str) -> None:
         if self.picker is None:
+            return
+        if reason == "busy":
+            # Ask someone else now, this peer not again for a while.
+            self.picker.refuse(session, index, trio.current_time() + BUSY_BACKOFF)
+            self._fill_all()
             return
         self.picker.cancel(session, index)
         flags = self.picker.peer_flags(session)
@@ -256,7 +272,8 @@ class Content:
             off, ln = 0, length
             other.cancel_request(index, off, ln)
         for s in self.sessions.values():
-            s.announce_have(index)
+            if picker.peer_lacks(s, index):  # no HAVE to a peer that holds it
+                s.announce_have(index)
         self._progress_pending = True
         if picker.complete:
             await self._finish()
@@ -361,7 +378,9 @@ class Content:
         lonely_retry = 1.0
         while True:
             try:
-                peers = await self.node.announce(self.content_id, event, self.bitfield())
+                room = MAX_PEERS - len(self.sessions) - len(self.connecting)
+                want = min(MAX_WANT, tracker_want(max(room, 1)))
+                peers = await self.node.announce(self.content_id, event, self.bitfield(), want)
             except TrackerError as exc:
                 log.info("tracker announce failed (%s); retrying in %.0f s", exc, backoff)
                 await trio.sleep(backoff)
@@ -384,7 +403,9 @@ class Content:
                 completed_sent = True
             # Wait for: the interval, batched progress, or completion.
             event = "periodic"
-            deadline = last + interval
+            deadline = last + next_announce_delay(
+                len(self.sessions), MAX_PEERS, interval, downloading=self.picker is not None
+            )
             while True:
                 now = trio.current_time()
                 if self.picker is None and not completed_sent:
@@ -415,18 +436,20 @@ class Content:
         if self.picker is None:
             return  # seeders wait for leechers to connect
         mine = self.node.identity.public_key
-        for entry in entries:
+        candidates = [
+            entry
+            for entry in entries
+            if entry.key != mine
+            and entry.key not in self.sessions
+            and entry.key not in self.connecting
+            and entry.key not in self.banned
+            and entry.port != 0
+        ]
+        room = MAX_PEERS - len(self.sessions) - len(self.connecting)
+        # A random subset: in a flash crowd everyone is told the same first
+        # peers, and dialling them all would make a few hubs.
+        for entry in choose_dials(candidates, room, self._rng):
             key = entry.key
-            if (
-                key == mine
-                or key in self.sessions
-                or key in self.connecting
-                or key in self.banned
-                or entry.port == 0
-            ):
-                continue
-            if len(self.sessions) + len(self.connecting) >= MAX_PEERS:
-                break
             self.connecting.add(key)
             self.nursery.start_soon(self._connect_one, entry.ip, entry.port, key)
 

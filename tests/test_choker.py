@@ -129,20 +129,50 @@ def test_bad_arguments(kwargs: dict[str, float]) -> None:
 
 def test_super_seed_serves_every_chunk_once_before_any_twice() -> None:
     ch = Choker(super_seed=3)
-    for p in "ab":
+    for p in "abc":
         ch.add_peer(p)
     assert ch.on_request("a", (0, 0, 10))
     assert not ch.on_request("b", (0, 0, 10))  # queued for a: b gets it elsewhere
     assert ch.on_request("b", (1, 0, 10))
     assert ch.next_request(0.0) == ("a", (0, 0, 10))
-    assert not ch.on_request("b", (0, 0, 10))  # sent once already, chunk 2 never
+    assert not ch.on_request("c", (0, 0, 10))  # sent once already, chunk 2 never
     assert ch.super_seeding
     assert ch.on_request("a", (2, 0, 10))  # every chunk sent or queued now
     assert not ch.super_seeding
-    assert ch.on_request("b", (0, 0, 10))
+    assert ch.on_request("c", (0, 0, 10))
     # A fresh chunk that is cancelled before it is sent is fresh again.
     assert ch.on_cancel("a", (2, 0, 10))
     assert ch.super_seeding
+
+
+def test_super_seed_refuses_a_peer_once_per_chunk() -> None:
+    # The copy went to a peer that left: the asker has nobody else for it.
+    ch = Choker(super_seed=4)
+    for p in "ab":
+        ch.add_peer(p)
+    assert ch.on_request("a", (0, 0, 10))
+    assert ch.next_request(0.0) == ("a", (0, 0, 10))
+    ch.remove_peer("a")
+    assert not ch.on_request("b", (0, 0, 10))
+    assert ch.super_seeding
+    assert ch.on_request("b", (0, 0, 10))  # asked again after its back-off: served
+    assert ch.next_request_for("b") == (0, 0, 10)
+    assert ch.times_sent(0) == 2
+
+
+def test_next_request_for_takes_the_freshest_of_that_peer() -> None:
+    ch = Choker()
+    for p in "ab":
+        ch.add_peer(p)
+    ch.on_request("a", (5, 0, 10))
+    assert ch.next_request_for("a") == (5, 0, 10)
+    ch.on_request("a", (5, 0, 10))
+    ch.on_request("a", (6, 0, 10))
+    ch.on_request("b", (7, 0, 10))
+    assert ch.next_request_for("a") == (6, 0, 10)  # never sent beats sent once
+    assert ch.next_request_for("a") == (5, 0, 10)
+    assert ch.next_request_for("a") is None
+    assert ch.queued("b") == 1 and ch.next_request(0.0) == ("b", (7, 0, 10))
 
 
 def test_backlog_bounds_requests_across_peers() -> None:

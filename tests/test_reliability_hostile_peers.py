@@ -62,7 +62,6 @@ def test_corrupting_peer_is_banned_and_routed_around(tmp_path: Path) -> None:
         key, port, chunk = bans[0]
         assert key == bad.name and int(port) == bad.port
         assert int(chunk) in bad.corrupted
-        assert any("hash" in reason for reason in bad.goodbyes), "the banned peer is told why"
         assert not honest & {k for k, _, _ in bans}, "an honest peer was banned"
         assert json.loads(res.stdout.splitlines()[-1])["hash_failures"] >= 1
         assert not (tmp_path / "got.bin.part").exists()
