@@ -2,33 +2,76 @@
 
 Theory of operation (the ring machinery is in ``_ring.py``)
 ------------------------------------------------------------
-* Sockets are kept in *blocking* mode. io_uring's recv/send/readv/writev then
-  wait for readiness inside the kernel (internal poll) instead of returning
-  -EAGAIN, and a splice into the socket simply waits in an io-wq worker
-  (pitfall 8 of the notes is about non-blocking sockets).
+* Sockets are *non-blocking*, as Trio leaves them. io_uring's recv/send (and
+  readv/writev on sockets, on Linux 6.18) still wait for readiness inside
+  the kernel: a socket supports non-blocking attempts, so io_uring arms its
+  internal poll and retries instead of returning -EAGAIN. Should a kernel
+  return -EAGAIN anyway (older rw paths honour O_NONBLOCK), the op waits for
+  readiness with ``IORING_OP_POLL_ADD`` and is retried. Non-blocking is what
+  lets ``sendfile`` below run ``os.sendfile`` on the Trio thread.
 * Receiving: a whole ``bytearray`` (or a memoryview of all of one) is received
   with one ``IORING_OP_RECV`` + ``MSG_WAITALL``: the kernel fills it, so a
-  4 MiB message costs one operation. Anything else (slices) goes through
-  ``readv`` with an ``Iovec``, because the liburing wrapper's recv/send take
-  only whole bytes/bytearray objects. Sending is symmetric (``SEND`` +
-  ``MSG_WAITALL`` for bytes/bytearray, ``writev`` otherwise).
-* File to socket (``sendfile``): splice file -> pipe -> socket, the two
-  splices submitted as one linked chain per pipe-full (pipe grown to 4 MiB
-  when allowed). Chosen over "read into a buffer, then send" because it
-  never copies file bytes into user memory and the notes' prototype measured
-  it on par with ``os.sendfile``. Measured with this code
-  (docs/bench_transports.md) it reaches only ~0.77x of the reactor's
-  ``os.sendfile``: io_uring always punts splice to io-wq kernel workers, and
-  on two cores those hops compete with sender and receiver. The untried
-  alternative is READ into registered buffers + SEND (one extra copy, but no
-  worker hop); it should be measured before switching.
+  4 MiB message costs one operation and one wake-up of the Trio task,
+  however the segments arrive (the kernel retries the copy itself). The
+  reactor's answer to the same problem, SO_RCVLOWAT, was tried here too
+  (one READV per step, low-water mark = bytes missing, cap 512 KiB):
+  interleaved A/B, CPU of both ends per GB, plain 0.38 vs 0.43 (WAITALL),
+  blake3 0.64 vs 0.57, sha256 0.98 vs 1.01; no consistent difference, so
+  the single op stays. Anything else
+  (slices) goes through ``readv`` with an ``Iovec``, because the liburing
+  wrapper's recv/send take only whole bytes/bytearray objects. Sending is
+  symmetric (``SEND`` + ``MSG_WAITALL`` for bytes/bytearray, ``writev``
+  otherwise). Not used, and why: multishot receive and provided buffers
+  land data in kernel-chosen pool buffers, so the payload would need one
+  more copy into the caller's chunk buffer (the contract receives straight
+  into it); registered buffers do not remove the socket copies (they only
+  save page pinning for READ/WRITE_FIXED); ``send_zc`` is copied anyway on
+  loopback and measured slower (notes).
+* File to socket (``sendfile``): ``os.sendfile`` on the non-blocking socket,
+  waiting for POLLOUT through the ring when the socket buffer is full. The
+  kernel sends page-cache pages by reference: no copy on the sending side.
+  Measured against the two io_uring-only ways (``scripts/bench_transports.py
+  --cases file --models reactor,proactor,proactor-splice,proactor-copy``,
+  loopback, 4 MiB ranges of a page-cached file; CPU of both ends per GB):
+  this method 0.42-0.49 s/GB (the reactor, same syscall: 0.39-0.46);
+  splice file -> pipe -> socket as linked ring ops 0.52-0.64 s/GB and
+  0.82-0.93x the reactor's MB/s, because io_uring always punts splice to
+  io-wq kernel threads, whose hops compete with sender and receiver on two
+  cores; READ into memory + SEND 0.55-0.69 s/GB and 0.65-0.71x, because it
+  adds two copies (page cache -> buffer -> socket). The price of
+  ``os.sendfile``: a page-cache miss blocks the Trio thread on the disk
+  read, as in the reactor (splice would have hidden it in io-wq). Files the
+  product serves were just written or verified, so they are usually
+  cached; a FADVISE_WILLNEED through the ring ahead of each range would be
+  the fix if cold files matter.
+* Measured, not taken: ``IOSQE_ASYNC`` on every send/recv, so each transfer
+  runs in an io-wq kernel thread, as a blocking thread per connection would.
+  In A/B runs (1 GiB, median of 3, load average ~6) proactor/blocking went
+  from 0.99 / 0.82 / 0.88 / 0.87 (plain 1 and 4 connections, sha256 1 and
+  4) to 1.04 / 1.13 / 1.55 / 1.21, for 0.05-0.13 s/GB more CPU. The gain is
+  parallelism, not efficiency: copies spread over both cores, and on a
+  shared machine more runnable threads get a larger share of the CPU. Not
+  the default because every in-flight receive would hold a kernel thread
+  (500 idle peers = 500 threads, or a capped pool with head-of-line
+  blocking) and it spends more CPU per byte, the node's scarce resource.
 * Accept and connect stay on Trio's sockets (the reactor path): they happen
   once per connection, not per byte, and reusing the reactor's code keeps
   timeouts, cancellation and error messages identical across backends. The
   connected fd is then handed to the ring.
 * Disk I/O (``pread_into`` / ``pwrite``) goes through the ring as
   positional ``readv`` / ``writev``: page-cache hits complete inline during
-  submit (no thread hop); misses are handled by io-wq.
+  submit (no thread hop); misses are handled by io-wq. Measured against the
+  reactor's worker threads (``--cases disk``, 4 MiB blocks, page cache,
+  median of 5 under a load average of ~5.5): pread 1 task 11.4 vs 9.1 GB/s,
+  4 tasks 6.0 vs 8.3 GB/s; pwrite 9.1 vs 8.4 and 5.6 vs 5.5 GB/s; CPU per
+  GB equal or lower through the ring (0.07-0.16 s/GB either way). The ring
+  saves the thread hop, but its page-cache copies run on the one Trio
+  thread, while four worker threads can copy on both cores at once. Kept:
+  no difference that matters next to the network, and misses go to io-wq
+  instead of blocking anything.
+* Ring set-up (``_ring.py``): COOP_TASKRUN + SINGLE_ISSUER, so completion
+  work runs when the Trio thread next enters the kernel instead of
+  interrupting it (a few % less CPU per GB in A/B runs).
 * Closing a stream cancels its in-flight operations by fd *before* closing
   the fd (``close`` alone does not cancel them: the ring holds a file
   reference). The parked tasks wake with ConnectionClosed once the kernel

@@ -6,6 +6,14 @@ then the non-blocking system call runs in the Trio thread. ``sendfile`` is
 whenever the socket buffer is full, so file bytes never pass through Python.
 Positional disk I/O runs in Trio's worker threads (``os.preadv`` /
 ``os.pwrite`` release the GIL).
+
+``recv_exactly_into`` raises the socket's ``SO_RCVLOWAT`` to the bytes still
+missing (at most ``LOWAT_CAP``): epoll then reports the socket readable only
+once that much is queued. Without it a receiver slower than its sender (one
+that hashes every chunk, say) is woken for every few segments, and each
+wake-up is a trip through Trio's scheduler: measured with sha256 hashing,
+~0.1 s of CPU per GB more than blocking sockets, and about none with it.
+``recv_into`` puts the mark back to 1 byte.
 """
 
 from __future__ import annotations
