@@ -10,6 +10,7 @@ later resume.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ from .manifest import Manifest, parse_content_id
 from .node import Node
 from .store import ChunkStore
 from .swarm import Content
+
+log = logging.getLogger("peerd.download")
 
 __all__ = ["DownloadError", "DownloadResult", "download", "fetch_manifest", "resolve_id"]
 
@@ -108,7 +111,16 @@ async def download(
             ) from None
         raise
     path = output_path(output, manifest.info.name)
+    log.info(
+        "manifest of %s verified: %s, %d bytes, %d chunks",
+        cid.hex()[:16],
+        manifest.info.name,
+        manifest.info.size,
+        manifest.info.num_chunks,
+    )
     store = await ChunkStore.open(manifest.info, cid, path, force=force)
+    if store.resumed_bytes:
+        log.info("resuming: %d bytes already verified in %s", store.resumed_bytes, store.part_path)
     try:
         content = await node.add_content(manifest, store)
     except BaseException:

@@ -170,6 +170,7 @@ class Content:
                 return
             old.close("duplicate connection")
         session = PeerSession(self, stream, conn, hello, initiated=initiated)
+        log.info("connected to peer %s (%s)", session.name, "out" if initiated else "in")
         self.sessions[key] = session
         self.choker.add_peer(session)
         session.send_control(Bitfield(self.bitfield()))

@@ -111,6 +111,14 @@ class Network:
         self._run("ip", "netns", "add", self.ns)
         try:
             self._run("ip", "-n", self.ns, "link", "set", "lo", "up")
+            # Like a link with sane queueing: each TCP flow may keep at most
+            # 128 KiB below it (the default, 4 MiB per flow, turns a capped
+            # uplink into seconds of FIFO delay for every request and HAVE).
+            for knob in (
+                "net.ipv4.tcp_limit_output_bytes=131072",
+                "net.ipv4.tcp_notsent_lowat=131072",
+            ):
+                self._run("ip", "netns", "exec", self.ns, "sysctl", "-q", "-w", knob)
             self._run(
                 "tc",
                 "-n",
@@ -327,7 +335,10 @@ def run_swarm(
             console.print(
                 f"content id {content_id}; {len(seeds)} seeder(s), {len(leeches)} leecher(s)"
             )
-            t0 = time.monotonic()
+            # Start every leecher's interpreter first, then release them all at
+            # once (scripts/_start_together.py): T counts from the release.
+            go = work / "go"
+            starter = str(Path(__file__).resolve().parent / "_start_together.py")
             for p in leeches:
                 p.out = p.home / "download.bin"
                 host = ["--host", p.host] if emulate else common
@@ -335,8 +346,10 @@ def run_swarm(
                     [
                         *net.prefix(),
                         PY,
-                        "-m",
-                        "peerd",
+                        starter,
+                        str(p.home / "ready"),
+                        str(go),
+                        "--",
                         "get",
                         content_id,
                         "-o",
@@ -351,6 +364,18 @@ def run_swarm(
                     stderr=subprocess.PIPE,
                 )
                 procs.append(p.proc)
+            deadline = time.monotonic() + 60
+            while not all((p.home / "ready").exists() for p in leeches):
+                for p in leeches:
+                    assert p.proc is not None
+                    if p.proc.poll() is not None:
+                        err = p.proc.stderr.read().decode() if p.proc.stderr else ""
+                        raise SwarmError(f"{p.name} failed to start: {err.strip()[-300:]}")
+                if time.monotonic() > deadline:
+                    raise SwarmError("leechers did not start within 60 s")
+                time.sleep(0.01)
+            go.touch()
+            t0 = time.monotonic()
             nchunks = max(1, -(-size // default_chunk_size(size)))
             while any(p.done_at is None for p in leeches):
                 now = time.monotonic()
