@@ -22,7 +22,7 @@ import typer
 
 from peerd.errors import PeerError
 from peerd.identity import Identity, parse_public_key, peer_home
-from peerd.ratelimit import parse_rate
+from peerd.ratelimit import parse_rate, parse_size
 
 if TYPE_CHECKING:
     from peerd.node import Node
@@ -82,6 +82,18 @@ def parse_tracker(text: str | None) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise PeerError(f"cannot read tracker address {text!r}: use HOST:PORT, e.g. 127.0.0.1:7070")
     return host.strip("[]"), int(port)
+
+
+def parse_chunk_size(text: str | None) -> int | None:
+    if text is None:
+        return None
+    try:
+        size = parse_size(text)
+    except ValueError as exc:
+        raise PeerError(f"--chunk-size: {exc}") from None
+    if size < 16 * 1024 or size > 64 * 1024 * 1024 or size & (size - 1):
+        raise PeerError(f"--chunk-size {text}: use a power of two from 16KiB to 64MiB")
+    return size
 
 
 def parse_limit(text: str | None, option: str) -> int | None:
@@ -209,6 +221,13 @@ def cmd_share(
     hash_algo: Annotated[
         str, typer.Option("--hash", help="blake3 (default) or sha256.")
     ] = "blake3",
+    chunk_size: Annotated[
+        str | None,
+        typer.Option(
+            "--chunk-size",
+            help="A power of two from 16KiB to 64MiB (default 1MiB, more for huge files).",
+        ),
+    ] = None,
     up_limit: UpOpt = None,
     down_limit: DownOpt = None,
     verbose: VerboseOpt = False,
@@ -219,7 +238,8 @@ def cmd_share(
     from peerd.share import share_file
 
     try:
-        handed = try_daemon_share(peer_home(), path, hash_algo)
+        chunk = parse_chunk_size(chunk_size)
+        handed = try_daemon_share(peer_home(), path, hash_algo, chunk)
         if handed is not None:
             typer.echo(handed)
             typer.echo(f"shared by the running daemon; get it with: peer get {handed}", err=True)
@@ -231,7 +251,7 @@ def cmd_share(
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(node.run)
-            content = await share_file(node, node.identity, path, algo=hash_algo)
+            content = await share_file(node, node.identity, path, algo=hash_algo, chunk_size=chunk)
             cid = content.content_id.hex()
             print(cid, flush=True)
             print(

@@ -73,9 +73,12 @@ def control_request(
     return reply
 
 
-def try_daemon_share(home: Path, path: Path, algo: str) -> str | None:
+def try_daemon_share(
+    home: Path, path: Path, algo: str, chunk_size: int | None = None
+) -> str | None:
     """Hand ``path`` to a running daemon; its content id, or None if no daemon runs."""
-    reply = control_request(home, {"cmd": "share", "path": str(path.resolve()), "hash": algo})
+    request = {"cmd": "share", "path": str(path.resolve()), "hash": algo, "chunk": chunk_size or 0}
+    reply = control_request(home, request)
     return None if reply is None else str(reply["id"])
 
 
@@ -146,7 +149,11 @@ class Daemon:
     async def _restore_share(self, cid: str, entry: dict[str, str]) -> None:
         try:
             await share_file(
-                self.node, self.identity, Path(entry["path"]), algo=entry.get("hash", "blake3")
+                self.node,
+                self.identity,
+                Path(entry["path"]),
+                algo=entry.get("hash", "blake3"),
+                chunk_size=int(entry.get("chunk", "0")) or None,
             )
         except PeerError as exc:
             self.errors[cid] = str(exc)
@@ -185,12 +192,12 @@ class Daemon:
         if cmd == "share":
             path = Path(str(request.get("path", "")))
             algo = str(request.get("hash", "blake3"))
-            for cid, entry in self.shared.items():
-                if entry["path"] == str(path) and bytes.fromhex(cid) in self.node.contents:
-                    return {"ok": True, "id": cid}
-            content = await share_file(self.node, self.identity, path, algo=algo)
+            chunk = request.get("chunk") or None
+            if chunk is not None and not isinstance(chunk, int):
+                raise ValueError("chunk must be an integer")
+            content = await share_file(self.node, self.identity, path, algo=algo, chunk_size=chunk)
             cid = content.content_id.hex()
-            self.shared[cid] = {"path": str(path), "hash": algo}
+            self.shared[cid] = {"path": str(path), "hash": algo, "chunk": str(chunk or 0)}
             self._save()
             return {"ok": True, "id": cid}
         if cmd == "get":

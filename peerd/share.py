@@ -25,12 +25,16 @@ __all__ = ["load_or_build_info", "share_file"]
 log = logging.getLogger("peerd.share")
 
 
-def _cache_path(home: Path, path: Path, st: os.stat_result, algo: str) -> Path:
-    key = f"{path}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\0{algo}".encode()
+def _cache_path(
+    home: Path, path: Path, st: os.stat_result, algo: str, chunk_size: int | None
+) -> Path:
+    key = f"{path}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\0{algo}\0{chunk_size}".encode()
     return home / "manifests" / (hashlib.sha256(key).hexdigest() + ".info")
 
 
-def load_or_build_info(path: Path, algo: str = "blake3", home: Path | None = None) -> Info:
+def load_or_build_info(
+    path: Path, algo: str = "blake3", home: Path | None = None, chunk_size: int | None = None
+) -> Info:
     """The manifest info of ``path``, from the cache when the file is unchanged.
 
     Blocking: run it in a worker thread from Trio.
@@ -45,14 +49,14 @@ def load_or_build_info(path: Path, algo: str = "blake3", home: Path | None = Non
         st = os.stat(path)
     except OSError as exc:
         raise StorageError(f"cannot share {path}: {exc.strerror}") from None
-    cache = _cache_path(home, path, st, algo)
+    cache = _cache_path(home, path, st, algo, chunk_size)
     try:
         info = Info.decode(cache.read_bytes())
         if info.size == st.st_size and info.algo == algo and info.name == path.name:
             return info
     except (OSError, ManifestError):
         pass
-    info = build_manifest(path, algo)
+    info = build_manifest(path, algo, chunk_size)
     try:
         cache.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         tmp = cache.with_suffix(".tmp")
@@ -64,15 +68,24 @@ def load_or_build_info(path: Path, algo: str = "blake3", home: Path | None = Non
 
 
 async def share_file(
-    node: Node, identity: Identity, path: Path, *, algo: str = "blake3", home: Path | None = None
+    node: Node,
+    identity: Identity,
+    path: Path,
+    *,
+    algo: str = "blake3",
+    home: Path | None = None,
+    chunk_size: int | None = None,
 ) -> Content:
     """Describe, sign and publish ``path``, then serve it from ``node``.
 
     Returns the running :class:`Content` (its ``content_id`` is the id to give out).
     """
     path = await trio.to_thread.run_sync(path.resolve)
-    info = await trio.to_thread.run_sync(load_or_build_info, path, algo, home)
+    info = await trio.to_thread.run_sync(load_or_build_info, path, algo, home, chunk_size)
     manifest = Manifest(info, ()).signed(identity)
+    active = node.contents.get(manifest.content_id)
+    if active is not None:
+        return active  # already shared by this node: same content, same id
     source = await trio.to_thread.run_sync(SourceFile, path, info)
     try:
 

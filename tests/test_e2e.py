@@ -142,3 +142,17 @@ def test_daemon_share_get_status_stop(tmp_path: Path, backend: str) -> None:
         assert s.run("d", "stop").returncode == 0
         assert daemon.wait(timeout=15) == 0
         assert not sock.exists()
+
+
+def test_chunk_size_option(tmp_path: Path, backend: str) -> None:
+    if backend == "proactor":
+        pytest.skip("chunk size is not about the transport")
+    src = random_file(tmp_path / "f.bin", MiB + 12345)
+    with swarm(tmp_path, backend) as s:
+        bad = s.run("seed", "share", str(src), "--chunk-size", "3KiB")
+        assert bad.returncode != 0 and "power of two" in bad.stderr
+        _, cid = s.share("seed", src, "--chunk-size", "64KiB")
+        _, default_cid = s.share("seed2", src)
+        assert cid != default_cid  # another chunking is another content
+        s.get("leech", cid, tmp_path / "out.bin")
+        assert (tmp_path / "out.bin").read_bytes() == src.read_bytes()
