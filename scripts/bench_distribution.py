@@ -47,6 +47,9 @@ def main() -> int:
     )
     ap.add_argument("--ns", default="4,8,16", help="leecher counts (default 4,8,16)")
     ap.add_argument("--transports", default="reactor,proactor")
+    ap.add_argument(
+        "--chunk-size", default="256KiB", help="chunk size of the shared file (default 256KiB)"
+    )
     ap.add_argument("--no-hetero", action="store_true", help="skip the heterogeneous rows")
     ap.add_argument("--no-limit-check", action="store_true", help="skip the --up-limit row")
     args = ap.parse_args()
@@ -73,6 +76,7 @@ def main() -> int:
                         transport=transport,
                         emulate=True,
                         up_rates=[rate, *leech_rates],
+                        chunk_size=args.chunk_size,
                         console=console,
                     )
                     remove_work()
@@ -105,7 +109,7 @@ def main() -> int:
     finally:
         remove_work()
     print(
-        f"\nF = {size / 2**20:.0f} MiB, every upload capped at {rate / 1e6:g} MB/s by tc (heterogeneous: odd leechers at a quarter)\n"
+        f"\nF = {size / 2**20:.0f} MiB in {args.chunk_size} chunks, every upload capped at {rate / 1e6:g} MB/s by tc (heterogeneous: odd leechers at a quarter)\n"
     )
     print("| N | rates | transport | T (s) | T_min (s) | T / T_min | client/server N*F/u_s (s) |")
     print("|---|---|---|---|---|---|---|")

@@ -247,6 +247,7 @@ def run_swarm(
     emulate: bool = False,
     up_rates: list[int | None] | None = None,
     app_up_limit: str | None = None,
+    chunk_size: str | None = None,
     timeout: float = 600.0,
     on_tick: Callable[[list[Peer], int], None] | None = None,
     console: Console | None = None,
@@ -315,12 +316,13 @@ def run_swarm(
                 time.sleep(0.05)
             common = ["--host", "127.0.0.1"] if not emulate else []
             limit = ["--up-limit", app_up_limit] if app_up_limit else []
+            chunking = ["--chunk-size", chunk_size] if chunk_size else []
             seeds, leeches = all_peers[:seeders], all_peers[seeders:]
             content_id = ""
             for p in seeds:
                 host = ["--host", p.host] if emulate else common
                 p.proc = subprocess.Popen(
-                    [*net.prefix(), PY, "-m", "peerd", "share", str(src), *host, *limit],
+                    [*net.prefix(), PY, "-m", "peerd", "share", str(src), *host, *limit, *chunking],
                     env={**env, "PEER_HOME": str(p.home)},
                     stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE,
@@ -376,7 +378,8 @@ def run_swarm(
                 time.sleep(0.01)
             go.touch()
             t0 = time.monotonic()
-            nchunks = max(1, -(-size // default_chunk_size(size)))
+            chunk_bytes = parse_size(chunk_size) if chunk_size else default_chunk_size(size)
+            nchunks = max(1, -(-size // chunk_bytes))
             while any(p.done_at is None for p in leeches):
                 now = time.monotonic()
                 if now - t0 > timeout:
@@ -438,6 +441,9 @@ def main() -> int:
     ap.add_argument(
         "--up-rate", default=None, help="with --emulate: every peer's upload cap, e.g. 8MB"
     )
+    ap.add_argument(
+        "--chunk-size", default=None, help="chunk size for the shared file, e.g. 256KiB"
+    )
     ap.add_argument("--json", action="store_true", help="print a final JSON document")
     ap.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds")
     args = ap.parse_args()
@@ -490,6 +496,7 @@ def main() -> int:
                 emulate=args.emulate,
                 up_rates=[rate] * args.peers if rate else None,
                 timeout=args.timeout,
+                chunk_size=args.chunk_size,
                 on_tick=tick,
                 console=console,
             )
