@@ -162,7 +162,7 @@ def test_limits_bound_growth() -> None:
         idx.announce(CID, key(n), "10.0.0.1", 1, "started", b"\x00", 8, 0, 0)
     with pytest.raises(TrackerError) as info:
         idx.announce(CID, key(9), "10.0.0.1", 1, "started", b"\x00", 8, 0, 0)
-    assert info.value.code == "limit"
+    assert info.value.code == "too-many"
     idx.announce(CID2, key(0), "10.0.0.1", 1, "started", b"\x00", 8, 0, 0)
     idx.announce(b"\x01" * 32, key(5), "10.0.0.1", 1, "started", b"\x00", 8, 0, 0)
     with pytest.raises(TrackerError, match="too many contents"):

@@ -488,7 +488,7 @@ class SwarmIndex:
             if len(self._swarms) >= self.max_contents:
                 self.expire(now)
                 if len(self._swarms) >= self.max_contents:
-                    raise TrackerError("limit", "the tracker tracks too many contents")
+                    raise TrackerError("too-many", "the tracker tracks too many contents")
             swarm = _Swarm(n)
             self._swarms[content_id] = swarm
         else:
@@ -581,10 +581,10 @@ class SwarmIndex:
 
     def _admit(self, swarm: _Swarm, key: bytes) -> None:
         if len(swarm) >= self.max_peers_per_content:
-            raise TrackerError("limit", "this content has too many peers")
+            raise TrackerError("too-many", "this content has too many peers")
         if self._peer_contents.get(key, 0) >= self.max_contents_per_peer:
             raise TrackerError(
-                "limit", f"a peer may announce at most {self.max_contents_per_peer} contents"
+                "too-many", f"a peer may announce at most {self.max_contents_per_peer} contents"
             )
 
     def _forget_key(self, key: bytes) -> None:
