@@ -65,8 +65,7 @@ from dataclasses import dataclass
 import msgpack
 
 from peerd.errors import TrackerError
-from peerd.wire import MAX_BODY, FrameType
-from peerd.wire._codec import encode_peer_entry, join_peers_body
+from peerd.wire import MAX_BODY, FrameType, encode_peer_entry, join_peers_body
 
 __all__ = ["EVENTS", "PeerInfo", "SwarmIndex", "SwarmStat"]
 

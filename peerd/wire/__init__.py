@@ -23,6 +23,7 @@ from ._bits import (
     indices_from_bits,
     validate_bits,
 )
+from ._codec import encode_peer_entry, encode_peers_body, join_peers_body
 from ._connection import (
     NEED_DATA,
     FrameConnection,
@@ -115,7 +116,10 @@ __all__ = [
     "count_bits",
     "decode_availability",
     "encode_availability",
+    "encode_peer_entry",
+    "encode_peers_body",
     "has_bit",
     "indices_from_bits",
+    "join_peers_body",
     "validate_bits",
 ]
