@@ -10,7 +10,7 @@ chunk. They live here as small pure functions (no clock, no I/O; callers
 pass ``now`` and a ``random.Random``) so the simulator (:mod:`peerd.sim`)
 runs the very decisions the node makes, on a thousand peers.
 
-Why each rule exists (measured in the simulator, docs/bench_simulate.md):
+Why each rule exists (measured in the simulator, docs/BENCHMARKS.md):
 
 * **Random choice among the tracker's peers.** In a flash crowd every
   newcomer has the same (empty) bitmap, so the tracker ranks everyone the

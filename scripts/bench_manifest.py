@@ -11,7 +11,7 @@ sits in the page cache, then times, median of --runs each:
 
 Usage:
     .venv/bin/python scripts/bench_manifest.py [--size-mib 1024] [--file PATH]
-        [--runs 3] [--out docs/bench_manifest.md]
+        [--runs 3] [--out FILE.md]   (the figures live in docs/BENCHMARKS.md)
 """
 
 from __future__ import annotations

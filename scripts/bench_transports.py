@@ -21,7 +21,7 @@ CPU: user+system seconds of receiver and sender per GB moved (each side's
 getrusage over its transfer, all threads, interpreter start-up excluded), a
 cost figure much less sensitive to other load on a shared machine than MB/s.
 
-    python scripts/bench_transports.py                # full run, writes docs/bench_transports.md
+    python scripts/bench_transports.py                # full run, writes its table into docs/BENCHMARKS.md
     python scripts/bench_transports.py --gib 0.25 --repeat 1 --no-write   # quick look
 """
 
@@ -501,7 +501,7 @@ def write_table(
             f"| {ratio(rate, 'proactor', 'blocking')} | {ratio(rate, 'proactor', 'reactor')} "
             f"| {c['blocking']:.2f} / {c['reactor']:.2f} / {c['proactor']:.2f} |"
         )
-    out = Path(__file__).resolve().parent.parent / "docs" / "bench_transports.md"
+    out = Path(__file__).resolve().parent.parent / "docs" / "BENCHMARKS.md"
     header = (
         f"Command: `{cmd}` (hash mode {args.hash_mode}; {args.gib:g} GiB per run, "
         f"4 MiB messages, {args.repeat} alternating rounds; MB/s: median, ± = (max-min)/median; "
