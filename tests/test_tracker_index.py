@@ -68,6 +68,24 @@ def test_never_returns_the_asker_and_respects_want() -> None:
     assert peers == []
 
 
+def test_equal_peers_are_handed_out_in_rotation() -> None:
+    # A flash crowd: ten identical seeders, newcomers with empty bitmaps. The
+    # answers must not all name the same first peers.
+    idx = SwarmIndex(ttl=1000, interval=30)
+    full = bitmap(16, set(range(16)))
+    for n in range(10):
+        idx.announce(CID, key(n), "10.0.0.1", 7000 + n, "started", full, 16, 0, 0)
+    firsts = set()
+    for k in range(10):
+        now = 10.0 * (k + 1)  # past the answer cache's lifetime each time
+        peers, _ = idx.announce(
+            CID, key(100 + k), "10.0.0.2", 8000 + k, "started", bitmap(16, set()), 16, 3, now
+        )
+        firsts.add(peers[0][2])
+        idx.announce(CID, key(100 + k), "10.0.0.2", 8000 + k, "stopped", b"", 16, 0, now)
+    assert len(firsts) >= 5
+
+
 def test_rarest_holder_comes_first() -> None:
     idx = SwarmIndex()
     n = 8

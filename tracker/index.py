@@ -643,8 +643,11 @@ class SwarmIndex:
         expires = swarm.expires
         total = len(keys)
         if total <= self.sample:
-            start, count = 0, total
-            ints = swarm.bits
+            # Everyone fits: still rotate where ties start, so that askers with
+            # the same bitmap (a flash crowd) are not all sent to the same peers.
+            start, count = (swarm.start % total if total else 0), total
+            swarm.start = start + 1
+            ints = swarm.bits[start:] + swarm.bits[:start] if start else swarm.bits
         else:
             # Rotate a window of `sample` slots so big swarms are sampled fairly.
             start, count = swarm.start % total, self.sample
