@@ -44,6 +44,18 @@ request already in flight elsewhere (at most ``endgame_copies`` holders per
 chunk). The first copy to arrive wins; :meth:`chunk_received` returns the
 other peers so their copies can be cancelled.
 
+Rate-aware tail. The caller may tell the picker how fast each peer sends
+(:meth:`set_rate`, bytes/s). In a mixed swarm the last chunks are often in
+flight at a slow peer while a fast one has nothing left to fetch: the
+download then ends at the slow peer's pace. With rates known, (1) endgame
+duplicates the chunks stuck at the slowest holders first, and a peer
+clearly faster than every holder of a chunk may add a copy beyond
+``endgame_copies``; (2) *before* endgame, once most missing chunks are in
+flight (the tail), a fast peer with nothing fresh to give duplicates a chunk
+whose holders would, at their rates and backlogs, deliver it much later
+than it would itself (``rescue_factor`` times). Only in-flight chunks are
+scanned and only in the tail, so the cost stays small.
+
 Timeouts. Each request carries a deadline; :meth:`expired` returns the ones
 that passed so the caller can cancel them and the chunk goes back in its
 bucket, to be fetched from someone else.
@@ -103,6 +115,13 @@ class _Peer:
     inflight: set[int] = field(default_factory=set)
     useful: int = 0  # chunks it holds that are missing and unrequested here
     refused: dict[int, float] | None = None  # chunk -> not before this time
+    rate: float = 0.0  # bytes/s it sends us (0 = unknown)
+
+    def eta(self, extra: int = 0) -> float:
+        """Time (in chunk-size units) to deliver what it owes us plus ``extra``."""
+        if self.rate <= 0:
+            return float("inf")
+        return (len(self.inflight) + extra) / self.rate
 
 
 class PiecePicker:
@@ -116,6 +135,9 @@ class PiecePicker:
             in endgame mode (and for stale requests).
         stale_after: seconds after which a chunk requested from one peer may
             also be requested from another (0 = only in endgame).
+        rescue_factor: with rates known (:meth:`set_rate`), a peer may
+            duplicate a chunk in the tail when every holder would take this
+            many times longer than it to deliver it (0 = never).
     """
 
     def __init__(
@@ -126,8 +148,12 @@ class PiecePicker:
         rng: random.Random | None = None,
         endgame_copies: int = 2,
         stale_after: float = 0.0,
+        rescue_factor: float = 2.0,
     ) -> None:
+        if rescue_factor < 0 or endgame_copies < 1 or stale_after < 0:
+            raise ValueError("need rescue_factor >= 0, endgame_copies >= 1, stale_after >= 0")
         self.num_chunks = num_chunks
+        self.rescue_factor = rescue_factor
         self.have = bytearray(have) if have is not None else bytearray(num_chunks)
         if len(self.have) != num_chunks:
             raise ValueError("have must have one entry per chunk")
@@ -261,6 +287,15 @@ class PiecePicker:
             self._release(peer, p, i)
         return released
 
+    def set_rate(self, peer: PeerKey, rate: float) -> None:
+        """The rate (bytes/s) at which ``peer`` currently sends us chunks.
+
+        Optional: only the rate-aware tail uses it (see the module notes).
+        """
+        p = self._peers.get(peer)
+        if p is not None:
+            p.rate = rate if rate > 0 else 0.0
+
     def peer_flags(self, peer: PeerKey) -> bytearray | None:
         """The peer's chunk flags (live; only change them after :meth:`remove_peer`)."""
         p = self._peers.get(peer)
@@ -305,7 +340,43 @@ class PiecePicker:
             chosen.extend(self._pick_stale(peer, p, count - len(chosen), now, now + timeout))
         if len(chosen) < count and not self._buckets:
             chosen.extend(self._pick_endgame(peer, p, count - len(chosen), now, now + timeout))
+        elif (
+            len(chosen) < count
+            and self.rescue_factor > 0
+            and p.rate > 0
+            and 2 * len(self._inflight) >= self.missing
+        ):
+            chosen.extend(self._pick_rescue(peer, p, count - len(chosen), now, now + timeout))
         return chosen
+
+    def _slow_holders(self, p: _Peer, holders: dict[PeerKey, float], extra: int) -> bool:
+        """Would every holder deliver much later than ``p`` (``rescue_factor`` times)?"""
+        mine = p.eta(extra) * self.rescue_factor
+        peers = self._peers
+        for q in holders:
+            qp = peers.get(q)
+            if qp is None or qp.eta() <= mine:
+                return False
+        return True
+
+    def _pick_rescue(
+        self, peer: PeerKey, p: _Peer, count: int, now: float, deadline: float
+    ) -> list[int]:
+        flags = p.flags
+        out: list[int] = []
+        for i, holders in self._inflight.items():
+            if (
+                flags[i]
+                and peer not in holders
+                and len(holders) < self.endgame_copies
+                and self._slow_holders(p, holders, len(out) + 1)
+            ):
+                out.append(i)
+                if len(out) >= count:
+                    break
+        for i in out:
+            self._mark(peer, p, i, now, deadline)
+        return out
 
     def _pick_rarest(
         self, peer: PeerKey, p: _Peer, count: int, now: float, deadline: float
@@ -371,15 +442,30 @@ class PiecePicker:
     def _pick_endgame(
         self, peer: PeerKey, p: _Peer, count: int, now: float, deadline: float
     ) -> list[int]:
-        cands = [
-            i
-            for i, holders in self._inflight.items()
-            if peer not in holders and len(holders) < self.endgame_copies and p.flags[i]
-        ]
+        flags, peers, copies = p.flags, self._peers, self.endgame_copies
+        cands: list[tuple[int, float, int]] = []
+        for i, holders in self._inflight.items():
+            if peer in holders or not flags[i]:
+                continue
+            n = len(holders)
+            if n >= copies and not (
+                self.rescue_factor > 0
+                and p.rate > 0
+                and n <= copies
+                and self._slow_holders(p, holders, 1)
+            ):
+                continue
+            # The soonest any holder delivers it (unknown rate: never).
+            soonest = min(
+                (qp.eta() for q in holders if (qp := peers.get(q)) is not None),
+                default=float("inf"),
+            )
+            cands.append((i, soonest, n))
         self._rng.shuffle(cands)
-        # Prefer the chunks with the fewest copies in flight.
-        cands.sort(key=lambda i: len(self._inflight[i]))
-        out = cands[:count]
+        # Fewest copies in flight first; among those, the chunk its holders
+        # would deliver last (stuck at slow peers) first.
+        cands.sort(key=lambda c: (c[2], -c[1]))
+        out = [c[0] for c in cands[:count]]
         for i in out:
             self._mark(peer, p, i, now, deadline)
         return out

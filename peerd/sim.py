@@ -654,6 +654,7 @@ class Simulation:
         want = s.depth - len(s.requests)
         if want <= 0:
             return
+        picker.set_rate(s, s.rate)  # proposed for Content._fill
         for index in picker.pick(s, want, self.now, REQUEST_TIMEOUT):
             req = (index, 0, chunk)
             s.requests.add(req)

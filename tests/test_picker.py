@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -148,3 +149,79 @@ def test_expired_skips_the_walk_until_the_earliest_deadline() -> None:
     p.cancel(*first)
     assert p.expired(6.0) == []
     assert len(p.expired(8.0)) == 1
+
+
+def test_endgame_duplicates_chunk_stuck_at_slow_holder_first() -> None:
+    p = PiecePicker(2, rng=random.Random(5))
+    for name in ("slow", "fast", "helper"):
+        p.add_peer(name, bytearray([1, 1]))
+    assert len(p.pick("slow", 1, now=0, timeout=10)) == 1
+    # Whatever slow got, fast takes the other one: everything is in flight.
+    slow_chunk = next(i for i in (0, 1) if p.is_requested("slow", i))
+    fast_chunk = 1 - slow_chunk
+    assert p.pick("fast", 1, now=0, timeout=10) == [fast_chunk]
+    assert p.endgame
+    p.set_rate("slow", 10_000)
+    p.set_rate("fast", 1_000_000)
+    p.set_rate("helper", 1_000_000)
+    assert p.pick("helper", 1, now=0, timeout=10) == [slow_chunk]
+
+
+def test_fast_peer_adds_copy_beyond_endgame_limit_only_with_rates() -> None:
+    p = PiecePicker(1, rng=random.Random(6))
+    for name in ("s1", "s2", "fast"):
+        p.add_peer(name, bytearray([1]))
+    assert p.pick("s1", 1, now=0, timeout=10) == [0]
+    assert p.pick("s2", 1, now=0, timeout=10) == [0]
+    assert p.pick("fast", 1, now=0, timeout=10) == []  # two copies already
+    p.set_rate("s1", 10_000)
+    p.set_rate("s2", 10_000)
+    p.set_rate("fast", 1_000_000)
+    assert p.pick("fast", 1, now=0, timeout=10) == [0]
+    assert sorted(p.chunk_received("fast", 0)) == ["s1", "s2"]
+
+
+def _tail_picker(rescue_factor: float) -> PiecePicker:
+    # Chunk 4 is held by nobody, so this is not endgame; chunks 0-3 are in
+    # flight at a slow peer, and the fast peer holds chunk 0 only.
+    p = PiecePicker(5, rng=random.Random(7), rescue_factor=rescue_factor)
+    p.add_peer("slow", bytearray([1, 1, 1, 1, 0]))
+    assert sorted(p.pick("slow", 4, now=0, timeout=10)) == [0, 1, 2, 3]
+    p.add_peer("fast", bytearray([1, 0, 0, 0, 0]))
+    assert not p.endgame
+    return p
+
+
+def test_tail_rescue_from_slow_peer_before_endgame() -> None:
+    p = _tail_picker(2.0)
+    assert p.pick("fast", 2, now=1, timeout=10) == []  # rates unknown: no guessing
+    p.set_rate("slow", 10_000)
+    p.set_rate("fast", 1_000_000)
+    assert p.pick("fast", 2, now=1, timeout=10) == [0]
+    assert p.chunk_received("fast", 0) == ["slow"]
+
+
+def test_tail_rescue_needs_a_clear_speed_difference() -> None:
+    p = PiecePicker(2, rng=random.Random(8))
+    p.add_peer("a", bytearray([1, 0]))
+    p.add_peer("b", bytearray([1, 0]))
+    assert p.pick("a", 1, now=0, timeout=10) == [0]  # chunk 1: nobody has it yet
+    p.set_rate("a", 1_000_000)
+    p.set_rate("b", 1_000_000)
+    assert p.pick("b", 1, now=1, timeout=10) == []  # a owes one chunk at the same speed
+    p.set_rate("a", 400_000)
+    assert p.pick("b", 1, now=1, timeout=10) == [0]  # 1 / 0.4 > 2 * 1 / 1
+
+
+def test_tail_rescue_off() -> None:
+    p = _tail_picker(0.0)
+    p.set_rate("slow", 10_000)
+    p.set_rate("fast", 1_000_000)
+    assert p.pick("fast", 1, now=1, timeout=10) == []
+
+
+def test_picker_rejects_bad_parameters() -> None:
+    with pytest.raises(ValueError):
+        PiecePicker(3, rescue_factor=-1)
+    with pytest.raises(ValueError):
+        PiecePicker(3, endgame_copies=0)
