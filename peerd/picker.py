@@ -78,11 +78,15 @@ def pipeline_depth(rate: float, chunk_size: int) -> int:
     """Requests to keep in flight to a peer sending ``rate`` bytes/s.
 
     Enough to cover :data:`PIPELINE_SECONDS` of transfer at that rate (the
-    link's bandwidth-delay product with a margin), plus two so the sender
+    link's bandwidth-delay product with a margin), plus one so the sender
     never idles between a completion and the next request; at most
-    :data:`MAX_DEPTH`.
+    :data:`MAX_DEPTH`. A peer that has sent nothing yet (``rate`` 0) gets a
+    single request: in a big swarm every connection starts at rate 0, and a
+    second request per connection pinned chunks in the queues of busy
+    uploaders while other holders idled (simulator, N = 100: T/T_min 1.21 ->
+    1.16 homogeneous, 1.13 -> 1.10 heterogeneous).
     """
-    return max(2, min(MAX_DEPTH, int(rate * PIPELINE_SECONDS / chunk_size + 0.999) + 2))
+    return max(1, min(MAX_DEPTH, int(rate * PIPELINE_SECONDS / chunk_size + 0.999) + 1))
 
 
 PeerKey = Hashable

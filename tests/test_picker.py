@@ -225,3 +225,13 @@ def test_picker_rejects_bad_parameters() -> None:
         PiecePicker(3, rescue_factor=-1)
     with pytest.raises(ValueError):
         PiecePicker(3, endgame_copies=0)
+
+
+def test_pipeline_depth_covers_a_quarter_second_plus_one() -> None:
+    from peerd.picker import MAX_DEPTH, pipeline_depth
+
+    chunk = 256 * 1024
+    assert pipeline_depth(0.0, chunk) == 1  # nothing measured yet: one request
+    assert pipeline_depth(50_000.0, chunk) == 2
+    assert pipeline_depth(4 * chunk * 4, chunk) == 5  # 4 chunks per quarter second
+    assert pipeline_depth(1e12, chunk) == MAX_DEPTH
