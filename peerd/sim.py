@@ -221,7 +221,7 @@ class _Session:
         self.kicked = False
         self.sending = False
         self.arrive_after = 0.0
-        self.depth = 4
+        self.depth = pipeline_depth(0.0, 1)  # nothing measured yet (any chunk size)
         self.rate = 0.0
         self.window_start = now
         self.window_bytes = 0
@@ -604,6 +604,11 @@ class Simulation:
         s.window_bytes += header.length
         if now - s.window_start >= RATE_WINDOW:
             s.rate = s.window_bytes / (now - s.window_start)
+            # Content._fill recomputes both on every top-up; they only change
+            # with the rate, so here they are updated when it does.
+            s.depth = pipeline_depth(s.rate, self.cfg.chunk_size)
+            if node.picker is not None:
+                node.picker.set_rate(s, s.rate)  # proposed for Content._fill
             s.window_bytes, s.window_start = 0, now
         picker = node.picker
         if not wanted or picker is None or node.have[header.index]:
@@ -649,12 +654,10 @@ class Simulation:
         picker = s.node.picker
         if picker is None or s.closing or not s.open:
             return
-        chunk = self.cfg.chunk_size
-        s.depth = pipeline_depth(s.rate, chunk)
         want = s.depth - len(s.requests)
         if want <= 0:
             return
-        picker.set_rate(s, s.rate)  # proposed for Content._fill
+        chunk = self.cfg.chunk_size
         for index in picker.pick(s, want, self.now, REQUEST_TIMEOUT):
             req = (index, 0, chunk)
             s.requests.add(req)
