@@ -331,6 +331,7 @@ class Content:
         if want <= 0:
             return
         now = trio.current_time()
+        picker.set_rate(session, session.rate)  # the tail prefers fast holders
         for index in picker.pick(session, want, now, self._timeout()):
             off = index * chunk
             session.request(index, 0, min(chunk, self.info.size - off))
