@@ -76,12 +76,15 @@ def setup_logging(verbose: bool) -> None:
     )
 
 
-def parse_tracker(text: str | None) -> tuple[str, int]:
-    text = text or os.environ.get("PEER_TRACKER") or DEFAULT_TRACKER
+def parse_address(text: str, what: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise PeerError(f"cannot read tracker address {text!r}: use HOST:PORT, e.g. 127.0.0.1:7070")
+        raise PeerError(f"cannot read {what} address {text!r}: use HOST:PORT, e.g. 127.0.0.1:7070")
     return host.strip("[]"), int(port)
+
+
+def parse_tracker(text: str | None) -> tuple[str, int]:
+    return parse_address(text or os.environ.get("PEER_TRACKER") or DEFAULT_TRACKER, "tracker")
 
 
 def parse_chunk_size(text: str | None) -> int | None:
@@ -285,6 +288,14 @@ def cmd_get(
     timeout: Annotated[
         float, typer.Option("--timeout", help="Give up after this many seconds without progress.")
     ] = 60.0,
+    peer: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--peer",
+            help="HOST:PORT of a peer to use too (repeatable); it also serves the manifest "
+            "when the tracker cannot.",
+        ),
+    ] = None,
     tracker: TrackerOpt = None,
     host: HostOpt = "127.0.0.1",
     port: PortOpt = 0,
@@ -300,6 +311,7 @@ def cmd_get(
 
     try:
         trust_key = parse_public_key(trust) if trust else None
+        direct = [parse_address(text, "--peer") for text in peer or ()]
         node = make_node(tracker, host, port, transport, up_limit, down_limit)
     except PeerError as exc:
         fail(str(exc))
@@ -318,6 +330,7 @@ def cmd_get(
                     force=force,
                     stall_timeout=timeout,
                     on_start=lambda c: view.track(nursery, c),
+                    peers=direct,
                 )
             if as_json:
                 print(json.dumps(asdict(result)), flush=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,6 +71,28 @@ async def fetch_manifest(node: Node, cid: bytes, trust: bytes | None) -> Manifes
     return manifest
 
 
+async def manifest_from_peers(
+    node: Node, cid: bytes, trust: bytes | None, peers: Sequence[tuple[str, int]]
+) -> Manifest:
+    """The first manifest for ``cid`` that a peer sends and that verifies.
+
+    Raises:
+        PeerError: the last reason no peer gave a usable manifest (unreachable,
+            no such content, bad signature, untrusted).
+    """
+    last: PeerError | None = None
+    for ip, port in peers:
+        try:
+            manifest = await node.manifest_from_peer(cid, ip, port)
+            manifest.verify(cid, trust)
+            return manifest
+        except PeerError as exc:
+            log.info("no usable manifest from %s:%d: %s", ip, port, exc)
+            last = exc
+    assert last is not None
+    raise last
+
+
 def output_path(output: Path | None, name: str) -> Path:
     if output is None:
         return Path.cwd() / name
@@ -88,6 +110,7 @@ async def download(
     force: bool = False,
     stall_timeout: float = 60.0,
     on_start: Callable[[Content], None] | None = None,
+    peers: Sequence[tuple[str, int]] = (),
 ) -> tuple[Content, DownloadResult]:
     """Download a content into ``output`` and return the running content and a summary.
 
@@ -99,17 +122,24 @@ async def download(
         IntegrityError: bad or untrusted manifest.
         StorageError: output exists, not writable, disk full.
         DownloadError: no peers / no progress for ``stall_timeout`` seconds.
+
+    ``peers`` are addresses to connect to besides those the tracker names;
+    when the tracker is unreachable or does not know the manifest, it is
+    asked from them (MANIFEST_REQUEST) and verified the same way.
     """
     started = trio.current_time()
     cid = await resolve_id(node, text_id)
     try:
         manifest = await fetch_manifest(node, cid, trust)
     except TrackerError as exc:
-        if exc.code == "not-found":
-            raise TrackerError(
-                "not-found", f"no content with id {cid.hex()} is known to the tracker"
-            ) from None
-        raise
+        if not peers:
+            if exc.code == "not-found":
+                raise TrackerError(
+                    "not-found", f"no content with id {cid.hex()} is known to the tracker"
+                ) from None
+            raise
+        log.info("tracker has no manifest (%s); asking the given peers", exc)
+        manifest = await manifest_from_peers(node, cid, trust, peers)
     path = output_path(output, manifest.info.name)
     log.info(
         "manifest of %s verified: %s, %d bytes, %d chunks",
@@ -126,6 +156,8 @@ async def download(
     except BaseException:
         store.close()
         raise
+    for ip, port in peers:
+        content.dial(ip, port)
     if on_start is not None:
         on_start(content)
     last_bytes = -1

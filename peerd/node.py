@@ -14,6 +14,7 @@ that never speaks does not hold a slot.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections import Counter
@@ -35,6 +36,8 @@ from .wire import (
     Closed,
     Goodbye,
     Hello,
+    ManifestRequest,
+    ManifestResponse,
     PeerConnection,
     Peers,
     Proof,
@@ -290,25 +293,84 @@ class Node:
             if not self._per_address[address]:
                 del self._per_address[address]
 
-    async def connect_peer(self, content: Content, ip: str, port: int, key: bytes) -> None:
-        """Open a connection to a peer the tracker told us about and run it."""
+    async def _dial(self, cid: bytes, ip: str, port: int) -> tuple[Stream, PeerConnection, Hello]:
+        """Connect and complete HELLO + PROOF about ``cid``; the caller closes the stream."""
         stream = await self.transport.connect(
             ip, port, timeout=CONNECT_TIMEOUT, source_host=self.source_host
         )
         try:
             conn = PeerConnection()
             nonce = os.urandom(32)
-            await stream.send_all(conn.send(self._hello(content.content_id, nonce)))
+            await stream.send_all(conn.send(self._hello(cid, nonce)))
             with trio.fail_after(HANDSHAKE_TIMEOUT):
                 hello = await self._read_handshake(stream, conn, Hello)
                 assert isinstance(hello, Hello)
-                if hello.content_id != content.content_id:
+                if hello.content_id != cid:
                     raise RemoteProtocolError("peer answered about another content")
-                await stream.send_all(conn.send(self._proof(hello)))
+                # The accepting side sends its PROOF at once (and a GOODBYE
+                # right after when it does not serve this content): read them
+                # before our PROOF, so that refusal is reported as such.
                 await self._check_proof(stream, conn, hello, nonce)
+                refusal = conn.next_event()
+                if isinstance(refusal, Goodbye | Closed):
+                    reason = getattr(refusal, "reason", "") or "closed"
+                    raise RemoteProtocolError(
+                        f"peer {ip}:{port} does not serve this content ({reason})"
+                    )
+                if refusal is not NEED_DATA:
+                    raise RemoteProtocolError(
+                        f"peer sent {type(refusal).__name__} before our PROOF"
+                    )
+                await stream.send_all(conn.send(self._proof(hello)))
+        except BaseException as exc:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+            if isinstance(exc, trio.TooSlowError):
+                raise TransportError(f"peer {ip}:{port} did not complete the handshake") from None
+            raise
+        return stream, conn, hello
+
+    async def connect_peer(self, content: Content, ip: str, port: int, key: bytes) -> None:
+        """Open a connection to a peer (named by the tracker or the user) and run it."""
+        stream, conn, hello = await self._dial(content.content_id, ip, port)
+        try:
             await content.attach(stream, conn, hello, initiated=True)
-        except trio.TooSlowError:
-            raise TransportError(f"peer {ip}:{port} did not complete the handshake") from None
         finally:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
+
+    async def manifest_from_peer(self, cid: bytes, ip: str, port: int) -> Manifest:
+        """Ask a peer for the signed manifest of ``cid`` (MANIFEST_REQUEST).
+
+        The manifest is decoded, not verified: the caller checks it against
+        ``cid`` (and a trusted key) before using it.
+
+        Raises:
+            TransportError / RemoteProtocolError: the peer cannot be used.
+            ManifestError: what it sent is not a manifest.
+        """
+        stream, conn, _hello = await self._dial(cid, ip, port)
+        try:
+            with trio.fail_after(HANDSHAKE_TIMEOUT):
+                await stream.send_all(conn.send(ManifestRequest()))
+                while True:
+                    event = conn.next_event()
+                    if event is NEED_DATA:
+                        conn.receive_data(await stream.receive_some(65536))
+                    elif isinstance(event, ManifestResponse):
+                        data = event.manifest
+                        break
+                    elif isinstance(event, Closed | Goodbye):
+                        reason = getattr(event, "reason", "") or "it closed the connection"
+                        raise RemoteProtocolError(
+                            f"peer {ip}:{port} has no manifest for this content ({reason})"
+                        )
+                    # BITFIELD, HAVE: not needed for the manifest.
+                with contextlib.suppress(PeerError):
+                    await stream.send_all(conn.send(Goodbye("got the manifest")))
+        except trio.TooSlowError:
+            raise TransportError(f"peer {ip}:{port} did not send the manifest in time") from None
+        finally:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+        return Manifest.decode(data)

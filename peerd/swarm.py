@@ -455,6 +455,13 @@ class Content:
             self.connecting.add(key)
             self.nursery.start_soon(self._connect_one, entry.ip, entry.port, key)
 
+    def dial(self, ip: str, port: int) -> None:
+        """Connect to a peer the user named (``peer get --peer``), key unknown yet."""
+        placeholder = f"direct:{ip}:{port}".encode()
+        if placeholder not in self.connecting:
+            self.connecting.add(placeholder)
+            self.nursery.start_soon(self._connect_one, ip, port, placeholder)
+
     async def _connect_one(self, ip: str, port: int, key: bytes) -> None:
         try:
             await self.node.connect_peer(self, ip, port, key)

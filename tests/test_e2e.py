@@ -156,3 +156,30 @@ def test_chunk_size_option(tmp_path: Path, backend: str) -> None:
         assert cid != default_cid  # another chunking is another content
         s.get("leech", cid, tmp_path / "out.bin")
         assert (tmp_path / "out.bin").read_bytes() == src.read_bytes()
+
+
+def test_manifest_and_chunks_from_a_named_peer_without_tracker(
+    tmp_path: Path, backend: str
+) -> None:
+    src = random_file(tmp_path / "f.bin", 3 * MiB)
+    with swarm(tmp_path, backend) as s:
+        seeder, cid = s.share("seed", src)
+        assert seeder.stderr is not None
+        line = seeder.stderr.readline().decode()
+        port = int(line.split(" on ")[1].split(";")[0].rsplit(":", 1)[1])
+        assert s.tracker is not None
+        s.tracker.send_signal(signal.SIGKILL)
+        s.tracker.wait()
+        # No tracker at all: without --peer there is nothing to go on ...
+        res = s.run("leech", "get", cid, "-o", str(tmp_path / "x"), "--timeout", "5")
+        assert res.returncode != 0 and "tracker" in res.stderr and "Traceback" not in res.stderr
+        # ... with it, the manifest and the chunks come from that peer.
+        result = s.get("leech", cid, tmp_path / "out.bin", "--peer", f"127.0.0.1:{port}")
+        assert (tmp_path / "out.bin").read_bytes() == src.read_bytes()
+        assert result["peers_used"] == 1
+        # A peer that does not have the content: one clear line.
+        res = s.run(
+            "leech", "get", "ab" * 32, "-o", str(tmp_path / "y"), "--peer", f"127.0.0.1:{port}"
+        )
+        assert res.returncode != 0 and "does not serve this content" in res.stderr, res.stderr
+        assert "Traceback" not in res.stderr
