@@ -119,39 +119,8 @@ class Network:
                 "net.ipv4.tcp_notsent_lowat=131072",
             ):
                 self._run("ip", "netns", "exec", self.ns, "sysctl", "-q", "-w", knob)
-            self._run(
-                "tc",
-                "-n",
-                self.ns,
-                "qdisc",
-                "add",
-                "dev",
-                "lo",
-                "root",
-                "handle",
-                "1:",
-                "htb",
-                "default",
-                "1",
-                "r2q",
-                "1000",
-            )
-            self._run(
-                "tc",
-                "-n",
-                self.ns,
-                "class",
-                "add",
-                "dev",
-                "lo",
-                "parent",
-                "1:",
-                "classid",
-                "1:1",
-                "htb",
-                "rate",
-                "100gbit",
-            )
+            self._tc("qdisc add dev lo root handle 1: htb default 1 r2q 1000")
+            self._tc("class add dev lo parent 1: classid 1:1 htb rate 100gbit")
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -167,53 +136,20 @@ class Network:
         if res.returncode != 0:
             raise SwarmError(f"{' '.join(cmd)} failed: {res.stderr.strip()}")
 
+    def _tc(self, args: str) -> None:
+        self._run("tc", "-n", self.ns, *args.split())
+
     def cap_upload(self, host: str, rate: int, classid: int) -> None:
         """Cap what ``host`` sends (its upload) to ``rate`` bytes/s."""
         bits = rate * 8
         burst = max(rate // 50, 256 * 1024)
-        self._run(
-            "tc",
-            "-n",
-            self.ns,
-            "class",
-            "add",
-            "dev",
-            "lo",
-            "parent",
-            "1:",
-            "classid",
-            f"1:{classid:x}",
-            "htb",
-            "rate",
-            f"{bits}bit",
-            "ceil",
-            f"{bits}bit",
-            "burst",
-            f"{burst}b",
-            "cburst",
-            f"{burst}b",
+        self._tc(
+            f"class add dev lo parent 1: classid 1:{classid:x} htb rate {bits}bit "
+            f"ceil {bits}bit burst {burst}b cburst {burst}b"
         )
-        self._run(
-            "tc",
-            "-n",
-            self.ns,
-            "filter",
-            "add",
-            "dev",
-            "lo",
-            "parent",
-            "1:",
-            "protocol",
-            "ip",
-            "prio",
-            "1",
-            "u32",
-            "match",
-            "ip",
-            "src",
-            f"{host}/32",
-            "flowid",
-            f"1:{classid:x}",
+        self._tc(
+            f"filter add dev lo parent 1: protocol ip prio 1 u32 "
+            f"match ip src {host}/32 flowid 1:{classid:x}"
         )
 
     def prefix(self) -> list[str]:

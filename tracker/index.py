@@ -389,7 +389,7 @@ class SwarmIndex:
 
         Raises:
             TrackerError: ``bad-request`` (unknown event, bitmap of the wrong
-            size or with pad bits set) or ``limit`` (a cap is reached).
+            size or with pad bits set) or ``too-many`` (a cap is reached).
         """
         recorded = self._record(content_id, key, ip, port, event, bits, num_chunks, now)
         if recorded is None:
