@@ -305,14 +305,6 @@ class PiecePicker:
         p = self._peers.get(peer)
         return p.flags if p is not None else None
 
-    def interesting(self, peer: PeerKey) -> bool:
-        """Does the peer hold any chunk we still lack?"""
-        p = self._peers.get(peer)
-        if p is None:
-            return False
-        have = self.have
-        return any(v and not have[i] for i, v in enumerate(p.flags))
-
     # --- requests -----------------------------------------------------------
     @property
     def complete(self) -> bool:
@@ -322,10 +314,6 @@ class PiecePicker:
     def endgame(self) -> bool:
         """True once every missing chunk is already in flight."""
         return not self._buckets and self.missing > 0
-
-    def inflight_count(self, peer: PeerKey) -> int:
-        p = self._peers.get(peer)
-        return len(p.inflight) if p is not None else 0
 
     def pick(self, peer: PeerKey, count: int, now: float, timeout: float) -> list[int]:
         """Choose up to ``count`` chunks to request from ``peer``.
@@ -550,12 +538,3 @@ class PiecePicker:
                     earliest = deadline
         self._earliest = earliest
         return out
-
-    def next_deadline(self) -> float | None:
-        """The earliest request deadline, for the caller's timer."""
-        best: float | None = None
-        for holders in self._inflight.values():
-            for d in holders.values():
-                if best is None or d < best:
-                    best = d
-        return best

@@ -280,9 +280,6 @@ class ChunkStore:
             self._dirty = True
             raise describe_os_error(exc, f"saving {self.state_path}") from None
 
-    async def flush_state(self) -> None:
-        await trio.to_thread.run_sync(self.flush_state_sync)
-
     def finalize_sync(self) -> Path:
         """fsync the complete part file and move it to PATH (never a partial PATH)."""
         if not self.complete:
