@@ -9,12 +9,13 @@ import os
 
 from peerd.errors import TransportUnavailable
 
-from ._base import DEFAULT_BACKLOG, Listener, Stream, StreamStats, Transport
+from ._base import DEFAULT_BACKLOG, Listener, Mux, Stream, StreamStats, Transport
 
 __all__ = [
     "DEFAULT_BACKLOG",
     "TRANSPORTS",
     "Listener",
+    "Mux",
     "Stream",
     "StreamStats",
     "Transport",

@@ -35,6 +35,7 @@ from peerd.errors import (
 __all__ = [
     "DEFAULT_BACKLOG",
     "Listener",
+    "Mux",
     "Stream",
     "StreamStats",
     "Transport",
@@ -160,6 +161,10 @@ class Stream:
     peer_address: tuple[str, int]
     local_address: tuple[str, int]
 
+    def fileno(self) -> int:
+        """The socket's file descriptor (-1 once closed)."""
+        raise NotImplementedError
+
     async def recv_into(self, buf: Any, nbytes: int = 0) -> int:
         """Receive up to ``nbytes`` (0 = ``len(buf)``) bytes into ``buf``.
 
@@ -256,6 +261,76 @@ class Listener:
 Handler = Callable[[Stream], Awaitable[object]]
 
 
+#: What ``Mux.next_batch`` reports per stream: bytes received (``b""`` = the
+#: peer closed its side) or the ``TransportError`` that ended the stream.
+MuxResult = tuple[Stream, "bytes | TransportError"]
+
+
+class Mux:
+    """Many streams served by one task: input in batches, output queued.
+
+    The per-connection ``recv``/``send`` calls of ``Stream`` cost one task
+    wake-up each; a server with many small request/reply conversations (the
+    tracker) spends most of its time there. A mux turns that around: one task
+    asks ``next_batch()`` for *every* stream with input (one readiness wait
+    or one harvest of completions for all of them), answers, and queues the
+    replies with ``send``, which never blocks. The reactor implements it with
+    its own epoll set, the proactor with receive and send operations in the
+    ring whose completions are collected in batches.
+
+    Ownership: the caller keeps owning each stream. ``add`` lends it to the
+    mux; ``await remove(stream)`` takes it back once the kernel holds none of
+    its buffers any more, and only then may the owner close it. A stream must
+    not be used directly while it is lent. Use as ``async with`` (or call
+    ``aclose``): closing removes every stream still lent.
+    """
+
+    async def __aenter__(self) -> Mux:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def add(self, stream: Stream) -> None:
+        """Lend ``stream`` to the mux; its input is reported by ``next_batch``."""
+        raise NotImplementedError
+
+    async def remove(self, stream: Stream) -> None:
+        """Take ``stream`` back: nothing more is read or sent, queued output is dropped."""
+        raise NotImplementedError
+
+    def pause(self, stream: Stream) -> None:
+        """Stop reporting input of ``stream`` (what arrives meanwhile waits)."""
+        raise NotImplementedError
+
+    def resume(self, stream: Stream) -> None:
+        """Report input of ``stream`` again."""
+        raise NotImplementedError
+
+    def send(self, stream: Stream, data: bytes) -> None:
+        """Queue ``data`` for ``stream``; written in order, as fast as the peer reads.
+
+        Never blocks. A failure is reported by ``next_batch`` for that stream.
+        """
+        raise NotImplementedError
+
+    def unsent(self, stream: Stream) -> int:
+        """Bytes queued for ``stream`` that the kernel has not taken yet."""
+        raise NotImplementedError
+
+    async def next_batch(self) -> list[MuxResult]:
+        """Wait until some lent stream has input (or failed); return all of them.
+
+        A stream reported with ``b""`` or an error gets nothing more reported;
+        its owner should ``remove`` it. Always a checkpoint.
+        """
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        """Remove every stream still lent and release the mux's own resources."""
+        raise NotImplementedError
+
+
 class Transport:
     """Opens listeners and connections of one backend."""
 
@@ -293,6 +368,10 @@ class Transport:
 
     async def pwrite(self, fd: int, data: Any, offset: int) -> int:
         """Write all of ``data`` to file ``fd`` at ``offset``; returns ``len(data)``."""
+        raise NotImplementedError
+
+    def open_mux(self) -> Mux:
+        """A new :class:`Mux` of this backend (must be used inside a Trio run)."""
         raise NotImplementedError
 
     async def serve(

@@ -130,10 +130,11 @@ def probe() -> None:
 
 
 class _Op:
-    __slots__ = ("keep", "raise_cancel", "remaining", "results", "task", "uids")
+    __slots__ = ("done", "keep", "raise_cancel", "remaining", "results", "task", "uids")
 
-    def __init__(self, task: trio.lowlevel.Task, n: int, keep: object) -> None:
-        self.task = task
+    def __init__(self, task: trio.lowlevel.Task | None, n: int, keep: object) -> None:
+        self.task = task  # None: ``done`` is called instead of waking a task
+        self.done: Callable[[int], None] | None = None
         self.keep = keep  # everything the kernel may touch, alive until the CQE
         self.results = [0] * n
         self.remaining = n
@@ -253,6 +254,36 @@ class Ring:
         """Run a single SQE prepared by ``fn(sqe, *args)``; return its raw result."""
         return (await self.perform(((fn, args),), keep))[0]
 
+    def start(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        keep: object,
+        done: Callable[[int], None],
+    ) -> int:
+        """Submit one SQE and return at once; returns its uid (for ``cancel``).
+
+        ``done(result)`` (raw: ``>= 0`` or ``-errno``) is called from the
+        harvest, in a system task, once the completion is in; it must not
+        raise or block. ``keep`` is held until then, like ``perform``'s.
+        """
+        if self._closed:
+            raise RuntimeError("io_uring ring is closed")
+        op = _Op(None, 1, keep)
+        op.done = done
+        uid = next(self._uids)
+        self._prepare(fn, args, uid, 0)
+        op.uids.append(uid)
+        self._ops[uid] = (op, 0)
+        self._wake_flusher()
+        return uid
+
+    def cancel(self, uid: int) -> None:
+        """Ask the kernel to cancel a started operation (its ``done`` still runs)."""
+        if uid in self._ops and not self._closed:
+            self._prepare(L.io_uring_prep_cancel64, (uid,), _CANCEL_UID, 0)
+            self._wake_flusher()
+
     def cancel_fd(self, fd: int) -> None:
         """Cancel every in-flight operation on ``fd`` (before closing it)."""
         if self._closed:
@@ -287,7 +318,11 @@ class Ring:
             op.remaining -= 1
             if op.remaining == 0:
                 op.keep = None
-                trio.lowlevel.reschedule(op.task, outcome.Value(op.results))
+                if op.task is None:
+                    assert op.done is not None
+                    op.done(res)
+                else:
+                    trio.lowlevel.reschedule(op.task, outcome.Value(op.results))
 
     async def _reaper(self) -> None:
         try:

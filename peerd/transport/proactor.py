@@ -87,6 +87,7 @@ Theory of operation (the ring machinery is in ``_ring.py``)
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import select
 import socket
@@ -97,11 +98,21 @@ import trio
 from peerd.errors import ConnectionClosed, StorageError
 
 from . import _ring
-from ._base import DEFAULT_BACKLOG, Listener, Stream, StreamStats, Transport, addr2, stream_error
+from ._base import (
+    DEFAULT_BACKLOG,
+    Listener,
+    Mux,
+    MuxResult,
+    Stream,
+    StreamStats,
+    Transport,
+    addr2,
+    stream_error,
+)
 from ._ring import current_ring, probe
 from .reactor import LOWAT_CAP, ReactorListener, ReactorStream, ReactorTransport
 
-__all__ = ["ProactorListener", "ProactorStream", "ProactorTransport", "probe"]
+__all__ = ["ProactorListener", "ProactorStream", "ProactorTransport", "RingMux", "probe"]
 
 BACKEND = "proactor"
 _POLLIN = select.POLLIN
@@ -376,6 +387,9 @@ class ProactorTransport(Transport):
         assert isinstance(inner, ReactorListener)
         return ProactorListener(inner)
 
+    def open_mux(self) -> Mux:
+        return RingMux()
+
     async def pread_into(self, fd: int, buf: Any, offset: int) -> int:
         view = memoryview(buf).cast("B")
         ring = current_ring()
@@ -409,3 +423,212 @@ class ProactorTransport(Transport):
                 raise StorageError(f"write at offset {offset + done}: no progress")
             done += res
         return done
+
+
+_MUX_RECV = 16384  # per lent stream: one receive buffer, always in the ring
+
+
+class _RingEntry:
+    __slots__ = (
+        "broken",
+        "buf",
+        "fd",
+        "held",
+        "out",
+        "paused",
+        "recv_uid",
+        "removed",
+        "send_uid",
+        "settled",
+        "stopped",
+        "stream",
+    )
+
+    def __init__(self, stream: Stream, fd: int) -> None:
+        self.stream = stream
+        self.fd = fd
+        self.buf = bytearray(_MUX_RECV)
+        self.recv_uid = 0  # the RECV in the ring (0: none)
+        self.send_uid = 0  # the SEND in the ring (0: none); at most one, for order
+        self.out: list[bytes] = []  # out[0] is being sent when send_uid is set
+        self.held: list[bytes | Exception] = []  # input that arrived while paused
+        self.paused = False
+        self.stopped = False  # EOF or an error was seen: nothing more is read
+        self.broken = False  # a send failed: nothing more is sent
+        self.removed = False
+        self.settled: trio.Event | None = None  # set when removed and no op is left
+
+
+class RingMux(Mux):
+    """The proactor's mux: a RECV always in the ring per stream, sends as SEND ops.
+
+    Completions are collected by the ring's harvest (one ``io_uring_submit``
+    and one harvest serve every stream: the reply SENDs and fresh RECVs a
+    batch produces go to the kernel in one system call) and handed to the
+    one task waiting in ``next_batch``. Each stream has at most one SEND in
+    flight, so replies leave in order; what is queued behind it goes out
+    joined in the next SEND. A RECV that completes while its stream is paused
+    is held and not re-armed until ``resume``. ``remove`` cancels the
+    stream's operations and waits for their completions, so the kernel is
+    done with its buffers before the owner closes the fd.
+    """
+
+    def __init__(self) -> None:
+        self._ring = current_ring()
+        self._entries: dict[Stream, _RingEntry] = {}
+        self._ready: list[MuxResult] = []
+        self._waiter: trio.lowlevel.Task | None = None
+
+    def _wake(self) -> None:
+        task, self._waiter = self._waiter, None
+        if task is not None:
+            trio.lowlevel.reschedule(task)
+
+    def add(self, stream: Stream) -> None:
+        fd = stream.fileno()
+        if fd < 0:
+            raise ConnectionClosed("mux: stream is closed")
+        if stream in self._entries:
+            raise ValueError("stream is already in this mux")
+        e = _RingEntry(stream, fd)
+        self._entries[stream] = e
+        self._arm(e)
+
+    def _arm(self, e: _RingEntry) -> None:
+        e.recv_uid = self._ring.start(
+            _ring.L.io_uring_prep_recv,
+            (e.fd, e.buf, 0),
+            e.buf,
+            functools.partial(self._on_recv, e),
+        )
+
+    def _deliver(self, e: _RingEntry, result: bytes | Exception) -> None:
+        if e.paused:
+            e.held.append(result)
+        else:
+            self._ready.append((e.stream, result))  # type: ignore[arg-type]
+            self._wake()
+
+    def _on_recv(self, e: _RingEntry, res: int) -> None:
+        e.recv_uid = 0
+        if e.removed:
+            self._settle(e)
+            return
+        if res > 0:
+            data = bytes(memoryview(e.buf)[:res])
+            e.stream.stats.recv_ops += 1
+            e.stream.stats.bytes_received += res
+            if not e.paused:
+                self._arm(e)
+            self._deliver(e, data)
+        elif res == -errno.EAGAIN:
+            self._arm(e)  # sockets poll inside io_uring; an old kernel may not
+        else:
+            e.stopped = True
+            if res == 0:
+                self._deliver(e, b"")
+            else:
+                self._deliver(e, stream_error(OSError(-res, os.strerror(-res)), "recv"))
+
+    def _send_next(self, e: _RingEntry) -> None:
+        if len(e.out) > 1:
+            e.out[:] = [b"".join(e.out)]
+        data = e.out[0]
+        e.send_uid = self._ring.start(
+            _ring.L.io_uring_prep_send,
+            (e.fd, data, _MSG_WAITALL | _MSG_NOSIGNAL),
+            data,
+            functools.partial(self._on_send, e),
+        )
+
+    def _on_send(self, e: _RingEntry, res: int) -> None:
+        e.send_uid = 0
+        if e.removed:
+            self._settle(e)
+            return
+        if res >= 0:
+            e.stream.stats.send_ops += 1
+            e.stream.stats.bytes_sent += res
+            data = e.out[0]
+            if res < len(data):
+                e.out[0] = data[res:]
+            else:
+                del e.out[0]
+        elif res != -errno.EAGAIN:
+            e.out.clear()
+            e.broken = True
+            self._ready.append((e.stream, stream_error(OSError(-res, os.strerror(-res)), "send")))
+            self._wake()
+            return
+        if e.out:
+            self._send_next(e)
+
+    def _settle(self, e: _RingEntry) -> None:
+        if not e.recv_uid and not e.send_uid and e.settled is not None:
+            e.settled.set()
+
+    async def remove(self, stream: Stream) -> None:
+        e = self._entries.pop(stream, None)
+        if e is None:
+            await trio.lowlevel.checkpoint()
+            return
+        e.removed = True
+        e.out.clear()
+        e.held.clear()
+        self._ready = [r for r in self._ready if r[0] is not stream]
+        if not (e.recv_uid or e.send_uid):
+            await trio.lowlevel.checkpoint()
+            return
+        e.settled = trio.Event()
+        for uid in (e.recv_uid, e.send_uid):
+            if uid:
+                self._ring.cancel(uid)
+        with trio.CancelScope(shield=True):  # the kernel must let go of the buffers
+            await e.settled.wait()
+
+    def pause(self, stream: Stream) -> None:
+        self._entries[stream].paused = True
+
+    def resume(self, stream: Stream) -> None:
+        e = self._entries[stream]
+        if not e.paused:
+            return
+        e.paused = False
+        if e.held:
+            self._ready += [(stream, r) for r in e.held]  # type: ignore[misc]
+            e.held.clear()
+            self._wake()
+        if not e.recv_uid and not e.stopped:
+            self._arm(e)
+
+    def unsent(self, stream: Stream) -> int:
+        e = self._entries.get(stream)
+        return sum(map(len, e.out)) if e is not None else 0
+
+    def send(self, stream: Stream, data: bytes) -> None:
+        e = self._entries[stream]
+        if e.broken:
+            return  # a send failed already; that failure is reported by next_batch
+        e.out.append(data)
+        if not e.send_uid:
+            self._send_next(e)
+
+    async def next_batch(self) -> list[MuxResult]:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self._ready:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        while not self._ready:
+            self._waiter = trio.lowlevel.current_task()
+
+            def abort(_: object) -> trio.lowlevel.Abort:
+                self._waiter = None
+                return trio.lowlevel.Abort.SUCCEEDED
+
+            await trio.lowlevel.wait_task_rescheduled(abort)
+        batch, self._ready = self._ready, []
+        return batch
+
+    async def aclose(self) -> None:
+        for stream in list(self._entries):
+            await self.remove(stream)
+        await trio.lowlevel.checkpoint()

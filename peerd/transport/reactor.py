@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import socket
 from typing import Any
 
@@ -31,6 +32,8 @@ from ._base import (
     DEFAULT_BACKLOG,
     IGNORED_ACCEPT_ERRNOS,
     Listener,
+    Mux,
+    MuxResult,
     Stream,
     StreamStats,
     Transport,
@@ -38,10 +41,11 @@ from ._base import (
     check_backlog,
     connect_error,
     resolve,
+    stream_error,
     translating,
 )
 
-__all__ = ["ReactorListener", "ReactorStream", "ReactorTransport"]
+__all__ = ["EpollMux", "ReactorListener", "ReactorStream", "ReactorTransport"]
 
 BACKEND = "reactor"
 # recv_exactly_into raises SO_RCVLOWAT up to this many bytes, so epoll reports
@@ -259,8 +263,187 @@ class ReactorTransport(Transport):
     async def pread_into(self, fd: int, buf: Any, offset: int) -> int:
         return await trio.to_thread.run_sync(pread_fill, fd, buf, offset)
 
+    def open_mux(self) -> Mux:
+        return EpollMux()
+
     async def pwrite(self, fd: int, data: Any, offset: int) -> int:
         return await trio.to_thread.run_sync(pwrite_all, fd, data, offset)
+
+
+_EPOLLIN = select.EPOLLIN
+_EPOLLOUT = select.EPOLLOUT
+_MUX_RECV = 65536
+_MUX_EVENTS = 1024  # readiness events taken per epoll_wait
+
+
+class _MuxEntry:
+    __slots__ = ("fd", "mask", "out", "paused", "stream")
+
+    def __init__(self, stream: Stream, fd: int) -> None:
+        self.stream = stream
+        self.fd = fd
+        self.mask = 0  # what the epoll set has for fd (0: not registered)
+        self.out: list[bytes] = []  # queued output, oldest first
+        self.paused = False
+
+
+class EpollMux(Mux):
+    """The reactor's mux: one epoll set of its own, watched by Trio's epoll.
+
+    ``next_batch`` asks the set for every ready fd (level-triggered) and reads
+    each with one non-blocking ``read``; it parks on
+    ``trio.lowlevel.wait_readable`` of the epoll fd itself only when nothing
+    is ready. ``send`` writes at once if nothing is queued (the usual case:
+    replies are small, the socket buffer has room) and otherwise queues and
+    asks for EPOLLOUT. A paused stream is taken out of the read mask, so
+    level-triggered readiness cannot spin.
+    """
+
+    def __init__(self) -> None:
+        self._ep = select.epoll()
+        self._entries: dict[Stream, _MuxEntry] = {}
+        self._by_fd: dict[int, _MuxEntry] = {}
+        self._failed: list[MuxResult] = []  # send failures, reported by next_batch
+
+    def _update(self, e: _MuxEntry) -> None:
+        mask = (0 if e.paused else _EPOLLIN) | (_EPOLLOUT if e.out else 0)
+        if mask == e.mask:
+            return
+        if not e.mask:
+            self._ep.register(e.fd, mask)
+        elif mask:
+            self._ep.modify(e.fd, mask)
+        else:
+            self._ep.unregister(e.fd)
+        e.mask = mask
+
+    def add(self, stream: Stream) -> None:
+        fd = stream.fileno()
+        if fd < 0:
+            raise ConnectionClosed("mux: stream is closed")
+        if stream in self._entries:
+            raise ValueError("stream is already in this mux")
+        e = _MuxEntry(stream, fd)
+        self._entries[stream] = e
+        self._by_fd[fd] = e
+        self._update(e)
+
+    def _drop(self, e: _MuxEntry) -> None:
+        if e.mask:
+            self._ep.unregister(e.fd)
+            e.mask = 0
+        e.out.clear()
+        del self._entries[e.stream]
+        del self._by_fd[e.fd]
+
+    async def remove(self, stream: Stream) -> None:
+        e = self._entries.get(stream)
+        if e is not None:
+            self._drop(e)
+            self._failed = [r for r in self._failed if r[0] is not stream]
+        await trio.lowlevel.checkpoint()
+
+    def pause(self, stream: Stream) -> None:
+        e = self._entries[stream]
+        e.paused = True
+        self._update(e)
+
+    def resume(self, stream: Stream) -> None:
+        e = self._entries[stream]
+        e.paused = False
+        self._update(e)
+
+    def unsent(self, stream: Stream) -> int:
+        e = self._entries.get(stream)
+        return sum(map(len, e.out)) if e is not None else 0
+
+    def send(self, stream: Stream, data: bytes) -> None:
+        e = self._entries[stream]
+        if e.out:
+            e.out.append(data)
+            return
+        try:
+            n = os.write(e.fd, data)
+        except BlockingIOError:
+            n = 0
+        except OSError as exc:
+            self._fail(e, exc, "send")
+            return
+        stream.stats.send_ops += 1
+        stream.stats.bytes_sent += n
+        if n < len(data):
+            e.out.append(data[n:])
+            self._update(e)
+
+    def _fail(self, e: _MuxEntry, exc: OSError, what: str) -> None:
+        self._failed.append((e.stream, stream_error(exc, what)))
+        e.out.clear()
+        e.paused = True
+        self._update(e)  # nothing more is read or written
+
+    def _flush(self, e: _MuxEntry) -> None:
+        out = e.out
+        while out:
+            data = out[0]
+            try:
+                n = os.write(e.fd, data)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                self._fail(e, exc, "send")
+                return
+            e.stream.stats.send_ops += 1
+            e.stream.stats.bytes_sent += n
+            if n < len(data):
+                out[0] = data[n:]
+                break
+            out.pop(0)
+        self._update(e)
+
+    async def next_batch(self) -> list[MuxResult]:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        by_fd = self._by_fd
+        while True:
+            batch, self._failed = self._failed, []
+            for fd, events in self._ep.poll(0, _MUX_EVENTS):
+                e = by_fd.get(fd)
+                if e is None:
+                    continue
+                if e.out and events & ~_EPOLLIN:  # writable, or an error to discover
+                    self._flush(e)
+                    if e.paused:
+                        continue
+                if e.paused or not events & ~_EPOLLOUT:
+                    continue
+                try:
+                    data = os.read(fd, _MUX_RECV)
+                except BlockingIOError:
+                    continue
+                except OSError as exc:
+                    self._fail(e, exc, "recv")
+                    continue
+                stats = e.stream.stats
+                stats.recv_ops += 1
+                stats.bytes_received += len(data)
+                if not data:
+                    e.paused = True  # nothing follows EOF
+                    self._update(e)
+                batch.append((e.stream, data))
+            if self._failed:
+                batch += self._failed
+                self._failed = []
+            if batch:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                return batch
+            await trio.lowlevel.wait_readable(self._ep.fileno())
+
+    async def aclose(self) -> None:
+        for e in list(self._entries.values()):
+            self._drop(e)
+        if not self._ep.closed:
+            trio.lowlevel.notify_closing(self._ep.fileno())
+            self._ep.close()
+        await trio.lowlevel.checkpoint()
 
 
 def pread_fill(fd: int, buf: Any, offset: int) -> int:

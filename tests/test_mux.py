@@ -1,0 +1,156 @@
+"""The Mux (many streams, one serving task) on both transports, over loopback."""
+
+from __future__ import annotations
+
+import trio
+
+from peerd.errors import TransportError
+from peerd.transport import Mux, Stream, Transport
+
+from .test_transport import pattern, stream_pair
+
+
+async def _collect(mux: Mux, want: dict[Stream, int]) -> dict[Stream, bytes]:
+    """Read from the mux until every stream in ``want`` gave that many bytes."""
+    got: dict[Stream, bytearray] = {s: bytearray() for s in want}
+    while any(len(got[s]) < n for s, n in want.items()):
+        for stream, result in await mux.next_batch():
+            assert isinstance(result, bytes), result
+            assert result, "unexpected EOF"
+            got[stream] += result
+    return {s: bytes(b) for s, b in got.items()}
+
+
+async def test_mux_echoes_many_streams_in_order(transport: Transport) -> None:
+    pairs = [await stream_pair(transport) for _ in range(8)]
+    async with transport.open_mux() as mux:
+        for _, server in pairs:
+            mux.add(server)
+        # Every client sends three messages; the server echoes each back reversed.
+        for i, (client, _) in enumerate(pairs):
+            for k in range(3):
+                await client.send_all(pattern(i * 10 + k, 100 + k))
+        want = {server: 303 for _, server in pairs}
+        got = await _collect(mux, want)
+        for i, (_, server) in enumerate(pairs):
+            expect = b"".join(pattern(i * 10 + k, 100 + k) for k in range(3))
+            assert got[server] == expect
+            mux.send(server, got[server][::-1])
+        for client, server in pairs:
+            back = bytearray(303)
+            await client.recv_exactly_into(back)
+            assert bytes(back) == got[server][::-1]
+            assert mux.unsent(server) == 0
+        for _, server in pairs:
+            await mux.remove(server)
+    for client, server in pairs:
+        await client.aclose()
+        await server.aclose()
+
+
+async def test_mux_queues_big_output_until_the_peer_reads(transport: Transport) -> None:
+    client, server = await stream_pair(transport)
+    big = pattern(7, 8 << 20)  # far more than the socket buffers hold
+    async with transport.open_mux() as mux:
+        mux.add(server)
+        mux.send(server, big)
+        mux.send(server, b"tail")  # queued behind, must come out after
+        with trio.fail_after(10):
+            assert mux.unsent(server) > 0
+            back = bytearray(len(big) + 4)
+            async with trio.open_nursery() as nursery:
+
+                async def keep_serving() -> None:
+                    # The reactor flushes queued output while waiting for input.
+                    with trio.CancelScope() as scope:
+                        cancel.append(scope)
+                        while True:
+                            await mux.next_batch()
+
+                cancel: list[trio.CancelScope] = []
+                nursery.start_soon(keep_serving)
+                await client.recv_exactly_into(back)
+                cancel[0].cancel()
+        assert bytes(back) == big + b"tail"
+        assert mux.unsent(server) == 0
+        await mux.remove(server)
+    await client.aclose()
+    await server.aclose()
+
+
+async def test_mux_pause_holds_input_until_resume(transport: Transport) -> None:
+    (c1, s1), (c2, s2) = await stream_pair(transport), await stream_pair(transport)
+    async with transport.open_mux() as mux:
+        mux.add(s1)
+        mux.add(s2)
+        mux.pause(s1)
+        await c1.send_all(b"held")
+        await c2.send_all(b"flows")
+        with trio.fail_after(5):
+            assert await _collect(mux, {s2: 5}) == {s2: b"flows"}
+        with trio.move_on_after(0.2):
+            batch = await mux.next_batch()
+            raise AssertionError(f"a paused stream was reported: {batch}")
+        mux.resume(s1)
+        with trio.fail_after(5):
+            assert await _collect(mux, {s1: 4}) == {s1: b"held"}
+        await mux.remove(s1)
+        await mux.remove(s2)
+    for s in (c1, s1, c2, s2):
+        await s.aclose()
+
+
+async def test_mux_reports_eof_and_reset(transport: Transport) -> None:
+    (c1, s1), (c2, s2) = await stream_pair(transport), await stream_pair(transport)
+    async with transport.open_mux() as mux:
+        mux.add(s1)
+        mux.add(s2)
+        await c1.aclose()  # clean close: EOF
+        # A reset: unread data at close makes the kernel send RST.
+        mux.send(s2, b"x" * 1000)
+        await trio.sleep(0.05)
+        await c2.aclose()
+        results: dict[Stream, object] = {}
+        with trio.fail_after(5):
+            while len(results) < 2:
+                for stream, result in await mux.next_batch():
+                    results.setdefault(stream, result)
+        assert results[s1] == b""
+        assert isinstance(results[s2], TransportError), results[s2]
+        # Sending to a reset connection never raises from send().
+        for _ in range(3):
+            mux.send(s2, b"y" * 65536)
+        await mux.remove(s1)
+        await mux.remove(s2)
+    await s1.aclose()
+    await s2.aclose()
+
+
+async def test_mux_remove_with_operations_in_flight(transport: Transport) -> None:
+    # A receive is pending (proactor: in the ring) and output is queued: remove
+    # must take it all back so the owner can close the stream safely.
+    client, server = await stream_pair(transport)
+    mux = transport.open_mux()
+    mux.add(server)
+    mux.send(server, pattern(1, 8 << 20))
+    with trio.fail_after(5):
+        await mux.remove(server)
+    assert mux.unsent(server) == 0
+    await server.aclose()
+    await client.aclose()
+    await mux.aclose()
+
+
+async def test_mux_next_batch_is_cancellable(transport: Transport) -> None:
+    client, server = await stream_pair(transport)
+    async with transport.open_mux() as mux:
+        mux.add(server)
+        with trio.move_on_after(0.1) as scope:
+            await mux.next_batch()
+        assert scope.cancelled_caught
+        # Still works afterwards.
+        await client.send_all(b"ok")
+        with trio.fail_after(5):
+            assert await _collect(mux, {server: 2}) == {server: b"ok"}
+    await client.aclose()
+    await server.aclose()
