@@ -66,7 +66,7 @@ from peerd.errors import (
 )
 from peerd.identity import verify_signature
 from peerd.manifest import Manifest
-from peerd.transport import Stream, Transport, get_transport
+from peerd.transport import Mux, Stream, Transport, get_transport
 from peerd.wire import (
     NEED_DATA,
     PROTOCOL_VERSION,
@@ -110,8 +110,9 @@ DEFAULT_PORT = 7070
 AUTH_CONTEXT = b"peer-tracker-auth-v1\0"
 _SWEEP_SECONDS = 5.0
 _RECV_SIZE = 65536
-_RECV_SIZE_SMALL = 4096  # per connection; grows to _RECV_SIZE once a read fills it
 _FRAME_HEADER = struct.Struct(">BI")  # PROTOCOL.md "Frames": type u8, length u32 BE
+_UNSENT_LIMIT = 1 << 20  # replies queued for a client that does not read: stop reading it
+_DRAIN_SECONDS = 1.0  # a closing connection's last replies get this long to leave
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,43 @@ class _Bucket:
         self.stamp = now
         self.tokens -= 1.0
         return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
+
+
+class _Client:
+    """One authenticated connection, as the dispatcher sees it."""
+
+    __slots__ = (
+        "address",
+        "area",
+        "bucket",
+        "busy",
+        "closed",
+        "conn",
+        "done",
+        "key",
+        "last",
+        "stream",
+    )
+
+    def __init__(
+        self,
+        stream: Stream,
+        conn: TrackerServerConnection,
+        address: str,
+        key: bytes,
+        bucket: _Bucket,
+        area: _Bucket,
+    ) -> None:
+        self.stream = stream
+        self.conn = conn
+        self.address = address
+        self.key = key
+        self.bucket = bucket  # this connection's message rate
+        self.area = area  # shared by every connection from the address
+        self.busy = False  # a request is being answered off the hot path
+        self.closed = False  # the owner took the stream back
+        self.done = trio.Event()  # the conversation is over (EOF, error, refusal)
+        self.last = trio.current_time()  # last input, for the idle timeout
 
 
 def default_data_dir() -> Path:
@@ -185,6 +223,9 @@ class _Tracker:
         self.connections = 0
         self.per_address: defaultdict[str, int] = defaultdict(int)
         self.address_buckets: dict[str, _Bucket] = {}
+        self.mux: Mux | None = None  # set by serve_tracker
+        self.nursery: trio.Nursery | None = None  # where off-hot-path answers run
+        self.clients: dict[Stream, _Client] = {}
 
     async def db(self, fn: Callable[..., object], *args: object) -> object:
         return await trio.to_thread.run_sync(fn, *args, limiter=self.db_limiter)
@@ -254,64 +295,150 @@ class _Tracker:
     async def _serve_requests(
         self, stream: Stream, conn: TrackerServerConnection, address: str, key: bytes
     ) -> None:
-        # The hot loop (see "Hot path" in the module doc). Once READY the
-        # tracker conversation never leaves READY and every reply type is
-        # allowed, so PEERS frames built here need no state-machine step.
+        """Lend the authenticated stream to the mux until the conversation ends.
+
+        The dispatcher (``dispatch``) answers its requests; this task only
+        owns the stream: it enforces the idle timeout, lets the last replies
+        drain, and takes the stream back from the mux before it is closed.
+        """
+        assert self.mux is not None
+        # Once READY the tracker conversation never leaves READY and every
+        # reply type is allowed, so PEERS frames built by the dispatcher need
+        # no state-machine step.
         assert conn.state is TrackerState.READY
-        clock = self.clock
-        bucket = _Bucket(self.limits.messages_per_second, clock())
-        area = self.address_buckets[address]
-        idle = self.limits.idle_timeout
-        buf = bytearray(_RECV_SIZE_SMALL)
-        view = memoryview(buf)
-        out: list[bytes] = []  # replies not yet sent
-        with trio.CancelScope() as watchdog:
-            stamp = trio.current_time()
-            watchdog.deadline = stamp + idle
-            refresh = min(1.0, idle / 4)
-            while True:
-                # Answer everything already buffered (AUTH may have come with
-                # pipelined requests); one write per batch.
-                while True:
-                    try:
-                        event = conn.next_event()
-                    except RemoteProtocolError as exc:
-                        await self._flush(stream, out)
-                        await self._refuse(stream, conn, address, "bad-frame", str(exc))
-                        return
-                    if event is NEED_DATA:
-                        break
-                    if type(event) is Closed:
-                        await self._flush(stream, out)
-                        return
-                    now = clock()
-                    wait = max(bucket.take(now), area.take(now))
-                    if wait > 0:
-                        await self._flush(stream, out)
-                        await trio.sleep(wait)
-                        now = clock()
-                    if type(event) is Announce and (
-                        body := self._announce_now(event, key, address, now)
-                    ):
-                        out.append(_FRAME_HEADER.pack(FrameType.PEERS, len(body)))
-                        out.append(body)
-                    else:
-                        out.append(conn.send(await self._answer(event, key, address)))
-                    # Bounded: a few dozen small replies or one big one.
-                    if len(out) >= 64 or len(out[-1]) >= _RECV_SIZE:
-                        await self._flush(stream, out)
-                await self._flush(stream, out)
-                n = await stream.recv_into(view)
-                # Moving a deadline costs a heap push: do it at most once a
-                # second (or a quarter of a shorter timeout), not per message.
-                if (t := trio.current_time()) - stamp >= refresh:
-                    watchdog.deadline = t + idle
-                    stamp = t
-                conn.receive_data(view[:n] if n else b"")
-                if n == len(buf) < _RECV_SIZE:  # a big message is coming in
-                    buf = bytearray(_RECV_SIZE)
-                    view = memoryview(buf)
-        log.info("closed idle connection from %s", address)
+        client = _Client(
+            stream,
+            conn,
+            address,
+            key,
+            _Bucket(self.limits.messages_per_second, self.clock()),
+            self.address_buckets[address],
+        )
+        self.clients[stream] = client
+        self.mux.add(stream)
+        try:
+            self._pump(client)  # AUTH may have come with pipelined requests
+            idle = self.limits.idle_timeout
+            while not client.done.is_set():
+                with trio.move_on_at(client.last + idle):
+                    await client.done.wait()
+                if not client.done.is_set() and trio.current_time() >= client.last + idle:
+                    log.info("closed idle connection from %s", address)
+                    return
+            # Replies (or the ERROR) queued before the end still go out.
+            with trio.move_on_after(_DRAIN_SECONDS):
+                while self.mux.unsent(stream):
+                    await trio.sleep(0.01)
+        finally:
+            client.closed = True
+            del self.clients[stream]
+            with trio.CancelScope(shield=True):
+                await self.mux.remove(stream)
+
+    # -- the dispatcher: every authenticated connection, one task ---------------
+    async def dispatch(self, nursery: trio.Nursery) -> None:
+        """Answer every lent stream's requests; slow ones in tasks of ``nursery``."""
+        assert self.mux is not None
+        self.nursery = nursery
+        mux, clients = self.mux, self.clients
+        while True:
+            batch = await mux.next_batch()
+            now = trio.current_time()
+            for stream, data in batch:
+                client = clients.get(stream)
+                if client is None or client.closed:
+                    continue
+                client.last = now
+                if type(data) is not bytes:
+                    client.done.set()  # the connection failed: nothing to answer
+                    continue
+                client.conn.receive_data(data)
+                self._pump(client)
+
+    def _pump(self, c: _Client) -> None:
+        """Answer ``c``'s buffered requests until one needs to wait (or none is left)."""
+        try:
+            self._pump_unguarded(c)
+        except Exception:
+            # A bug must not take the whole tracker down: log it, drop this client.
+            log.exception("internal error serving %s; closing that connection", c.address)
+            c.done.set()
+
+    def _pump_unguarded(self, c: _Client) -> None:
+        mux, conn, stream = self.mux, c.conn, c.stream
+        assert mux is not None
+        out: list[bytes] = []
+        while not c.busy and not c.done.is_set():
+            try:
+                event = conn.next_event()
+            except RemoteProtocolError as exc:
+                out.append(self._refusal(conn, c.address, "bad-frame", str(exc)))
+                c.done.set()
+                break
+            if event is NEED_DATA:
+                break
+            if type(event) is Closed:
+                c.done.set()
+                break
+            now = self.clock()
+            wait = max(c.bucket.take(now), c.area.take(now))
+            reply = None if wait > 0 else self._answer_now(event, c, now)
+            if reply is None:  # rate-limited, or a request that needs an await
+                c.busy = True
+                mux.pause(stream)
+                assert self.nursery is not None
+                self.nursery.start_soon(self._answer_later, c, event, wait)
+                break
+            out.append(reply)
+            if len(out) >= 64:  # bounded batches: a few dozen small replies
+                mux.send(stream, b"".join(out))
+                out.clear()
+        if out:
+            mux.send(stream, b"".join(out))
+        if not c.busy and mux.unsent(stream) > _UNSENT_LIMIT and not c.done.is_set():
+            # The client does not read its answers: stop reading its requests.
+            c.busy = True
+            mux.pause(stream)
+            assert self.nursery is not None
+            self.nursery.start_soon(self._drained, c)
+
+    def _answer_now(self, event: Event, c: _Client, now: float) -> bytes | None:
+        """The encoded reply if it needs no ``await`` (the hot path), else None."""
+        if type(event) is Announce and (body := self._announce_now(event, c.key, c.address, now)):
+            return _FRAME_HEADER.pack(FrameType.PEERS, len(body)) + body
+        return None
+
+    async def _answer_later(self, c: _Client, event: Event, wait: float) -> None:
+        """Rate-limit wait and/or the general path for one request, then resume ``c``."""
+        try:
+            if wait > 0:
+                await trio.sleep(wait)
+            if c.closed:
+                return
+            reply = self._answer_now(event, c, self.clock())
+            if reply is None:
+                reply = c.conn.send(await self._answer(event, c.key, c.address))
+            if c.closed:
+                return
+            assert self.mux is not None
+            self.mux.send(c.stream, reply)
+        except Exception:
+            log.exception("internal error serving %s; closing that connection", c.address)
+            c.done.set()
+        finally:
+            self._resume(c)
+
+    async def _drained(self, c: _Client) -> None:
+        assert self.mux is not None
+        while not c.closed and self.mux.unsent(c.stream) > _UNSENT_LIMIT // 2:
+            await trio.sleep(0.02)
+        self._resume(c)
+
+    def _resume(self, c: _Client) -> None:
+        c.busy = False
+        if not c.closed and self.mux is not None:
+            self.mux.resume(c.stream)
+            self._pump(c)
 
     def _announce_now(self, ev: Announce, key: bytes, address: str, now: float) -> bytes | None:
         """The synchronous fast path: a PEERS body, or None to take the general path.
@@ -346,11 +473,14 @@ class _Tracker:
                 return event
             conn.receive_data(await stream.receive_some(_RECV_SIZE))
 
-    async def _flush(self, stream: Stream, out: list[bytes]) -> None:
-        if out:
-            data = b"".join(out)
-            out.clear()
-            await stream.send_all(data)
+    def _refusal(
+        self, conn: TrackerServerConnection, address: str, code: str, message: str
+    ) -> bytes:
+        log.warning("rejected %s: %s: %s", address, code, message)
+        try:
+            return conn.send(Error(code, message[:1000]))
+        except ProtocolError:
+            return b""  # the state machine is past the point of replying
 
     async def _refuse(
         self, stream: Stream, conn: TrackerServerConnection, address: str, code: str, message: str
@@ -466,7 +596,8 @@ async def serve_tracker(
     store = ManifestStore(Path(data_dir))
     tracker = _Tracker(store, limits or TrackerLimits(), clock, ttl, interval)
     try:
-        async with trio.open_nursery() as nursery:
+        async with transport.open_mux() as tracker.mux, trio.open_nursery() as nursery:
+            nursery.start_soon(tracker.dispatch, nursery)
             listener = await nursery.start(transport.serve, host, port, tracker.handle)
             nursery.start_soon(tracker.sweep)
             log.info(
