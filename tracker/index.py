@@ -3,34 +3,9 @@
 Theory of operation
 -------------------
 Pure bookkeeping: no sockets, no trio, and every method takes ``now`` (seconds
-from any monotonic clock) so expiry is deterministic in tests.
-
-Memory is the constraint (hundreds of thousands of entries), so a swarm is not
-a dict of peer objects but a handful of parallel packed arrays indexed by a
-*slot* number: ``bits`` (a list of each slot's bitmap as an int, so scoring
-candidates needs no conversion; every seeder shares the one "all chunks"
-int), ``heads`` (per slot, the peer's address and port already
-msgpack-encoded as the start of its PEERS entry, ``[ip, port,``),
-``expires`` (an ``array('d')``), and ``keys`` (a list of the 32-byte public
-keys, shared with the ``slots`` dict that maps a key to its slot). Freed slots
-go on a free list and are reused, so a swarm's arrays never outgrow its peak
-population. A head is built once per (ip, port) and the same object is shared
-by every slot with that address while it stays in a small memo (a peer
-announces all its contents in one burst), so a peer in many swarms pays for
-its head once.
-
-An encoded answer is therefore a concatenation: per chosen peer its head, its
-key, its bitmap's bytes and two bin headers -- no per-peer objects, no per-peer
-validation (the wire's trusted ``join_peers_body``; every field is valid by
-construction: text from ``inet_ntop``, a u16 port, an authenticated key,
-a bitmap checked on the way in).
-
-Per-chunk availability is one big Python int with a 16-bit lane per chunk.
-A bitmap is widened to lanes with a 256-entry table (a C-level ``join``), so an
-announce that changes a peer's bits updates every chunk's count with one
-big-int subtraction and one addition, whatever the chunk count; the wire form
-of availability (u16 big-endian per chunk) is then just ``to_bytes``. A lane
-never carries into its neighbour because a swarm holds at most 65,535 peers.
+from any monotonic clock) so expiry is deterministic in tests. Each content's
+peers live in a ``Swarm`` of packed arrays (``_swarm.py``, which explains the
+memory layout, the pre-encoded PEERS entries and the availability lanes).
 
 Choosing peers for an asker scores at most ``sample`` candidates: chunks the
 candidate has that the asker lacks, with chunks in the rarest quarter of the
@@ -56,9 +31,6 @@ walked when the lower bound it keeps on its earliest expiry has passed.
 
 from __future__ import annotations
 
-import itertools
-import socket
-from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -67,6 +39,8 @@ import msgpack
 from peerd.errors import TrackerError
 from peerd.wire import MAX_BODY, FrameType, encode_peer_entry, join_peers_body
 
+from ._swarm import KEY_HEADER, MAX_LANES_PEERS, Swarm, pack_ip, unpack_ip
+
 __all__ = ["EVENTS", "PeerInfo", "SwarmIndex", "SwarmStat"]
 
 EVENTS = ("started", "progress", "completed", "stopped", "periodic")
@@ -74,26 +48,15 @@ EVENTS = ("started", "progress", "completed", "stopped", "periodic")
 # One announced peer as returned to an asker: (ip, port, public key, bitmap).
 PeerInfo = tuple[str, int, bytes, bytes]
 
-_MAX_LANES_PEERS = 65_535  # a 16-bit availability lane must never overflow
-_V4_MAPPED = b"\x00" * 10 + b"\xff\xff"
 _RANK_CACHE_SECONDS = 2.0
 _ANSWER_ENTRIES = 2048  # cached rankings, whole index
 _ANSWER_BYTES = 4 * 2**20  # encoded PEERS bodies kept, whole index
 _HEAD_MEMO = 4096  # (ip, port) -> head, for sharing heads between slots
-_KEY_HEADER = b"\xc4\x20"  # msgpack bin 8 of a 32-byte key
 _ANSWER_BODY_MAX = 64 * 1024  # bigger bodies are rebuilt every time
 _PEERS_LIMIT = MAX_BODY[FrameType.PEERS]
 # Upper bound of one encoded PEERS entry beyond its bitmap: array header,
 # str8 of up to 45 characters, uint16 port, bin8 key, bin32 header.
 _ENTRY_OVERHEAD = 1 + 47 + 3 + 34 + 5
-_serials = itertools.count(1)
-
-# byte -> its bit j (0 or 1), j = 0 the top bit (chunk 8k+0).
-_BIT_J = tuple(bytes((b >> (7 - j)) & 1 for b in range(256)) for j in range(8))
-# 0/1 bytes -> ASCII "0"/"1" so int(..., 2) packs them into a bitmap in C.
-_TO_ASCII01 = bytes.maketrans(b"\x00\x01", b"01")
-# any non-zero byte -> 0xff (saturates a count whose high byte is set).
-_NONZERO_FF = bytes([0] + [0xFF] * 255)
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,169 +84,6 @@ class _Answer:
         self.bodies: dict[int, tuple[float, bytes]] = {}
 
 
-def _pack_ip(ip: str) -> bytes:
-    try:
-        if ":" in ip:
-            return socket.inet_pton(socket.AF_INET6, ip)
-        return _V4_MAPPED + socket.inet_pton(socket.AF_INET, ip)
-    except OSError:
-        raise TrackerError("bad-request", f"not an IP address: {ip!r}") from None
-
-
-def _bin_header(n: int) -> bytes:
-    """msgpack bin header for ``n`` bytes (bin 8 / 16 / 32, as msgpack picks)."""
-    if n < 256:
-        return b"\xc4" + n.to_bytes(1, "big")
-    if n < 65536:
-        return b"\xc5" + n.to_bytes(2, "big")
-    return b"\xc6" + n.to_bytes(4, "big")
-
-
-def _unpack_ip(packed: bytes) -> str:
-    if packed[:12] == _V4_MAPPED:
-        return socket.inet_ntop(socket.AF_INET, packed[12:])
-    return socket.inet_ntop(socket.AF_INET6, packed)
-
-
-def _lanes(bits: bytes) -> int:
-    """Widen a bitmap to an int with one 16-bit lane (0 or 1) per bit."""
-    buf = bytearray(16 * len(bits))
-    for j in range(8):  # lane of chunk 8k+j is bytes 16k+2j..16k+2j+1
-        buf[2 * j + 1 :: 16] = bits.translate(_BIT_J[j])
-    return int.from_bytes(buf, "big")
-
-
-class _Swarm:
-    """The peers of one content id, as parallel packed arrays (see module doc)."""
-
-    __slots__ = (
-        "bin_header",
-        "bits",
-        "completed",
-        "completed_keys",
-        "counts",
-        "expires",
-        "free",
-        "full",
-        "full_int",
-        "heads",
-        "keys",
-        "min_expiry",
-        "nbytes",
-        "num_chunks",
-        "rare",
-        "rare_version",
-        "seeders",
-        "serial",
-        "slots",
-        "start",
-        "version",
-    )
-
-    def __init__(self, num_chunks: int) -> None:
-        self.num_chunks = num_chunks
-        self.nbytes = (num_chunks + 7) // 8
-        full_int = ((1 << num_chunks) - 1) << (self.nbytes * 8 - num_chunks)
-        self.full_int = full_int
-        self.full = full_int.to_bytes(self.nbytes, "big")
-        self.slots: dict[bytes, int] = {}
-        self.keys: list[bytes | None] = []
-        self.bits: list[int] = []  # bitmap per slot, as a big-endian int (0 when free)
-        self.heads: list[bytes | None] = []
-        self.bin_header = _bin_header(self.nbytes)
-        self.expires = array("d")
-        self.free: list[int] = []
-        self.counts = 0
-        self.seeders = 0
-        self.completed = 0
-        self.completed_keys: set[bytes] = set()
-        self.min_expiry = float("inf")
-        self.version = 0
-        self.serial = next(_serials)  # tells a recreated swarm from its predecessor
-        self.rare = 0
-        self.rare_version = -1
-        self.start = 0
-
-    def __len__(self) -> int:
-        return len(self.slots)
-
-    def slot_bits(self, slot: int) -> bytes:
-        return self.bits[slot].to_bytes(self.nbytes, "big")
-
-    def set_bits(self, slot: int, new: bytes) -> None:
-        value = int.from_bytes(new, "big")
-        old = self.bits[slot]
-        if old == value:
-            return
-        full = self.full_int
-        self.counts += _lanes(new) - _lanes(old.to_bytes(self.nbytes, "big"))
-        self.seeders += (value == full) - (old == full)
-        self.bits[slot] = full if value == full else value  # seeders share one int
-        self.version += 1
-
-    def add(self, key: bytes, head: bytes, bits: bytes, expiry: float) -> int:
-        if self.free:
-            slot = self.free.pop()
-            self.keys[slot] = key
-            self.heads[slot] = head
-            self.expires[slot] = expiry
-        else:
-            slot = len(self.keys)
-            self.keys.append(key)
-            self.bits.append(0)
-            self.heads.append(head)
-            self.expires.append(expiry)
-        self.slots[key] = slot
-        self.min_expiry = min(self.min_expiry, expiry)
-        self.version += 1
-        self.set_bits(slot, bits)
-        return slot
-
-    def remove(self, slot: int) -> bytes:
-        key = self.keys[slot]
-        assert key is not None
-        self.set_bits(slot, bytes(self.nbytes))
-        del self.slots[key]
-        self.keys[slot] = None
-        self.heads[slot] = None
-        self.free.append(slot)
-        self.version += 1
-        return key
-
-    def entry(self, slot: int) -> bytes:
-        """The encoded PEERS entry ``[ip, port, key, bits]`` of a live slot."""
-        head, key = self.heads[slot], self.keys[slot]
-        assert head is not None and key is not None
-        bits = self.bits[slot].to_bytes(self.nbytes, "big")
-        return head + _KEY_HEADER + key + self.bin_header + bits
-
-    def avail(self) -> bytes:
-        """u16 big-endian count per chunk: the wire form."""
-        return self.counts.to_bytes(self.nbytes * 16, "big")[: self.num_chunks * 2]
-
-    def rare_mask(self) -> int:
-        """Chunks (as a bitmap int) in the lowest quarter of the availability range."""
-        if self.rare_version == self.version:
-            return self.rare
-        avail = self.avail()
-        # Counts saturated to one byte: rarity only matters among small counts.
-        sat = (
-            int.from_bytes(avail[1::2], "big")
-            | int.from_bytes(avail[0::2].translate(_NONZERO_FF), "big")
-        ).to_bytes(self.num_chunks, "big")
-        present = sat.translate(None, b"\x00")
-        rare = 0
-        if present:
-            lo, hi = min(present), max(present)
-            threshold = lo + (hi - lo) // 4
-            table = bytes(1 if 1 <= c <= threshold else 0 for c in range(256))
-            flags = sat.translate(table).translate(_TO_ASCII01)
-            rare = int(flags, 2) << (self.nbytes * 8 - self.num_chunks)
-        self.rare = rare
-        self.rare_version = self.version
-        return rare
-
-
 class SwarmIndex:
     """Per content id: which peers (by public key) hold which chunks.
 
@@ -306,8 +106,10 @@ class SwarmIndex:
         max_peers_per_content: int = 10_000,
         sample: int = 300,
     ) -> None:
-        if not 0 < max_peers_per_content <= _MAX_LANES_PEERS:
+        if not 0 < max_peers_per_content <= MAX_LANES_PEERS:
             raise ValueError("max_peers_per_content must be in 1..65535")
+        if not 0 < sample <= 0xFFFF:  # a window position must fit a rank key's low 16 bits
+            raise ValueError("sample must be in 1..65535")
         if ttl <= 0 or interval <= 0:
             raise ValueError("ttl and interval must be positive")
         self.ttl = float(ttl)
@@ -316,7 +118,7 @@ class SwarmIndex:
         self.max_contents_per_peer = max_contents_per_peer
         self.max_peers_per_content = max_peers_per_content
         self.sample = sample
-        self._swarms: dict[bytes, _Swarm] = {}
+        self._swarms: dict[bytes, Swarm] = {}
         self._peer_contents: dict[bytes, int] = {}  # key -> number of swarms it is in
         self._entries = 0
         self._heads: dict[tuple[str, int], bytes] = {}  # see module doc
@@ -435,7 +237,7 @@ class SwarmIndex:
             return hit[1]
         chosen = self._pick(swarm, answer.ranked, slot, want)
         heads, keys, packed = swarm.heads, swarm.keys, swarm.bits
-        nb, hdr, kh = swarm.nbytes, swarm.bin_header, _KEY_HEADER
+        nb, hdr, kh = swarm.nbytes, swarm.bin_header, KEY_HEADER
         full_int, full = swarm.full_int, swarm.full
         parts: list[bytes | bytearray | None] = []
         add = parts.extend
@@ -464,7 +266,7 @@ class SwarmIndex:
         bits: bytes,
         num_chunks: int | None,
         now: float,
-    ) -> tuple[_Swarm, int] | None:
+    ) -> tuple[Swarm, int] | None:
         """The bookkeeping half of an announce: (swarm, asker's slot), None if stopped."""
         if event not in EVENTS:
             raise TrackerError("bad-request", f"unknown announce event {event!r}")
@@ -488,7 +290,7 @@ class SwarmIndex:
                 self.expire(now)
                 if len(self._swarms) >= self.max_contents:
                     raise TrackerError("too-many", "the tracker tracks too many contents")
-            swarm = _Swarm(n)
+            swarm = Swarm(n)
             self._swarms[content_id] = swarm
         else:
             self._check_bits(swarm.num_chunks, bits)
@@ -504,7 +306,7 @@ class SwarmIndex:
                 self._heads.clear()
             # Canonical text (e.g. "::FFFF:1.2.3.4" -> "1.2.3.4"); the PEERS
             # entry minus its key and bitmap (and their bin headers).
-            text = _unpack_ip(_pack_ip(ip))
+            text = unpack_ip(pack_ip(ip))
             head = encode_peer_entry(text, port, b"", b"")[:-4]
             self._heads[(ip, port)] = head
         try:
@@ -578,7 +380,7 @@ class SwarmIndex:
         if spare and bits[-1] & ((1 << spare) - 1):
             raise TrackerError("bad-request", "bitmap has bits set beyond the last chunk")
 
-    def _admit(self, swarm: _Swarm, key: bytes) -> None:
+    def _admit(self, swarm: Swarm, key: bytes) -> None:
         if len(swarm) >= self.max_peers_per_content:
             raise TrackerError("too-many", "this content has too many peers")
         if self._peer_contents.get(key, 0) >= self.max_contents_per_peer:
@@ -593,7 +395,7 @@ class SwarmIndex:
         else:
             del self._peer_contents[key]
 
-    def _remove(self, content_id: bytes, swarm: _Swarm, slot: int) -> None:
+    def _remove(self, content_id: bytes, swarm: Swarm, slot: int) -> None:
         self._forget_key(swarm.remove(slot))
         self._entries -= 1
         if not swarm.slots:
@@ -601,7 +403,7 @@ class SwarmIndex:
             # by live entries (completed counts are soft state, like the peers).
             self._drop_swarm(content_id, swarm)
 
-    def _drop_swarm(self, content_id: bytes, swarm: _Swarm) -> None:
+    def _drop_swarm(self, content_id: bytes, swarm: Swarm) -> None:
         self._swarms.pop(content_id, None)
 
     def _evict_answer(self) -> None:
@@ -610,7 +412,7 @@ class SwarmIndex:
             self._answer_bytes -= sum(len(b) for _, b in gone.bodies.values())
 
     def _ranking(
-        self, content_id: bytes, swarm: _Swarm, asker_bits: bytes, want: int, now: float
+        self, content_id: bytes, swarm: Swarm, asker_bits: bytes, want: int, now: float
     ) -> _Answer:
         """The cached ranking for this question, recomputed if stale or missing."""
         cache_key = (content_id, asker_bits, want)
@@ -635,7 +437,7 @@ class SwarmIndex:
         self._answers[cache_key] = answer
         return answer
 
-    def _rank(self, swarm: _Swarm, asker_bits: bytes, want: int, now: float) -> list[int]:
+    def _rank(self, swarm: Swarm, asker_bits: bytes, want: int, now: float) -> list[int]:
         mine = int.from_bytes(asker_bits, "big")
         lacks = swarm.full_int & ~mine
         rare = swarm.rare_mask() & lacks
@@ -660,30 +462,40 @@ class SwarmIndex:
         # a peer with nothing useful still ranks above one that lacks nothing
         # the asker has, since it will want to download from the asker.
         # Seeders all share swarm.full_int (see set_bits): score them once.
+        # Each key is the score with the window position below it (inverted,
+        # so that a descending sort of plain ints keeps ties in window order,
+        # which rotates between calls).
         full = swarm.full_int
-        seeder = ((rare.bit_count() << 42) | (lacks.bit_count() << 21) | 1) if lacks else 0
-        scores = [
-            seeder
-            if t is full
-            else ((u & rare).bit_count() << 42) | (u.bit_count() << 21) | 1
-            if (u := t & lacks)
-            else (1 if mine & ~t else 0)
-            for t in ints
+        all_live = not swarm.free and swarm.min_expiry > now
+        if lacks and all_live and ints.count(full) > want:
+            # Seeders have everything the asker lacks, so nobody outranks
+            # them, and there are enough of them: no need to score the rest.
+            pos = [i for i, t in enumerate(ints) if t is full]
+            return [(start + i) % total for i in pos[: want + 1]]
+        w = swarm.num_chunks.bit_length()
+        seeder = (((rare.bit_count() << w | lacks.bit_count()) << 1 | 1) << 16) if lacks else 0
+        asker_has = 1 << 16 if mine else 0
+        keyed = [
+            (
+                seeder
+                if t is full
+                else (((u & rare).bit_count() << w | u.bit_count()) << 1 | 1) << 16
+                if (u := t & lacks)
+                else (asker_has if mine & ~t else 0)
+            )
+            | (0xFFFF - i)
+            for i, t in enumerate(ints)
         ]
-        # Stable sort: ties keep window order, which rotates between calls.
-        order = sorted(range(count), key=scores.__getitem__, reverse=True)
-        if start:
-            order = [(start + i) % total for i in order]
-        # want + 1 so dropping the asker still leaves `want` peers. Free or
-        # expired slots are rare: filter a little more than needed first.
-        head = want + 9
-        ranked = [s for s in order[:head] if keys[s] is not None and expires[s] > now]
-        if len(ranked) <= want and len(order) > head:
-            ranked += [s for s in order[head:] if keys[s] is not None and expires[s] > now]
+        keyed.sort(reverse=True)
+        # want + 1 so dropping the asker still leaves `want` peers.
+        if all_live:
+            return [(start + 0xFFFF - (k & 0xFFFF)) % total for k in keyed[: want + 1]]
+        slots = [(start + 0xFFFF - (k & 0xFFFF)) % total for k in keyed]
+        ranked = [s for s in slots if keys[s] is not None and expires[s] > now]
         del ranked[want + 1 :]
         return ranked
 
-    def _pick(self, swarm: _Swarm, ranked: list[int], asker: int, want: int) -> list[int]:
+    def _pick(self, swarm: Swarm, ranked: list[int], asker: int, want: int) -> list[int]:
         """Up to ``want`` slots of a valid ``ranked`` (all live) other than ``asker``.
 
         Fewer if their bitmaps would not fit one PEERS body.

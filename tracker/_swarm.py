@@ -1,0 +1,214 @@
+"""One content's peers as packed arrays (the tracker index's storage).
+
+Memory is the constraint (hundreds of thousands of entries), so a swarm is not
+a dict of peer objects but a handful of parallel packed arrays indexed by a
+*slot* number: ``bits`` (a list of each slot's bitmap as an int, so scoring
+candidates needs no conversion; every seeder shares the one "all chunks"
+int), ``heads`` (per slot, the peer's address and port already
+msgpack-encoded as the start of its PEERS entry, ``[ip, port,``),
+``expires`` (an ``array('d')``), and ``keys`` (a list of the 32-byte public
+keys, shared with the ``slots`` dict that maps a key to its slot). Freed slots
+go on a free list and are reused, so a swarm's arrays never outgrow its peak
+population. A head is built once per (ip, port) and the same object is shared
+by every slot with that address while it stays in a small memo (a peer
+announces all its contents in one burst), so a peer in many swarms pays for
+its head once.
+
+An encoded answer is therefore a concatenation: per chosen peer its head, its
+key, its bitmap's bytes and two bin headers -- no per-peer objects, no per-peer
+validation (the wire's trusted ``join_peers_body``; every field is valid by
+construction: text from ``inet_ntop``, a u16 port, an authenticated key,
+a bitmap checked on the way in).
+
+Per-chunk availability is one big Python int with a 16-bit lane per chunk.
+A bitmap is widened to lanes with a 256-entry table (a C-level ``join``), so an
+announce that changes a peer's bits updates every chunk's count with one
+big-int subtraction and one addition, whatever the chunk count; the wire form
+of availability (u16 big-endian per chunk) is then just ``to_bytes``. A lane
+never carries into its neighbour because a swarm holds at most 65,535 peers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import socket
+from array import array
+
+from peerd.errors import TrackerError
+
+__all__ = ["KEY_HEADER", "MAX_LANES_PEERS", "Swarm", "bin_header", "pack_ip", "unpack_ip"]
+
+MAX_LANES_PEERS = 65_535  # a 16-bit availability lane must never overflow
+KEY_HEADER = b"\xc4\x20"  # msgpack bin 8 of a 32-byte key
+_V4_MAPPED = b"\x00" * 10 + b"\xff\xff"
+_serials = itertools.count(1)
+
+# byte -> its bit j (0 or 1), j = 0 the top bit (chunk 8k+0).
+_BIT_J = tuple(bytes((b >> (7 - j)) & 1 for b in range(256)) for j in range(8))
+# 0/1 bytes -> ASCII "0"/"1" so int(..., 2) packs them into a bitmap in C.
+_TO_ASCII01 = bytes.maketrans(b"\x00\x01", b"01")
+# any non-zero byte -> 0xff (saturates a count whose high byte is set).
+_NONZERO_FF = bytes([0] + [0xFF] * 255)
+
+
+def pack_ip(ip: str) -> bytes:
+    try:
+        if ":" in ip:
+            return socket.inet_pton(socket.AF_INET6, ip)
+        return _V4_MAPPED + socket.inet_pton(socket.AF_INET, ip)
+    except OSError:
+        raise TrackerError("bad-request", f"not an IP address: {ip!r}") from None
+
+
+def bin_header(n: int) -> bytes:
+    """msgpack bin header for ``n`` bytes (bin 8 / 16 / 32, as msgpack picks)."""
+    if n < 256:
+        return b"\xc4" + n.to_bytes(1, "big")
+    if n < 65536:
+        return b"\xc5" + n.to_bytes(2, "big")
+    return b"\xc6" + n.to_bytes(4, "big")
+
+
+def unpack_ip(packed: bytes) -> str:
+    if packed[:12] == _V4_MAPPED:
+        return socket.inet_ntop(socket.AF_INET, packed[12:])
+    return socket.inet_ntop(socket.AF_INET6, packed)
+
+
+def _lanes(bits: bytes) -> int:
+    """Widen a bitmap to an int with one 16-bit lane (0 or 1) per bit."""
+    buf = bytearray(16 * len(bits))
+    for j in range(8):  # lane of chunk 8k+j is bytes 16k+2j..16k+2j+1
+        buf[2 * j + 1 :: 16] = bits.translate(_BIT_J[j])
+    return int.from_bytes(buf, "big")
+
+
+class Swarm:
+    """The peers of one content id, as parallel packed arrays (see module doc)."""
+
+    __slots__ = (
+        "bin_header",
+        "bits",
+        "completed",
+        "completed_keys",
+        "counts",
+        "expires",
+        "free",
+        "full",
+        "full_int",
+        "heads",
+        "keys",
+        "min_expiry",
+        "nbytes",
+        "num_chunks",
+        "rare",
+        "rare_version",
+        "seeders",
+        "serial",
+        "slots",
+        "start",
+        "version",
+    )
+
+    def __init__(self, num_chunks: int) -> None:
+        self.num_chunks = num_chunks
+        self.nbytes = (num_chunks + 7) // 8
+        full_int = ((1 << num_chunks) - 1) << (self.nbytes * 8 - num_chunks)
+        self.full_int = full_int
+        self.full = full_int.to_bytes(self.nbytes, "big")
+        self.slots: dict[bytes, int] = {}
+        self.keys: list[bytes | None] = []
+        self.bits: list[int] = []  # bitmap per slot, as a big-endian int (0 when free)
+        self.heads: list[bytes | None] = []
+        self.bin_header = bin_header(self.nbytes)
+        self.expires = array("d")
+        self.free: list[int] = []
+        self.counts = 0
+        self.seeders = 0
+        self.completed = 0
+        self.completed_keys: set[bytes] = set()
+        self.min_expiry = float("inf")
+        self.version = 0
+        self.serial = next(_serials)  # tells a recreated swarm from its predecessor
+        self.rare = 0
+        self.rare_version = -1
+        self.start = 0
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def slot_bits(self, slot: int) -> bytes:
+        return self.bits[slot].to_bytes(self.nbytes, "big")
+
+    def set_bits(self, slot: int, new: bytes) -> None:
+        value = int.from_bytes(new, "big")
+        old = self.bits[slot]
+        if old == value:
+            return
+        full = self.full_int
+        self.counts += _lanes(new) - _lanes(old.to_bytes(self.nbytes, "big"))
+        self.seeders += (value == full) - (old == full)
+        self.bits[slot] = full if value == full else value  # seeders share one int
+        self.version += 1
+
+    def add(self, key: bytes, head: bytes, bits: bytes, expiry: float) -> int:
+        if self.free:
+            slot = self.free.pop()
+            self.keys[slot] = key
+            self.heads[slot] = head
+            self.expires[slot] = expiry
+        else:
+            slot = len(self.keys)
+            self.keys.append(key)
+            self.bits.append(0)
+            self.heads.append(head)
+            self.expires.append(expiry)
+        self.slots[key] = slot
+        self.min_expiry = min(self.min_expiry, expiry)
+        self.version += 1
+        self.set_bits(slot, bits)
+        return slot
+
+    def remove(self, slot: int) -> bytes:
+        key = self.keys[slot]
+        assert key is not None
+        self.set_bits(slot, bytes(self.nbytes))
+        del self.slots[key]
+        self.keys[slot] = None
+        self.heads[slot] = None
+        self.free.append(slot)
+        self.version += 1
+        return key
+
+    def entry(self, slot: int) -> bytes:
+        """The encoded PEERS entry ``[ip, port, key, bits]`` of a live slot."""
+        head, key = self.heads[slot], self.keys[slot]
+        assert head is not None and key is not None
+        bits = self.bits[slot].to_bytes(self.nbytes, "big")
+        return head + KEY_HEADER + key + self.bin_header + bits
+
+    def avail(self) -> bytes:
+        """u16 big-endian count per chunk: the wire form."""
+        return self.counts.to_bytes(self.nbytes * 16, "big")[: self.num_chunks * 2]
+
+    def rare_mask(self) -> int:
+        """Chunks (as a bitmap int) in the lowest quarter of the availability range."""
+        if self.rare_version == self.version:
+            return self.rare
+        avail = self.avail()
+        # Counts saturated to one byte: rarity only matters among small counts.
+        sat = (
+            int.from_bytes(avail[1::2], "big")
+            | int.from_bytes(avail[0::2].translate(_NONZERO_FF), "big")
+        ).to_bytes(self.num_chunks, "big")
+        present = sat.translate(None, b"\x00")
+        rare = 0
+        if present:
+            lo, hi = min(present), max(present)
+            threshold = lo + (hi - lo) // 4
+            table = bytes(1 if 1 <= c <= threshold else 0 for c in range(256))
+            flags = sat.translate(table).translate(_TO_ASCII01)
+            rare = int(flags, 2) << (self.nbytes * 8 - self.num_chunks)
+        self.rare = rare
+        self.rare_version = self.version
+        return rare
