@@ -100,6 +100,7 @@ class Swarm:
         "keys",
         "min_expiry",
         "nbytes",
+        "nothing",
         "num_chunks",
         "rare",
         "rare_version",
@@ -116,6 +117,7 @@ class Swarm:
         full_int = ((1 << num_chunks) - 1) << (self.nbytes * 8 - num_chunks)
         self.full_int = full_int
         self.full = full_int.to_bytes(self.nbytes, "big")
+        self.nothing = bytes(self.nbytes)  # the bitmap of a peer with no chunk yet
         self.slots: dict[bytes, int] = {}
         self.keys: list[bytes | None] = []
         self.bits: list[int] = []  # bitmap per slot, as a big-endian int (0 when free)

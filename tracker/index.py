@@ -49,10 +49,9 @@ EVENTS = ("started", "progress", "completed", "stopped", "periodic")
 PeerInfo = tuple[str, int, bytes, bytes]
 
 _RANK_CACHE_SECONDS = 2.0
-_ANSWER_ENTRIES = 2048  # cached rankings, whole index
-_ANSWER_BYTES = 4 * 2**20  # encoded PEERS bodies kept, whole index
+_ANSWER_ENTRIES = 4096  # cached rankings, whole index
+_ANSWER_BYTES = 8 * 2**20  # encoded PEERS entries kept, whole index
 _HEAD_MEMO = 4096  # (ip, port) -> head, for sharing heads between slots
-_ANSWER_BODY_MAX = 64 * 1024  # bigger bodies are rebuilt every time
 _PEERS_LIMIT = MAX_BODY[FrameType.PEERS]
 # Upper bound of one encoded PEERS entry beyond its bitmap: array header,
 # str8 of up to 45 characters, uint16 port, bin8 key, bin32 header.
@@ -70,9 +69,9 @@ class SwarmStat:
 
 
 class _Answer:
-    """One cached ranking and the PEERS bodies built from it."""
+    """One cached ranking and, once it is asked for again, its encoded entries."""
 
-    __slots__ = ("asked", "bodies", "ranked", "serial", "until", "version")
+    __slots__ = ("asked", "entries", "ranked", "serial", "until", "version")
 
     def __init__(self, serial: int, version: int, until: float, ranked: list[int]) -> None:
         self.serial = serial
@@ -80,8 +79,12 @@ class _Answer:
         self.until = until
         self.ranked = ranked
         self.asked = 1
-        # asker slot dropped from `ranked` (-1: none) -> (valid until, body)
-        self.bodies: dict[int, tuple[float, bytes]] = {}
+        # The encoded PEERS entry of each slot in `ranked` (built on the second ask).
+        self.entries: list[bytes] | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(map(len, self.entries)) if self.entries else 0
 
 
 class SwarmIndex:
@@ -199,7 +202,7 @@ class SwarmIndex:
         swarm, slot = recorded
         if want <= 0:
             return [], swarm.avail()
-        answer = self._ranking(content_id, swarm, bits, want, now)
+        answer = self._answer_for(content_id, swarm, slot, bits, want, now)
         chosen = self._pick(swarm, answer.ranked, slot, want)
         return [_info(swarm.entry(s)) for s in chosen], swarm.avail()
 
@@ -230,31 +233,29 @@ class SwarmIndex:
         swarm, slot = recorded
         if want <= 0:
             return join_peers_body(content_id, interval, 0, (), swarm.avail())
-        answer = self._ranking(content_id, swarm, bits, want, now)
-        dropped = slot if slot in answer.ranked else -1
-        hit = answer.bodies.get(dropped)
-        if hit is not None and hit[0] > now:
-            return hit[1]
+        answer = self._answer_for(content_id, swarm, slot, bits, want, now)
+        if answer.entries is None and answer.asked > 1:
+            # Asked again: keep its entries, so later askers only join bytes.
+            answer.entries = [swarm.entry(s) for s in answer.ranked]
+            self._answer_bytes += answer.nbytes
+            while self._answer_bytes > _ANSWER_BYTES and len(self._answers) > 1:
+                self._evict_answer()
+        entries = answer.entries
+        if entries is not None:
+            fit = self._fit(swarm, want)
+            parts = [e for s, e in zip(answer.ranked, entries, strict=True) if s != slot]
+            del parts[fit:]
+            return join_peers_body(content_id, interval, len(parts), parts, swarm.avail())
         chosen = self._pick(swarm, answer.ranked, slot, want)
         heads, keys, packed = swarm.heads, swarm.keys, swarm.bits
         nb, hdr, kh = swarm.nbytes, swarm.bin_header, KEY_HEADER
         full_int, full = swarm.full_int, swarm.full
-        parts: list[bytes | bytearray | None] = []
-        add = parts.extend
+        pieces: list[bytes | bytearray | None] = []
+        add = pieces.extend
         for s in chosen:
             b = packed[s]
             add((heads[s], kh, keys[s], hdr, full if b is full_int else b.to_bytes(nb, "big")))
-        body = join_peers_body(content_id, interval, len(chosen), parts, swarm.avail())  # type: ignore[arg-type]
-        # Keep bodies only of questions asked more than once: most are not.
-        if answer.asked > 1 and len(body) <= _ANSWER_BODY_MAX:
-            old = answer.bodies.get(dropped)
-            if old is not None:
-                self._answer_bytes -= len(old[1])
-            answer.bodies[dropped] = (answer.until, body)
-            self._answer_bytes += len(body)
-            while self._answer_bytes > _ANSWER_BYTES and len(self._answers) > 1:
-                self._evict_answer()
-        return body
+        return join_peers_body(content_id, interval, len(chosen), pieces, swarm.avail())  # type: ignore[arg-type]
 
     def _record(
         self,
@@ -408,8 +409,20 @@ class SwarmIndex:
 
     def _evict_answer(self) -> None:
         _, gone = self._answers.popitem(last=False)
-        if gone.bodies:
-            self._answer_bytes -= sum(len(b) for _, b in gone.bodies.values())
+        self._answer_bytes -= gone.nbytes
+
+    def _answer_for(
+        self, content_id: bytes, swarm: Swarm, slot: int, bits: bytes, want: int, now: float
+    ) -> _Answer:
+        """The ranking that answers the asker in ``slot`` (see "Choosing peers")."""
+        generic = self._ranking(content_id, swarm, swarm.nothing, want, now)
+        if bits == swarm.nothing:
+            return generic
+        lacks = swarm.full_int & ~int.from_bytes(bits, "big")
+        packed = swarm.bits
+        if lacks and all(packed[s] & lacks for s in generic.ranked if s != slot):
+            return generic
+        return self._ranking(content_id, swarm, bits, want, now)
 
     def _ranking(
         self, content_id: bytes, swarm: Swarm, asker_bits: bytes, want: int, now: float
@@ -424,11 +437,14 @@ class SwarmIndex:
                     answer.asked += 1
                     return answer
             del self._answers[cache_key]
-            self._answer_bytes -= sum(len(b) for _, b in answer.bodies.values())
+            self._answer_bytes -= answer.nbytes
         ranked = self._rank(swarm, asker_bits, want, now)
         # Valid until the first listed peer expires: until then every slot in
         # it is live, so answering from it needs no per-peer liveness check.
-        first_expiry = min(map(swarm.expires.__getitem__, ranked), default=float("inf"))
+        # (The swarm's earliest expiry is a cheaper bound while it is ahead.)
+        first_expiry = swarm.min_expiry
+        if first_expiry <= now + _RANK_CACHE_SECONDS:
+            first_expiry = min(map(swarm.expires.__getitem__, ranked), default=float("inf"))
         answer = _Answer(
             swarm.serial, swarm.version, min(now + _RANK_CACHE_SECONDS, first_expiry), ranked
         )
@@ -500,10 +516,15 @@ class SwarmIndex:
 
         Fewer if their bitmaps would not fit one PEERS body.
         """
-        fit = (_PEERS_LIMIT - 2 * swarm.num_chunks - 64) // (_ENTRY_OVERHEAD + swarm.nbytes)
         chosen = [s for s in ranked if s != asker]
-        del chosen[min(want, fit) :]
+        del chosen[self._fit(swarm, want) :]
         return chosen
+
+    @staticmethod
+    def _fit(swarm: Swarm, want: int) -> int:
+        """How many of ``want`` entries one PEERS body can carry."""
+        fit = (_PEERS_LIMIT - 2 * swarm.num_chunks - 64) // (_ENTRY_OVERHEAD + swarm.nbytes)
+        return min(want, fit)
 
 
 def _info(entry: bytes) -> PeerInfo:
