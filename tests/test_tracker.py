@@ -388,6 +388,87 @@ async def test_pipelined_requests_and_idle_timeout(transport: Transport, tmp_pat
                     assert 0.9 < trio.current_time() - start < 4.0
 
 
+async def _authenticated(
+    transport: Transport, port: int, who: Identity
+) -> tuple[Stream, TrackerClientConnection]:
+    stream = await transport.connect("127.0.0.1", port)
+    conn = TrackerClientConnection()
+    challenge = await read_event(stream, conn)
+    assert isinstance(challenge, Challenge)
+    await stream.send_all(conn.send(Auth(who.public_key, who.sign(AUTH_CONTEXT + challenge.nonce))))
+    assert isinstance(await read_event(stream, conn), Ok)
+    return stream, conn
+
+
+async def test_replies_keep_request_order_across_waits(
+    transport: Transport, tmp_path: Path
+) -> None:
+    # Fast answers (known content), answers that need the database (a content
+    # the index has not seen) and rate-limit waits, pipelined in one write:
+    # the replies still come back in request order.
+    alice, bob = Identity.generate(), Identity.generate()
+    unknown = bytes(range(1, 33))
+    limits = TrackerLimits(messages_per_second=20.0)
+    with trio.fail_after(20):
+        async with running_tracker(transport, tmp_path, limits=limits) as connect:
+            async with await connect(alice) as a:
+                await a.announce(CID, 6001, "started", b"\x80")
+                stream, conn = await _authenticated(transport, connect.port, bob)
+                async with stream:
+                    requests = []
+                    for i in range(30):  # more than the 20-message burst
+                        if i % 3 == 0:
+                            requests.append(Announce(unknown, 6002, "started", b"\x01", 5))
+                        elif i % 3 == 1:
+                            requests.append(Announce(CID, 6002, "periodic", b"\x40", 5))
+                        else:
+                            requests.append(Scrape((CID, unknown)))
+                    start = trio.current_time()
+                    await stream.send_all(b"".join(conn.send(r) for r in requests))
+                    for i in range(30):
+                        reply = await read_event(stream, conn)
+                        if i % 3 == 2:
+                            assert isinstance(reply, ScrapeResult), (i, reply)
+                        else:
+                            assert isinstance(reply, Peers), (i, reply)
+                            assert reply.content_id == (unknown if i % 3 == 0 else CID)
+                    # the bucket (20/s, burst 20) made the last 10 wait ~0.5 s
+                    assert trio.current_time() - start > 0.3
+
+
+async def test_a_client_that_does_not_read_stalls_only_itself(
+    transport: Transport, tmp_path: Path
+) -> None:
+    ids = [Identity.generate() for _ in range(10)]
+    big = bytes([0xFF]) * 512  # 4,096 chunks: every answer is ~14 KB
+    limits = TrackerLimits(messages_per_second=1e6)
+    count = 1000  # ~14 MB of answers, far beyond socket buffers and the queue bound
+    with trio.fail_after(60):
+        async with running_tracker(transport, tmp_path, limits=limits) as connect:
+            clients = [await connect(i) for i in ids]
+            for port, client in enumerate(clients, 7000):
+                await client.announce(CID, port, "started", big)
+            stuck, conn = await _authenticated(transport, connect.port, Identity.generate())
+            async with stuck:
+                ask = conn.send(Announce(CID, 6000, "started", bytes(512), 50))
+                ask += b"".join(
+                    conn.send(Announce(CID, 6000, "periodic", bytes(512), 50))
+                    for _ in range(count - 1)
+                )
+                await stuck.send_all(ask)
+                await trio.sleep(0.5)
+                # Everyone else is still answered promptly.
+                with trio.fail_after(5):
+                    for client in clients:
+                        assert await client.scrape([CID]) == [ScrapeStat(CID, 10, 1, 0)]
+                # And the stuck client gets every answer, in order, once it reads.
+                for _ in range(count):
+                    reply = await read_event(stuck, conn)
+                    assert isinstance(reply, Peers) and len(reply.peers) == 10
+            for client in clients:
+                await client.aclose()
+
+
 async def test_unreachable_tracker(transport: Transport) -> None:
     listener = await transport.open_listener("127.0.0.1", 0)
     port = listener.port

@@ -102,12 +102,13 @@ MAX_BODY: dict[int, int] = {
 }
 
 
+_NAMES = {int(t): t.name for t in FrameType}
+
+
 def frame_name(ftype: int) -> str:
     """Return the protocol name of a frame type, e.g. ``"REQUEST"`` (or ``"type 99"``)."""
-    try:
-        return FrameType(ftype).name
-    except ValueError:
-        return f"type {ftype}"
+    name = _NAMES.get(ftype)
+    return f"type {ftype}" if name is None else name
 
 
 def check_header(ftype: int, length: int) -> None:
