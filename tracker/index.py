@@ -11,18 +11,24 @@ Choosing peers for an asker scores at most ``sample`` candidates: chunks the
 candidate has that the asker lacks, with chunks in the rarest quarter of the
 availability range counted first; candidates with nothing to offer come last,
 those that lack something the asker has before the rest (they will want to
-download from it). The ranking depends only on the swarm's state and the
-asker's bits, so it is cached per (swarm version, asker bits, want) for a
-short while: most announces are periodic and change nothing. A ranking asked
-for a second time also keeps the encoded PEERS bodies built from it (one per
-"which asker was dropped from the list"), so ``announce_encoded`` answers a
-repeated question -- e.g. every seeder of a swarm asks the same one -- with a
-dict lookup. A body is only reused until the earliest expiry among the peers
-it lists, so it never lists a peer that ``announce`` would have skipped. The
-cache is one FIFO for the whole index, bounded in entries and in body bytes
-(a few MiB: it must not undo the memory budget per entry); entries carry
-their swarm's serial number and version, so a stale one is recognised on
-sight.
+download from it). Seeders have everything an asker lacks, so when the
+sampled window holds enough of them nothing else is scored.
+
+Most askers are answered by one *generic* ranking per swarm state: the
+ranking for an asker that has nothing yet (holders of the swarm's rarest
+chunks first). An asker for whom every peer in it has something useful gets
+that ranking; only the others (seeders, nearly complete leechers) get one
+computed for their bitmap. So a swarm's ranking is scored once per state,
+not once per asker, and its PEERS entries are encoded once: answering is
+then a usefulness check over ~50 ints and a join. Rankings are cached per
+(content, asker bits, want) until the swarm changes, the first listed peer
+expires, or 2 s pass (each recomputation rotates where ties start, so
+askers are not all sent to the same first peers); the cache is one FIFO for
+the whole index, bounded in entries and in encoded bytes (a few MiB: it
+must not undo the memory budget per entry), and entries carry their swarm's
+serial number and version, so a stale one is recognised on sight. An
+answer never lists a peer that has expired: a ranking is not used past the
+earliest expiry among the peers it lists.
 
 Expiry is lazy (expired slots are skipped when answering) plus a sweep,
 ``expire(now)``, that the server calls every few seconds; a swarm is only

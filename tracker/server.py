@@ -1,9 +1,9 @@
-"""The tracker's serve loop: one task per client connection, a thin glue layer.
+"""The tracker's serve loop: a per-connection owner task, one dispatcher for requests.
 
 Theory of operation
 -------------------
-Each accepted connection gets a ``TrackerServerConnection`` (sans-IO) and one
-task that pumps bytes through it:
+Each accepted connection gets a ``TrackerServerConnection`` (sans-IO) and a
+task that *owns* the stream:
 
 1. Admission: a connection over the total or per-address connection limit gets
    ERROR ``too-many`` and is closed.
@@ -13,26 +13,34 @@ task that pumps bytes through it:
    ``auth-failed`` and the connection closes. From then on the connection
    speaks for that one key: announces always use the authenticated key and
    the IP address the connection comes from, never anything the client says.
-3. Requests: receive, decode every complete frame, answer each in order, and
-   send the answers in one write. A token bucket per connection and one per
-   address bound the message rate (an over-eager client is slowed down, not
-   dropped). A malformed or oversized frame (``RemoteProtocolError``) gets
-   ERROR ``bad-frame`` and the connection closes; nothing a client sends can
-   raise anything else out of the handler.
+3. Requests: the owner lends the stream to the transport's ``Mux`` and
+   waits; it comes back to close the stream on EOF, error, refusal or the
+   idle timeout (letting queued replies drain for up to a second first).
 
-Hot path: an ANNOUNCE for a content the index knows is answered without an
-``await`` and without building events: ``SwarmIndex.announce_encoded``
-returns the PEERS body (usually from its answer cache) and the loop prepends
-the 5-byte frame header itself. Everything else goes through
-``conn.send(event)``. Each receive feeds one per-connection buffer (no
-per-read allocation) and every complete frame in it is answered before the
-next ``await``; the idle timeout is one cancel scope per connection whose
-deadline moves at most once a second, not a new scope per message.
+One *dispatcher* task answers the requests of every authenticated
+connection. ``Mux.next_batch`` hands it all the input that arrived (the
+reactor: one epoll wait for every socket; the proactor: one harvest of RECV
+completions), and for each connection it decodes every complete frame and
+answers in order, queueing the replies with ``Mux.send``, which writes at
+once when the socket has room. So an announce costs no task switch and no
+``await``: the index answers synchronously (``SwarmIndex.announce_encoded``
+returns the PEERS body, usually built from cached entries) and the loop adds
+the 5-byte frame header. The per-connection ``recv``/``send`` awaits this
+replaced cost ~45 us of the tracker's ~120 us per announce.
 
-The swarm index is pure and fast, so it runs synchronously in the Trio thread.
-The manifest database (and manifest verification, which hashes up to 32 MiB
-of chunk hashes) runs in one worker thread. A background task sweeps expired
-peer entries every few seconds.
+A request that must wait goes off the hot path, and its connection is paused
+(nothing more is read or answered) until it is done, so replies keep request
+order: a client over its token bucket (one per connection, one per address:
+an over-eager client is slowed down, not dropped) waits in a task of the
+server's nursery; so does a request that needs the manifest database (a
+content the index does not know yet, PUBLISH, GET_MANIFEST, RESOLVE), which
+runs in one worker thread. A client that does not read its answers is paused
+once 1 MiB of them are queued, and resumed when half has drained: it stalls
+only itself. A malformed or oversized frame (``RemoteProtocolError``) gets
+ERROR ``bad-frame`` and the connection closes; an unexpected exception while
+answering one client is logged and closes that client only.
+
+A background task sweeps expired peer entries every few seconds.
 
 Error codes sent in ERROR frames: ``too-many``, ``auth-failed``,
 ``handshake-timeout``, ``bad-frame``, ``bad-request``, ``bad-manifest``,
