@@ -58,7 +58,8 @@ scanned and only in the tail, so the cost stays small.
 
 Timeouts. Each request carries a deadline; :meth:`expired` returns the ones
 that passed so the caller can cancel them and the chunk goes back in its
-bucket, to be fetched from someone else.
+bucket, to be fetched from someone else. A request for a chunk nobody else
+we know holds is renewed instead (there is nobody else to fetch it from).
 """
 
 from __future__ import annotations
@@ -524,16 +525,29 @@ class PiecePicker:
             self.missing -= 1
         return [q for q in holders if q != peer]
 
-    def expired(self, now: float) -> list[tuple[PeerKey, int]]:
-        """Requests whose deadline has passed (not released: call cancel)."""
+    def expired(self, now: float, renew: float = 0.0) -> list[tuple[PeerKey, int]]:
+        """Requests whose deadline has passed (not released: call cancel).
+
+        With ``renew`` > 0, a request for a chunk that no other connected
+        peer holds is not returned but given ``renew`` more seconds:
+        cancelling it could only lead to asking the same peer again, and a
+        CANCEL that crosses the chunk on the wire wastes that upload. (At
+        the origin seeder of a big swarm the queue is longer than any
+        timeout: at N = 1000 a quarter of its uploads were lost that way.)
+        A dead peer is the stall timeout's business.
+        """
         if now < self._earliest:
             return []  # the common case, without walking every request
         out: list[tuple[PeerKey, int]] = []
         earliest = float("inf")
+        avail = self.avail
         for i, holders in self._inflight.items():
             for peer, deadline in holders.items():
                 if deadline <= now:
-                    out.append((peer, i))
+                    if renew > 0 and avail[i] <= 1:
+                        deadline = holders[peer] = now + renew
+                    else:
+                        out.append((peer, i))
                 if deadline < earliest:
                     earliest = deadline
         self._earliest = earliest

@@ -674,7 +674,7 @@ class Simulation:
         now = self.now
         if node.choker.slots:  # reciprocation: what each peer sends us
             node.choker.update(now, {s: s.rate for s in node.sessions.values()})
-        for peer, index in picker.expired(now):
+        for peer, index in picker.expired(now, REQUEST_TIMEOUT):
             picker.cancel(peer, index)
             assert isinstance(peer, _Session)
             req = (index, 0, self.cfg.chunk_size)

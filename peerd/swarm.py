@@ -349,7 +349,8 @@ class Content:
             picker = self.picker
             if picker is not None:
                 by_name = {id(s): s for s in self.sessions.values()}
-                for peer, index in picker.expired(now):
+                # A chunk only this peer has is not re-asked of it: renewed.
+                for peer, index in picker.expired(now, self._timeout()):
                     picker.cancel(peer, index)
                     s = by_name.get(id(peer))
                     if s is not None:

@@ -151,6 +151,25 @@ def test_expired_skips_the_walk_until_the_earliest_deadline() -> None:
     assert len(p.expired(8.0)) == 1
 
 
+def test_expired_renews_a_request_only_its_peer_can_serve() -> None:
+    p = PiecePicker(2, rng=random.Random(9))
+    p.add_peer("seeder", bytearray([1, 1]))
+    p.add_peer("b", bytearray([0, 1]))
+    assert sorted(p.pick("seeder", 2, now=0, timeout=5)) == [0, 1]
+    # Chunk 1 can come from b too: it expires. Chunk 0 has no other holder:
+    # renewed for another 5 s instead of being cancelled and asked again.
+    assert p.expired(5.0, renew=5.0) == [("seeder", 1)]
+    assert p.is_requested("seeder", 0)
+    assert p.expired(9.9, renew=5.0) == [("seeder", 1)]
+    p.peer_has("b", 0)  # now someone else has it: it times out as usual
+    assert sorted(p.expired(10.0, renew=5.0)) == [("seeder", 0), ("seeder", 1)]
+    # Without renew every late request is returned.
+    q = PiecePicker(1, rng=random.Random(9))
+    q.add_peer("seeder", bytearray([1]))
+    q.pick("seeder", 1, now=0, timeout=5)
+    assert q.expired(5.0) == [("seeder", 0)]
+
+
 def test_endgame_duplicates_chunk_stuck_at_slow_holder_first() -> None:
     p = PiecePicker(2, rng=random.Random(5))
     for name in ("slow", "fast", "helper"):
