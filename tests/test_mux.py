@@ -154,3 +154,29 @@ async def test_mux_next_batch_is_cancellable(transport: Transport) -> None:
             assert await _collect(mux, {server: 2}) == {server: b"ok"}
     await client.aclose()
     await server.aclose()
+
+
+async def test_mux_reports_eof_once_even_after_pause_and_resume(transport: Transport) -> None:
+    client, server = await stream_pair(transport)
+    async with transport.open_mux() as mux:
+        mux.add(server)
+        await client.send_all(b"bye")
+        await client.send_eof()
+        got: list[object] = []
+        with trio.fail_after(5):
+            while b"" not in got:
+                got += [r for _, r in await mux.next_batch()]
+        assert b"".join(r for r in got if isinstance(r, bytes)) == b"bye"
+        mux.pause(server)
+        mux.resume(server)
+        mux.send(server, b"still open for writing")  # half-closed, not closed
+        with trio.move_on_after(0.3):
+            batch = await mux.next_batch()
+            raise AssertionError(f"reported again after EOF: {batch}")
+        back = bytearray(22)
+        with trio.fail_after(5):
+            await client.recv_exactly_into(back)
+        assert bytes(back) == b"still open for writing"
+        await mux.remove(server)
+    await client.aclose()
+    await server.aclose()

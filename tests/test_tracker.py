@@ -436,6 +436,26 @@ async def test_replies_keep_request_order_across_waits(
                     assert trio.current_time() - start > 0.3
 
 
+async def test_half_close_while_a_request_waits(transport: Transport, tmp_path: Path) -> None:
+    # The client pipelines more than its rate allows and shuts its sending
+    # side at once: the tracker answers everything, then closes, and goes on
+    # serving the others.
+    alice, bob = Identity.generate(), Identity.generate()
+    limits = TrackerLimits(messages_per_second=5.0)
+    with trio.fail_after(20):
+        async with running_tracker(transport, tmp_path, limits=limits) as connect:
+            async with await connect(alice) as a:
+                await a.announce(CID, 6001, "started", b"\x80")
+                stream, conn = await _authenticated(transport, connect.port, bob)
+                async with stream:
+                    await stream.send_all(b"".join(conn.send(Scrape((CID,))) for _ in range(8)))
+                    await stream.send_eof()
+                    for _ in range(8):
+                        assert isinstance(await read_event(stream, conn), ScrapeResult)
+                    assert isinstance(await read_event(stream, conn), Closed)
+                assert await a.scrape([CID]) == [ScrapeStat(CID, 0, 1, 0)]
+
+
 async def test_a_client_that_does_not_read_stalls_only_itself(
     transport: Transport, tmp_path: Path
 ) -> None:

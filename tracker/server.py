@@ -323,8 +323,8 @@ class _Tracker:
             self.address_buckets[address],
         )
         self.clients[stream] = client
-        self.mux.add(stream)
         try:
+            self.mux.add(stream)
             self._pump(client)  # AUTH may have come with pipelined requests
             idle = self.limits.idle_timeout
             while not client.done.is_set():
@@ -360,7 +360,12 @@ class _Tracker:
                 if type(data) is not bytes:
                     client.done.set()  # the connection failed: nothing to answer
                     continue
-                client.conn.receive_data(data)
+                try:
+                    client.conn.receive_data(data)
+                except ProtocolError:  # input after EOF: the mux reports EOF once
+                    log.exception("internal error serving %s", client.address)
+                    client.done.set()
+                    continue
                 self._pump(client)
 
     def _pump(self, c: _Client) -> None:

@@ -277,7 +277,7 @@ _MUX_EVENTS = 1024  # readiness events taken per epoll_wait
 
 
 class _MuxEntry:
-    __slots__ = ("fd", "mask", "out", "paused", "stream")
+    __slots__ = ("broken", "ended", "fd", "mask", "out", "paused", "stream")
 
     def __init__(self, stream: Stream, fd: int) -> None:
         self.stream = stream
@@ -285,6 +285,8 @@ class _MuxEntry:
         self.mask = 0  # what the epoll set has for fd (0: not registered)
         self.out: list[bytes] = []  # queued output, oldest first
         self.paused = False
+        self.ended = False  # EOF or an error was reported: never read again
+        self.broken = False  # the connection failed: nothing more is written
 
 
 class EpollMux(Mux):
@@ -306,7 +308,7 @@ class EpollMux(Mux):
         self._failed: list[MuxResult] = []  # send failures, reported by next_batch
 
     def _update(self, e: _MuxEntry) -> None:
-        mask = (0 if e.paused else _EPOLLIN) | (_EPOLLOUT if e.out else 0)
+        mask = (0 if e.paused or e.ended else _EPOLLIN) | (_EPOLLOUT if e.out else 0)
         if mask == e.mask:
             return
         if not e.mask:
@@ -359,6 +361,8 @@ class EpollMux(Mux):
 
     def send(self, stream: Stream, data: bytes) -> None:
         e = self._entries[stream]
+        if e.broken:
+            return  # it failed already; that failure is reported by next_batch
         if e.out:
             e.out.append(data)
             return
@@ -376,9 +380,10 @@ class EpollMux(Mux):
             self._update(e)
 
     def _fail(self, e: _MuxEntry, exc: OSError, what: str) -> None:
-        self._failed.append((e.stream, stream_error(exc, what)))
+        if not e.ended:
+            self._failed.append((e.stream, stream_error(exc, what)))
         e.out.clear()
-        e.paused = True
+        e.ended = e.broken = True
         self._update(e)  # nothing more is read or written
 
     def _flush(self, e: _MuxEntry) -> None:
@@ -411,9 +416,7 @@ class EpollMux(Mux):
                     continue
                 if e.out and events & ~_EPOLLIN:  # writable, or an error to discover
                     self._flush(e)
-                    if e.paused:
-                        continue
-                if e.paused or not events & ~_EPOLLOUT:
+                if e.paused or e.ended or not events & ~_EPOLLOUT:
                     continue
                 try:
                     data = os.read(fd, _MUX_RECV)
@@ -426,7 +429,7 @@ class EpollMux(Mux):
                 stats.recv_ops += 1
                 stats.bytes_received += len(data)
                 if not data:
-                    e.paused = True  # nothing follows EOF
+                    e.ended = True  # nothing follows EOF
                     self._update(e)
                 batch.append((e.stream, data))
             if self._failed:
