@@ -321,8 +321,10 @@ class Mux:
     async def next_batch(self) -> list[MuxResult]:
         """Wait until some lent stream has input (or failed); return all of them.
 
-        A stream reported with ``b""`` or an error gets nothing more reported;
-        its owner should ``remove`` it. Always a checkpoint.
+        A stream is reported at most once with ``b""`` or an error, and
+        nothing follows that (after ``b""`` it can still be written to: the
+        peer only closed its sending side). Its owner should then ``remove``
+        it. Always a checkpoint.
         """
         raise NotImplementedError
 

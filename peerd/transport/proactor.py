@@ -514,6 +514,8 @@ class RingMux(Mux):
         if e.removed:
             self._settle(e)
             return
+        if e.broken:
+            return  # a send failed: the stream is over (reported once already)
         if res > 0:
             data = bytes(memoryview(e.buf)[:res])
             e.stream.stats.recv_ops += 1
@@ -528,6 +530,8 @@ class RingMux(Mux):
             if res == 0:
                 self._deliver(e, b"")
             else:
+                e.broken = True
+                e.out.clear()  # an in-flight SEND fails by itself
                 self._deliver(e, stream_error(OSError(-res, os.strerror(-res)), "recv"))
 
     def _send_next(self, e: _RingEntry) -> None:
@@ -546,6 +550,8 @@ class RingMux(Mux):
         if e.removed:
             self._settle(e)
             return
+        if e.broken:
+            return  # the stream failed meanwhile (reported once already)
         if res >= 0:
             e.stream.stats.send_ops += 1
             e.stream.stats.bytes_sent += res
@@ -557,8 +563,9 @@ class RingMux(Mux):
         elif res != -errno.EAGAIN:
             e.out.clear()
             e.broken = True
-            self._ready.append((e.stream, stream_error(OSError(-res, os.strerror(-res)), "send")))
-            self._wake()
+            if not e.stopped:  # after EOF or an error nothing more is reported
+                e.stopped = True
+                self._deliver(e, stream_error(OSError(-res, os.strerror(-res)), "send"))
             return
         if e.out:
             self._send_next(e)
