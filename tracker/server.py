@@ -34,7 +34,7 @@ order: a client over its token bucket (one per connection, one per address:
 an over-eager client is slowed down, not dropped) waits in a task of the
 server's nursery; so does a request that needs the manifest database (a
 content the index does not know yet, PUBLISH, GET_MANIFEST, RESOLVE), which
-runs in one worker thread. A client that does not read its answers is paused
+runs in one worker thread. SCRAPE, like ANNOUNCE, is answered on the spot. A client that does not read its answers is paused
 once 1 MiB of them are queued, and resumed when half has drained: it stalls
 only itself. A malformed or oversized frame (``RemoteProtocolError``) gets
 ERROR ``bad-frame`` and the connection closes; an unexpected exception while
@@ -419,6 +419,8 @@ class _Tracker:
         """The encoded reply if it needs no ``await`` (the hot path), else None."""
         if type(event) is Announce and (body := self._announce_now(event, c.key, c.address, now)):
             return _FRAME_HEADER.pack(FrameType.PEERS, len(body)) + body
+        if type(event) is Scrape:
+            return c.conn.send(self._scrape(event))
         return None
 
     async def _answer_later(self, c: _Client, event: Event, wait: float) -> None:
@@ -530,13 +532,7 @@ class _Tracker:
                 assert isinstance(cid, bytes)
                 return Resolved(cid)
             if isinstance(ev, Scrape):
-                ids = list(dict.fromkeys(ev.content_ids))
-                stats = self.index.scrape(ids, self.clock())
-                return ScrapeResult(
-                    tuple(
-                        ScrapeStat(s.content_id, s.seeders, s.leechers, s.completed) for s in stats
-                    )
-                )
+                return self._scrape(ev)
             raise TrackerError("bad-request", f"unexpected {type(ev).__name__}")
         except TrackerError as exc:
             return Error(exc.code, str(exc)[:1000])
@@ -545,6 +541,13 @@ class _Tracker:
         except StorageError as exc:
             log.error("manifest database: %s", exc)
             return Error("internal", "the tracker's database failed; try again later")
+
+    def _scrape(self, ev: Scrape) -> ScrapeResult:
+        ids = list(dict.fromkeys(ev.content_ids))
+        stats = self.index.scrape(ids, self.clock())
+        return ScrapeResult(
+            tuple(ScrapeStat(s.content_id, s.seeders, s.leechers, s.completed) for s in stats)
+        )
 
     async def _announce(self, ev: Announce, key: bytes, address: str) -> Event:
         cid = ev.content_id
