@@ -77,7 +77,7 @@ class SwarmStat:
 class _Answer:
     """One cached ranking and, once it is asked for again, its encoded entries."""
 
-    __slots__ = ("asked", "entries", "ranked", "serial", "until", "version")
+    __slots__ = ("asked", "entries", "leech", "ranked", "serial", "until", "version")
 
     def __init__(self, serial: int, version: int, until: float, ranked: list[int]) -> None:
         self.serial = serial
@@ -87,6 +87,8 @@ class _Answer:
         self.asked = 1
         # The encoded PEERS entry of each slot in `ranked` (built on the second ask).
         self.entries: list[bytes] | None = None
+        # The bitmaps of the non-seeders in `ranked` (built on first use).
+        self.leech: list[int] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -248,10 +250,14 @@ class SwarmIndex:
                 self._evict_answer()
         entries = answer.entries
         if entries is not None:
+            ranked = answer.ranked
+            if slot in ranked:
+                i = ranked.index(slot)
+                entries = entries[:i] + entries[i + 1 :]
             fit = self._fit(swarm, want)
-            parts = [e for s, e in zip(answer.ranked, entries, strict=True) if s != slot]
-            del parts[fit:]
-            return join_peers_body(content_id, interval, len(parts), parts, swarm.avail())
+            if len(entries) > fit:
+                entries = entries[:fit]
+            return join_peers_body(content_id, interval, len(entries), entries, swarm.avail())
         chosen = self._pick(swarm, answer.ranked, slot, want)
         heads, keys, packed = swarm.heads, swarm.keys, swarm.bits
         nb, hdr, kh = swarm.nbytes, swarm.bin_header, KEY_HEADER
@@ -424,10 +430,18 @@ class SwarmIndex:
         generic = self._ranking(content_id, swarm, swarm.nothing, want, now)
         if bits == swarm.nothing:
             return generic
-        lacks = swarm.full_int & ~int.from_bytes(bits, "big")
-        packed = swarm.bits
-        if lacks and all(packed[s] & lacks for s in generic.ranked if s != slot):
-            return generic
+        full = swarm.full_int
+        lacks = full & ~int.from_bytes(bits, "big")
+        if lacks:
+            # Seeders always have something the asker lacks; check the others
+            # in C (map + count). The asker itself, if listed, is the one
+            # expected miss: it never has what it lacks.
+            leech = generic.leech
+            if leech is None:
+                packed = swarm.bits
+                leech = generic.leech = [b for s in generic.ranked if (b := packed[s]) is not full]
+            if list(map(lacks.__and__, leech)).count(0) == (slot in generic.ranked):
+                return generic
         return self._ranking(content_id, swarm, bits, want, now)
 
     def _ranking(
