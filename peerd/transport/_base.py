@@ -261,6 +261,11 @@ class Listener:
 Handler = Callable[[Stream], Awaitable[object]]
 
 
+#: At most this many streams per ``Mux.next_batch``: small batches, taken
+#: oldest first, serve streams in arrival order (a reply waits for ~32
+#: answers, not for everything that was ready), so latency stays even.
+MUX_BATCH = 32
+
 #: What ``Mux.next_batch`` reports per stream: bytes received (``b""`` = the
 #: peer closed its side) or the ``TransportError`` that ended the stream.
 MuxResult = tuple[Stream, "bytes | TransportError"]
@@ -319,7 +324,9 @@ class Mux:
         raise NotImplementedError
 
     async def next_batch(self) -> list[MuxResult]:
-        """Wait until some lent stream has input (or failed); return all of them.
+        """Wait until some lent stream has input (or failed); return up to ``MUX_BATCH``.
+
+        Streams come oldest first; the rest wait for the next call.
 
         A stream is reported at most once with ``b""`` or an error, and
         nothing follows that (after ``b""`` it can still be written to: the

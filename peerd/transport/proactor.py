@@ -100,6 +100,7 @@ from peerd.errors import ConnectionClosed, StorageError
 from . import _ring
 from ._base import (
     DEFAULT_BACKLOG,
+    MUX_BATCH,
     Listener,
     Mux,
     MuxResult,
@@ -632,7 +633,8 @@ class RingMux(Mux):
                 return trio.lowlevel.Abort.SUCCEEDED
 
             await trio.lowlevel.wait_task_rescheduled(abort)
-        batch, self._ready = self._ready, []
+        batch = self._ready[:MUX_BATCH]
+        del self._ready[:MUX_BATCH]
         return batch
 
     async def aclose(self) -> None:

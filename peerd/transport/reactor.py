@@ -31,6 +31,7 @@ from peerd.errors import ConnectionClosed, StorageError, TransportError, Transpo
 from ._base import (
     DEFAULT_BACKLOG,
     IGNORED_ACCEPT_ERRNOS,
+    MUX_BATCH,
     Listener,
     Mux,
     MuxResult,
@@ -273,7 +274,6 @@ class ReactorTransport(Transport):
 _EPOLLIN = select.EPOLLIN
 _EPOLLOUT = select.EPOLLOUT
 _MUX_RECV = 65536
-_MUX_EVENTS = 1024  # readiness events taken per epoll_wait
 
 
 class _MuxEntry:
@@ -410,7 +410,9 @@ class EpollMux(Mux):
         by_fd = self._by_fd
         while True:
             batch, self._failed = self._failed, []
-            for fd, events in self._ep.poll(0, _MUX_EVENTS):
+            # epoll hands out its ready list oldest first (a level-triggered
+            # fd still ready goes to the back), so small batches are FIFO.
+            for fd, events in self._ep.poll(0, MUX_BATCH):
                 e = by_fd.get(fd)
                 if e is None:
                     continue
