@@ -6,6 +6,7 @@ import trio
 
 from peerd.errors import TransportError
 from peerd.transport import Mux, Stream, Transport
+from peerd.transport._base import MUX_BATCH
 
 from .test_transport import pattern, stream_pair
 
@@ -180,3 +181,28 @@ async def test_mux_reports_eof_once_even_after_pause_and_resume(transport: Trans
         await mux.remove(server)
     await client.aclose()
     await server.aclose()
+
+
+async def test_mux_batches_are_bounded_and_lose_nothing(transport: Transport) -> None:
+    pairs = [await stream_pair(transport) for _ in range(MUX_BATCH + 8)]
+    async with transport.open_mux() as mux:
+        for _, server in pairs:
+            mux.add(server)
+        for i, (client, _) in enumerate(pairs):
+            await client.send_all(pattern(i, 10))
+        await trio.sleep(0.1)  # everything has arrived
+        sizes = []
+        got: dict[Stream, bytes] = {}
+        with trio.fail_after(5):
+            while len(got) < len(pairs):
+                batch = await mux.next_batch()
+                sizes.append(len(batch))
+                for stream, data in batch:
+                    assert isinstance(data, bytes)
+                    got[stream] = got.get(stream, b"") + data
+        assert max(sizes) <= MUX_BATCH < sum(sizes)
+        for i, (_, server) in enumerate(pairs):
+            assert got[server] == pattern(i, 10)
+    for client, server in pairs:
+        await client.aclose()
+        await server.aclose()
