@@ -159,7 +159,7 @@ class FrameConnection:
                 f"{type(self).__name__} cannot receive {frame_name(ftype)}: "
                 f"the other side never sends it"
             )
-        self._transition(ftype, sending=False, apply=False)
+        new_state = self._transition(ftype, sending=False)
 
         if ftype == FrameType.DATA:
             if buffered < FRAME_HEADER_SIZE + DATA_HEADER_SIZE:
@@ -177,7 +177,7 @@ class FrameConnection:
             with memoryview(self._buf)[start : start + length] as body:
                 event = decode_body(ftype, body)
             self._consume(FRAME_HEADER_SIZE + length)
-        self._transition(ftype, sending=False, apply=True)
+        self._enter(new_state, sending=False)
         return event
 
     def _need_data(self, where: str) -> Literal[_Sentinel.NEED_DATA]:
@@ -260,12 +260,12 @@ class FrameConnection:
             raise LocalProtocolError(f"{type(event).__name__} is not a message and cannot be sent")
         if ftype not in self.SEND_TYPES:
             raise LocalProtocolError(f"{type(self).__name__} cannot send {frame_name(ftype)}")
-        self._transition(ftype, sending=True, apply=False)
+        new_state = self._transition(ftype, sending=True)
         if isinstance(event, ev.DataHeader):
             data = encode_data_header(event.index, event.offset, event.length)
         else:
             data = encode_frame(ftype, encode_body(ftype, event))
-        self._transition(ftype, sending=True, apply=True)
+        self._enter(new_state, sending=True)
         return data
 
     def send_data(self, index: int, offset: int, payload: bytes | bytearray | memoryview) -> bytes:
@@ -279,7 +279,12 @@ class FrameConnection:
         return header + payload
 
     # --- conversation rules (subclasses) --------------------------------------
-    def _transition(self, ftype: int, *, sending: bool, apply: bool) -> None:
+    def _transition(self, ftype: int, *, sending: bool) -> enum.Enum:
+        """The state a frame of ``ftype`` leads to; raises if it is not allowed now."""
+        raise NotImplementedError
+
+    def _enter(self, state: enum.Enum, *, sending: bool) -> None:
+        """Commit a state returned by ``_transition`` (after the frame was handled)."""
         raise NotImplementedError
 
     @staticmethod
@@ -298,7 +303,7 @@ class PeerConnection(FrameConnection):
         self.our_state = PeerState.AWAIT_HELLO
         self.their_state = PeerState.AWAIT_HELLO
 
-    def _transition(self, ftype: int, *, sending: bool, apply: bool) -> None:
+    def _transition(self, ftype: int, *, sending: bool) -> PeerState:
         state = self.our_state if sending else self.their_state
         new = PEER_TABLE.get((state, ftype))
         if new is None:
@@ -313,11 +318,14 @@ class PeerConnection(FrameConnection):
             else:
                 msg = f"{who} already sent {name}; HELLO and PROOF are sent exactly once"
             raise self._violation(sending, msg)
-        if apply:
-            if sending:
-                self.our_state = new
-            else:
-                self.their_state = new
+        return new
+
+    def _enter(self, state: enum.Enum, *, sending: bool) -> None:
+        assert isinstance(state, PeerState)
+        if sending:
+            self.our_state = state
+        else:
+            self.their_state = state
 
 
 class _TrackerConnection(FrameConnection):
@@ -327,7 +335,7 @@ class _TrackerConnection(FrameConnection):
         super().__init__()
         self.state = TrackerState.GREETING
 
-    def _transition(self, ftype: int, *, sending: bool, apply: bool) -> None:
+    def _transition(self, ftype: int, *, sending: bool) -> TrackerState:
         other = Sender.CLIENT if self._ME is Sender.TRACKER else Sender.TRACKER
         sender = self._ME if sending else other
         new = TRACKER_TABLE.get((self.state, sender, ftype))
@@ -342,8 +350,11 @@ class _TrackerConnection(FrameConnection):
             else:
                 msg = f"{sender.value} may not send {name} in state {self.state.value}"
             raise self._violation(sending, msg)
-        if apply:
-            self.state = new
+        return new
+
+    def _enter(self, state: enum.Enum, *, sending: bool) -> None:
+        assert isinstance(state, TrackerState)
+        self.state = state
 
 
 class TrackerClientConnection(_TrackerConnection):

@@ -231,9 +231,16 @@ class Have(Event):
     indices: tuple[int, ...]
 
     def __post_init__(self) -> None:
-        for i in _tuple(self, "indices", 1, MAX_HAVE, int):
-            if isinstance(i, bool) or not 0 <= i <= U32_MAX:
-                raise LocalProtocolError(f"Have.indices items must be in 0..{U32_MAX}, got {i!r}")
+        for i in _tuple(self, "indices", 1, MAX_HAVE):  # one pass: type and range
+            if type(i) is not int or not 0 <= i <= U32_MAX:
+                if not isinstance(i, int) or isinstance(i, bool):
+                    raise LocalProtocolError(
+                        f"Have.indices items must be int, got {type(i).__name__}"
+                    )
+                if not 0 <= i <= U32_MAX:
+                    raise LocalProtocolError(
+                        f"Have.indices items must be in 0..{U32_MAX}, got {i!r}"
+                    )
 
 
 @dataclass(frozen=True, slots=True)

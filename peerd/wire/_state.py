@@ -40,7 +40,7 @@ __all__ = [
 ]
 
 
-class PeerState(enum.Enum):
+class PeerState(enum.StrEnum):
     """Where one direction of a peer connection is."""
 
     AWAIT_HELLO = "await-hello"
@@ -74,7 +74,7 @@ PEER_TABLE: dict[tuple[PeerState, int], PeerState] = {
 }
 
 
-class TrackerState(enum.Enum):
+class TrackerState(enum.StrEnum):
     """Where a client <-> tracker conversation is (both ends track the same state)."""
 
     GREETING = "greeting"  # tracker has not spoken yet
@@ -84,7 +84,7 @@ class TrackerState(enum.Enum):
     CLOSED = "closed"  # the tracker refused; nothing more either way
 
 
-class Sender(enum.Enum):
+class Sender(enum.StrEnum):
     """Who sent a tracker-protocol message."""
 
     CLIENT = "client"
