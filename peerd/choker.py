@@ -87,6 +87,11 @@ class Choker:
         max_backlog: requests queued across all peers at most (0 = no bound
             beyond ``max_queued`` per peer). A request beyond it is refused,
             so it is sent to another holder instead of waiting here.
+        max_wait: seconds a request may wait in the queue; :meth:`overdue`
+            takes longer-waiting ones off it so the caller can refuse them
+            (REJECT ``busy``) and the requester asks another holder
+            (0 = off; not for the origin seeder, which holds what nobody
+            else does).
 
     Raises:
         ValueError: ``slots`` is 1 or negative, ``max_queued`` < 1, or a
@@ -104,9 +109,12 @@ class Choker:
         rng: random.Random | None = None,
         super_seed: int = 0,
         max_backlog: int = 0,
+        max_wait: float = 0.0,
     ) -> None:
         if super_seed < 0 or max_backlog < 0:
             raise ValueError("super_seed must be a chunk count (0 = off)")
+        if max_wait < 0:
+            raise ValueError("max_wait must be >= 0 (0 = requests wait as long as it takes)")
         if slots < 0 or slots == 1:
             raise ValueError("slots must be 0 (fair share) or at least 2")
         if max_queued < 1:
@@ -127,6 +135,8 @@ class Choker:
         self._refused: dict[PeerKey, set[int]] = {}  # super-seeding refusals, once each
         self.super_seed = super_seed
         self.max_backlog = max_backlog
+        self.max_wait = max_wait
+        self._seen: dict[tuple[PeerKey, Request], float] = {}  # queued request -> first seen
         self._backlog = 0  # requests queued, all peers
         self._untouched = super_seed  # chunks neither sent nor queued (super-seeding)
         self._turns: deque[PeerKey] = deque()  # round-robin order of waiting peers
@@ -222,6 +232,33 @@ class Choker:
         """Requests the peer has waiting with us."""
         queue = self._queues.get(peer)
         return len(queue) if queue else 0
+
+    def overdue(self, now: float) -> list[tuple[PeerKey, Request]]:
+        """Queued requests that waited ``max_wait`` or longer, taken off the queue.
+
+        Call it periodically (the node's ticker): a request's wait counts
+        from the first call that saw it queued. The caller refuses each one
+        (REJECT ``busy``). Why: a leecher's queue fills with requests for
+        the chunk it got first, each pinned there while the requester's
+        other neighbours that got it since sit idle; refused, the requester
+        asks one of them.
+        """
+        if self.max_wait <= 0:
+            return []
+        seen, fresh = self._seen, {}
+        out: list[tuple[PeerKey, Request]] = []
+        for peer in self._turns:
+            for req in self._queues[peer]:
+                key = (peer, req)
+                first = seen.get(key, now)
+                if now - first >= self.max_wait:
+                    out.append(key)
+                else:
+                    fresh[key] = first
+        self._seen = fresh
+        for peer, req in out:
+            self.on_cancel(peer, req)
+        return out
 
     def times_sent(self, index: int) -> int:
         """How many times :meth:`next_request` handed out chunk ``index``."""

@@ -176,6 +176,7 @@ class PiecePicker:
         self._pos = [-1] * num_chunks  # index inside its bucket, -1 if not in one
         self._bucket_of = [0] * num_chunks
         self._earliest = float("inf")  # lower bound on every request deadline
+        self._refusals_end = float("inf")  # lower bound on when a refusal ends
         self.missing = num_chunks - sum(self.have)
         for i in range(num_chunks):
             if not self.have[i]:
@@ -506,7 +507,35 @@ class PiecePicker:
         if p.refused is None:
             p.refused = {}
         p.refused[index] = until
+        if until < self._refusals_end:
+            self._refusals_end = until
         self._release(peer, p, index)
+
+    def top_up_due(self, now: float) -> bool:
+        """Could a periodic top-up find a request that no event offered yet?
+
+        What :meth:`pick` can return changes when a peer announces chunks, a
+        request ends (data, reject, cancel, timeout) or a peer comes or goes;
+        a caller that tops up on those events needs its periodic top-up only
+        when a refusal's back-off has ended, in the tail (the rate-aware
+        rescue and endgame depend on every peer's backlog) or with
+        ``stale_after`` (duplicates by age). False means a top-up of every
+        peer now would return nothing.
+        """
+        if self.stale_after > 0 or 2 * len(self._inflight) >= self.missing:
+            return True
+        if now < self._refusals_end:
+            return False
+        end = float("inf")
+        for p in self._peers.values():
+            if p.refused:
+                for i, until in list(p.refused.items()):
+                    if until <= now:
+                        del p.refused[i]  # over: the chunk may be asked again
+                    elif until < end:
+                        end = until
+        self._refusals_end = end
+        return True
 
     def chunk_received(self, peer: PeerKey, index: int) -> list[PeerKey]:
         """A verified chunk from ``peer`` is stored.

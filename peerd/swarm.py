@@ -41,10 +41,16 @@ from .errors import PeerError, TrackerError
 from .hashing import hash_chunk
 from .manifest import Manifest
 from .picker import PiecePicker, bits_from_flags, flags_from_bits, pipeline_depth
-from .scheduling import BUSY_BACKOFF, choose_dials, next_announce_delay, tracker_want
+from .scheduling import (
+    BUSY_BACKOFF,
+    QUEUE_WAIT,
+    choose_dials,
+    next_announce_delay,
+    tracker_want,
+)
 from .session import MAX_QUEUED_UPLOADS, PeerSession
 from .store import ChunkStore, SourceFile, aligned_buffer
-from .wire import Bitfield, Hello, PeerConnection
+from .wire import Bitfield, Hello, PeerConnection, Reject
 
 if TYPE_CHECKING:
     from .node import Node
@@ -101,7 +107,13 @@ class Content:
         # Upload policy: queue bounds, fresh-first order, and — when we publish
         # a complete file — super-seeding (every chunk out once before any twice).
         origin = isinstance(source, SourceFile)
-        self.choker = Choker(max_queued=MAX_QUEUED_UPLOADS, super_seed=n if origin else 0)
+        # A leecher refuses (busy) what waited QUEUE_WAIT in its queue, so the
+        # requester asks a neighbour that got the chunk since (scheduling.py).
+        self.choker = Choker(
+            max_queued=MAX_QUEUED_UPLOADS,
+            super_seed=n if origin else 0,
+            max_wait=0.0 if origin else QUEUE_WAIT,
+        )
         self.connecting: set[bytes] = set()
         self.banned: set[bytes] = set()
         self.bytes_from: dict[str, int] = {}
@@ -346,6 +358,9 @@ class Content:
         while True:
             await trio.sleep(0.5)
             now = trio.current_time()
+            for peer, req in self.choker.overdue(now):
+                if isinstance(peer, PeerSession):
+                    peer.send_control(Reject(*req, "busy"))
             picker = self.picker
             if picker is not None:
                 by_name = {id(s): s for s in self.sessions.values()}

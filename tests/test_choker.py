@@ -120,6 +120,7 @@ def test_fair_share_unchokes_everyone() -> None:
         {"optimistic_every": -1},
         {"super_seed": -1},
         {"max_backlog": -1},
+        {"max_wait": -0.5},
     ],
 )
 def test_bad_arguments(kwargs: dict[str, float]) -> None:
@@ -186,3 +187,27 @@ def test_backlog_bounds_requests_across_peers() -> None:
     assert ch.on_request("c", (2, 0, 10))
     assert ch.remove_peer("b") == [(1, 0, 10)]
     assert ch.on_request("a", (3, 0, 10))
+
+
+def test_overdue_takes_requests_that_waited_max_wait_off_the_queue() -> None:
+    ch = Choker(max_wait=4.0)
+    for p in "ab":
+        ch.add_peer(p)
+    assert ch.on_request("a", (0, 0, 10))
+    assert ch.on_request("b", (1, 0, 10))
+    assert ch.overdue(0.0) == []  # first seen now
+    assert ch.on_request("a", (2, 0, 10))
+    assert ch.overdue(2.0) == []  # (2, ...) first seen at 2.0
+    assert ch.next_request(2.0) == ("a", (0, 0, 10))  # served in time: forgotten
+    assert ch.overdue(4.0) == [("b", (1, 0, 10))]
+    assert ch.queued("b") == 0 and ch.queued("a") == 1
+    assert ch.overdue(5.9) == []
+    assert ch.overdue(6.0) == [("a", (2, 0, 10))]
+    assert ch.next_request(6.0) is None
+    # A re-sent request waits afresh; without max_wait nothing is ever overdue.
+    assert ch.on_request("b", (1, 0, 10))
+    assert ch.overdue(7.0) == []
+    plain = Choker()
+    plain.add_peer("a")
+    plain.on_request("a", (0, 0, 10))
+    assert plain.overdue(0.0) == plain.overdue(100.0) == []

@@ -117,6 +117,21 @@ def test_refused_chunk_is_not_asked_of_that_peer_again_until_its_time() -> None:
         assert p.pick("seed", 1, now=5, timeout=10) == [1]  # its time has come
 
 
+def test_top_up_due_only_when_a_refusal_ends_or_in_the_tail() -> None:
+    p = PiecePicker(8, rng=random.Random(7))
+    p.add_peer("seed", bytearray([1] * 8))
+    (got,) = p.pick("seed", 1, now=0, timeout=10)
+    assert not p.top_up_due(1.0)  # nothing changed that an event did not report
+    p.refuse("seed", got, until=5.0)
+    assert not p.top_up_due(4.9)
+    assert p.top_up_due(5.0)  # the refused chunk may be asked of the seed again
+    assert not p.top_up_due(5.5)  # said once
+    assert len(p.pick("seed", 3, now=6, timeout=10)) == 3
+    assert not p.top_up_due(6.0)  # 3 of 8 in flight
+    assert len(p.pick("seed", 1, now=6, timeout=10)) == 1
+    assert p.top_up_due(6.0)  # half in flight: the tail (rescue, endgame)
+
+
 def test_peer_lacks_follows_bitfield_and_have() -> None:
     p = PiecePicker(3)
     p.add_peer("a", bytearray([1, 0, 0]))
