@@ -2,7 +2,7 @@
 
     python scripts/bench_tracker.py [--transport reactor|proactor|both]
         [--conns 1,16,256] [--seconds 10] [--contents 1000] [--entries 100000]
-        [--chunks 256] [--workers 2] [--pin] [--floor]
+        [--chunks 256] [--workers 2] [--pin] [--floor] [--churn 0.1]
 
 1. Starts a tracker *process* (this script with ``--serve``; limits raised so
    the per-connection rate limit does not cap a single benchmark connection).
@@ -14,7 +14,9 @@
 4. For each C in ``conns``: C connections (spread over ``workers`` client
    processes), each authenticated as one of the preloaded identities, announce
    ``periodic`` with that identity's bits for a random one of its contents,
-   ``want=50``, one request at a time, for ``seconds``. Prints announces/s,
+   ``want=50``, one request at a time, for ``seconds`` (``--churn P``: a
+   share P of them are ``progress`` announces with one more chunk, so the
+   swarms' state keeps changing as in a live swarm). Prints announces/s,
    p50 / p99 latency, the tracker's share of a CPU during the run and its CPU
    time per announce (the figure that does not depend on what else the
    machine runs), and the clients' CPU time per announce.
@@ -22,11 +24,11 @@
 The clients are plain epoll loops on non-blocking sockets (no Trio) with every
 announce frame encoded up front; they read each reply's 5-byte header and
 skip its body, so they spend ~15-30 us of CPU per announce against the
-tracker's ~100+. ``--pin`` puts the tracker on CPU 0 and the clients on CPU 1
+tracker's ~50. ``--pin`` puts the tracker on CPU 0 and the clients on CPU 1
 (only sensible on an otherwise idle machine: pinned, the tracker cannot flee
 other load on CPU 0). ``--floor`` is a diagnostic: the tracker's index
 answers every announce with one constant 50-peer PEERS body, which measures
-what the serve loop, the wire and Trio I/O cost without the index.
+what the serve loop, the wire and the transport cost without the index.
 """
 
 from __future__ import annotations
@@ -151,7 +153,25 @@ def login_blocking(port: int, i: int) -> tuple[socket.socket, TrackerClientConne
     return sock, conn
 
 
-def load(port: int, ids: list[int], items_of: list, seconds: float, start_at: float) -> dict:
+def _moved(bits: bytes, chunks: int) -> bytes:
+    """``bits`` with its first missing chunk added (the same bits if it has all)."""
+    value = int.from_bytes(bits, "big")
+    top = 8 * len(bits) - 1
+    for i in range(chunks):
+        if not value >> (top - i) & 1:
+            return (value | 1 << (top - i)).to_bytes(len(bits), "big")
+    return bits
+
+
+def load(
+    port: int,
+    ids: list[int],
+    items_of: list,
+    seconds: float,
+    start_at: float,
+    churn: float = 0.0,
+    chunks: int = 256,
+) -> dict:
     """One client process: ``ids`` connections driven by one epoll loop, no Trio.
 
     Every connection has its announce frames encoded up front and keeps exactly
@@ -160,6 +180,7 @@ def load(port: int, ids: list[int], items_of: list, seconds: float, start_at: fl
     """
     socks: dict[int, socket.socket] = {}
     frames: dict[int, list[bytes]] = {}
+    moved: dict[int, list[bytes]] = {}
     rngs: dict[int, random.Random] = {}
     for i in ids:
         sock, conn = login_blocking(port, i)
@@ -167,6 +188,12 @@ def load(port: int, ids: list[int], items_of: list, seconds: float, start_at: fl
         socks[fd] = sock
         frames[fd] = [
             conn.send(Announce(c, 7000 + i, "periodic", b, 50)) for c, b in items_of[i][1]
+        ]
+        # --churn: that share of announces report one more chunk ("progress"),
+        # alternating with the periodic one, so the swarm's state changes.
+        moved[fd] = [
+            conn.send(Announce(c, 7000 + i, "progress", _moved(b, chunks), 50))
+            for c, b in items_of[i][1]
         ]
         rngs[fd] = random.Random(i)
         sock.setblocking(False)
@@ -180,9 +207,15 @@ def load(port: int, ids: list[int], items_of: list, seconds: float, start_at: fl
     time.sleep(max(0.0, start_at - clock()))
     cpu0 = time.process_time()
     stop_at = start_at + seconds
+
+    def next_frame(fd: int) -> bytes:
+        rng = rngs[fd]
+        k = rng.randrange(len(frames[fd]))
+        return (moved if churn and rng.random() < churn else frames)[fd][k]
+
     for fd, sock in socks.items():
         sent_at[fd] = clock()
-        sock.send(rngs[fd].choice(frames[fd]))
+        sock.send(next_frame(fd))
     while (now := clock()) < stop_at:
         for fd, _ in ep.poll(0.1):
             sock = socks[fd]
@@ -202,7 +235,7 @@ def load(port: int, ids: list[int], items_of: list, seconds: float, start_at: fl
             lat.append(now - sent_at[fd])
             if now < stop_at:
                 sent_at[fd] = now
-                sock.send(rngs[fd].choice(frames[fd]))
+                sock.send(next_frame(fd))
     for sock in socks.values():
         sock.close()
     cpu = time.process_time() - cpu0
@@ -308,7 +341,7 @@ def run_one(transport: str, args: argparse.Namespace) -> list[dict]:
                             sys.executable,
                             __file__,
                             "--worker",
-                            json.dumps([port, s, args.seconds, start_at, args.pin]),
+                            json.dumps([port, s, args.seconds, start_at, args.pin, args.churn]),
                             "--contents",
                             str(args.contents),
                             "--entries",
@@ -371,6 +404,12 @@ def main() -> None:
         action="store_true",
         help="diagnostic: the index answers with a constant PEERS body (I/O floor)",
     )
+    parser.add_argument(
+        "--churn",
+        type=float,
+        default=0.0,
+        help="share of announces that report a changed bitmap (0..1; default 0: periodic only)",
+    )
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -379,11 +418,11 @@ def main() -> None:
         serve(args)
         return
     if args.worker:
-        port, ids, seconds, start_at, pin = json.loads(args.worker)
+        port, ids, seconds, start_at, pin, churn = json.loads(args.worker)
         if pin:
             os.sched_setaffinity(0, {1})
         items_of = plan(args.contents, args.entries, args.chunks)
-        print(json.dumps(load(port, ids, items_of, seconds, start_at)))
+        print(json.dumps(load(port, ids, items_of, seconds, start_at, churn, args.chunks)))
         return
     args.conns = [int(c) for c in args.conns.split(",")]
     names = ["reactor", "proactor"] if args.transport == "both" else [args.transport]

@@ -355,3 +355,32 @@ def test_trusted_peers_encoder_checks_message_fields() -> None:
     ):
         with pytest.raises(LocalProtocolError):
             encode_peers_body(*bad)
+
+
+def test_full_answer_reused_for_2s_but_never_lists_a_departed_peer() -> None:
+    idx = SwarmIndex(ttl=100)
+    n = 8
+    for i in range(1, 6):
+        idx.announce(CID, key(i), f"10.0.0.{i}", i, "started", bitmap(n, {i}), n, 0, 0.0)
+    first, _ = idx.announce(CID, key(9), "10.0.0.9", 9, "started", bitmap(n, set()), n, 2, 0.1)
+    assert len(first) == 2
+    listed = [p[2] for p in first]
+    # A listed peer moves on (new bits): within 2 s the same full answer is
+    # reused, so the swarm's churn does not cost a ranking per asker.
+    moved = next(i for i in range(1, 6) if key(i) == listed[0])
+    idx.announce(
+        CID, key(moved), f"10.0.0.{moved}", moved, "progress", bitmap(n, {moved, 7}), n, 0, 0.2
+    )
+    again, _ = idx.announce(CID, key(9), "10.0.0.9", 9, "periodic", bitmap(n, set()), n, 2, 0.3)
+    assert [p[2] for p in again] == listed
+    # A listed peer leaves: the next answer does not name it.
+    gone = next(i for i in range(1, 6) if key(i) == listed[1])
+    idx.announce(CID, key(gone), f"10.0.0.{gone}", gone, "stopped", bitmap(n, {gone}), n, 0, 0.4)
+    after, _ = idx.announce(CID, key(9), "10.0.0.9", 9, "periodic", bitmap(n, set()), n, 2, 0.5)
+    assert key(gone) not in [p[2] for p in after] and len(after) == 2
+    # After 2 s the ranking is rebuilt from the current state.
+    later, _ = idx.announce(CID, key(9), "10.0.0.9", 9, "periodic", bitmap(n, set()), n, 2, 2.6)
+    assert all(p[2] != key(gone) for p in later)
+    bits_of = {p[2]: p[3] for p in later}
+    if key(moved) in bits_of:
+        assert bits_of[key(moved)] == bitmap(n, {moved, 7})

@@ -77,13 +77,16 @@ class SwarmStat:
 class _Answer:
     """One cached ranking and, once it is asked for again, its encoded entries."""
 
-    __slots__ = ("asked", "entries", "leech", "ranked", "serial", "until", "version")
+    __slots__ = ("asked", "entries", "keys", "leech", "ranked", "serial", "until", "version")
 
-    def __init__(self, serial: int, version: int, until: float, ranked: list[int]) -> None:
+    def __init__(
+        self, serial: int, version: int, until: float, ranked: list[int], keys: list[bytes | None]
+    ) -> None:
         self.serial = serial
         self.version = version
         self.until = until
         self.ranked = ranked
+        self.keys = keys  # who was in each ranked slot (the same objects as the swarm's)
         self.asked = 1
         # The encoded PEERS entry of each slot in `ranked` (built on the second ask).
         self.entries: list[bytes] | None = None
@@ -211,8 +214,10 @@ class SwarmIndex:
         if want <= 0:
             return [], swarm.avail()
         answer = self._answer_for(content_id, swarm, slot, bits, want, now)
-        chosen = self._pick(swarm, answer.ranked, slot, want)
-        return [_info(swarm.entry(s)) for s in chosen], swarm.avail()
+        entries = self._cached_entries(swarm, answer, slot, want)
+        if entries is None:
+            entries = [swarm.entry(s) for s in self._pick(swarm, answer.ranked, slot, want)]
+        return [_info(e) for e in entries], swarm.avail()
 
     def announce_encoded(
         self,
@@ -242,21 +247,8 @@ class SwarmIndex:
         if want <= 0:
             return join_peers_body(content_id, interval, 0, (), swarm.avail())
         answer = self._answer_for(content_id, swarm, slot, bits, want, now)
-        if answer.entries is None and answer.asked > 1:
-            # Asked again: keep its entries, so later askers only join bytes.
-            answer.entries = [swarm.entry(s) for s in answer.ranked]
-            self._answer_bytes += answer.nbytes
-            while self._answer_bytes > _ANSWER_BYTES and len(self._answers) > 1:
-                self._evict_answer()
-        entries = answer.entries
+        entries = self._cached_entries(swarm, answer, slot, want)
         if entries is not None:
-            ranked = answer.ranked
-            if slot in ranked:
-                i = ranked.index(slot)
-                entries = entries[:i] + entries[i + 1 :]
-            fit = self._fit(swarm, want)
-            if len(entries) > fit:
-                entries = entries[:fit]
             return join_peers_body(content_id, interval, len(entries), entries, swarm.avail())
         chosen = self._pick(swarm, answer.ranked, slot, want)
         heads, keys, packed = swarm.heads, swarm.keys, swarm.bits
@@ -451,11 +443,22 @@ class SwarmIndex:
         cache_key = (content_id, asker_bits, want)
         answer = self._answers.get(cache_key)
         if answer is not None:
-            # A ranking is only valid for the swarm state it was built on.
-            if answer.serial == swarm.serial and answer.version == swarm.version:
-                if answer.until > now:
-                    answer.asked += 1
-                    return answer
+            # Reused for up to 2 s: as built, or, if it is full (a newcomer
+            # could not have made it longer), while every peer it lists is
+            # still there (bitmaps may have moved on: see "Choosing peers").
+            if (
+                answer.until > now
+                and answer.serial == swarm.serial
+                and (
+                    answer.version == swarm.version
+                    or (
+                        len(answer.ranked) > want
+                        and list(map(swarm.keys.__getitem__, answer.ranked)) == answer.keys
+                    )
+                )
+            ):
+                answer.asked += 1
+                return answer
             del self._answers[cache_key]
             self._answer_bytes -= answer.nbytes
         ranked = self._rank(swarm, asker_bits, want, now)
@@ -466,7 +469,11 @@ class SwarmIndex:
         if first_expiry <= now + _RANK_CACHE_SECONDS:
             first_expiry = min(map(swarm.expires.__getitem__, ranked), default=float("inf"))
         answer = _Answer(
-            swarm.serial, swarm.version, min(now + _RANK_CACHE_SECONDS, first_expiry), ranked
+            swarm.serial,
+            swarm.version,
+            min(now + _RANK_CACHE_SECONDS, first_expiry),
+            ranked,
+            list(map(swarm.keys.__getitem__, ranked)),
         )
         while len(self._answers) >= _ANSWER_ENTRIES:
             self._evict_answer()
@@ -530,6 +537,30 @@ class SwarmIndex:
         ranked = [s for s in slots if keys[s] is not None and expires[s] > now]
         del ranked[want + 1 :]
         return ranked
+
+    def _cached_entries(
+        self, swarm: Swarm, answer: _Answer, asker: int, want: int
+    ) -> list[bytes] | None:
+        """The encoded entries answering ``asker`` from a ranking asked more than once.
+
+        None for a ranking asked once (most are): building and keeping its
+        entries would cost more than encoding the answer directly.
+        """
+        if answer.entries is None:
+            if answer.asked < 2:
+                return None
+            # Asked again: keep its entries, so later askers only join bytes.
+            answer.entries = [swarm.entry(s) for s in answer.ranked]
+            self._answer_bytes += answer.nbytes
+            while self._answer_bytes > _ANSWER_BYTES and len(self._answers) > 1:
+                self._evict_answer()
+        entries = answer.entries
+        ranked = answer.ranked
+        if asker in ranked:
+            i = ranked.index(asker)
+            entries = entries[:i] + entries[i + 1 :]
+        fit = self._fit(swarm, want)
+        return entries[:fit] if len(entries) > fit else entries
 
     def _pick(self, swarm: Swarm, ranked: list[int], asker: int, want: int) -> list[int]:
         """Up to ``want`` slots of a valid ``ranked`` (all live) other than ``asker``.
