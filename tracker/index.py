@@ -21,9 +21,14 @@ that ranking; only the others (seeders, nearly complete leechers) get one
 computed for their bitmap. So a swarm's ranking is scored once per state,
 not once per asker, and its PEERS entries are encoded once: answering is
 then a usefulness check over ~50 ints and a join. Rankings are cached per
-(content, asker bits, want) until the swarm changes, the first listed peer
-expires, or 2 s pass (each recomputation rotates where ties start, so
-askers are not all sent to the same first peers); the cache is one FIFO for
+(content, asker bits, want) for up to 2 s (each recomputation rotates where
+ties start, so askers are not all sent to the same first peers). A change
+in the swarm ends a ranking early unless it is full (it lists ``want + 1``
+peers, so a newcomer could not have lengthened it) and every peer it lists
+is still there: then it is kept, and the bitmaps in its encoded entries may
+be up to 2 s old. In a live swarm, where progress announces change the
+state many times a second, this is what keeps rankings shared; a peer
+learns a neighbour's exact bitmap from the neighbour anyway. The cache is one FIFO for
 the whole index, bounded in entries and in encoded bytes (a few MiB: it
 must not undo the memory budget per entry), and entries carry their swarm's
 serial number and version, so a stale one is recognised on sight. An
