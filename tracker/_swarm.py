@@ -42,6 +42,7 @@ MAX_LANES_PEERS = 65_535  # a 16-bit availability lane must never overflow
 KEY_HEADER = b"\xc4\x20"  # msgpack bin 8 of a 32-byte key
 _V4_MAPPED = b"\x00" * 10 + b"\xff\xff"
 _serials = itertools.count(1)
+_AVAIL_KEPT = 32 * 1024  # availability kept encoded up to this size
 
 # byte -> its bit j (0 or 1), j = 0 the top bit (chunk 8k+0).
 _BIT_J = tuple(bytes((b >> (7 - j)) & 1 for b in range(256)) for j in range(8))
@@ -87,6 +88,8 @@ class Swarm:
     """The peers of one content id, as parallel packed arrays (see module doc)."""
 
     __slots__ = (
+        "avail_bytes",
+        "avail_version",
         "bin_header",
         "bits",
         "completed",
@@ -134,6 +137,8 @@ class Swarm:
         self.serial = next(_serials)  # tells a recreated swarm from its predecessor
         self.rare = 0
         self.rare_version = -1
+        self.avail_bytes = b""
+        self.avail_version = -1
         self.start = 0
 
     def __len__(self) -> int:
@@ -190,8 +195,18 @@ class Swarm:
         return head + KEY_HEADER + key + self.bin_header + bits
 
     def avail(self) -> bytes:
-        """u16 big-endian count per chunk: the wire form."""
-        return self.counts.to_bytes(self.nbytes * 16, "big")[: self.num_chunks * 2]
+        """u16 big-endian count per chunk: the wire form.
+
+        Kept until the counts change when it is small (<= 32 KiB); a bigger
+        one would double the swarm's memory (its counts take as much).
+        """
+        if self.avail_version == self.version:
+            return self.avail_bytes
+        avail = self.counts.to_bytes(self.nbytes * 16, "big")[: self.num_chunks * 2]
+        if len(avail) <= _AVAIL_KEPT:
+            self.avail_bytes = avail
+            self.avail_version = self.version
+        return avail
 
     def rare_mask(self) -> int:
         """Chunks (as a bitmap int) in the lowest quarter of the availability range."""
