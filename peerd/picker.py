@@ -119,6 +119,7 @@ class _Peer:
     flags: bytearray
     inflight: set[int] = field(default_factory=set)
     useful: int = 0  # chunks it holds that are missing and unrequested here
+    held: int = 0  # chunks it holds
     refused: dict[int, float] | None = None  # chunk -> not before this time
     rate: float = 0.0  # bytes/s it sends us (0 = unknown)
 
@@ -173,6 +174,7 @@ class PiecePicker:
         # chunk -> {peer: deadline}
         self._inflight: dict[int, dict[PeerKey, float]] = {}
         self._buckets: dict[int, list[int]] = {}
+        self._open_n = 0  # chunks in the buckets
         self._pos = [-1] * num_chunks  # index inside its bucket, -1 if not in one
         self._bucket_of = [0] * num_chunks
         self._earliest = float("inf")  # lower bound on every request deadline
@@ -210,6 +212,7 @@ class PiecePicker:
         self._pos[i] = len(bucket)
         self._bucket_of[i] = key
         bucket.append(i)
+        self._open_n += 1
 
     def _bucket_remove(self, i: int) -> None:
         pos = self._pos[i]
@@ -223,6 +226,7 @@ class PiecePicker:
         if not bucket:
             del self._buckets[self._bucket_of[i]]
         self._pos[i] = -1
+        self._open_n -= 1
 
     def _rebucket(self, i: int) -> None:
         if self._pos[i] >= 0 and self._bucket_of[i] != self._key(i):
@@ -246,7 +250,7 @@ class PiecePicker:
         f = bytearray(flags) if flags is not None else bytearray(self.num_chunks)
         if len(f) != self.num_chunks:
             raise ValueError("peer flags must have one entry per chunk")
-        p = _Peer(f)
+        p = _Peer(f, held=f.count(1))
         self._peers[peer] = p
         avail, pos = self.avail, self._pos
         i = f.find(1)
@@ -263,6 +267,7 @@ class PiecePicker:
         if p is None or not 0 <= index < self.num_chunks or p.flags[index]:
             return
         p.flags[index] = 1
+        p.held += 1
         self.avail[index] += 1
         if self._pos[index] >= 0:
             p.useful += 1
@@ -375,6 +380,8 @@ class PiecePicker:
     def _pick_rarest(
         self, peer: PeerKey, p: _Peer, count: int, now: float, deadline: float
     ) -> list[int]:
+        if p.held * p.useful < count * self._open_n:
+            return self._pick_rarest_held(peer, p, count, now, deadline)
         chosen: list[int] = []
         flags, refused = p.flags, p.refused
         for key in sorted(self._buckets):
@@ -402,6 +409,39 @@ class PiecePicker:
             chosen.extend(picked_here)
             if len(chosen) >= count:
                 break
+        return chosen
+
+    def _pick_rarest_held(
+        self, peer: PeerKey, p: _Peer, count: int, now: float, deadline: float
+    ) -> list[int]:
+        """Rarest first by walking what the peer holds (cheaper when it holds
+        few chunks than scanning the buckets for them); random among equals."""
+        flags, refused, pos, key_of = p.flags, p.refused, self._pos, self._bucket_of
+        cands: list[tuple[int, int]] = []
+        i = flags.find(1)
+        while i >= 0:
+            if pos[i] >= 0:
+                if refused and i in refused:
+                    if refused[i] > now:
+                        i = flags.find(1, i + 1)
+                        continue
+                    del refused[i]
+                cands.append((key_of[i], i))
+            i = flags.find(1, i + 1)
+        cands.sort()
+        chosen: list[int] = []
+        k, n = 0, len(cands)
+        while k < n and len(chosen) < count:
+            end = k + 1
+            while end < n and cands[end][0] == cands[k][0]:
+                end += 1
+            group = [c[1] for c in cands[k:end]]
+            room = count - len(chosen)
+            chosen.extend(group if len(group) <= room else self._rng.sample(group, room))
+            k = end
+        for i in chosen:
+            self._close(i)
+            self._mark(peer, p, i, now, deadline)
         return chosen
 
     def _pick_stale(
@@ -511,6 +551,13 @@ class PiecePicker:
             self._refusals_end = until
         self._release(peer, p, index)
 
+    @property
+    def in_tail(self) -> bool:
+        """Half the missing chunks in flight (or ``stale_after`` set): from here
+        on, what one peer may be asked for depends on what the others owe
+        (rate-aware rescue, endgame, stale duplicates)."""
+        return self.stale_after > 0 or 2 * len(self._inflight) >= self.missing
+
     def top_up_due(self, now: float) -> bool:
         """Could a periodic top-up find a request that no event offered yet?
 
@@ -522,7 +569,7 @@ class PiecePicker:
         ``stale_after`` (duplicates by age). False means a top-up of every
         peer now would return nothing.
         """
-        if self.stale_after > 0 or 2 * len(self._inflight) >= self.missing:
+        if self.in_tail:
             return True
         if now < self._refusals_end:
             return False

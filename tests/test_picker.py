@@ -32,6 +32,38 @@ def test_rarest_chunk_first() -> None:
     assert p.pick("a", 2, now=0, timeout=10) == [2, 1]
 
 
+def test_rarest_first_also_for_a_peer_holding_few_chunks() -> None:
+    # A peer with few chunks is served by walking its own flags, not the
+    # buckets: same answer (rarest first, random among equals, refusals kept).
+    n = 64
+    p = PiecePicker(n, rng=random.Random(3))
+    p.add_peer("all", bytearray([1] * n))
+    p.add_peer("half", bytearray([1] * 32 + [0] * 32))
+    few = bytearray(n)
+    for i in (5, 40, 41, 42):
+        few[i] = 1
+    p.add_peer("few", few)
+    # 40-42 are held by two peers, 5 by three: the rarer ones first.
+    p.refuse("few", 41, until=10.0)
+    got = p.pick("few", 2, now=0, timeout=10)
+    assert sorted(got) == [40, 42]
+    assert p.pick("few", 2, now=1, timeout=10) == [5]  # 41 refused until 10
+    assert p.pick("few", 2, now=10, timeout=10) == [41]
+    seen = {p2.pick("few", 1, now=0, timeout=10)[0] for p2 in _pickers(few, 12)}
+    assert seen == {40, 41, 42}  # random among equals
+
+
+def _pickers(few: bytearray, k: int) -> list[PiecePicker]:
+    out = []
+    for seed in range(k):
+        q = PiecePicker(len(few), rng=random.Random(seed))
+        q.add_peer("all", bytearray([1] * len(few)))
+        q.add_peer("half", bytearray([1] * 32 + [0] * 32))
+        q.add_peer("few", few)
+        out.append(q)
+    return out
+
+
 def test_never_picks_what_peer_lacks_or_we_have() -> None:
     p = PiecePicker(3, bytearray([1, 0, 0]), rng=random.Random(2))
     p.add_peer("a", bytearray([1, 1, 0]))
