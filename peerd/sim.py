@@ -381,9 +381,15 @@ class Simulation:
 
     def _deliver(self, s: _Session, data: bytes, leave: float) -> None:
         """Put bytes on the wire from session ``s`` to its other end, in order."""
-        arrive = max(leave + self._lossy_delay(len(data), s.node, s.remote), s.arrive_after)
+        if self.cfg.loss:
+            arrive = leave + self._lossy_delay(len(data), s.node, s.remote)
+        else:
+            arrive = leave + s.node.delay + s.remote.delay
+        if arrive < s.arrive_after:
+            arrive = s.arrive_after
         s.arrive_after = arrive
-        self.at(arrive, self._on_bytes, s.other, data)
+        self._seq += 1  # self.at, inlined: one call per message
+        heapq.heappush(self._heap, (arrive, self._seq, self._on_bytes, (s.other, data)))
 
     def _kick(self, s: _Session) -> None:
         # The writer runs once the current event is done (same virtual
