@@ -256,6 +256,7 @@ class _Node:
     last_announce: float = -math.inf
     announce_at: float = math.inf  # the next scheduled announce
     received: int = 0
+    lonely_retry: float = 1.0  # mirrors Content._tracker_loop's lonely_retry
 
     @property
     def key(self) -> bytes:
@@ -492,6 +493,7 @@ class Simulation:
         if len(b.sessions) + len(b.connecting) >= self.cfg.max_inbound:
             a.connecting.discard(b.key)  # refused: the stream just closes
             self.pairs.discard(frozenset((a.idx, b.idx)))
+            self._check_alone(a)
             return
         sa, sb = _Session(a, b, dialled), _Session(b, a, dialled)
         sa.other, sb.other = sb, sa
@@ -540,6 +542,16 @@ class Simulation:
                 node.picker.remove_peer(end)
                 end.requests.clear()
                 self._fill_all(node)
+                self._check_alone(node)
+
+    def _check_alone(self, node: _Node) -> None:
+        """Mirrors _tracker_loop: a downloader with no peer at all (none
+        connected or connecting) asks the tracker again after ``lonely_retry``
+        seconds, doubling up to 30 s, instead of waiting for its interval."""
+        if node.picker is None or node.sessions or node.connecting:
+            return
+        self._schedule_announce(node, node.last_announce + node.lonely_retry)
+        node.lonely_retry = min(node.lonely_retry * 2, float(self.index.interval), 30.0)
 
     # --- receiving ---------------------------------------------------------------------
     def _on_bytes(self, s: _Session, data: bytes) -> None:
