@@ -101,6 +101,7 @@ class Swarm:
         "full_int",
         "heads",
         "keys",
+        "members",
         "min_expiry",
         "nbytes",
         "nothing",
@@ -133,7 +134,8 @@ class Swarm:
         self.completed = 0
         self.completed_keys: set[bytes] = set()
         self.min_expiry = float("inf")
-        self.version = 0
+        self.version = 0  # bumped by every change (bits, address, who is in)
+        self.members = 0  # bumped only when a peer joins or leaves
         self.serial = next(_serials)  # tells a recreated swarm from its predecessor
         self.rare = 0
         self.rare_version = -1
@@ -173,6 +175,7 @@ class Swarm:
         self.slots[key] = slot
         self.min_expiry = min(self.min_expiry, expiry)
         self.version += 1
+        self.members += 1
         self.set_bits(slot, bits)
         return slot
 
@@ -185,6 +188,7 @@ class Swarm:
         self.heads[slot] = None
         self.free.append(slot)
         self.version += 1
+        self.members += 1
         return key
 
     def entry(self, slot: int) -> bytes:
