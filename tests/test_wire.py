@@ -645,3 +645,18 @@ def test_public_api() -> None:
         assert hasattr(w, name), name
     assert w.PROTOCOL_VERSION == 1
     assert repr(w.NEED_DATA) == "NEED_DATA"
+
+
+def test_repeated_have_bodies_decode_alike_and_bad_ones_always_fail() -> None:
+    # HAVE bodies are memoised (a chunk's HAVE comes from many neighbours in
+    # the same bytes): the memo must never change what decoding gives.
+    from peerd.wire._codec import decode_body
+
+    good = msgpack.packb({"idx": [7, 9]})
+    first = decode_body(w.FrameType.HAVE, good)
+    assert first == w.Have((7, 9))
+    assert decode_body(w.FrameType.HAVE, memoryview(good)) == first
+    for bad in (msgpack.packb({"idx": [-1]}), msgpack.packb({"idx": []}), b"\x81\xa3idx\xc0"):
+        for _ in range(2):
+            with pytest.raises(RemoteProtocolError, match="HAVE"):
+                decode_body(w.FrameType.HAVE, bad)

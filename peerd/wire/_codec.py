@@ -262,6 +262,8 @@ _SPECS: dict[int, _Spec] = {
         lambda f: ev.Error(f.get_str("code"), f.get_str("message")),
     ),
 }
+# The exact key set of each message body (a C-level comparison per decode).
+_KEYSETS: dict[int, frozenset[str]] = {t: frozenset(spec.keys) for t, spec in _SPECS.items()}
 
 #: Which frame type each sendable event class becomes (DATA is handled apart).
 EVENT_TYPES: dict[type, int] = {
@@ -423,9 +425,30 @@ def decode_body(ftype: int, body: bytes | memoryview) -> ev.Event:
         RemoteProtocolError: malformed msgpack, wrong keys, wrong field types,
             or field values outside their limits.
     """
+    size = len(body)
+    if ftype == _HAVE and size <= _HAVE_MEMO_BODY:
+        # A chunk's HAVE reaches a node from many neighbours in the same bytes.
+        key = bytes(body)
+        event = _HAVE_MEMO.get(key)
+        if event is None:
+            event = _decode_body(ftype, body, size)
+            if len(_HAVE_MEMO) >= _HAVE_MEMO_SIZE:
+                _HAVE_MEMO.clear()
+            _HAVE_MEMO[key] = event
+        return event
+    return _decode_body(ftype, body, size)
+
+
+# Decoded small HAVE bodies (events are immutable, so one can be shared).
+_HAVE = int(FrameType.HAVE)
+_HAVE_MEMO: dict[bytes, ev.Event] = {}
+_HAVE_MEMO_SIZE = 4096
+_HAVE_MEMO_BODY = 64
+
+
+def _decode_body(ftype: int, body: bytes | memoryview, size: int) -> ev.Event:
     name = frame_name(ftype)
     spec = _SPECS[ftype]
-    size = len(body)
     try:
         obj = msgpack.unpackb(
             body,
@@ -445,7 +468,7 @@ def decode_body(ftype: int, body: bytes | memoryview) -> ev.Event:
         ) from None
     if type(obj) is not dict:
         raise RemoteProtocolError(f"{name}: body must be a msgpack map, got {_typename(obj)}")
-    if len(obj) != len(spec.keys) or any(key not in obj for key in spec.keys):
+    if obj.keys() != _KEYSETS[ftype]:
         got = sorted(repr(k) for k in obj)
         raise RemoteProtocolError(
             f"{name}: body must have exactly the keys {list(spec.keys)}, got [{', '.join(got)}]"
