@@ -377,6 +377,7 @@ _PEERS_ID = b"\x84" + msgpack.packb("id")  # map of 4, then the first key
 _PEERS_INTERVAL = msgpack.packb("interval")
 _PEERS_PEERS = msgpack.packb("peers")
 _PEERS_AVAIL = msgpack.packb("avail")
+_BIN_ID = b"\xc4" + bytes((ev.ID_SIZE,))  # msgpack bin 8 header of a content id
 
 
 def join_peers_body(
@@ -396,17 +397,27 @@ def join_peers_body(
     n = count
     _check_peers_fields(content_id, interval, n, availability)
     header = bytes((0x90 | n,)) if n < 16 else b"\xdc" + n.to_bytes(2, "big")
+    size = len(availability)  # msgpack's bin header, written here (no copy of the bytes)
+    avail_head = (
+        b"\xc4" + bytes((size,))
+        if size < 0x100
+        else b"\xc5" + size.to_bytes(2, "big")
+        if size < 0x10000
+        else b"\xc6" + size.to_bytes(4, "big")
+    )
     body = b"".join(
         (
             _PEERS_ID,
-            msgpack.packb(content_id, use_bin_type=True),
+            _BIN_ID,  # a content id is exactly 32 bytes (checked above)
+            content_id,
             _PEERS_INTERVAL,
             msgpack.packb(interval),
             _PEERS_PEERS,
             header,
             *parts,
             _PEERS_AVAIL,
-            msgpack.packb(availability, use_bin_type=True),
+            avail_head,
+            availability,
         )
     )
     return _check_peers_size(body)
