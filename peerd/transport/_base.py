@@ -290,6 +290,10 @@ class Mux:
     ``aclose``): closing removes every stream still lent.
     """
 
+    # Each backend keeps one entry per lent stream, whose ``out`` is the list
+    # of queued output (bytes) not yet taken by the kernel.
+    _entries: dict[Stream, Any]
+
     async def __aenter__(self) -> Mux:
         return self
 
@@ -321,7 +325,8 @@ class Mux:
 
     def unsent(self, stream: Stream) -> int:
         """Bytes queued for ``stream`` that the kernel has not taken yet."""
-        raise NotImplementedError
+        e = self._entries.get(stream)
+        return sum(map(len, e.out)) if e is not None else 0
 
     async def next_batch(self) -> list[MuxResult]:
         """Wait until some lent stream has input (or failed); return up to ``MUX_BATCH``.

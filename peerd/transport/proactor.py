@@ -609,10 +609,6 @@ class RingMux(Mux):
         if not e.recv_uid and not e.stopped:
             self._arm(e)
 
-    def unsent(self, stream: Stream) -> int:
-        e = self._entries.get(stream)
-        return sum(map(len, e.out)) if e is not None else 0
-
     def send(self, stream: Stream, data: bytes) -> None:
         e = self._entries[stream]
         if e.broken:

@@ -355,10 +355,6 @@ class EpollMux(Mux):
         e.paused = False
         self._update(e)
 
-    def unsent(self, stream: Stream) -> int:
-        e = self._entries.get(stream)
-        return sum(map(len, e.out)) if e is not None else 0
-
     def send(self, stream: Stream, data: bytes) -> None:
         e = self._entries[stream]
         if e.broken:
