@@ -279,6 +279,8 @@ def test_encoded_answers_match_the_event_path(budget: str, monkeypatch: pytest.M
             assert body is None and peers == [] and avail == b""
             continue
         assert body == _slow_body(cid, 30, peers, avail), step
+        listed = [p[2] for p in peers]
+        assert k not in listed and len(set(listed)) == len(listed) <= want, step
         if step % 500 == 0:
             plain.expire(now)
             fast.expire(now)
@@ -384,3 +386,34 @@ def test_full_answer_reused_for_2s_but_never_lists_a_departed_peer() -> None:
     bits_of = {p[2]: p[3] for p in later}
     if key(moved) in bits_of:
         assert bits_of[key(moved)] == bitmap(n, {moved, 7})
+
+
+def test_rankings_made_together_are_not_all_rescored_together(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Rankings live 1.5-2 s, spread, so a burst of them does not come due at once.
+    idx = SwarmIndex(ttl=60)
+    cids = [bytes([i]) * 32 for i in range(60)]
+    for c in cids:
+        idx.announce(c, key(1), "10.0.0.1", 1, "started", b"\xff", 8, 0, 0.0)
+    for c in cids:
+        idx.announce(c, key(2), "10.0.0.2", 2, "started", b"\x00", 8, 5, 0.0)
+    ranked = [0]
+    real_rank = SwarmIndex._rank
+
+    def counting_rank(self: SwarmIndex, *args: object) -> list[int]:
+        ranked[0] += 1
+        return real_rank(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(SwarmIndex, "_rank", counting_rank)
+    due = []
+    for t in (1.49, 1.75, 2.0):
+        ranked[0] = 0
+        for c in cids:
+            idx.announce(c, key(2), "10.0.0.2", 2, "periodic", b"\x00", 8, 5, t)
+        due.append(ranked[0])
+    # none before 1.5 s; by 1.75 s some but not all; every one by 2 s (those
+    # rescored at 1.75 s are fresh again).
+    assert due[0] == 0
+    assert 0 < due[1] < len(cids)
+    assert due[1] + due[2] == len(cids)

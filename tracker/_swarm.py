@@ -35,6 +35,7 @@ import socket
 from array import array
 
 from peerd.errors import TrackerError
+from peerd.wire import peers_body_tail
 
 __all__ = ["KEY_HEADER", "MAX_LANES_PEERS", "Swarm", "bin_header", "pack_ip", "unpack_ip"]
 
@@ -88,7 +89,6 @@ class Swarm:
     """The peers of one content id, as parallel packed arrays (see module doc)."""
 
     __slots__ = (
-        "avail_bytes",
         "avail_version",
         "bin_header",
         "bits",
@@ -112,6 +112,7 @@ class Swarm:
         "serial",
         "slots",
         "start",
+        "tail",
         "version",
     )
 
@@ -139,7 +140,7 @@ class Swarm:
         self.serial = next(_serials)  # tells a recreated swarm from its predecessor
         self.rare = 0
         self.rare_version = -1
-        self.avail_bytes = b""
+        self.tail = b""  # the encoded PEERS avail field, while avail_version is current
         self.avail_version = -1
         self.start = 0
 
@@ -199,18 +200,24 @@ class Swarm:
         return head + KEY_HEADER + key + self.bin_header + bits
 
     def avail(self) -> bytes:
-        """u16 big-endian count per chunk: the wire form.
+        """u16 big-endian count per chunk: the wire form."""
+        tail = self.avail_tail()
+        return tail[len(tail) - 2 * self.num_chunks :]
+
+    def avail_tail(self) -> bytes:
+        """The end of a PEERS body answering for this swarm: its ``avail`` field.
 
         Kept until the counts change when it is small (<= 32 KiB); a bigger
         one would double the swarm's memory (its counts take as much).
         """
         if self.avail_version == self.version:
-            return self.avail_bytes
+            return self.tail
         avail = self.counts.to_bytes(self.nbytes * 16, "big")[: self.num_chunks * 2]
+        tail = peers_body_tail(avail)
         if len(avail) <= _AVAIL_KEPT:
-            self.avail_bytes = avail
+            self.tail = tail
             self.avail_version = self.version
-        return avail
+        return tail
 
     def rare_mask(self) -> int:
         """Chunks (as a bitmap int) in the lowest quarter of the availability range."""

@@ -47,11 +47,18 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from itertools import accumulate
+from random import Random
 
 import msgpack
 
 from peerd.errors import TrackerError
-from peerd.wire import MAX_BODY, FrameType, encode_peer_entry, join_peers_body
+from peerd.wire import (
+    MAX_BODY,
+    FrameType,
+    encode_peer_entry,
+    peers_body_head,
+)
 
 from ._swarm import KEY_HEADER, MAX_LANES_PEERS, Swarm, pack_ip, unpack_ip
 
@@ -83,9 +90,21 @@ class SwarmStat:
 
 
 class _Answer:
-    """One cached ranking and, once it is asked for again, its encoded entries."""
+    """One cached ranking and, once it is asked for again, its encoded answer."""
 
-    __slots__ = ("asked", "entries", "leech", "members", "ranked", "serial", "until", "version")
+    __slots__ = (
+        "asked",
+        "extra",
+        "head",
+        "interval",
+        "leech",
+        "members",
+        "offsets",
+        "ranked",
+        "serial",
+        "until",
+        "version",
+    )
 
     def __init__(self, swarm: Swarm, until: float, ranked: list[int]) -> None:
         self.serial = swarm.serial
@@ -94,14 +113,21 @@ class _Answer:
         self.until = until
         self.ranked = ranked
         self.asked = 1
-        # The encoded PEERS entry of each slot in `ranked` (built on the second ask).
-        self.entries: list[bytes] | None = None
+        # Built on the second ask (see _cached_body): the PEERS body up to the
+        # end of the entries an unlisted asker gets (its first `m` ranked
+        # peers), where each entry starts in it (and where the last ends),
+        # and the encoded entry of ranked peer `m`, if any (a listed asker
+        # gets it instead of its own).
+        self.head = b""
+        self.interval = 0
+        self.offsets: list[int] = []
+        self.extra = b""
         # The bitmaps of the non-seeders in `ranked` (built on first use).
         self.leech: list[int] | None = None
 
     @property
     def nbytes(self) -> int:
-        return sum(map(len, self.entries)) if self.entries else 0
+        return len(self.head) + len(self.extra)
 
 
 class SwarmIndex:
@@ -146,6 +172,9 @@ class SwarmIndex:
         # first item scans the deleted entries before it: ~2 us at 2,048.
         self._answers: OrderedDict[tuple[bytes, bytes, int], _Answer] = OrderedDict()
         self._answer_bytes = 0
+        # Spreads ranking lifetimes (see _ranking); seeded, so that two indexes
+        # fed the same announces answer alike.
+        self._jitter = Random(0x5EED).random
 
     # -- queries -------------------------------------------------------------
     def __len__(self) -> int:
@@ -220,9 +249,11 @@ class SwarmIndex:
         if want <= 0:
             return [], swarm.avail()
         answer = self._answer_for(content_id, swarm, slot, bits, want, now)
-        entries = self._cached_entries(swarm, answer, slot, want)
-        if entries is None:
-            entries = [swarm.entry(s) for s in self._pick(swarm, answer.ranked, slot, want)]
+        body = self._cached_body(content_id, 1, swarm, answer, slot, want)
+        if body is not None:  # what the encoded path answers, as tuples
+            peers = msgpack.unpackb(body)["peers"]
+            return [(ip, port, key, bits) for ip, port, key, bits in peers], swarm.avail()
+        entries = [swarm.entry(s) for s in self._pick(swarm, answer.ranked, slot, want)]
         return [_info(e) for e in entries], swarm.avail()
 
     def announce_encoded(
@@ -251,11 +282,11 @@ class SwarmIndex:
             return None
         swarm, slot = recorded
         if want <= 0:
-            return join_peers_body(content_id, interval, 0, (), swarm.avail())
+            return peers_body_head(content_id, interval, 0) + swarm.avail_tail()
         answer = self._answer_for(content_id, swarm, slot, bits, want, now)
-        entries = self._cached_entries(swarm, answer, slot, want)
-        if entries is not None:
-            return join_peers_body(content_id, interval, len(entries), entries, swarm.avail())
+        body = self._cached_body(content_id, interval, swarm, answer, slot, want)
+        if body is not None:
+            return body
         chosen = self._pick(swarm, answer.ranked, slot, want)
         heads, keys, packed = swarm.heads, swarm.keys, swarm.bits
         nb, hdr, kh = swarm.nbytes, swarm.bin_header, KEY_HEADER
@@ -265,7 +296,8 @@ class SwarmIndex:
         for s in chosen:
             b = packed[s]
             add((heads[s], kh, keys[s], hdr, full if b is full_int else b.to_bytes(nb, "big")))
-        return join_peers_body(content_id, interval, len(chosen), pieces, swarm.avail())  # type: ignore[arg-type]
+        head = peers_body_head(content_id, interval, len(chosen))
+        return b"".join((head, *pieces, swarm.avail_tail()))  # type: ignore[arg-type]
 
     def _record(
         self,
@@ -465,10 +497,15 @@ class SwarmIndex:
         # Valid until the first listed peer expires: until then every slot in
         # it is live, so answering from it needs no per-peer liveness check.
         # (The swarm's earliest expiry is a cheaper bound while it is ahead.)
+        # Lifetimes are spread over the last quarter of the 2 s: rankings made
+        # together (a tracker's first second, a burst of joins) would
+        # otherwise all be rescored together, every 2 s, in a wave of work
+        # that delays every reply queued behind it.
+        until = now + _RANK_CACHE_SECONDS * (1.0 - 0.25 * self._jitter())
         first_expiry = swarm.min_expiry
-        if first_expiry <= now + _RANK_CACHE_SECONDS:
+        if first_expiry <= until:
             first_expiry = min(map(swarm.expires.__getitem__, ranked), default=float("inf"))
-        answer = _Answer(swarm, min(now + _RANK_CACHE_SECONDS, first_expiry), ranked)
+        answer = _Answer(swarm, min(until, first_expiry), ranked)
         while len(self._answers) >= _ANSWER_ENTRIES:
             self._evict_answer()
         self._answers[cache_key] = answer
@@ -532,29 +569,51 @@ class SwarmIndex:
         del ranked[want + 1 :]
         return ranked
 
-    def _cached_entries(
-        self, swarm: Swarm, answer: _Answer, asker: int, want: int
-    ) -> list[bytes] | None:
-        """The encoded entries answering ``asker`` from a ranking asked more than once.
+    def _cached_body(
+        self, content_id: bytes, interval: int, swarm: Swarm, answer: _Answer, asker: int, want: int
+    ) -> bytes | None:
+        """The PEERS body answering ``asker`` from a ranking asked more than once.
 
-        None for a ranking asked once (most are): building and keeping its
-        entries would cost more than encoding the answer directly.
+        The ranking keeps the body up to the end of the entries an asker it
+        does not list gets; such an asker's answer is that plus the swarm's
+        current availability (one concatenation). A listed asker gets the
+        same entries without its own, plus the next ranked one. None for a
+        ranking asked once (most are): building and keeping its entries would
+        cost more than encoding the answer directly.
         """
-        if answer.entries is None:
+        head = answer.head
+        if not head or answer.interval != interval:
             if answer.asked < 2:
                 return None
-            # Asked again: keep its entries, so later askers only join bytes.
-            answer.entries = [swarm.entry(s) for s in answer.ranked]
+            if head:
+                self._answer_bytes -= answer.nbytes
+            ranked = answer.ranked
+            m = min(len(ranked), self._fit(swarm, want))
+            entries = [swarm.entry(s) for s in ranked[:m]]
+            start = peers_body_head(content_id, interval, m)
+            answer.offsets = list(accumulate(map(len, entries), initial=len(start)))
+            head = answer.head = b"".join((start, *entries))
+            answer.extra = swarm.entry(ranked[m]) if m < len(ranked) else b""
+            answer.interval = interval
             self._answer_bytes += answer.nbytes
             while self._answer_bytes > _ANSWER_BYTES and len(self._answers) > 1:
                 self._evict_answer()
-        entries = answer.entries
-        ranked = answer.ranked
-        if asker in ranked:
-            i = ranked.index(asker)
-            entries = entries[:i] + entries[i + 1 :]
-        fit = self._fit(swarm, want)
-        return entries[:fit] if len(entries) > fit else entries
+        # Both joins stay within the PEERS limit: `_fit` sized `m` for the
+        # biggest availability this swarm can have.
+        ranked, offsets = answer.ranked, answer.offsets
+        if asker in ranked and (i := ranked.index(asker)) < len(offsets) - 1:
+            view, extra = memoryview(head), answer.extra
+            count = len(offsets) - 1 if extra else len(offsets) - 2
+            return b"".join(
+                (
+                    peers_body_head(content_id, interval, count),
+                    view[offsets[0] : offsets[i]],
+                    view[offsets[i + 1] :],
+                    extra,
+                    swarm.avail_tail(),
+                )
+            )
+        return head + swarm.avail_tail()
 
     def _pick(self, swarm: Swarm, ranked: list[int], asker: int, want: int) -> list[int]:
         """Up to ``want`` slots of a valid ``ranked`` (all live) other than ``asker``.

@@ -23,7 +23,13 @@ from ._bits import (
     indices_from_bits,
     validate_bits,
 )
-from ._codec import encode_peer_entry, encode_peers_body, join_peers_body
+from ._codec import (
+    encode_peer_entry,
+    encode_peers_body,
+    join_peers_body,
+    peers_body_head,
+    peers_body_tail,
+)
 from ._connection import (
     NEED_DATA,
     FrameConnection,
@@ -121,5 +127,7 @@ __all__ = [
     "has_bit",
     "indices_from_bits",
     "join_peers_body",
+    "peers_body_head",
+    "peers_body_tail",
     "validate_bits",
 ]

@@ -384,7 +384,7 @@ def join_peers_body(
     content_id: bytes,
     interval: int,
     count: int,
-    parts: Iterable[bytes | bytearray],
+    parts: Iterable[bytes | bytearray | memoryview],
     availability: bytes,
 ) -> bytes:
     """``encode_peers_body`` from ``count`` entries already encoded, given as ``parts``.
@@ -394,33 +394,72 @@ def join_peers_body(
     peers partly encoded only concatenate per answer. Same bytes, same trust
     contract and the same checks as ``encode_peers_body``.
     """
-    n = count
-    _check_peers_fields(content_id, interval, n, availability)
-    header = bytes((0x90 | n,)) if n < 16 else b"\xdc" + n.to_bytes(2, "big")
-    size = len(availability)  # msgpack's bin header, written here (no copy of the bytes)
-    avail_head = (
+    body = b"".join(
+        (
+            peers_body_head(content_id, interval, count),
+            *parts,
+            peers_body_tail(availability),
+        )
+    )
+    return _check_peers_size(body)
+
+
+def peers_body_head(content_id: bytes, interval: int, count: int) -> bytes:
+    """The bytes of a PEERS body before its ``count`` entries.
+
+    A PEERS body is ``peers_body_head(...)``, then ``count`` entries as
+    ``encode_peer_entry`` makes them, then ``peers_body_tail(availability)``
+    (``join_peers_body`` puts them together and checks the size). A sender
+    that keeps heads or tails may join the pieces itself; it must keep the
+    body within ``MAX_BODY[PEERS]``.
+
+    Raises:
+        LocalProtocolError: a field is out of range.
+    """
+    if (
+        type(content_id) is not bytes
+        or len(content_id) != ev.ID_SIZE
+        or type(interval) is not int
+        or not 1 <= interval <= ev.MAX_INTERVAL
+        or not 0 <= count <= ev.MAX_PEERS
+    ):
+        raise LocalProtocolError(
+            f"PEERS: invalid message fields (id {len(content_id)} bytes, interval {interval}, "
+            f"{count} peers)"
+        )
+    header = bytes((0x90 | count,)) if count < 16 else b"\xdc" + count.to_bytes(2, "big")
+    # A content id is exactly 32 bytes (checked above): a fixed bin 8 header.
+    return b"".join(
+        (
+            _PEERS_ID,
+            _BIN_ID,
+            content_id,
+            _PEERS_INTERVAL,
+            msgpack.packb(interval),
+            _PEERS_PEERS,
+            header,
+        )
+    )
+
+
+def peers_body_tail(availability: bytes) -> bytes:
+    """The bytes of a PEERS body after its entries: the ``avail`` field.
+
+    Raises:
+        LocalProtocolError: ``availability`` is not a valid u16 count array.
+    """
+    size = len(availability)
+    if type(availability) is not bytes or size % 2 or size > ev.MAX_AVAIL_LEN:
+        raise LocalProtocolError(f"PEERS: invalid avail ({size} bytes)")
+    # msgpack's bin header, written here (the bytes are copied once, by the join).
+    head = (
         b"\xc4" + bytes((size,))
         if size < 0x100
         else b"\xc5" + size.to_bytes(2, "big")
         if size < 0x10000
         else b"\xc6" + size.to_bytes(4, "big")
     )
-    body = b"".join(
-        (
-            _PEERS_ID,
-            _BIN_ID,  # a content id is exactly 32 bytes (checked above)
-            content_id,
-            _PEERS_INTERVAL,
-            msgpack.packb(interval),
-            _PEERS_PEERS,
-            header,
-            *parts,
-            _PEERS_AVAIL,
-            avail_head,
-            availability,
-        )
-    )
-    return _check_peers_size(body)
+    return b"".join((_PEERS_AVAIL, head, availability))
 
 
 # What msgpack can raise on hostile input: ValueError covers ExtraData,
