@@ -301,3 +301,50 @@ def test_mutated_valid_streams(
     else:
         stream[position] ^= xor
     _feed_hostile(factory(), [bytes(stream)])
+
+
+# Values at and around every ANNOUNCE limit, of the right and the wrong types.
+_announce_values = st.one_of(
+    st.integers(-2, 2),
+    st.integers(65534, 65537),
+    st.integers(199, 201),
+    st.booleans(),
+    st.none(),
+    st.binary(min_size=31, max_size=33),
+    st.binary(max_size=3),
+    st.sampled_from([*sorted(w.ANNOUNCE_EVENTS), "", "Started", "x" * 65]),
+    st.floats(allow_nan=False, max_value=10, min_value=-10),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    changes=st.dictionaries(
+        st.sampled_from(("id", "port", "event", "bits", "want")), _announce_values, max_size=2
+    )
+)
+def test_announce_fast_decode_agrees_with_the_checked_constructor(changes: dict) -> None:
+    # The decoder validates ANNOUNCE in one pass of its own; it must accept
+    # exactly what the event's own checks accept, and build the same event.
+    import msgpack
+
+    from peerd.wire._codec import decode_body
+
+    fields = {"id": CID, "port": 7000, "event": "started", "bits": b"\x80", "want": 50}
+    fields.update(changes)
+    body = msgpack.packb(fields, use_bin_type=True)
+    try:
+        expected: w.Announce | None = w.Announce(
+            fields["id"], fields["port"], fields["event"], fields["bits"], fields["want"]
+        )
+    except LocalProtocolError:
+        expected = None
+    if type(fields["bits"]) is not bytes or type(fields["id"]) is not bytes:
+        expected = None  # the constructor converts other buffers; the wire never has them
+    if any(type(fields[k]) is bool for k in ("port", "want")):
+        expected = None
+    try:
+        got: w.Announce | None = decode_body(w.FrameType.ANNOUNCE, body)
+    except RemoteProtocolError:
+        got = None
+    assert got == expected

@@ -491,6 +491,7 @@ def decode_body(ftype: int, body: bytes | memoryview) -> ev.Event:
 
 # Decoded small HAVE bodies (events are immutable, so one can be shared).
 _HAVE = int(FrameType.HAVE)
+_ANNOUNCE = int(FrameType.ANNOUNCE)
 _HAVE_MEMO: dict[bytes, ev.Event] = {}
 _HAVE_MEMO_SIZE = 4096
 _HAVE_MEMO_BODY = 64
@@ -523,6 +524,28 @@ def _decode_body(ftype: int, body: bytes | memoryview, size: int) -> ev.Event:
         raise RemoteProtocolError(
             f"{name}: body must have exactly the keys {list(spec.keys)}, got [{', '.join(got)}]"
         )
+    if ftype == _ANNOUNCE:  # the tracker's hot path: one validation pass
+        cid, port, event, bits, want = (
+            obj["id"],
+            obj["port"],
+            obj["event"],
+            obj["bits"],
+            obj["want"],
+        )
+        if (
+            type(cid) is bytes
+            and len(cid) == ev.ID_SIZE
+            and type(port) is int
+            and 0 <= port <= 0xFFFF
+            and type(event) is str
+            and event in ev.ANNOUNCE_EVENTS
+            and type(bits) is bytes
+            and len(bits) <= ev.MAX_BITS_LEN
+            and type(want) is int
+            and 0 <= want <= ev.MAX_WANT
+        ):
+            return ev.Announce.checked(cid, port, event, bits, want)
+        # else the general path below says what is wrong
     try:
         return spec.decode(_Fields(name, obj))
     except LocalProtocolError as exc:
