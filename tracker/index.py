@@ -65,6 +65,7 @@ from ._swarm import KEY_HEADER, MAX_LANES_PEERS, Swarm, pack_ip, unpack_ip
 __all__ = ["EVENTS", "PeerInfo", "SwarmIndex", "SwarmStat"]
 
 EVENTS = ("started", "progress", "completed", "stopped", "periodic")
+_EVENT_SET = frozenset(EVENTS)
 
 # One announced peer as returned to an asker: (ip, port, public key, bitmap).
 PeerInfo = tuple[str, int, bytes, bytes]
@@ -311,7 +312,7 @@ class SwarmIndex:
         now: float,
     ) -> tuple[Swarm, int] | None:
         """The bookkeeping half of an announce: (swarm, asker's slot), None if stopped."""
-        if event not in EVENTS:
+        if event not in _EVENT_SET:
             raise TrackerError("bad-request", f"unknown announce event {event!r}")
         if len(key) != 32:  # encoded answers carry it behind a fixed bin-8 header
             raise TrackerError("bad-request", f"a public key is 32 bytes, not {len(key)}")

@@ -169,6 +169,7 @@ class _Client:
         "key",
         "last",
         "stream",
+        "unchecked",
     )
 
     def __init__(
@@ -190,6 +191,7 @@ class _Client:
         self.closed = False  # the owner took the stream back
         self.done = trio.Event()  # the conversation is over (EOF, error, refusal)
         self.last = trio.current_time()  # last input, for the idle timeout
+        self.unchecked = 0  # bytes of replies sent since the mux's queue was checked
 
 
 def default_data_dir() -> Path:
@@ -352,6 +354,7 @@ class _Tracker:
         while True:
             batch = await mux.next_batch()
             now = trio.current_time()
+            tick = self.clock()  # one reading per batch serves the rate limits
             for stream, data in batch:
                 client = clients.get(stream)
                 if client is None or client.closed:
@@ -366,18 +369,21 @@ class _Tracker:
                     log.exception("internal error serving %s", client.address)
                     client.done.set()
                     continue
-                self._pump(client)
+                self._pump(client, tick)
 
-    def _pump(self, c: _Client) -> None:
-        """Answer ``c``'s buffered requests until one needs to wait (or none is left)."""
+    def _pump(self, c: _Client, now: float | None = None) -> None:
+        """Answer ``c``'s buffered requests until one needs to wait (or none is left).
+
+        ``now`` is the server clock, read if not given.
+        """
         try:
-            self._pump_unguarded(c)
+            self._pump_unguarded(c, self.clock() if now is None else now)
         except Exception:
             # A bug must not take the whole tracker down: log it, drop this client.
             log.exception("internal error serving %s; closing that connection", c.address)
             c.done.set()
 
-    def _pump_unguarded(self, c: _Client) -> None:
+    def _pump_unguarded(self, c: _Client, now: float) -> None:
         mux, conn, stream = self.mux, c.conn, c.stream
         assert mux is not None
         out: list[bytes] = []
@@ -393,7 +399,6 @@ class _Tracker:
             if type(event) is Closed:
                 c.done.set()
                 break
-            now = self.clock()
             wait = max(c.bucket.take(now), c.area.take(now))
             reply = None if wait > 0 else self._answer_now(event, c, now)
             if reply is None:  # rate-limited, or a request that needs an await
@@ -403,11 +408,15 @@ class _Tracker:
                 self.nursery.start_soon(self._answer_later, c, event, wait)
                 break
             out.append(reply)
+            c.unchecked += len(reply)
             if len(out) >= 64:  # bounded batches: a few dozen small replies
                 mux.send(stream, b"".join(out))
                 out.clear()
         if out:
             mux.send(stream, b"".join(out))
+        if c.unchecked <= _UNSENT_LIMIT // 4:
+            return  # the queue cannot have grown past the limit since the last look
+        c.unchecked = 0
         if not c.busy and mux.unsent(stream) > _UNSENT_LIMIT and not c.done.is_set():
             # The client does not read its answers: stop reading its requests.
             c.busy = True
