@@ -2,7 +2,7 @@
 
     python scripts/bench_tracker.py [--transport reactor|proactor|both]
         [--conns 1,16,256] [--seconds 10] [--contents 1000] [--entries 100000]
-        [--chunks 256] [--workers 2] [--pin] [--floor] [--churn 0.1]
+        [--chunks 256] [--workers 2] [--pin] [--floor] [--churn 0.1] [--warmup 1]
 
 1. Starts a tracker *process* (this script with ``--serve``; limits raised so
    the per-connection rate limit does not cap a single benchmark connection).
@@ -14,7 +14,9 @@
 4. For each C in ``conns``: C connections (spread over ``workers`` client
    processes), each authenticated as one of the preloaded identities, announce
    ``periodic`` with that identity's bits for a random one of its contents,
-   ``want=50``, one request at a time, for ``seconds`` (``--churn P``: a
+   ``want=50``, one request at a time, for ``warmup`` seconds that are not
+   counted (256 connections starting in the same millisecond make every
+   swarm's rankings come due at once), then for ``seconds`` (``--churn P``: a
    share P of them are ``progress`` announces with one more chunk, so the
    swarms' state keeps changing as in a live swarm). Prints announces/s,
    p50 / p99 latency, the tracker's share of a CPU during the run and its CPU
@@ -55,6 +57,7 @@ from peerd.wire import NEED_DATA, Announce, Auth, Challenge, TrackerClientConnec
 
 IDENTITIES = 1000
 HEADER = struct.Struct(">BI")
+_CLIENT_BUF = 1 << 16  # holds one benchmark PEERS reply (50 entries, ~10 KiB)
 
 
 def plan(contents: int, entries: int, chunks: int) -> list[tuple[int, list[tuple[bytes, bytes]]]]:
@@ -169,6 +172,7 @@ def load(
     items_of: list,
     seconds: float,
     start_at: float,
+    warmup: float = 0.0,
     churn: float = 0.0,
     chunks: int = 256,
 ) -> dict:
@@ -200,13 +204,18 @@ def load(
     ep = select.epoll()
     for fd in socks:
         ep.register(fd, select.EPOLLIN)
-    bufs = {fd: bytearray() for fd in socks}
+    # One preallocated buffer per connection, received into: a reply (a few
+    # KiB) is never copied into a Python object, only its header is read.
+    bufs = {fd: bytearray(_CLIENT_BUF) for fd in socks}
+    views = {fd: memoryview(b) for fd, b in bufs.items()}
+    fill = dict.fromkeys(socks, 0)
     sent_at: dict[int, float] = {}
     lat: list[float] = []
     clock = time.monotonic
     time.sleep(max(0.0, start_at - clock()))
-    cpu0 = time.process_time()
-    stop_at = start_at + seconds
+    measure_from = start_at + warmup
+    stop_at = measure_from + seconds
+    cpu0 = None
 
     def next_frame(fd: int) -> bytes:
         rng = rngs[fd]
@@ -216,29 +225,39 @@ def load(
     for fd, sock in socks.items():
         sent_at[fd] = clock()
         sock.send(next_frame(fd))
+    unpack = HEADER.unpack_from
     while (now := clock()) < stop_at:
+        if cpu0 is None and now >= measure_from:
+            cpu0 = time.process_time()
         for fd, _ in ep.poll(0.1):
             sock = socks[fd]
-            data = sock.recv(262144)
-            if not data:
+            have = fill[fd]
+            n = sock.recv_into(views[fd][have:])
+            if not n:
                 raise EOFError("tracker closed a benchmark connection")
+            have += n
+            if have < 5:
+                fill[fd] = have
+                continue
             buf = bufs[fd]
-            buf += data
-            if len(buf) < 5:
+            ftype, length = unpack(buf)
+            if have < 5 + length:
+                if 5 + length > _CLIENT_BUF:
+                    raise RuntimeError(f"a {length}-byte reply does not fit the client buffer")
+                fill[fd] = have
                 continue
-            ftype, length = HEADER.unpack_from(buf)
-            if len(buf) < 5 + length:
-                continue
-            assert ftype == 35, ftype
-            del buf[: 5 + length]
+            if ftype != 35 or have > 5 + length:  # only PEERS, one at a time
+                raise RuntimeError(f"unexpected reply: type {ftype}, {have} bytes")
+            fill[fd] = 0
             now = clock()
-            lat.append(now - sent_at[fd])
+            if now >= measure_from:
+                lat.append(now - sent_at[fd])
             if now < stop_at:
                 sent_at[fd] = now
                 sock.send(next_frame(fd))
     for sock in socks.values():
         sock.close()
-    cpu = time.process_time() - cpu0
+    cpu = time.process_time() - (cpu0 if cpu0 is not None else time.process_time())
     return {"count": len(lat), "lat": lat[:: max(1, len(lat) // 20000)], "cpu": cpu}
 
 
@@ -341,7 +360,9 @@ def run_one(transport: str, args: argparse.Namespace) -> list[dict]:
                             sys.executable,
                             __file__,
                             "--worker",
-                            json.dumps([port, s, args.seconds, start_at, args.pin, args.churn]),
+                            json.dumps(
+                                [port, s, args.seconds, start_at, args.warmup, args.pin, args.churn]
+                            ),
                             "--contents",
                             str(args.contents),
                             "--entries",
@@ -354,7 +375,7 @@ def run_one(transport: str, args: argparse.Namespace) -> list[dict]:
                     )
                     for s in shards
                 ]
-                time.sleep(max(0.0, start_at - time.monotonic()))
+                time.sleep(max(0.0, start_at + args.warmup - time.monotonic()))
                 cpu0 = cpu_seconds(proc.pid)
                 time.sleep(args.seconds)
                 cpu = cpu_seconds(proc.pid) - cpu0
@@ -391,7 +412,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--transport", default="both")
     parser.add_argument("--conns", default="1,16,256")
-    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--seconds", type=float, default=10.0, help="measured time per C")
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        default=1.0,
+        help="seconds of announcing before the measured time (not counted; default 1)",
+    )
     parser.add_argument("--contents", type=int, default=1000)
     parser.add_argument("--entries", type=int, default=100_000)
     parser.add_argument("--chunks", type=int, default=256)
@@ -418,11 +445,12 @@ def main() -> None:
         serve(args)
         return
     if args.worker:
-        port, ids, seconds, start_at, pin, churn = json.loads(args.worker)
+        port, ids, seconds, start_at, warmup, pin, churn = json.loads(args.worker)
         if pin:
             os.sched_setaffinity(0, {1})
         items_of = plan(args.contents, args.entries, args.chunks)
-        print(json.dumps(load(port, ids, items_of, seconds, start_at, churn, args.chunks)))
+        result = load(port, ids, items_of, seconds, start_at, warmup, churn, args.chunks)
+        print(json.dumps(result))
         return
     args.conns = [int(c) for c in args.conns.split(",")]
     names = ["reactor", "proactor"] if args.transport == "both" else [args.transport]
