@@ -27,6 +27,7 @@ from .errors import PeerError, RemoteProtocolError, TrackerError, TransportError
 from .identity import Identity, verify_signature
 from .manifest import Manifest
 from .ratelimit import RateLimiter
+from .scheduling import UploadTurns
 from .store import ChunkStore, SourceFile
 from .swarm import Content
 from .transport import Stream, Transport
@@ -54,6 +55,7 @@ HANDSHAKE_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 10.0
 MAX_INBOUND = 512
 MAX_INBOUND_PER_ADDRESS = 256
+UPLOAD_SLOTS = 1  # connections uploading at once (UploadTurns)
 TRACKER_PROBE_EVERY = 5.0  # how soon a restarted tracker hears from us again
 PROOF_CONTEXT = b"peer-hello-v1\0"
 
@@ -94,6 +96,8 @@ class Node:
         self.tracker_address = tracker
         self.up_limiter = RateLimiter(up_limit)
         self.down_limiter = RateLimiter(down_limit)
+        # One upload link: one connection uploads at a time (scheduling.py).
+        self.upload_turns = UploadTurns(UPLOAD_SLOTS)
         self.contents: dict[bytes, Content] = {}
         self._scopes: dict[bytes, trio.CancelScope] = {}
         self._tracker: TrackerClient | None = None

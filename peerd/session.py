@@ -14,6 +14,11 @@ A :class:`PeerSession` pumps bytes between a transport stream and a sans-IO
 * the **writer** owns the send side: small control frames (requests, haves,
   cancels) are coalesced into one send and always go before queued uploads;
   an upload is the 13-byte DATA header then ``sendfile`` straight from disk.
+  The node's writers take turns (:class:`~peerd.scheduling.UploadTurns`):
+  one uploads a chunk at a time, and its turn lasts until the kernel has
+  sent the chunk's last byte (``SIOCOUTQNSD``), so every chunk crosses the
+  link at the node's full rate and a control frame on another connection
+  never waits behind a chunk being sent there at a fraction of the rate.
 
 Limits a remote controls are bounded here: queued upload requests per
 connection (excess gets REJECT ``busy``), request ranges, and DATA frames we
@@ -22,7 +27,9 @@ did not ask for (a protocol error that closes the connection).
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import sys
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -61,6 +68,16 @@ MAX_HAVE_PER_FRAME = 4096
 # Control bytes (mostly REJECTs) queued for a remote that does not read: past
 # this the reader stops reading its requests until the writer has taken them.
 MAX_QUEUED_CONTROL_BYTES = 256 * 1024
+SIOCOUTQNSD = 0x894B  # Linux ioctl: bytes in a socket's send queue not yet sent
+TURN_POLL = 0.005  # seconds between looks at the kernel's send queue during a turn
+
+
+def unsent_bytes(fd: int) -> int:
+    """Bytes a TCP socket holds that it has not sent yet (0 if the OS cannot say)."""
+    try:
+        return int.from_bytes(fcntl.ioctl(fd, SIOCOUTQNSD, b"\0\0\0\0"), sys.byteorder)
+    except OSError:
+        return 0
 
 
 class PeerSession:
@@ -77,6 +94,7 @@ class PeerSession:
     ) -> None:
         self.content = content
         self.stream = stream
+        self._fd = stream.fileno()
         self.conn = conn
         self.remote_key: bytes = hello.key
         self.remote_port: int = hello.port
@@ -106,6 +124,8 @@ class PeerSession:
         self._window_start = trio.current_time()
         self._window_bytes = 0
         self.rate = 0.0
+        self._draining = False  # our upload turn: waiting for the kernel to pass it on
+        self._turn_left = 0  # unsent bytes of that chunk at the last look
 
     # --- queueing (called by Content, never blocks) ---------------------------
     def _kick(self) -> None:
@@ -173,6 +193,8 @@ class PeerSession:
             log.debug("session %s ended: %s", self.name, group.exceptions[0])
         finally:
             self._closing = True
+            self._draining = False
+            self._release_turn()
             with trio.CancelScope(shield=True):
                 await self.stream.aclose()
 
@@ -271,6 +293,12 @@ class PeerSession:
             return
         self._kick()
 
+    def _release_turn(self) -> None:
+        turns = self.content.node.upload_turns
+        if turns.slots:
+            for session in turns.release(self, trio.current_time()):
+                session._kick()  # type: ignore[attr-defined]
+
     async def _writer(self) -> None:
         stream, content = self.stream, self.content
         while True:
@@ -293,7 +321,37 @@ class PeerSession:
                 await trio.sleep(5)
                 self._cancel_scope.cancel()
                 return
-            upload = content.choker.next_request_for(self)
+            turns = content.node.upload_turns
+            if self._draining:
+                # Our turn lasts until the kernel has sent the chunk's last
+                # byte on (UploadTurns); control frames still go out meanwhile.
+                now = trio.current_time()
+                left = unsent_bytes(self._fd)
+                if left < self._turn_left:
+                    self._turn_left = left
+                    turns.touch(self, now)
+                if left > 0 and turns.holds(self):
+                    self._wake = trio.Event()
+                    with trio.move_on_after(TURN_POLL):
+                        await self._wake.wait()
+                    continue
+                self._draining = False
+                self._release_turn()
+                continue
+            upload = None
+            if content.choker.queued(self):
+                now = trio.current_time()
+                if not turns.request(self, now):
+                    # Wait for our turn, or until the holder's turn counts as stalled.
+                    self._wake = trio.Event()
+                    with trio.move_on_after(max(turns.deadline() - now, TURN_POLL)):
+                        await self._wake.wait()
+                    continue
+                upload = content.choker.next_request_for(self)
+                if upload is None:
+                    self._release_turn()
+            else:
+                self._release_turn()  # a turn granted after our request was cancelled
             if upload is not None:
                 index, offset, length = upload
                 source = content.source
@@ -302,11 +360,15 @@ class PeerSession:
                 # the shared file may have changed while we waited.
                 if not content.can_serve(index):
                     self.send_control(Reject(index, offset, length, "missing"))
+                    self._release_turn()
                     continue
                 await stream.send_all(self.conn.send(DataHeader(index, offset, length)))
                 await stream.sendfile(source.fd, index * content.info.chunk_size + offset, length)
                 self.sent_bytes += length
                 content.on_uploaded(self, length)
+                self._draining = turns.slots > 0
+                self._turn_left = length
+                turns.touch(self, trio.current_time())
                 continue
             self._wake = trio.Event()
             await self._wake.wait()

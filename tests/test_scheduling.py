@@ -1,12 +1,15 @@
-"""Swarm-shape decisions: random dials, re-announce when under-connected."""
+"""Swarm-shape decisions: random dials, re-announce when under-connected, upload turns."""
 
 from __future__ import annotations
 
 import random
 
+import pytest
+
 from peerd.scheduling import (
     ASK_FACTOR,
     UNDERCONNECTED_RETRY,
+    UploadTurns,
     choose_dials,
     next_announce_delay,
     tracker_want,
@@ -32,3 +35,50 @@ def test_underconnected_downloader_announces_again_soon() -> None:
     assert next_announce_delay(8, 16, 60.0, downloading=True) == 60.0
     assert next_announce_delay(0, 16, 60.0, downloading=False) == 60.0
     assert next_announce_delay(0, 16, 1.0, downloading=True) == 1.0
+
+
+def test_upload_turns_one_at_a_time_in_fifo_order() -> None:
+    turns = UploadTurns(1, stall=0.25)
+    assert turns.request("a", 0.0)
+    assert not turns.request("b", 0.0)
+    assert not turns.request("c", 0.01)
+    assert not turns.request("b", 0.02)  # asking again keeps its place
+    assert turns.waiting() == 2
+    assert turns.release("a", 0.1) == ["b"]
+    assert turns.holds("b") and not turns.holds("c")
+    assert turns.request("b", 0.1)  # the holder may go on
+    assert turns.release("b", 0.2) == ["c"]
+    assert turns.release("c", 0.3) == []
+    assert turns.deadline() == float("inf")
+
+
+def test_upload_turns_a_stalled_turn_lets_the_next_go_ahead() -> None:
+    turns = UploadTurns(1, stall=0.25)
+    assert turns.request("stuck", 0.0)
+    assert not turns.request("next", 0.1)
+    turns.touch("stuck", 0.2)  # progress: not stalled yet
+    assert turns.deadline() == 0.45
+    assert not turns.request("next", 0.4)
+    assert turns.request("next", 0.46)  # no progress for 0.26 s
+    assert not turns.holds("stuck")
+    assert turns.release("stuck", 0.5) == []  # its late release takes nothing away
+    assert turns.holds("next")
+
+
+def test_upload_turns_a_waiter_that_leaves_is_not_granted() -> None:
+    turns = UploadTurns(1)
+    turns.request("a", 0.0)
+    turns.request("b", 0.0)
+    turns.request("c", 0.0)
+    assert turns.release("b", 0.1) == []  # b gave up waiting (nothing to send)
+    assert turns.release("a", 0.1) == ["c"]
+
+
+def test_upload_turns_zero_slots_grants_everything_and_bad_values_fail() -> None:
+    turns = UploadTurns(0)
+    assert all(turns.request(k, 0.0) for k in range(5))
+    assert turns.waiting() == 0
+    with pytest.raises(ValueError):
+        UploadTurns(-1)
+    with pytest.raises(ValueError):
+        UploadTurns(1, stall=0)
