@@ -101,6 +101,7 @@ class _Answer:
         "leech",
         "members",
         "offsets",
+        "position",
         "ranked",
         "serial",
         "until",
@@ -125,6 +126,17 @@ class _Answer:
         self.extra = b""
         # The bitmaps of the non-seeders in `ranked` (built on first use).
         self.leech: list[int] | None = None
+        # slot -> its place in `ranked` (built on the second ask).
+        self.position: dict[int, int] | None = None
+
+    def place(self, slot: int) -> int:
+        """Where ``slot`` is in the ranking, -1 if it is not listed."""
+        position = self.position
+        if position is None:
+            if self.asked < 2:
+                return self.ranked.index(slot) if slot in self.ranked else -1
+            position = self.position = {s: i for i, s in enumerate(self.ranked)}
+        return position.get(slot, -1)
 
     @property
     def nbytes(self) -> int:
@@ -471,7 +483,7 @@ class SwarmIndex:
             if leech is None:
                 packed = swarm.bits
                 leech = generic.leech = [b for s in generic.ranked if (b := packed[s]) is not full]
-            if list(map(lacks.__and__, leech)).count(0) == (slot in generic.ranked):
+            if list(map(lacks.__and__, leech)).count(0) == (generic.place(slot) >= 0):
                 return generic
         return self._ranking(content_id, swarm, bits, want, now)
 
@@ -601,8 +613,8 @@ class SwarmIndex:
                 self._evict_answer()
         # Both joins stay within the PEERS limit: `_fit` sized `m` for the
         # biggest availability this swarm can have.
-        ranked, offsets = answer.ranked, answer.offsets
-        if asker in ranked and (i := ranked.index(asker)) < len(offsets) - 1:
+        offsets = answer.offsets
+        if 0 <= (i := answer.place(asker)) < len(offsets) - 1:
             view, extra = memoryview(head), answer.extra
             count = len(offsets) - 1 if extra else len(offsets) - 2
             return b"".join(
