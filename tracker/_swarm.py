@@ -199,6 +199,31 @@ class Swarm:
         bits = self.bits[slot].to_bytes(self.nbytes, "big")
         return head + KEY_HEADER + key + self.bin_header + bits
 
+    def entry_parts(self, slots: list[int]) -> list[bytes]:
+        """The encoded PEERS entries of live ``slots``, as pieces to join."""
+        heads, keys, packed = self.heads, self.keys, self.bits
+        nb, hdr, full_int, full = self.nbytes, self.bin_header, self.full_int, self.full
+        parts: list[bytes] = []
+        add = parts.extend
+        for s in slots:
+            b = packed[s]
+            add(
+                (
+                    heads[s],
+                    KEY_HEADER,
+                    keys[s],
+                    hdr,
+                    full if b is full_int else b.to_bytes(nb, "big"),
+                )
+            )  # type: ignore[arg-type]
+        return parts
+
+    def entry_sizes(self, slots: list[int]) -> list[int]:
+        """The encoded length of each live slot's PEERS entry."""
+        fixed = len(KEY_HEADER) + 32 + len(self.bin_header) + self.nbytes  # keys are 32 bytes
+        heads = self.heads
+        return [len(heads[s]) + fixed for s in slots]  # type: ignore[arg-type]
+
     def avail(self) -> bytes:
         """u16 big-endian count per chunk: the wire form."""
         tail = self.avail_tail()

@@ -60,7 +60,7 @@ from peerd.wire import (
     peers_body_head,
 )
 
-from ._swarm import KEY_HEADER, MAX_LANES_PEERS, Swarm, pack_ip, unpack_ip
+from ._swarm import MAX_LANES_PEERS, Swarm, pack_ip, unpack_ip
 
 __all__ = ["EVENTS", "PeerInfo", "SwarmIndex", "SwarmStat"]
 
@@ -301,16 +301,8 @@ class SwarmIndex:
         if body is not None:
             return body
         chosen = self._pick(swarm, answer.ranked, slot, want)
-        heads, keys, packed = swarm.heads, swarm.keys, swarm.bits
-        nb, hdr, kh = swarm.nbytes, swarm.bin_header, KEY_HEADER
-        full_int, full = swarm.full_int, swarm.full
-        pieces: list[bytes | bytearray | None] = []
-        add = pieces.extend
-        for s in chosen:
-            b = packed[s]
-            add((heads[s], kh, keys[s], hdr, full if b is full_int else b.to_bytes(nb, "big")))
         head = peers_body_head(content_id, interval, len(chosen))
-        return b"".join((head, *pieces, swarm.avail_tail()))  # type: ignore[arg-type]
+        return b"".join((head, *swarm.entry_parts(chosen), swarm.avail_tail()))
 
     def _record(
         self,
@@ -602,10 +594,10 @@ class SwarmIndex:
                 self._answer_bytes -= answer.nbytes
             ranked = answer.ranked
             m = min(len(ranked), self._fit(swarm, want))
-            entries = [swarm.entry(s) for s in ranked[:m]]
+            listed = ranked[:m]
             start = peers_body_head(content_id, interval, m)
-            answer.offsets = list(accumulate(map(len, entries), initial=len(start)))
-            head = answer.head = b"".join((start, *entries))
+            answer.offsets = list(accumulate(swarm.entry_sizes(listed), initial=len(start)))
+            head = answer.head = b"".join((start, *swarm.entry_parts(listed)))
             answer.extra = swarm.entry(ranked[m]) if m < len(ranked) else b""
             answer.interval = interval
             self._answer_bytes += answer.nbytes
