@@ -33,6 +33,7 @@ from __future__ import annotations
 import itertools
 import socket
 from array import array
+from typing import cast
 
 from peerd.errors import TrackerError
 from peerd.wire import peers_body_tail
@@ -201,8 +202,11 @@ class Swarm:
 
     def entry_parts(self, slots: list[int]) -> list[bytes]:
         """The encoded PEERS entries of live ``slots``, as pieces to join."""
-        heads, keys, packed = self.heads, self.keys, self.bits
-        nb, hdr, full_int, full = self.nbytes, self.bin_header, self.full_int, self.full
+        # A live slot has its head and key (free slots hold None).
+        heads = cast("list[bytes]", self.heads)
+        keys = cast("list[bytes]", self.keys)
+        packed, nb, hdr = self.bits, self.nbytes, self.bin_header
+        full_int, full = self.full_int, self.full
         parts: list[bytes] = []
         add = parts.extend
         for s in slots:
@@ -215,7 +219,7 @@ class Swarm:
                     hdr,
                     full if b is full_int else b.to_bytes(nb, "big"),
                 )
-            )  # type: ignore[arg-type]
+            )
         return parts
 
     def entry_sizes(self, slots: list[int]) -> list[int]:
