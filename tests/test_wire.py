@@ -678,3 +678,27 @@ def test_join_peers_body_is_byte_identical_to_the_event_path(avail_len: int, cou
         w.FrameType.PEERS, w.Peers(cid, 60, tuple(w.PeerEntry(*p) for p in peers), avail)
     )
     assert join_peers_body(cid, 60, count, parts, avail) == expect
+
+
+def test_drained_means_next_event_needs_data() -> None:
+    client, server = tracker_pair()
+    assert server.drained
+    frame = client.send(w.Announce(CID, 6881, "started", b"\x80", 50))
+    for i in range(len(frame) - 1):  # a frame arriving a byte at a time
+        server.receive_data(frame[i : i + 1])
+        assert not server.drained  # part of a frame is buffered
+        assert server.next_event() is w.NEED_DATA
+    server.receive_data(frame[-1:] + frame)  # the rest, and a whole second one
+    assert isinstance(server.next_event(), w.Announce)
+    assert not server.drained
+    assert isinstance(server.next_event(), w.Announce)
+    assert server.drained
+    assert server.next_event() is w.NEED_DATA
+    server.receive_data(b"")  # EOF pending: the next event is Closed
+    assert not server.drained
+    assert isinstance(server.next_event(), w.Closed)
+    bad, _ = tracker_pair()
+    bad.receive_data(b"\xff\x00\x00\x00\x00")
+    with pytest.raises(RemoteProtocolError):
+        bad.next_event()
+    assert not bad.drained  # a failed connection keeps raising

@@ -409,6 +409,8 @@ class _Tracker:
                 break
             out.append(reply)
             c.unchecked += len(reply)
+            if conn.drained:
+                break
             if len(out) >= 64:  # bounded batches: a few dozen small replies
                 mux.send(stream, b"".join(out))
                 out.clear()

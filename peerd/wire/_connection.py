@@ -132,6 +132,13 @@ class FrameConnection:
             self._error = exc
             raise
 
+    @property
+    def drained(self) -> bool:
+        """If True, ``next_event`` would return ``NEED_DATA``: nothing is
+        buffered, no EOF is pending and nothing failed, so a caller may skip
+        that call. (False does not promise an event: part of a frame may be in.)"""
+        return not self._eof and self._error is None and self._pos == len(self._buf)
+
     def _next_event(self) -> ev.Event | Literal[_Sentinel.NEED_DATA]:
         buffered = len(self._buf) - self._pos
         if self._payload_remaining:
