@@ -15,6 +15,7 @@ from peerd.wire._codec import (
     encode_peers_body,
     join_peers_body,
 )
+from peerd.wire._frames import encode_frame
 from tracker import index as index_module
 from tracker._swarm import Swarm
 from tracker.index import SwarmIndex, SwarmStat
@@ -239,6 +240,11 @@ def _slow_body(cid: bytes, interval: int, peers: list, avail: bytes) -> bytes:
     )
 
 
+def _slow_frame(cid: bytes, interval: int, peers: list, avail: bytes) -> bytes:
+    """The PEERS frame (header and body) the validated event path gives."""
+    return encode_frame(FrameType.PEERS, _slow_body(cid, interval, peers, avail))
+
+
 @pytest.mark.parametrize("budget", ["default", "tiny"])
 def test_encoded_answers_match_the_event_path(budget: str, monkeypatch: pytest.MonkeyPatch) -> None:
     if budget == "tiny":  # caches evicted all the time
@@ -274,11 +280,11 @@ def test_encoded_answers_match_the_event_path(budget: str, monkeypatch: pytest.M
         bits = rng.choice(palette)
         want = rng.choice((0, 3, 50))
         peers, avail = plain.announce(cid, k, ip, 7000, event, bits, n, want, now)
-        body = fast.announce_encoded(cid, k, ip, 7000, event, bits, n, want, now, 30)
+        frame = fast.announce_frame(cid, k, ip, 7000, event, bits, n, want, now, 30)
         if event == "stopped":
-            assert body is None and peers == [] and avail == b""
+            assert frame is None and peers == [] and avail == b""
             continue
-        assert body == _slow_body(cid, 30, peers, avail), step
+        assert frame == _slow_frame(cid, 30, peers, avail), step
         listed = [p[2] for p in peers]
         assert k not in listed and len(set(listed)) == len(listed) <= want, step
         if step % 500 == 0:
@@ -288,9 +294,7 @@ def test_encoded_answers_match_the_event_path(budget: str, monkeypatch: pytest.M
         repeat = []
         for _ in range(2):
             before = built[0]
-            repeat.append(
-                fast.announce_encoded(cid, k, ip, 7000, "periodic", bits, n, want, now, 30)
-            )
+            repeat.append(fast.announce_frame(cid, k, ip, 7000, "periodic", bits, n, want, now, 30))
         hits += built[0] == before and want > 0
         for _ in range(2):
             plain.announce(cid, k, ip, 7000, "periodic", bits, n, want, now)
@@ -303,17 +307,17 @@ def test_cached_answer_never_lists_an_expired_peer() -> None:
     idx = SwarmIndex(ttl=10)
     idx.announce(CID, key(1), "10.0.0.1", 1, "started", b"\x80", 8, 0, 0)
     idx.announce(CID, key(2), "10.0.0.2", 2, "started", b"\x40", 8, 0, 1.5)
-    first = idx.announce_encoded(CID, key(3), "10.0.0.3", 3, "started", b"\x00", 8, 5, 1.6, 60)
-    again = idx.announce_encoded(CID, key(3), "10.0.0.3", 3, "periodic", b"\x00", 8, 5, 1.7, 60)
-    third = idx.announce_encoded(CID, key(3), "10.0.0.3", 3, "periodic", b"\x00", 8, 5, 1.8, 60)
+    first = idx.announce_frame(CID, key(3), "10.0.0.3", 3, "started", b"\x00", 8, 5, 1.6, 60)
+    again = idx.announce_frame(CID, key(3), "10.0.0.3", 3, "periodic", b"\x00", 8, 5, 1.7, 60)
+    third = idx.announce_frame(CID, key(3), "10.0.0.3", 3, "periodic", b"\x00", 8, 5, 1.8, 60)
     assert first == again
     assert third == again
     # key(1) expires at 10.0 while the ranking is still fresh (made at 9.9)
-    idx.announce_encoded(CID, key(3), "10.0.0.3", 3, "periodic", b"\x00", 8, 5, 9.9, 60)
-    later = idx.announce_encoded(CID, key(3), "10.0.0.3", 3, "periodic", b"\x00", 8, 5, 10.5, 60)
+    idx.announce_frame(CID, key(3), "10.0.0.3", 3, "periodic", b"\x00", 8, 5, 9.9, 60)
+    later = idx.announce_frame(CID, key(3), "10.0.0.3", 3, "periodic", b"\x00", 8, 5, 10.5, 60)
     peers, avail = idx.announce(CID, key(3), "10.0.0.3", 3, "periodic", b"\x00", 8, 5, 10.5)
     assert [p[2] for p in peers] == [key(2)]
-    assert later == _slow_body(CID, 60, peers, avail)
+    assert later == _slow_frame(CID, 60, peers, avail)
 
 
 def test_huge_bitmaps_are_trimmed_to_one_peers_body() -> None:
@@ -322,8 +326,11 @@ def test_huge_bitmaps_are_trimmed_to_one_peers_body() -> None:
     empty = bytes(n // 8)
     for i in range(131):
         idx.announce(CID, key(i), "10.0.0.1", 1, "started", empty, n, 0, 0)
-    body = idx.announce_encoded(CID, key(0), "10.0.0.1", 1, "periodic", empty, n, 200, 1, 60)
-    assert body is not None and len(body) <= MAX_BODY[FrameType.PEERS]
+    frame = idx.announce_frame(CID, key(0), "10.0.0.1", 1, "periodic", empty, n, 200, 1, 60)
+    assert frame is not None
+    body = frame[5:]
+    assert frame[:5] == encode_frame(FrameType.PEERS, body)[:5]
+    assert len(body) <= MAX_BODY[FrameType.PEERS]
     event = decode_body(FrameType.PEERS, body)
     assert isinstance(event, Peers) and 100 < len(event.peers) < 130
 

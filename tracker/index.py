@@ -54,6 +54,7 @@ import msgpack
 
 from peerd.errors import TrackerError
 from peerd.wire import (
+    FRAME_HEADER,
     MAX_BODY,
     FrameType,
     encode_peer_entry,
@@ -75,6 +76,9 @@ _ANSWER_ENTRIES = 4096  # cached rankings, whole index
 _ANSWER_BYTES = 8 * 2**20  # encoded PEERS entries kept, whole index
 _HEAD_MEMO = 4096  # (ip, port) -> head, for sharing heads between slots
 _PEERS_LIMIT = MAX_BODY[FrameType.PEERS]
+_PEERS = int(FrameType.PEERS)
+_PEERS_HEADER = FRAME_HEADER.pack  # (type, body length): PROTOCOL.md "Frames"
+_HEADER = FRAME_HEADER.size
 # Upper bound of one encoded PEERS entry beyond its bitmap: array header,
 # str8 of up to 45 characters, uint16 port, bin8 key, bin32 header.
 _ENTRY_OVERHEAD = 1 + 47 + 3 + 34 + 5
@@ -96,7 +100,8 @@ class _Answer:
     __slots__ = (
         "asked",
         "extra",
-        "head",
+        "frame",
+        "frame_version",
         "interval",
         "leech",
         "members",
@@ -115,12 +120,13 @@ class _Answer:
         self.until = until
         self.ranked = ranked
         self.asked = 1
-        # Built on the second ask (see _cached_body): the PEERS body up to the
-        # end of the entries an unlisted asker gets (its first `m` ranked
-        # peers), where each entry starts in it (and where the last ends),
-        # and the encoded entry of ranked peer `m`, if any (a listed asker
-        # gets it instead of its own).
-        self.head = b""
+        # Built on the second ask (see _cached_frame): the PEERS frame that
+        # answers an asker it does not list (its first `m` ranked peers), the
+        # swarm version whose availability that frame carries, where each
+        # entry starts in it (and where the last ends), and the encoded entry
+        # of ranked peer `m`, if any (a listed asker gets it instead of its own).
+        self.frame = b""
+        self.frame_version = -1
         self.interval = 0
         self.offsets: list[int] = []
         self.extra = b""
@@ -140,7 +146,7 @@ class _Answer:
 
     @property
     def nbytes(self) -> int:
-        return len(self.head) + len(self.extra)
+        return len(self.frame) + len(self.extra)
 
 
 class SwarmIndex:
@@ -262,14 +268,14 @@ class SwarmIndex:
         if want <= 0:
             return [], swarm.avail()
         answer = self._answer_for(content_id, swarm, slot, bits, want, now)
-        body = self._cached_body(content_id, 1, swarm, answer, slot, want)
-        if body is not None:  # what the encoded path answers, as tuples
-            peers = msgpack.unpackb(body)["peers"]
+        frame = self._cached_frame(content_id, 1, swarm, answer, slot, want)
+        if frame is not None:  # what the encoded path answers, as tuples
+            peers = msgpack.unpackb(frame[_HEADER:])["peers"]
             return [(ip, port, key, bits) for ip, port, key, bits in peers], swarm.avail()
         entries = [swarm.entry(s) for s in self._pick(swarm, answer.ranked, slot, want)]
         return [_info(e) for e in entries], swarm.avail()
 
-    def announce_encoded(
+    def announce_frame(
         self,
         content_id: bytes,
         key: bytes,
@@ -282,27 +288,30 @@ class SwarmIndex:
         now: float,
         interval: int,
     ) -> bytes | None:
-        """``announce``, answered as an encoded PEERS body (the server's hot path).
+        """``announce``, answered as an encoded PEERS frame (the server's hot path).
 
         Same arguments, effects and errors as ``announce``; ``interval`` is the
-        PEERS ``interval`` field. Returns the msgpack body of the PEERS message
-        that carries ``announce``'s answer (byte for byte what encoding
-        ``Peers`` would give), or None for ``stopped``. Repeated questions are
-        answered from the cache described in the module doc.
+        PEERS ``interval`` field. Returns the whole PEERS frame (header and
+        msgpack body) that carries ``announce``'s answer, byte for byte what
+        framing an encoded ``Peers`` would give, or None for ``stopped``.
+        Repeated questions are answered from the cache described in the
+        module doc.
         """
         recorded = self._record(content_id, key, ip, port, event, bits, num_chunks, now)
         if recorded is None:
             return None
         swarm, slot = recorded
-        if want <= 0:
-            return peers_body_head(content_id, interval, 0) + swarm.avail_tail()
-        answer = self._answer_for(content_id, swarm, slot, bits, want, now)
-        body = self._cached_body(content_id, interval, swarm, answer, slot, want)
-        if body is not None:
-            return body
-        chosen = self._pick(swarm, answer.ranked, slot, want)
-        head = peers_body_head(content_id, interval, len(chosen))
-        return b"".join((head, *swarm.entry_parts(chosen), swarm.avail_tail()))
+        chosen: list[int] = []
+        if want > 0:
+            answer = self._answer_for(content_id, swarm, slot, bits, want, now)
+            frame = self._cached_frame(content_id, interval, swarm, answer, slot, want)
+            if frame is not None:
+                return frame
+            chosen = self._pick(swarm, answer.ranked, slot, want)
+        start = peers_body_head(content_id, interval, len(chosen))
+        tail = swarm.avail_tail()
+        size = len(start) + sum(swarm.entry_sizes(chosen)) + len(tail)
+        return b"".join((_PEERS_HEADER(_PEERS, size), start, *swarm.entry_parts(chosen), tail))
 
     def _record(
         self,
@@ -574,51 +583,69 @@ class SwarmIndex:
         del ranked[want + 1 :]
         return ranked
 
-    def _cached_body(
+    def _cached_frame(
         self, content_id: bytes, interval: int, swarm: Swarm, answer: _Answer, asker: int, want: int
     ) -> bytes | None:
-        """The PEERS body answering ``asker`` from a ranking asked more than once.
+        """The PEERS frame answering ``asker`` from a ranking asked more than once.
 
-        The ranking keeps the body up to the end of the entries an asker it
-        does not list gets; such an asker's answer is that plus the swarm's
-        current availability (one concatenation). A listed asker gets the
-        same entries without its own, plus the next ranked one. None for a
-        ranking asked once (most are): building and keeping its entries would
-        cost more than encoding the answer directly.
+        The ranking keeps the frame for an asker it does not list: such an
+        asker gets it as it is while the swarm's availability is unchanged,
+        else it is rebuilt once around the new availability. A listed asker
+        gets the same entries without its own, plus the next ranked one (one
+        join). None for a ranking asked once (most are): building and keeping
+        its entries would cost more than encoding the answer directly.
         """
-        head = answer.head
-        if not head or answer.interval != interval:
+        frame = answer.frame
+        if not frame or answer.interval != interval:
             if answer.asked < 2:
                 return None
-            if head:
-                self._answer_bytes -= answer.nbytes
+            self._answer_bytes -= answer.nbytes
             ranked = answer.ranked
             m = min(len(ranked), self._fit(swarm, want))
             listed = ranked[:m]
             start = peers_body_head(content_id, interval, m)
-            answer.offsets = list(accumulate(swarm.entry_sizes(listed), initial=len(start)))
-            head = answer.head = b"".join((start, *swarm.entry_parts(listed)))
+            offsets = list(accumulate(swarm.entry_sizes(listed), initial=_HEADER + len(start)))
+            tail = swarm.avail_tail()
+            size = offsets[-1] - _HEADER + len(tail)
+            frame = b"".join((_PEERS_HEADER(_PEERS, size), start, *swarm.entry_parts(listed), tail))
+            answer.frame, answer.frame_version = frame, swarm.version
+            answer.offsets = offsets
             answer.extra = swarm.entry(ranked[m]) if m < len(ranked) else b""
             answer.interval = interval
             self._answer_bytes += answer.nbytes
             while self._answer_bytes > _ANSWER_BYTES and len(self._answers) > 1:
                 self._evict_answer()
-        # Both joins stay within the PEERS limit: `_fit` sized `m` for the
+        # Every frame stays within the PEERS limit: `_fit` sized `m` for the
         # biggest availability this swarm can have.
         offsets = answer.offsets
+        end = offsets[-1]
         if 0 <= (i := answer.place(asker)) < len(offsets) - 1:
-            view, extra = memoryview(head), answer.extra
+            view, extra, tail = memoryview(frame), answer.extra, swarm.avail_tail()
             count = len(offsets) - 1 if extra else len(offsets) - 2
+            start = peers_body_head(content_id, interval, count)
+            size = (
+                len(start) + end - offsets[0] - offsets[i + 1] + offsets[i] + len(extra) + len(tail)
+            )
             return b"".join(
                 (
-                    peers_body_head(content_id, interval, count),
+                    _PEERS_HEADER(_PEERS, size),
+                    start,
                     view[offsets[0] : offsets[i]],
-                    view[offsets[i + 1] :],
+                    view[offsets[i + 1] : end],
                     extra,
-                    swarm.avail_tail(),
+                    tail,
                 )
             )
-        return head + swarm.avail_tail()
+        if answer.frame_version != swarm.version:  # the availability moved
+            tail = swarm.avail_tail()
+            before = len(frame)
+            with memoryview(frame) as view:
+                frame = b"".join(
+                    (_PEERS_HEADER(_PEERS, end - _HEADER + len(tail)), view[_HEADER:end], tail)
+                )
+            answer.frame, answer.frame_version = frame, swarm.version
+            self._answer_bytes += len(frame) - before
+        return frame
 
     def _pick(self, swarm: Swarm, ranked: list[int], asker: int, want: int) -> list[int]:
         """Up to ``want`` slots of a valid ``ranked`` (all live) other than ``asker``.

@@ -23,7 +23,7 @@ reactor: one epoll wait for every socket; the proactor: one harvest of RECV
 completions), and for each connection it decodes every complete frame and
 answers in order, queueing the replies with ``Mux.send``, which writes at
 once when the socket has room. So an announce costs no task switch and no
-``await``: the index answers synchronously (``SwarmIndex.announce_encoded``
+``await``: the index answers synchronously (``SwarmIndex.announce_frame``
 returns the PEERS body, usually built from cached entries) and the loop adds
 the 5-byte frame header. The per-connection ``recv``/``send`` awaits this
 replaced cost ~45 us of the tracker's ~120 us per announce.
@@ -53,7 +53,6 @@ import logging
 import os
 import secrets
 import signal
-import struct
 import sys
 import time
 from collections import defaultdict
@@ -84,7 +83,6 @@ from peerd.wire import (
     Closed,
     Error,
     Event,
-    FrameType,
     GetManifest,
     Ok,
     PeerEntry,
@@ -118,7 +116,6 @@ DEFAULT_PORT = 7070
 AUTH_CONTEXT = b"peer-tracker-auth-v1\0"
 _SWEEP_SECONDS = 5.0
 _RECV_SIZE = 65536
-_FRAME_HEADER = struct.Struct(">BI")  # PROTOCOL.md "Frames": type u8, length u32 BE
 _UNSENT_LIMIT = 1 << 20  # replies queued for a client that does not read: stop reading it
 _DRAIN_SECONDS = 1.0  # a closing connection's last replies get this long to leave
 
@@ -428,8 +425,8 @@ class _Tracker:
 
     def _answer_now(self, event: Event, c: _Client, now: float) -> bytes | None:
         """The encoded reply if it needs no ``await`` (the hot path), else None."""
-        if type(event) is Announce and (body := self._announce_now(event, c.key, c.address, now)):
-            return _FRAME_HEADER.pack(FrameType.PEERS, len(body)) + body
+        if type(event) is Announce and (frame := self._announce_now(event, c.key, c.address, now)):
+            return frame
         if type(event) is Scrape:
             return c.conn.send(self._scrape(event))
         return None
@@ -467,7 +464,7 @@ class _Tracker:
             self._pump(c)
 
     def _announce_now(self, ev: Announce, key: bytes, address: str, now: float) -> bytes | None:
-        """The synchronous fast path: a PEERS body, or None to take the general path.
+        """The synchronous fast path: a PEERS frame, or None to take the general path.
 
         None when the announce needs the database (a content the index does
         not know yet), is a ``stopped`` (answered by OK) or is refused
@@ -477,7 +474,7 @@ class _Tracker:
         if num_chunks is None or ev.event == "stopped":
             return None
         try:
-            return self.index.announce_encoded(
+            return self.index.announce_frame(
                 ev.content_id,
                 key,
                 address,

@@ -71,11 +71,12 @@ from ._events import (
     ScrapeStat,
     TrackerManifest,
 )
-from ._frames import MAX_BODY, MAX_PAYLOAD, FrameType
+from ._frames import FRAME_HEADER, MAX_BODY, MAX_PAYLOAD, FrameType
 from ._state import PeerState, TrackerState
 
 __all__ = [
     "ANNOUNCE_EVENTS",
+    "FRAME_HEADER",
     "MAX_BODY",
     "MAX_PAYLOAD",
     "NEED_DATA",
