@@ -20,9 +20,15 @@ chunks first). An asker for whom every peer in it has something useful gets
 that ranking; only the others (seeders, nearly complete leechers) get one
 computed for their bitmap. So a swarm's ranking is scored once per state,
 not once per asker, and its PEERS entries are encoded once: answering is
-then a usefulness check over ~50 ints and a join. Rankings are cached per
-(content, asker bits, want) for up to 2 s (each recomputation rotates where
-ties start, so askers are not all sent to the same first peers). A change
+then a usefulness check over ~50 ints. A ranking asked a second time keeps
+the whole PEERS frame for an asker it does not list (most askers): that
+asker gets the very same bytes while the swarm's availability is unchanged,
+and the frame is rebuilt once when it moves; a listed asker gets one join of
+the frame's entries around its own plus the next ranked peer. Rankings are
+cached per (content, asker bits, want) for 1.5-2 s (each recomputation
+rotates where ties start, so askers are not all sent to the same first
+peers; the spread keeps rankings made together, such as a tracker's first
+second, from coming due together as a wave of rescoring). A change
 in the swarm ends a ranking early, except that a full ranking (it lists
 ``want + 1`` peers) outlives changes of bitmaps: then the bitmaps in its
 encoded entries may be up to 2 s old. In a live swarm, where progress
