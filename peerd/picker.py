@@ -65,11 +65,20 @@ we know holds is renewed instead (there is nobody else to fetch it from).
 from __future__ import annotations
 
 import random
+import struct
 from collections import deque
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
+from itertools import islice
 
-__all__ = ["MAX_DEPTH", "PiecePicker", "bits_from_flags", "flags_from_bits", "pipeline_depth"]
+__all__ = [
+    "MAX_DEPTH",
+    "PiecePicker",
+    "bits_from_flags",
+    "flags_from_bits",
+    "pipeline_depth",
+    "swarm_counts",
+]
 
 MAX_DEPTH = 32
 PIPELINE_SECONDS = 0.25
@@ -94,6 +103,15 @@ PeerKey = Hashable
 
 _TO_FLAGS = bytes.maketrans(b"01", b"\x00\x01")
 _TO_CHARS = bytes.maketrans(b"\x00\x01", b"01")
+
+
+def swarm_counts(avail: bytes) -> tuple[int, ...]:
+    """The tracker's availability field (2-byte big-endian holder counts) as ints."""
+    n = len(avail) // 2
+    counts = struct.unpack_from(f">{n}H", avail)
+    if len(avail) % 2:  # not from a valid PEERS frame; read the odd byte as a count
+        counts += (avail[-1],)
+    return counts
 
 
 def flags_from_bits(bits: bytes, n: int) -> bytearray:
@@ -236,11 +254,13 @@ class PiecePicker:
     # --- swarm knowledge ----------------------------------------------------
     def set_swarm_availability(self, counts: Iterable[int]) -> None:
         """Per-chunk holder counts from the tracker (a prior for rarest-first)."""
-        for i, c in enumerate(counts):
-            if i >= self.num_chunks:
-                break
-            if self._swarm_weight[i] != c:
-                self._swarm_weight[i] = c
+        weight = self._swarm_weight
+        new = list(islice(counts, self.num_chunks))
+        if new == weight[: len(new)]:
+            return  # the usual case: nothing moved since the last answer
+        for i, c in enumerate(new):
+            if weight[i] != c:
+                weight[i] = c
                 self._rebucket(i)
 
     def add_peer(self, peer: PeerKey, flags: bytes | bytearray | None = None) -> None:
@@ -268,10 +288,14 @@ class PiecePicker:
             return
         p.flags[index] = 1
         p.held += 1
-        self.avail[index] += 1
+        avail = self.avail[index] + 1
+        self.avail[index] = avail
         if self._pos[index] >= 0:
             p.useful += 1
-            self._rebucket(index)
+            # self._rebucket(index), inlined: one call per HAVE in a big swarm.
+            if self._bucket_of[index] != min(avail, 1000) * 16 + min(self._swarm_weight[index], 15):
+                self._bucket_remove(index)
+                self._bucket_add(index)
 
     def peer_lacks(self, peer: PeerKey, index: int) -> bool:
         """Might the peer still want chunk ``index``? (False once it said it has it.)

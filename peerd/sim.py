@@ -60,7 +60,13 @@ from .choker import Choker
 from .errors import RemoteProtocolError
 from .identity import Identity, verify_signature
 from .node import PROTOCOL_VERSION, proof_message
-from .picker import PiecePicker, bits_from_flags, flags_from_bits, pipeline_depth
+from .picker import (
+    PiecePicker,
+    bits_from_flags,
+    flags_from_bits,
+    pipeline_depth,
+    swarm_counts,
+)
 from .scheduling import (
     BUSY_BACKOFF,
     QUEUE_WAIT,
@@ -339,17 +345,19 @@ class Simulation:
         # here (N = 1000: ~5 % of the run), so it waits until the end.
         gc_was_on = gc.isenabled()
         gc.disable()
+        pop, events = heapq.heappop, self.events
         try:
             while heap and self.leechers_left:
-                t, _seq, fn, args = heapq.heappop(heap)
+                t, _seq, fn, args = pop(heap)
                 if t > max_time:
                     break
                 self.now = t
-                self.events += 1
+                events += 1
                 fn(*args)
                 while dirty:
                     writer(dirty.pop())
         finally:
+            self.events = events
             if gc_was_on:
                 gc.enable()
         wall = time.perf_counter() - started
@@ -441,9 +449,7 @@ class Simulation:
 
     def _on_peers(self, node: _Node, peers: list[Any], avail: bytes) -> None:
         if node.picker is not None and avail:
-            node.picker.set_swarm_availability(
-                int.from_bytes(avail[k : k + 2], "big") for k in range(0, len(avail), 2)
-            )
+            node.picker.set_swarm_availability(swarm_counts(avail))
         if node.picker is not None:  # mirrors _connect_to: seeders wait for leechers
             cands = [
                 (ip, port)

@@ -40,7 +40,13 @@ from .choker import Choker
 from .errors import PeerError, TrackerError
 from .hashing import hash_chunk
 from .manifest import Manifest
-from .picker import PiecePicker, bits_from_flags, flags_from_bits, pipeline_depth
+from .picker import (
+    PiecePicker,
+    bits_from_flags,
+    flags_from_bits,
+    pipeline_depth,
+    swarm_counts,
+)
 from .scheduling import (
     BUSY_BACKOFF,
     QUEUE_WAIT,
@@ -412,10 +418,7 @@ class Content:
                 interval = max(1.0, float(peers.interval))
                 self.tracker_peers = len(peers.peers)
                 if self.picker is not None and peers.availability:
-                    avail = peers.availability
-                    self.picker.set_swarm_availability(
-                        int.from_bytes(avail[k : k + 2], "big") for k in range(0, len(avail), 2)
-                    )
+                    self.picker.set_swarm_availability(swarm_counts(peers.availability))
                 self._connect_to(peers.peers)
             if event == "completed":
                 completed_sent = True

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from peerd.picker import PiecePicker, bits_from_flags, flags_from_bits
+from peerd.picker import PiecePicker, bits_from_flags, flags_from_bits, swarm_counts
 
 
 @given(st.lists(st.integers(0, 1), max_size=300))
@@ -301,3 +301,21 @@ def test_pipeline_depth_covers_a_quarter_second_plus_one() -> None:
     assert pipeline_depth(50_000.0, chunk) == 2
     assert pipeline_depth(4 * chunk * 4, chunk) == 5  # 4 chunks per quarter second
     assert pipeline_depth(1e12, chunk) == MAX_DEPTH
+
+
+@given(st.binary(max_size=64))
+def test_swarm_counts_reads_two_byte_big_endian_counts(avail: bytes) -> None:
+    expected = [int.from_bytes(avail[k : k + 2], "big") for k in range(0, len(avail), 2)]
+    assert list(swarm_counts(avail)) == expected
+
+
+def test_swarm_availability_breaks_ties_before_peers_connect_and_follows_changes() -> None:
+    picker = PiecePicker(16, rng=random.Random(1))
+    picker.add_peer("seed", bytearray([1] * 16))
+    counts = [9] * 16
+    for rare in (11, 5, 13):
+        counts[rare] = 1
+        picker.set_swarm_availability(swarm_counts(b"".join(c.to_bytes(2, "big") for c in counts)))
+        picker.set_swarm_availability(counts)  # the same counts again: no change
+        assert picker.pick("seed", 1, 0.0, 10.0) == [rare]  # fewest holders swarm-wide
+        counts[rare] = 9
