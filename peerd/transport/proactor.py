@@ -91,6 +91,7 @@ import functools
 import os
 import select
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -435,6 +436,8 @@ class _RingEntry:
         "buf",
         "fd",
         "held",
+        "on_recv",
+        "on_send",
         "out",
         "paused",
         "recv_uid",
@@ -444,6 +447,9 @@ class _RingEntry:
         "stopped",
         "stream",
     )
+    # Completion callbacks, bound once by RingMux.add (see _arm / _send_next).
+    on_recv: Callable[[int], None]
+    on_send: Callable[[int], None]
 
     def __init__(self, stream: Stream, fd: int) -> None:
         self.stream = stream
@@ -492,6 +498,8 @@ class RingMux(Mux):
         if stream in self._entries:
             raise ValueError("stream is already in this mux")
         e = _RingEntry(stream, fd)
+        e.on_recv = functools.partial(self._on_recv, e)
+        e.on_send = functools.partial(self._on_send, e)
         self._entries[stream] = e
         self._arm(e)
 
@@ -500,7 +508,7 @@ class RingMux(Mux):
             _ring.L.io_uring_prep_recv,
             (e.fd, e.buf, 0),
             e.buf,
-            functools.partial(self._on_recv, e),
+            e.on_recv,
         )
 
     def _deliver(self, e: _RingEntry, result: bytes | Exception) -> None:
@@ -543,7 +551,7 @@ class RingMux(Mux):
             _ring.L.io_uring_prep_send,
             (e.fd, data, _MSG_WAITALL | _MSG_NOSIGNAL),
             data,
-            functools.partial(self._on_send, e),
+            e.on_send,
         )
 
     def _on_send(self, e: _RingEntry, res: int) -> None:
