@@ -589,6 +589,8 @@ class Simulation:
                 self._close(s)
             else:
                 raise RemoteProtocolError(f"unexpected {type(event).__name__}")
+            if conn.drained:
+                return  # (next_event would say NEED_DATA)
 
     def _on_bitfield(self, s: _Session, bits: bytes) -> None:
         picker = s.node.picker

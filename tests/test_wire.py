@@ -702,3 +702,15 @@ def test_drained_means_next_event_needs_data() -> None:
     with pytest.raises(RemoteProtocolError):
         bad.next_event()
     assert not bad.drained  # a failed connection keeps raising
+
+
+def test_repeated_haves_are_the_same_bytes_and_still_checked() -> None:
+    a, b = peer_pair()
+    first = a.send(w.Have((3, 9)))
+    assert a.send(w.Have((3, 9))) == first  # the memo gives the very same bytes
+    assert first == raw_frame(w.FrameType.HAVE, {"idx": [3, 9]})
+    b.receive_data(first + a.send(w.Have((3, 9))))
+    assert drain(b) == [w.Have((3, 9)), w.Have((3, 9))]
+    fresh = w.PeerConnection()  # before the handshake HAVE is not allowed
+    with pytest.raises(LocalProtocolError):
+        fresh.send(w.Have((3, 9)))

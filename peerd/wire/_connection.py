@@ -78,6 +78,13 @@ NEED_DATA: Final = _Sentinel.NEED_DATA
 # larger half of the buffer: amortised O(1) per byte, bounded waste.
 _COMPACT_MIN = 64 * 1024
 
+# Encoded HAVE frames of a few indices (events are immutable, so the bytes of
+# one are the bytes of any equal one).
+_HAVE = int(FrameType.HAVE)
+_HAVE_FRAMES: dict[tuple[int, ...], bytes] = {}
+_HAVE_MEMO_SIZE = 4096
+_HAVE_MEMO_INDICES = 8
+
 
 class FrameConnection:
     """Framing, DATA payload handling and error discipline shared by every role.
@@ -270,6 +277,15 @@ class FrameConnection:
         new_state = self._transition(ftype, sending=True)
         if isinstance(event, ev.DataHeader):
             data = encode_data_header(event.index, event.offset, event.length)
+        elif ftype == _HAVE and len(indices := event.indices) <= _HAVE_MEMO_INDICES:  # type: ignore[attr-defined]
+            # A chunk's HAVE goes to every neighbour in the same bytes.
+            memo = _HAVE_FRAMES.get(indices)
+            if memo is None:
+                memo = encode_frame(ftype, encode_body(ftype, event))
+                if len(_HAVE_FRAMES) >= _HAVE_MEMO_SIZE:
+                    _HAVE_FRAMES.clear()
+                _HAVE_FRAMES[indices] = memo
+            data = memo
         else:
             data = encode_frame(ftype, encode_body(ftype, event))
         self._enter(new_state, sending=True)
