@@ -315,7 +315,7 @@ class EpollMux(Mux):
         self._entries: dict[Stream, _MuxEntry] = {}
         self._by_fd: dict[int, _MuxEntry] = {}
         self._failed: list[MuxResult] = []  # send failures, reported by next_batch
-        self._in_batch = False  # next_batch returned and was not called again yet
+        self._in_batch = False  # a batch of _DEFER_FROM+ streams is being worked on
         self._deferred: list[_MuxEntry] = []  # written when next_batch is called
 
     def _update(self, e: _MuxEntry) -> None:
