@@ -16,9 +16,9 @@ its head once.
 
 An encoded answer is therefore a concatenation: per chosen peer its head, its
 key, its bitmap's bytes and two bin headers -- no per-peer objects, no per-peer
-validation (the wire's trusted ``join_peers_body``; every field is valid by
-construction: text from ``inet_ntop``, a u16 port, an authenticated key,
-a bitmap checked on the way in).
+validation (the wire's trusted ``peers_body_head`` / ``peers_body_tail``
+framing; every field is valid by construction: text from ``inet_ntop``, a
+u16 port, an authenticated key, a bitmap checked on the way in).
 
 Per-chunk availability is one big Python int with a 16-bit lane per chunk.
 A bitmap is widened to lanes with a 256-entry table (a C-level ``join``), so an
@@ -195,10 +195,7 @@ class Swarm:
 
     def entry(self, slot: int) -> bytes:
         """The encoded PEERS entry ``[ip, port, key, bits]`` of a live slot."""
-        head, key = self.heads[slot], self.keys[slot]
-        assert head is not None and key is not None
-        bits = self.bits[slot].to_bytes(self.nbytes, "big")
-        return head + KEY_HEADER + key + self.bin_header + bits
+        return b"".join(self.entry_parts([slot]))
 
     def entry_parts(self, slots: list[int]) -> list[bytes]:
         """The encoded PEERS entries of live ``slots``, as pieces to join."""

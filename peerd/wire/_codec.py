@@ -310,21 +310,24 @@ def encode_body(ftype: int, event: ev.Event) -> bytes:
     return body
 
 
-def _check_peers_fields(content_id: bytes, interval: int, count: int, availability: bytes) -> None:
+def _check_peers_head(content_id: bytes, interval: int, count: int) -> None:
     if (
         type(content_id) is not bytes
         or len(content_id) != ev.ID_SIZE
         or type(interval) is not int
         or not 1 <= interval <= ev.MAX_INTERVAL
-        or count > ev.MAX_PEERS
-        or type(availability) is not bytes
-        or len(availability) % 2
-        or len(availability) > ev.MAX_AVAIL_LEN
+        or not 0 <= count <= ev.MAX_PEERS
     ):
         raise LocalProtocolError(
             f"PEERS: invalid message fields (id {len(content_id)} bytes, interval {interval}, "
-            f"{count} peers, avail {len(availability)} bytes)"
+            f"{count} peers)"
         )
+
+
+def _check_avail(availability: bytes) -> None:
+    size = len(availability)
+    if type(availability) is not bytes or size % 2 or size > ev.MAX_AVAIL_LEN:
+        raise LocalProtocolError(f"PEERS: invalid avail ({size} bytes)")
 
 
 def _check_peers_size(body: bytes) -> bytes:
@@ -357,7 +360,8 @@ def encode_peers_body(
         LocalProtocolError: a message-level field is out of range, or the body
             exceeds the PEERS limit (send fewer peers).
     """
-    _check_peers_fields(content_id, interval, len(peers), availability)
+    _check_peers_head(content_id, interval, len(peers))
+    _check_avail(availability)
     # Same key order and the same packer as the PEERS spec above: tuples pack
     # as msgpack arrays, so the bytes are identical to the event path.
     body: bytes = msgpack.packb(
@@ -416,17 +420,7 @@ def peers_body_head(content_id: bytes, interval: int, count: int) -> bytes:
     Raises:
         LocalProtocolError: a field is out of range.
     """
-    if (
-        type(content_id) is not bytes
-        or len(content_id) != ev.ID_SIZE
-        or type(interval) is not int
-        or not 1 <= interval <= ev.MAX_INTERVAL
-        or not 0 <= count <= ev.MAX_PEERS
-    ):
-        raise LocalProtocolError(
-            f"PEERS: invalid message fields (id {len(content_id)} bytes, interval {interval}, "
-            f"{count} peers)"
-        )
+    _check_peers_head(content_id, interval, count)
     header = bytes((0x90 | count,)) if count < 16 else b"\xdc" + count.to_bytes(2, "big")
     # A content id is exactly 32 bytes (checked above): a fixed bin 8 header.
     return b"".join(
@@ -448,9 +442,8 @@ def peers_body_tail(availability: bytes) -> bytes:
     Raises:
         LocalProtocolError: ``availability`` is not a valid u16 count array.
     """
+    _check_avail(availability)
     size = len(availability)
-    if type(availability) is not bytes or size % 2 or size > ev.MAX_AVAIL_LEN:
-        raise LocalProtocolError(f"PEERS: invalid avail ({size} bytes)")
     # msgpack's bin header, written here (the bytes are copied once, by the join).
     head = (
         b"\xc4" + bytes((size,))
