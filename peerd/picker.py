@@ -306,6 +306,17 @@ class PiecePicker:
         p = self._peers.get(peer)
         return p is None or not p.flags[index]
 
+    def lacking(self, peers: Iterable[PeerKey], index: int) -> list[PeerKey]:
+        """Those of ``peers`` that might still want chunk ``index`` (see
+        :meth:`peer_lacks`), in order: whom to tell about a new chunk."""
+        known = self._peers
+        out = []
+        for peer in peers:
+            p = known.get(peer)
+            if p is None or not p.flags[index]:
+                out.append(peer)
+        return out
+
     def remove_peer(self, peer: PeerKey) -> list[int]:
         """A connection is gone; its in-flight chunks become requestable again."""
         p = self._peers.pop(peer, None)
@@ -356,20 +367,23 @@ class PiecePicker:
         p = self._peers.get(peer)
         if p is None or count <= 0:
             return []
-        chosen: list[int] = []
         if p.useful:
             chosen = self._pick_rarest(peer, p, min(count, p.useful), now, now + timeout)
-        if len(chosen) < count and self.stale_after > 0 and self._stale_q:
-            chosen.extend(self._pick_stale(peer, p, count - len(chosen), now, now + timeout))
-        if len(chosen) < count and not self._buckets:
-            chosen.extend(self._pick_endgame(peer, p, count - len(chosen), now, now + timeout))
-        elif (
-            len(chosen) < count
-            and self.rescue_factor > 0
-            and p.rate > 0
-            and 2 * len(self._inflight) >= self.missing
-        ):
-            chosen.extend(self._pick_rescue(peer, p, count - len(chosen), now, now + timeout))
+            left = count - len(chosen)
+            if left <= 0:
+                return chosen
+        else:
+            chosen, left = [], count
+        # (The usual case in a big swarm ends here: nothing useful, not in the tail.)
+        if self.stale_after > 0 and self._stale_q:
+            chosen.extend(self._pick_stale(peer, p, left, now, now + timeout))
+            left = count - len(chosen)
+            if left <= 0:
+                return chosen
+        if not self._buckets:
+            chosen.extend(self._pick_endgame(peer, p, left, now, now + timeout))
+        elif self.rescue_factor > 0 and p.rate > 0 and 2 * len(self._inflight) >= self.missing:
+            chosen.extend(self._pick_rescue(peer, p, left, now, now + timeout))
         return chosen
 
     def _slow_holders(self, p: _Peer, holders: dict[PeerKey, float], extra: int) -> bool:

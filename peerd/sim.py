@@ -279,6 +279,7 @@ class Simulation:
         self._heap: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
         self._seq = 0
         self._dirty: list[_Session] = []  # sessions whose writer has work
+        self._have_events: dict[int, Have] = {}  # chunk -> HAVE of that chunk alone
         self.events = 0
         self.handshakes = 0
         self.duplicates = 0
@@ -415,8 +416,16 @@ class Simulation:
             return  # the upload on the wire finishes first; it kicks us again
         if s.haves and s.open and not s.closing:
             haves, s.haves = s.haves, []
-            for k in range(0, len(haves), MAX_HAVE_PER_FRAME):
-                s.control.append(s.conn.send(Have(tuple(haves[k : k + MAX_HAVE_PER_FRAME]))))
+            if len(haves) == 1:
+                # The usual case: one new chunk, told to every neighbour. The
+                # event is immutable, so one per chunk serves every session.
+                have = self._have_events.get(haves[0])
+                if have is None:
+                    have = self._have_events[haves[0]] = Have((haves[0],))
+                s.control.append(s.conn.send(have))
+            else:
+                for k in range(0, len(haves), MAX_HAVE_PER_FRAME):
+                    s.control.append(s.conn.send(Have(tuple(haves[k : k + MAX_HAVE_PER_FRAME]))))
         if s.control:
             frames, s.control = s.control, []
             self._deliver(s, b"".join(frames), self.now)
@@ -671,12 +680,19 @@ class Simulation:
                 other.requests.discard(other_req)
                 other.cancelled.append(other_req)
                 self._send(other, Cancel(*other_req))
-        suppress = self.cfg.suppress_haves
-        for t in node.sessions.values():
-            # Proposed for store_chunk: no HAVE to a peer that holds the chunk.
-            if not suppress or picker.peer_lacks(t, index):
-                t.haves.append(index)
-                self._kick(t)
+        # Mirrors store_chunk: no HAVE to a peer that holds the chunk.
+        tell = (
+            picker.lacking(node.sessions.values(), index)
+            if self.cfg.suppress_haves
+            else node.sessions.values()
+        )
+        dirty = self._dirty
+        for t in tell:
+            assert isinstance(t, _Session)
+            t.haves.append(index)
+            if not t.kicked and not t.sending:  # self._kick(t), inlined
+                t.kicked = True
+                dirty.append(t)
         node.progress_pending = True
         if picker.complete:
             self._finish(node)
@@ -721,9 +737,10 @@ class Simulation:
 
     def _fill_all(self, node: _Node) -> None:
         fill = self._fill
-        for s in list(node.sessions.values()):
-            if s.depth > len(s.requests):  # (_fill's own first test, without the call)
-                fill(s)
+        for s in [s for s in node.sessions.values() if s.depth > len(s.requests)]:
+            # (_fill's own first test, without the call; a fill sends
+            # requests only, so no session's room changes meanwhile.)
+            fill(s)
 
     def _tick(self, node: _Node) -> None:
         now = self.now

@@ -172,6 +172,10 @@ def test_peer_lacks_follows_bitfield_and_have() -> None:
     p.peer_has("a", 1)
     assert not p.peer_lacks("a", 1)
     assert p.peer_lacks("unknown", 0)
+    p.add_peer("b", bytearray([0, 1, 0]))
+    assert p.lacking(["a", "b", "unknown"], 0) == ["b", "unknown"]  # in the given order
+    assert p.lacking(["b", "a"], 1) == []
+    assert p.lacking(["b", "a"], 2) == ["b", "a"]
 
 
 def test_stale_request_may_be_asked_of_a_second_peer() -> None:
