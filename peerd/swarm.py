@@ -290,9 +290,9 @@ class Content:
             assert isinstance(other, PeerSession)
             off, ln = 0, length
             other.cancel_request(index, off, ln)
-        for s in self.sessions.values():
-            if picker.peer_lacks(s, index):  # no HAVE to a peer that holds it
-                s.announce_have(index)
+        for s in picker.lacking(self.sessions.values(), index):  # no HAVE to a holder
+            assert isinstance(s, PeerSession)
+            s.announce_have(index)
         self._progress_pending = True
         if picker.complete:
             await self._finish()
