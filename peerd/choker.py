@@ -243,15 +243,19 @@ class Choker:
         other neighbours that got it since sit idle; refused, the requester
         asks one of them.
         """
-        if self.max_wait <= 0:
+        max_wait = self.max_wait
+        if max_wait <= 0:
             return []
-        seen, fresh = self._seen, {}
+        if not self._turns:  # nothing queued (a node that is not asked)
+            self._seen = {}
+            return []
+        seen, fresh, queues = self._seen, {}, self._queues
         out: list[tuple[PeerKey, Request]] = []
         for peer in self._turns:
-            for req in self._queues[peer]:
+            for req in queues[peer]:
                 key = (peer, req)
                 first = seen.get(key, now)
-                if now - first >= self.max_wait:
+                if now - first >= max_wait:
                     out.append(key)
                 else:
                     fresh[key] = first
@@ -333,20 +337,24 @@ class Choker:
         turns = self._turns
         if not turns:
             return None
-        eligible: list[PeerKey] = list(turns)
+        eligible: deque[PeerKey] | list[PeerKey] = turns  # only read until the choice
         if self.slots:
-            eligible = [p for p in turns if p in self._unchoked] or eligible
-        sent = self._sent
+            eligible = [p for p in turns if p in self._unchoked] or turns
+        sent, queues = self._sent, self._queues
         best_peer, best_pos, best_count = eligible[0], 0, -1
         if self.fresh_first:
             for peer in eligible:
-                for pos, req in enumerate(self._queues[peer]):
+                pos = 0
+                for req in queues[peer]:
                     count = sent.get(req[0], 0)
                     if best_count < 0 or count < best_count:
                         best_peer, best_pos, best_count = peer, pos, count
+                        if count == 0:
+                            break  # nothing fresher than never sent
+                    pos += 1
                 if best_count == 0:
                     break
-        queue = self._queues[best_peer]
+        queue = queues[best_peer]
         request = queue[best_pos]
         del queue[best_pos]
         turns.remove(best_peer)
