@@ -81,6 +81,7 @@ _COMPACT_MIN = 64 * 1024
 # Encoded HAVE frames of a few indices (events are immutable, so the bytes of
 # one are the bytes of any equal one).
 _HAVE = int(FrameType.HAVE)
+_DATA = int(FrameType.DATA)
 _HAVE_FRAMES: dict[tuple[int, ...], bytes] = {}
 _HAVE_MEMO_SIZE = 4096
 _HAVE_MEMO_INDICES = 8
@@ -175,7 +176,7 @@ class FrameConnection:
             )
         new_state = self._transition(ftype, sending=False)
 
-        if ftype == FrameType.DATA:
+        if ftype == _DATA:
             if buffered < FRAME_HEADER_SIZE + DATA_HEADER_SIZE:
                 return self._need_data("in the middle of a DATA header")
             index, offset = DATA_HEADER.unpack_from(self._buf, self._pos + FRAME_HEADER_SIZE)
@@ -267,7 +268,7 @@ class FrameConnection:
         Raises:
             LocalProtocolError: this role may not send the event, or not now.
         """
-        if isinstance(event, ev.DataPayload) and FrameType.DATA in self.SEND_TYPES:
+        if isinstance(event, ev.DataPayload) and _DATA in self.SEND_TYPES:
             return event.data
         ftype = EVENT_TYPES.get(type(event))
         if ftype is None:
