@@ -41,6 +41,14 @@ fresh chunks wait. For a leecher it spreads what it holds more evenly. A
 peer's queue is short (its pipeline depth), so the scan is cheap and a
 peer waits at most one round per fresher request.
 
+**Furthest behind first (``needy_window=w``).** With the peers' progress
+known (:meth:`set_progress`: the share of the chunks each one holds, as far
+as we know), only the requesters within ``w`` of the least advanced one are
+eligible for the next turn (round robin and fresh first among them; see
+:func:`neediest`). A leecher that fell behind is otherwise starved: its
+neighbours are the advanced peers everybody asks, and its requests wait out
+``max_wait`` and are refused. Work conserving: somebody is always served.
+
 **Super-seeding (``super_seed=n``, for the origin seeder).** Fresh first can
 only choose among the requests that are queued, and leechers judge rarity
 from their few neighbours: late in the first pass most of what they ask the
@@ -59,14 +67,30 @@ from __future__ import annotations
 
 import random
 from collections import deque
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Iterable, Mapping
 
-__all__ = ["Choker"]
+__all__ = ["Choker", "neediest"]
 
 PeerKey = Hashable
 
 
 Request = tuple[int, int, int]  # (index, offset, length), as on the wire
+
+
+def neediest(
+    peers: Iterable[PeerKey], progress: Mapping[PeerKey, float], window: float
+) -> list[PeerKey]:
+    """Those of ``peers`` (in their order) whose progress is within ``window``
+    of the least: the ones a "furthest behind first" uploader serves next.
+
+    ``progress`` maps a peer to the share of the chunks it holds as far as
+    we know; a peer missing from it counts as 0 (nothing known yet).
+    """
+    peers = list(peers)
+    if not peers:
+        return peers
+    cutoff = min(progress.get(p, 0.0) for p in peers) + window
+    return [p for p in peers if progress.get(p, 0.0) <= cutoff]
 
 
 class Choker:
@@ -92,6 +116,9 @@ class Choker:
             (REJECT ``busy``) and the requester asks another holder
             (0 = off; not for the origin seeder, which holds what nobody
             else does).
+        needy_window: serve first the requesters whose progress (share of
+            the chunks held, :meth:`set_progress`) is within this of the
+            least advanced one's (0 = off).
 
     Raises:
         ValueError: ``slots`` is 1 or negative, ``max_queued`` < 1, or a
@@ -110,11 +137,14 @@ class Choker:
         super_seed: int = 0,
         max_backlog: int = 0,
         max_wait: float = 0.0,
+        needy_window: float = 0.0,
     ) -> None:
         if super_seed < 0 or max_backlog < 0:
             raise ValueError("super_seed must be a chunk count (0 = off)")
         if max_wait < 0:
             raise ValueError("max_wait must be >= 0 (0 = requests wait as long as it takes)")
+        if not 0 <= needy_window <= 1:
+            raise ValueError("needy_window must be a share of the chunks, 0..1 (0 = off)")
         if slots < 0 or slots == 1:
             raise ValueError("slots must be 0 (fair share) or at least 2")
         if max_queued < 1:
@@ -136,6 +166,8 @@ class Choker:
         self.super_seed = super_seed
         self.max_backlog = max_backlog
         self.max_wait = max_wait
+        self.needy_window = needy_window
+        self._progress: dict[PeerKey, float] = {}  # peer -> share of chunks it holds (known)
         self._seen: dict[tuple[PeerKey, Request], float] = {}  # queued request -> first seen
         self._backlog = 0  # requests queued, all peers
         self._untouched = super_seed  # chunks neither sent nor queued (super-seeding)
@@ -157,6 +189,7 @@ class Choker:
         self._refused.pop(peer, None)
         self._served.pop(peer, None)
         self._rates.pop(peer, None)
+        self._progress.pop(peer, None)
         self._unchoked.discard(peer)
         if queue:
             self._turns.remove(peer)
@@ -264,6 +297,12 @@ class Choker:
             self.on_cancel(peer, req)
         return out
 
+    def set_progress(self, peer: PeerKey, share: float) -> None:
+        """The share (0..1) of the chunks the peer holds, as far as we know
+        (its BITFIELD, its HAVEs and the chunks we sent it): for ``needy_window``."""
+        if peer in self._queues:
+            self._progress[peer] = share
+
     def times_sent(self, index: int) -> int:
         """How many times :meth:`next_request` handed out chunk ``index``."""
         return self._sent.get(index, 0)
@@ -340,6 +379,8 @@ class Choker:
         eligible: deque[PeerKey] | list[PeerKey] = turns  # only read until the choice
         if self.slots:
             eligible = [p for p in turns if p in self._unchoked] or turns
+        if self.needy_window and len(eligible) > 1:
+            eligible = neediest(eligible, self._progress, self.needy_window)
         sent, queues = self._sent, self._queues
         best_peer, best_pos, best_count = eligible[0], 0, -1
         if self.fresh_first:

@@ -27,7 +27,7 @@ from .errors import PeerError, RemoteProtocolError, TrackerError, TransportError
 from .identity import Identity, verify_signature
 from .manifest import Manifest
 from .ratelimit import RateLimiter
-from .scheduling import UploadTurns
+from .scheduling import NEEDY_WINDOW, UploadTurns
 from .store import ChunkStore, SourceFile
 from .swarm import Content
 from .transport import Stream, Transport
@@ -97,7 +97,7 @@ class Node:
         self.up_limiter = RateLimiter(up_limit)
         self.down_limiter = RateLimiter(down_limit)
         # One upload link: one connection uploads at a time (scheduling.py).
-        self.upload_turns = UploadTurns(UPLOAD_SLOTS)
+        self.upload_turns = UploadTurns(UPLOAD_SLOTS, needy_window=NEEDY_WINDOW)
         self.contents: dict[bytes, Content] = {}
         self._scopes: dict[bytes, trio.CancelScope] = {}
         self._tracker: TrackerClient | None = None

@@ -69,7 +69,9 @@ from .picker import (
 )
 from .scheduling import (
     BUSY_BACKOFF,
+    NEEDY_WINDOW,
     QUEUE_WAIT,
+    RemoteProgress,
     choose_dials,
     next_announce_delay,
     tracker_want,
@@ -135,6 +137,9 @@ class SimConfig:
             (:func:`peerd.scheduling.choose_dials`) instead of its first peers.
         busy_backoff: seconds a refused (peer, chunk) pair is not asked again
             (0: asked again at once, as before).
+        needy_window: a leecher serves first the requesters within this
+            share of the chunks of the least advanced one
+            (``Choker(needy_window=...)``; 0 = plain round robin).
         verify: sign and verify the Ed25519 handshake PROOFs (a 1,000-peer
             swarm may skip the crypto to save wall time; every message still
             goes through PeerConnection).
@@ -161,6 +166,7 @@ class SimConfig:
     backlog: int = 0
     stale_after: float = 0.0
     queue_wait: float = QUEUE_WAIT
+    needy_window: float = NEEDY_WINDOW
     verify: bool = True
     seed: int = 1
     max_time: float = 0.0
@@ -208,6 +214,7 @@ class _Session:
         "depth",
         "haves",
         "kicked",
+        "known",
         "last_payload_at",
         "node",
         "nonce",
@@ -233,6 +240,7 @@ class _Session:
         self.control: list[bytes] = []
         self.haves: list[int] = []
         self.kicked = False
+        self.known: RemoteProgress | None = None  # the remote's chunks, as far as we know
         self.sending = False
         self.arrive_after = 0.0
         self.depth = pipeline_depth(0.0, 1)  # nothing measured yet (any chunk size)
@@ -319,6 +327,7 @@ class Simulation:
                     super_seed=c.chunks if seeder and c.super_seed else 0,
                     max_backlog=0 if seeder else c.backlog,
                     max_wait=0.0 if seeder else c.queue_wait,
+                    needy_window=0.0 if seeder else c.needy_window,
                 ),
             )
             self.nodes.append(node)
@@ -602,12 +611,21 @@ class Simulation:
                 return  # (next_event would say NEED_DATA)
 
     def _on_bitfield(self, s: _Session, bits: bytes) -> None:
+        if s.node.choker.needy_window:  # mirrors PeerSession.note_remote_bitfield
+            s.known = RemoteProgress(self.cfg.chunks)
+            s.known.set_bitfield(bits)
+            s.node.choker.set_progress(s, s.known.share)
         picker = s.node.picker
         if picker is not None:
             picker.add_peer(s, flags_from_bits(bits, self.cfg.chunks))
             self._fill(s)
 
     def _on_have(self, s: _Session, indices: tuple[int, ...]) -> None:
+        known = s.known
+        if known is not None:  # mirrors PeerSession.note_remote_has
+            n = self.cfg.chunks
+            if known.add([i for i in indices if 0 <= i < n]):
+                s.node.choker.set_progress(s, known.share)
         picker = s.node.picker
         if picker is None:
             return
@@ -799,6 +817,9 @@ class Simulation:
         s.sending = False
         if not s.closing:
             node.uploaded += req[2]
+            known = s.known
+            if known is not None and known.add((req[0],)):  # it holds what we sent it
+                node.choker.set_progress(s, known.share)
             self._deliver(s, s.conn.send(DataHeader(*req)), self.now)
             self._kick(s)  # control frames that waited behind the payload
         self._pump(node)

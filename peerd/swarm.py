@@ -113,6 +113,7 @@ class Content:
         # Upload policy: queue bounds, fresh-first order, and — when we publish
         # a complete file — super-seeding (every chunk out once before any twice).
         origin = isinstance(source, SourceFile)
+        self.origin = origin
         # A leecher refuses (busy) what waited QUEUE_WAIT in its queue, so the
         # requester asks a neighbour that got the chunk since (scheduling.py).
         self.choker = Choker(
@@ -212,14 +213,16 @@ class Content:
         if len(bits) != (n + 7) // 8:
             session.close("bitfield has the wrong length")
             return
+        session.note_remote_bitfield(bits)
         if self.picker is not None:
             self.picker.add_peer(session, flags_from_bits(bits, n))
             self._fill(session)
 
     def on_have(self, session: PeerSession, indices: tuple[int, ...]) -> None:
+        n = self.info.num_chunks
+        session.note_remote_has([i for i in indices if 0 <= i < n])
         if self.picker is None:
             return
-        n = self.info.num_chunks
         for i in indices:
             if 0 <= i < n:
                 self.picker.peer_has(session, i)

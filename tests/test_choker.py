@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from peerd.choker import Choker
+from peerd.choker import Choker, neediest
 
 
 def _drain(ch: Choker, now: float = 0.0) -> list[tuple[object, int]]:
@@ -211,3 +211,31 @@ def test_overdue_takes_requests_that_waited_max_wait_off_the_queue() -> None:
     plain.add_peer("a")
     plain.on_request("a", (0, 0, 10))
     assert plain.overdue(0.0) == plain.overdue(100.0) == []
+
+
+def test_neediest_keeps_the_peers_near_the_least_progress_in_order() -> None:
+    progress = {"a": 0.5, "b": 0.1, "c": 0.15, "d": 0.2}
+    assert neediest("abcd", progress, 0.0625) == ["b", "c"]
+    assert neediest("dcba", progress, 0.1) == ["d", "c", "b"]  # order kept
+    assert neediest("ae", progress, 0.0625) == ["e"]  # unknown counts as 0
+    assert neediest([], progress, 0.5) == []
+
+
+def test_needy_window_serves_the_furthest_behind_first_but_never_idles() -> None:
+    ch = Choker(fresh_first=False, needy_window=1 / 16)
+    for p in "abc":
+        ch.add_peer(p)
+    ch.set_progress("a", 0.9)
+    ch.set_progress("b", 0.2)
+    ch.set_progress("c", 0.25)  # within the window of b
+    ch.on_request("a", (1, 0, 10))
+    ch.on_request("b", (2, 0, 10))
+    ch.on_request("c", (3, 0, 10))
+    ch.on_request("c", (4, 0, 10))
+    assert _drain(ch) == [("b", 2), ("c", 3), ("c", 4), ("a", 1)]
+    ch.set_progress("zzz", 0.0)  # not a peer: ignored
+    ch.remove_peer("b")
+    ch.on_request("a", (5, 0, 10))
+    assert _drain(ch) == [("a", 5)]
+    with pytest.raises(ValueError, match="needy_window"):
+        Choker(needy_window=1.5)

@@ -9,6 +9,7 @@ import pytest
 from peerd.scheduling import (
     ASK_FACTOR,
     UNDERCONNECTED_RETRY,
+    RemoteProgress,
     UploadTurns,
     choose_dials,
     next_announce_delay,
@@ -82,3 +83,34 @@ def test_upload_turns_zero_slots_grants_everything_and_bad_values_fail() -> None
         UploadTurns(-1)
     with pytest.raises(ValueError):
         UploadTurns(1, stall=0)
+
+
+def test_upload_turns_with_a_needy_window_go_to_the_furthest_behind() -> None:
+    turns = UploadTurns(1, needy_window=1 / 16)
+    assert turns.request("holder", 0.0, 0.5)
+    assert not turns.request("ahead", 0.0, 0.9)
+    assert not turns.request("behind", 0.0, 0.3)
+    assert not turns.request("near", 0.0, 0.33)  # within the window of "behind"
+    assert turns.release("holder", 0.1) == ["behind"]
+    turns.set_progress("ahead", 0.1)  # a waiting remote's HAVEs (or news) moved it
+    turns.set_progress("gone", 0.0)  # not waiting: ignored
+    assert turns.release("behind", 0.2) == ["ahead"]
+    assert turns.release("ahead", 0.3) == ["near"]
+    # A free turn goes to whoever asks when nobody needier waits.
+    assert turns.release("near", 0.4) == []
+    assert turns.request("late", 0.5, 1.0)
+    with pytest.raises(ValueError):
+        UploadTurns(1, needy_window=-0.1)
+
+
+def test_remote_progress_counts_bitfield_haves_and_sent_chunks() -> None:
+    known = RemoteProgress(10)
+    assert known.share == 0.0
+    known.set_bitfield(bytes([0b1010_0000, 0b0100_0000]))  # chunks 0, 2 and 9
+    assert known.held == 3
+    assert known.add([2, 9]) is False  # nothing new
+    assert known.add([3, 3, 4]) is True
+    assert known.held == 5 and known.share == 0.5
+    with pytest.raises(ValueError, match="length"):
+        known.set_bitfield(bytes(3))
+    assert RemoteProgress(0).share == 0.0
