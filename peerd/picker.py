@@ -317,6 +317,17 @@ class PiecePicker:
                 out.append(peer)
         return out
 
+    def holding(self, peers: Iterable[PeerKey], index: int) -> list[PeerKey]:
+        """Those of ``peers`` known to hold chunk ``index``, in order: the
+        ones that could be asked for it once it is released."""
+        known = self._peers
+        out = []
+        for peer in peers:
+            p = known.get(peer)
+            if p is not None and p.flags[index]:
+                out.append(peer)
+        return out
+
     def remove_peer(self, peer: PeerKey) -> list[int]:
         """A connection is gone; its in-flight chunks become requestable again."""
         p = self._peers.pop(peer, None)

@@ -642,10 +642,16 @@ class Simulation:
             return
         s.requests.discard(req)
         if event.reason == "busy" and self.cfg.busy_backoff > 0:
-            # Proposed for swarm.on_reject: "retry later or elsewhere".
+            # Mirrors swarm.on_reject: "retry later or elsewhere". Only the
+            # connections to holders of the chunk (this one included) can ask
+            # for something new because of it.
             picker.refuse(s, event.index, self.now + self.cfg.busy_backoff)
-        else:
-            picker.cancel(s, event.index)
+            room = [t for t in s.node.sessions.values() if t.depth > len(t.requests)]
+            for t in picker.holding(room, event.index):
+                assert isinstance(t, _Session)
+                self._fill(t)
+            return
+        picker.cancel(s, event.index)
         self._fill_all(s.node)
 
     def _on_request(self, s: _Session, req: tuple[int, int, int]) -> None:

@@ -232,9 +232,13 @@ class Content:
         if self.picker is None:
             return
         if reason == "busy":
-            # Ask someone else now, this peer not again for a while.
+            # Ask someone else now, this peer not again for a while. The
+            # released chunk is news only to connections whose remote holds
+            # it (this one included); the others top up on their own events.
             self.picker.refuse(session, index, trio.current_time() + BUSY_BACKOFF)
-            self._fill_all()
+            for s in self.picker.holding(list(self.sessions.values()), index):
+                assert isinstance(s, PeerSession)
+                self._fill(s)
             return
         self.picker.cancel(session, index)
         flags = self.picker.peer_flags(session)

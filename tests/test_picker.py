@@ -176,6 +176,9 @@ def test_peer_lacks_follows_bitfield_and_have() -> None:
     assert p.lacking(["a", "b", "unknown"], 0) == ["b", "unknown"]  # in the given order
     assert p.lacking(["b", "a"], 1) == []
     assert p.lacking(["b", "a"], 2) == ["b", "a"]
+    assert p.holding(["b", "a", "unknown"], 1) == ["b", "a"]
+    assert p.holding(["a", "b"], 0) == ["a"]
+    assert p.holding(["a", "b", "unknown"], 2) == []
 
 
 def test_stale_request_may_be_asked_of_a_second_peer() -> None:
