@@ -42,7 +42,7 @@ peer's queue is short (its pipeline depth), so the scan is cheap and a
 peer waits at most one round per fresher request.
 
 **Furthest behind first (``needy_window=w``).** With the peers' progress
-known (:meth:`set_progress`: the share of the chunks each one holds, as far
+known (``progress(peer)``: the share of the chunks each one holds, as far
 as we know), only the requesters within ``w`` of the least advanced one are
 eligible for the next turn (round robin and fresh first among them; see
 :func:`neediest`). A leecher that fell behind is otherwise starved: its
@@ -67,7 +67,7 @@ from __future__ import annotations
 
 import random
 from collections import deque
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 
 __all__ = ["Choker", "neediest"]
 
@@ -78,19 +78,24 @@ Request = tuple[int, int, int]  # (index, offset, length), as on the wire
 
 
 def neediest(
-    peers: Iterable[PeerKey], progress: Mapping[PeerKey, float], window: float
+    peers: Iterable[PeerKey], progress: Callable[[PeerKey], float], window: float
 ) -> list[PeerKey]:
     """Those of ``peers`` (in their order) whose progress is within ``window``
     of the least: the ones a "furthest behind first" uploader serves next.
 
-    ``progress`` maps a peer to the share of the chunks it holds as far as
-    we know; a peer missing from it counts as 0 (nothing known yet).
+    ``progress(peer)`` is the share of the chunks the peer holds as far as
+    we know (its BITFIELD, its HAVEs and the chunks we sent it). It is asked
+    here, when a turn is decided, not on every HAVE.
     """
-    peers = list(peers)
-    if not peers:
-        return peers
-    cutoff = min(progress.get(p, 0.0) for p in peers) + window
-    return [p for p in peers if progress.get(p, 0.0) <= cutoff]
+    shares = [(progress(p), p) for p in peers]
+    if not shares:
+        return []
+    cutoff = min(share for share, _ in shares) + window
+    return [p for share, p in shares if share <= cutoff]
+
+
+def _unknown_progress(peer: PeerKey) -> float:
+    return 0.0
 
 
 class Choker:
@@ -117,8 +122,10 @@ class Choker:
             (0 = off; not for the origin seeder, which holds what nobody
             else does).
         needy_window: serve first the requesters whose progress (share of
-            the chunks held, :meth:`set_progress`) is within this of the
+            the chunks held, ``progress``) is within this of the
             least advanced one's (0 = off).
+        progress: ``progress(peer)``, the share of the chunks the peer holds
+            as far as we know (for ``needy_window``; default: 0 for all).
 
     Raises:
         ValueError: ``slots`` is 1 or negative, ``max_queued`` < 1, or a
@@ -138,6 +145,7 @@ class Choker:
         max_backlog: int = 0,
         max_wait: float = 0.0,
         needy_window: float = 0.0,
+        progress: Callable[[PeerKey], float] = _unknown_progress,
     ) -> None:
         if super_seed < 0 or max_backlog < 0:
             raise ValueError("super_seed must be a chunk count (0 = off)")
@@ -167,7 +175,7 @@ class Choker:
         self.max_backlog = max_backlog
         self.max_wait = max_wait
         self.needy_window = needy_window
-        self._progress: dict[PeerKey, float] = {}  # peer -> share of chunks it holds (known)
+        self._progress = progress
         self._seen: dict[tuple[PeerKey, Request], float] = {}  # queued request -> first seen
         self._backlog = 0  # requests queued, all peers
         self._untouched = super_seed  # chunks neither sent nor queued (super-seeding)
@@ -189,7 +197,6 @@ class Choker:
         self._refused.pop(peer, None)
         self._served.pop(peer, None)
         self._rates.pop(peer, None)
-        self._progress.pop(peer, None)
         self._unchoked.discard(peer)
         if queue:
             self._turns.remove(peer)
@@ -296,12 +303,6 @@ class Choker:
         for peer, req in out:
             self.on_cancel(peer, req)
         return out
-
-    def set_progress(self, peer: PeerKey, share: float) -> None:
-        """The share (0..1) of the chunks the peer holds, as far as we know
-        (its BITFIELD, its HAVEs and the chunks we sent it): for ``needy_window``."""
-        if peer in self._queues:
-            self._progress[peer] = share
 
     def times_sent(self, index: int) -> int:
         """How many times :meth:`next_request` handed out chunk ``index``."""

@@ -18,7 +18,7 @@ import contextlib
 import logging
 import os
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING
 
 import trio
@@ -28,6 +28,7 @@ from .identity import Identity, verify_signature
 from .manifest import Manifest
 from .ratelimit import RateLimiter
 from .scheduling import NEEDY_WINDOW, UploadTurns
+from .session import PeerSession
 from .store import ChunkStore, SourceFile
 from .swarm import Content
 from .transport import Stream, Transport
@@ -58,6 +59,12 @@ MAX_INBOUND_PER_ADDRESS = 256
 UPLOAD_SLOTS = 1  # connections uploading at once (UploadTurns)
 TRACKER_PROBE_EVERY = 5.0  # how soon a restarted tracker hears from us again
 PROOF_CONTEXT = b"peer-hello-v1\0"
+
+
+def _turn_progress(session: Hashable) -> float:
+    """Upload turns ask each waiting writer's session how far its remote is."""
+    assert isinstance(session, PeerSession)
+    return session.turn_progress()
 
 
 def proof_message(nonce: bytes, content_id: bytes) -> bytes:
@@ -97,7 +104,9 @@ class Node:
         self.up_limiter = RateLimiter(up_limit)
         self.down_limiter = RateLimiter(down_limit)
         # One upload link: one connection uploads at a time (scheduling.py).
-        self.upload_turns = UploadTurns(UPLOAD_SLOTS, needy_window=NEEDY_WINDOW)
+        self.upload_turns = UploadTurns(
+            UPLOAD_SLOTS, needy_window=NEEDY_WINDOW, progress=_turn_progress
+        )
         self.contents: dict[bytes, Content] = {}
         self._scopes: dict[bytes, trio.CancelScope] = {}
         self._tracker: TrackerClient | None = None

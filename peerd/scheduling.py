@@ -65,7 +65,7 @@ from __future__ import annotations
 
 import random
 from collections import deque
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import TypeVar
 
 from .choker import neediest
@@ -189,20 +189,28 @@ class UploadTurns:
 
     Order: first come, first served; with ``needy_window`` > 0, the next
     turn goes to the first waiting writer whose remote is within that share
-    of the chunks of the least advanced waiting remote (their progress
-    comes with :meth:`request` and :meth:`set_progress`; see
-    :func:`peerd.choker.neediest`).
+    of the chunks of the least advanced waiting remote (``progress(who)``;
+    see :func:`peerd.choker.neediest`).
     """
 
-    def __init__(self, slots: int = 1, *, stall: float = TURN_STALL, needy_window: float = 0.0):
+    def __init__(
+        self,
+        slots: int = 1,
+        *,
+        stall: float = TURN_STALL,
+        needy_window: float = 0.0,
+        progress: Callable[[Hashable], float] | None = None,
+    ):
         if slots < 0 or stall <= 0 or not 0 <= needy_window <= 1:
             raise ValueError("need slots >= 0, stall > 0 and 0 <= needy_window <= 1")
+        if needy_window and progress is None:
+            raise ValueError("needy_window needs progress(who)")
         self.slots = slots
         self.stall = stall
         self.needy_window = needy_window
+        self._progress = progress
         self._active: dict[Hashable, float] = {}  # holder -> time of its last progress
         self._waiting: deque[Hashable] = deque()
-        self._progress: dict[Hashable, float] = {}  # waiting writer -> its remote's progress
 
     def holds(self, who: Hashable) -> bool:
         return who in self._active
@@ -210,12 +218,8 @@ class UploadTurns:
     def waiting(self) -> int:
         return len(self._waiting)
 
-    def request(self, who: Hashable, now: float, progress: float = 0.0) -> bool:
-        """May ``who`` start an upload now? If not, it waits in line.
-
-        ``progress``: the share of the chunks its remote holds, as far as
-        we know (only used with ``needy_window``).
-        """
+    def request(self, who: Hashable, now: float) -> bool:
+        """May ``who`` start an upload now? If not, it waits in line."""
         if self.slots == 0:
             return True
         if who in self._active:
@@ -224,16 +228,10 @@ class UploadTurns:
         waiting = self._waiting
         if who not in waiting:
             waiting.append(who)
-        self._progress[who] = progress
         if len(self._active) < self.slots and self._next() == who:
             self._take(who, now)
             return True
         return False
-
-    def set_progress(self, who: Hashable, progress: float) -> None:
-        """A waiting writer's remote now holds this share of the chunks."""
-        if who in self._progress:
-            self._progress[who] = progress
 
     def touch(self, who: Hashable, now: float) -> None:
         """``who``'s upload made progress (its turn is not stalled)."""
@@ -246,7 +244,6 @@ class UploadTurns:
             if who not in self._waiting:
                 return []
             self._waiting.remove(who)
-            del self._progress[who]
         return self._grant(now)
 
     def deadline(self) -> float:
@@ -262,7 +259,7 @@ class UploadTurns:
 
     def _next(self) -> Hashable:
         """The waiting writer whose turn is next (there is one)."""
-        if not self.needy_window:
+        if not self.needy_window or self._progress is None:
             return self._waiting[0]
         return neediest(self._waiting, self._progress, self.needy_window)[0]
 
@@ -271,7 +268,6 @@ class UploadTurns:
             self._waiting.popleft()
         else:
             self._waiting.remove(who)
-        del self._progress[who]
         self._active[who] = now
 
     def _grant(self, now: float) -> list[Hashable]:

@@ -31,7 +31,6 @@ import fcntl
 import logging
 import sys
 from collections import deque
-from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import trio
@@ -133,24 +132,11 @@ class PeerSession:
         self.remote = RemoteProgress(content.info.num_chunks)
 
     # --- the remote's progress (orders the node's upload turns) ---------------
-    def note_remote_bitfield(self, bits: bytes) -> None:
-        """The remote's BITFIELD (its length already checked)."""
-        self.remote.set_bitfield(bits)
-        self._progress_moved()
-
-    def note_remote_has(self, indices: Iterable[int]) -> None:
-        """The remote holds these chunks (its HAVE, or chunks we sent it;
-        indices already checked against the chunk count)."""
-        if self.remote.add(indices):
-            self._progress_moved()
-
-    def _turn_progress(self) -> float:
-        # The origin seeder does not order by need (super-seeding decides there).
+    def turn_progress(self) -> float:
+        """How far the remote is, for the node's upload turns (furthest behind
+        first): the share of the chunks it holds, as far as we know. The
+        origin seeder does not order by need (super-seeding decides there)."""
         return 0.0 if self.content.origin else self.remote.share
-
-    def _progress_moved(self) -> None:
-        if not self.content.origin:
-            self.content.node.upload_turns.set_progress(self, self.remote.share)
 
     # --- queueing (called by Content, never blocks) ---------------------------
     def _kick(self) -> None:
@@ -366,7 +352,7 @@ class PeerSession:
             upload = None
             if content.choker.queued(self):
                 now = trio.current_time()
-                if not turns.request(self, now, self._turn_progress()):
+                if not turns.request(self, now):
                     # Wait for our turn, or until the holder's turn counts as stalled.
                     self._wake = trio.Event()
                     with trio.move_on_after(max(turns.deadline() - now, TURN_POLL)):
@@ -390,7 +376,7 @@ class PeerSession:
                 await stream.send_all(self.conn.send(DataHeader(index, offset, length)))
                 await stream.sendfile(source.fd, index * content.info.chunk_size + offset, length)
                 self.sent_bytes += length
-                self.note_remote_has((index,))
+                self.remote.add((index,))
                 content.on_uploaded(self, length)
                 self._draining = turns.slots > 0
                 self._turn_left = length

@@ -101,6 +101,12 @@ RATE_WINDOW = 0.5  # mirrors PeerSession._account's window
 MSS = 1448
 
 
+def _known_share(s: Any) -> float:
+    """The remote's progress as a session knows it (mirrors PeerSession.turn_progress)."""
+    known = s.known
+    return known.share if known is not None else 0.0
+
+
 def leecher_rates(n: int, rate: float, heterogeneous: bool) -> list[float]:
     """Upload rates of ``n`` leechers: all ``rate``, or half of them at ``rate / 4``."""
     if not heterogeneous:
@@ -328,6 +334,7 @@ class Simulation:
                     max_backlog=0 if seeder else c.backlog,
                     max_wait=0.0 if seeder else c.queue_wait,
                     needy_window=0.0 if seeder else c.needy_window,
+                    progress=_known_share,
                 ),
             )
             self.nodes.append(node)
@@ -614,7 +621,6 @@ class Simulation:
         if s.node.choker.needy_window:  # mirrors PeerSession.note_remote_bitfield
             s.known = RemoteProgress(self.cfg.chunks)
             s.known.set_bitfield(bits)
-            s.node.choker.set_progress(s, s.known.share)
         picker = s.node.picker
         if picker is not None:
             picker.add_peer(s, flags_from_bits(bits, self.cfg.chunks))
@@ -624,8 +630,7 @@ class Simulation:
         known = s.known
         if known is not None:  # mirrors PeerSession.note_remote_has
             n = self.cfg.chunks
-            if known.add([i for i in indices if 0 <= i < n]):
-                s.node.choker.set_progress(s, known.share)
+            known.add([i for i in indices if 0 <= i < n])
         picker = s.node.picker
         if picker is None:
             return
@@ -823,9 +828,8 @@ class Simulation:
         s.sending = False
         if not s.closing:
             node.uploaded += req[2]
-            known = s.known
-            if known is not None and known.add((req[0],)):  # it holds what we sent it
-                node.choker.set_progress(s, known.share)
+            if s.known is not None:  # it holds what we sent it
+                s.known.add((req[0],))
             self._deliver(s, s.conn.send(DataHeader(*req)), self.now)
             self._kick(s)  # control frames that waited behind the payload
         self._pump(node)

@@ -213,14 +213,14 @@ class Content:
         if len(bits) != (n + 7) // 8:
             session.close("bitfield has the wrong length")
             return
-        session.note_remote_bitfield(bits)
+        session.remote.set_bitfield(bits)
         if self.picker is not None:
             self.picker.add_peer(session, flags_from_bits(bits, n))
             self._fill(session)
 
     def on_have(self, session: PeerSession, indices: tuple[int, ...]) -> None:
         n = self.info.num_chunks
-        session.note_remote_has([i for i in indices if 0 <= i < n])
+        session.remote.add([i for i in indices if 0 <= i < n])
         if self.picker is None:
             return
         for i in indices:

@@ -214,28 +214,32 @@ def test_overdue_takes_requests_that_waited_max_wait_off_the_queue() -> None:
 
 
 def test_neediest_keeps_the_peers_near_the_least_progress_in_order() -> None:
-    progress = {"a": 0.5, "b": 0.1, "c": 0.15, "d": 0.2}
-    assert neediest("abcd", progress, 0.0625) == ["b", "c"]
-    assert neediest("dcba", progress, 0.1) == ["d", "c", "b"]  # order kept
-    assert neediest("ae", progress, 0.0625) == ["e"]  # unknown counts as 0
-    assert neediest([], progress, 0.5) == []
+    progress = {"a": 0.5, "b": 0.1, "c": 0.15, "d": 0.2, "e": 0.0}
+    assert neediest("abcd", progress.__getitem__, 0.0625) == ["b", "c"]
+    assert neediest("dcba", progress.__getitem__, 0.1) == ["d", "c", "b"]  # order kept
+    assert neediest("ae", progress.__getitem__, 0.0625) == ["e"]
+    assert neediest([], progress.__getitem__, 0.5) == []
 
 
 def test_needy_window_serves_the_furthest_behind_first_but_never_idles() -> None:
-    ch = Choker(fresh_first=False, needy_window=1 / 16)
+    progress = {"a": 0.9, "b": 0.2, "c": 0.25}  # c is within the window of b
+    ch = Choker(fresh_first=False, needy_window=1 / 16, progress=progress.__getitem__)
     for p in "abc":
         ch.add_peer(p)
-    ch.set_progress("a", 0.9)
-    ch.set_progress("b", 0.2)
-    ch.set_progress("c", 0.25)  # within the window of b
     ch.on_request("a", (1, 0, 10))
     ch.on_request("b", (2, 0, 10))
     ch.on_request("c", (3, 0, 10))
     ch.on_request("c", (4, 0, 10))
     assert _drain(ch) == [("b", 2), ("c", 3), ("c", 4), ("a", 1)]
-    ch.set_progress("zzz", 0.0)  # not a peer: ignored
-    ch.remove_peer("b")
-    ch.on_request("a", (5, 0, 10))
-    assert _drain(ch) == [("a", 5)]
+    progress["a"] = 0.0  # asked when the turn is decided, not cached
+    ch.on_request("c", (5, 0, 10))
+    ch.on_request("a", (6, 0, 10))
+    assert _drain(ch) == [("a", 6), ("c", 5)]
+    plain = Choker(fresh_first=False, needy_window=0.5)  # no progress known: all equal
+    for p in "xy":
+        plain.add_peer(p)
+    for peer, index in (("x", 1), ("x", 2), ("y", 3)):
+        plain.on_request(peer, (index, 0, 10))
+    assert _drain(plain) == [("x", 1), ("y", 3), ("x", 2)]
     with pytest.raises(ValueError, match="needy_window"):
         Choker(needy_window=1.5)

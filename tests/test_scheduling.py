@@ -86,21 +86,23 @@ def test_upload_turns_zero_slots_grants_everything_and_bad_values_fail() -> None
 
 
 def test_upload_turns_with_a_needy_window_go_to_the_furthest_behind() -> None:
-    turns = UploadTurns(1, needy_window=1 / 16)
-    assert turns.request("holder", 0.0, 0.5)
-    assert not turns.request("ahead", 0.0, 0.9)
-    assert not turns.request("behind", 0.0, 0.3)
-    assert not turns.request("near", 0.0, 0.33)  # within the window of "behind"
+    progress = {"holder": 0.5, "ahead": 0.9, "behind": 0.3, "near": 0.33, "late": 1.0}
+    turns = UploadTurns(1, needy_window=1 / 16, progress=progress.__getitem__)
+    assert turns.request("holder", 0.0)
+    assert not turns.request("ahead", 0.0)
+    assert not turns.request("behind", 0.0)
+    assert not turns.request("near", 0.0)  # within the window of "behind"
     assert turns.release("holder", 0.1) == ["behind"]
-    turns.set_progress("ahead", 0.1)  # a waiting remote's HAVEs (or news) moved it
-    turns.set_progress("gone", 0.0)  # not waiting: ignored
+    progress["ahead"] = 0.1  # its remote's progress as known when the turn is decided
     assert turns.release("behind", 0.2) == ["ahead"]
     assert turns.release("ahead", 0.3) == ["near"]
     # A free turn goes to whoever asks when nobody needier waits.
     assert turns.release("near", 0.4) == []
-    assert turns.request("late", 0.5, 1.0)
+    assert turns.request("late", 0.5)
     with pytest.raises(ValueError):
-        UploadTurns(1, needy_window=-0.1)
+        UploadTurns(1, needy_window=-0.1, progress=progress.__getitem__)
+    with pytest.raises(ValueError, match="progress"):
+        UploadTurns(1, needy_window=0.1)
 
 
 def test_remote_progress_counts_bitfield_haves_and_sent_chunks() -> None:
