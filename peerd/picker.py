@@ -132,7 +132,7 @@ def bits_from_flags(flags: bytes | bytearray) -> bytes:
     return int(text, 2).to_bytes(nbytes, "big")
 
 
-@dataclass
+@dataclass(slots=True)
 class _Peer:
     flags: bytearray
     inflight: set[int] = field(default_factory=set)

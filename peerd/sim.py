@@ -256,7 +256,7 @@ class _Session:
         self.last_payload_at = now
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Node:
     idx: int
     identity: Identity
