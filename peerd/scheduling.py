@@ -225,13 +225,16 @@ class UploadTurns:
         if who in self._active:
             return True
         self._expire(now)
-        waiting = self._waiting
-        if who not in waiting:
-            waiting.append(who)
-        if len(self._active) < self.slots and self._next() == who:
-            self._take(who, now)
-            return True
-        return False
+        if who not in self._waiting:
+            self._waiting.append(who)
+        # A free turn goes to the next in line even if that is someone else:
+        # it holds the turn until it comes back (its own wait ends by the
+        # deadline) or the turn stalls. Never leave a turn free while writers
+        # wait: each waits for the deadline of a held turn, and with none
+        # held that wait would have no end (a writer whose session died
+        # first in line stalled a seeder's every upload until peers gave up).
+        self._grant(now)
+        return who in self._active
 
     def touch(self, who: Hashable, now: float) -> None:
         """``who``'s upload made progress (its turn is not stalled)."""

@@ -326,6 +326,9 @@ class PeerSession:
                 await stream.send_all(b"".join(frames))
                 continue
             if self._closing:
+                # No more uploads here: give up our place in the turns now, not
+                # when the session's task ends (seconds later, after the EOF).
+                self._release_turn()
                 await stream.send_eof()
                 self._eof_sent.set()
                 # Give the remote a moment to read our goodbye and close.

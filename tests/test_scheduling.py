@@ -66,6 +66,20 @@ def test_upload_turns_a_stalled_turn_lets_the_next_go_ahead() -> None:
     assert turns.holds("next")
 
 
+def test_upload_turns_never_stay_free_while_writers_wait() -> None:
+    # A writer first in line that never comes back (its wake-up goes nowhere)
+    # must not leave the others waiting for a turn nobody holds.
+    turns = UploadTurns(1, stall=0.25)
+    assert turns.request("a", 0.0)
+    assert not turns.request("dead", 0.1)
+    assert not turns.request("b", 0.1)
+    # a's turn stalled: it goes to the next in line, and b waits for its deadline.
+    assert not turns.request("b", 0.4)
+    assert turns.holds("dead")
+    assert turns.deadline() == 0.65
+    assert turns.request("b", 0.66)  # the dead writer's turn stalled too
+
+
 def test_upload_turns_a_waiter_that_leaves_is_not_granted() -> None:
     turns = UploadTurns(1)
     turns.request("a", 0.0)
