@@ -309,24 +309,22 @@ class PiecePicker:
     def lacking(self, peers: Iterable[PeerKey], index: int) -> list[PeerKey]:
         """Those of ``peers`` that might still want chunk ``index`` (see
         :meth:`peer_lacks`), in order: whom to tell about a new chunk."""
-        known = self._peers
-        out = []
-        for peer in peers:
-            p = known.get(peer)
-            if p is None or not p.flags[index]:
-                out.append(peer)
-        return out
+        return self._split(peers, index)[1]
 
     def holding(self, peers: Iterable[PeerKey], index: int) -> list[PeerKey]:
         """Those of ``peers`` known to hold chunk ``index``, in order: the
         ones that could be asked for it once it is released."""
+        return self._split(peers, index)[0]
+
+    def _split(self, peers: Iterable[PeerKey], index: int) -> tuple[list[PeerKey], list[PeerKey]]:
+        """``peers`` known to hold chunk ``index``, and the others (in order)."""
         known = self._peers
-        out = []
+        held: list[PeerKey] = []
+        other: list[PeerKey] = []
         for peer in peers:
             p = known.get(peer)
-            if p is not None and p.flags[index]:
-                out.append(peer)
-        return out
+            (held if p is not None and p.flags[index] else other).append(peer)
+        return held, other
 
     def remove_peer(self, peer: PeerKey) -> list[int]:
         """A connection is gone; its in-flight chunks become requestable again."""
