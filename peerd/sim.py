@@ -618,7 +618,7 @@ class Simulation:
                 return  # (next_event would say NEED_DATA)
 
     def _on_bitfield(self, s: _Session, bits: bytes) -> None:
-        if s.node.choker.needy_window:  # mirrors PeerSession.note_remote_bitfield
+        if s.node.choker.needy_window:  # mirrors Content.on_bitfield: session.remote
             s.known = RemoteProgress(self.cfg.chunks)
             s.known.set_bitfield(bits)
         picker = s.node.picker
@@ -628,7 +628,7 @@ class Simulation:
 
     def _on_have(self, s: _Session, indices: tuple[int, ...]) -> None:
         known = s.known
-        if known is not None:  # mirrors PeerSession.note_remote_has
+        if known is not None:  # mirrors Content.on_have: session.remote
             n = self.cfg.chunks
             known.add([i for i in indices if 0 <= i < n])
         picker = s.node.picker
