@@ -220,12 +220,12 @@ class Content:
 
     def on_have(self, session: PeerSession, indices: tuple[int, ...]) -> None:
         n = self.info.num_chunks
-        session.remote.add([i for i in indices if 0 <= i < n])
+        valid = [i for i in indices if 0 <= i < n]
+        session.remote.add(valid)
         if self.picker is None:
             return
-        for i in indices:
-            if 0 <= i < n:
-                self.picker.peer_has(session, i)
+        for i in valid:
+            self.picker.peer_has(session, i)
         self._fill(session)
 
     def on_reject(self, session: PeerSession, index: int, reason: str) -> None:

@@ -32,6 +32,7 @@ from peerd.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from . import _events as ev
 from ._codec import EVENT_TYPES, decode_body, encode_body
 from ._frames import (
+    _DATA,
     DATA_HEADER,
     DATA_HEADER_SIZE,
     FRAME_HEADER,
@@ -81,7 +82,6 @@ _COMPACT_MIN = 64 * 1024
 # Encoded HAVE frames of a few indices (events are immutable, so the bytes of
 # one are the bytes of any equal one).
 _HAVE = int(FrameType.HAVE)
-_DATA = int(FrameType.DATA)
 _HAVE_FRAMES: dict[tuple[int, ...], bytes] = {}
 _HAVE_MEMO_SIZE = 4096
 _HAVE_MEMO_INDICES = 8
