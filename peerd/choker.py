@@ -176,7 +176,12 @@ class Choker:
         self.max_wait = max_wait
         self.needy_window = needy_window
         self._progress = progress
-        self._seen: dict[tuple[PeerKey, Request], float] = {}  # queued request -> first seen
+        # Queue-wait bookkeeping (max_wait only): queued request -> when
+        # overdue() first saw it (None: not yet); the requests queued since
+        # the last overdue(); (first seen, request), oldest first.
+        self._seen: dict[tuple[PeerKey, Request], float | None] = {}
+        self._unseen: list[tuple[PeerKey, Request]] = []
+        self._waiting: deque[tuple[float, tuple[PeerKey, Request]]] = deque()
         self._backlog = 0  # requests queued, all peers
         self._untouched = super_seed  # chunks neither sent nor queued (super-seeding)
         self._turns: deque[PeerKey] = deque()  # round-robin order of waiting peers
@@ -202,6 +207,8 @@ class Choker:
             self._turns.remove(peer)
             for req in queue:
                 self._dequeued(req[0])
+                if self.max_wait:
+                    self._seen.pop((peer, req), None)
         if self._optimistic == peer:
             self._optimistic = None
             self._next_optimistic = float("-inf")
@@ -233,6 +240,10 @@ class Choker:
         if not queue:
             self._turns.append(peer)
         queue.append(request)
+        if self.max_wait:
+            key = (peer, request)
+            self._seen[key] = None
+            self._unseen.append(key)
         if not queued and self._untouched > 0 and not self._sent.get(index):
             self._untouched -= 1
         self._queued[index] = queued + 1
@@ -266,6 +277,8 @@ class Choker:
         if not queue:
             self._turns.remove(peer)
         self._dequeued(request[0])
+        if self.max_wait:
+            self._seen.pop((peer, request), None)
         return True
 
     def queued(self, peer: PeerKey) -> int:
@@ -277,7 +290,10 @@ class Choker:
         """Queued requests that waited ``max_wait`` or longer, taken off the queue.
 
         Call it periodically (the node's ticker): a request's wait counts
-        from the first call that saw it queued. The caller refuses each one
+        from the first call that saw it queued (one that left the queue and
+        came back waits afresh); the longest-waiting come first, and the cost
+        is that of the requests queued since the last call plus the ones
+        returned, not of the whole queue. The caller refuses each one
         (REJECT ``busy``). Why: a leecher's queue fills with requests for
         the chunk it got first, each pinned there while the requester's
         other neighbours that got it since sit idle; refused, the requester
@@ -286,20 +302,18 @@ class Choker:
         max_wait = self.max_wait
         if max_wait <= 0:
             return []
-        if not self._turns:  # nothing queued (a node that is not asked)
-            self._seen = {}
-            return []
-        seen, fresh, queues = self._seen, {}, self._queues
+        seen, waiting = self._seen, self._waiting
+        if self._unseen:
+            for key in self._unseen:
+                if key in seen and seen[key] is None:  # still queued, first seen now
+                    seen[key] = now
+                    waiting.append((now, key))
+            self._unseen = []
         out: list[tuple[PeerKey, Request]] = []
-        for peer in self._turns:
-            for req in queues[peer]:
-                key = (peer, req)
-                first = seen.get(key, now)
-                if now - first >= max_wait:
-                    out.append(key)
-                else:
-                    fresh[key] = first
-        self._seen = fresh
+        while waiting and now - waiting[0][0] >= max_wait:
+            first, key = waiting.popleft()
+            if seen.get(key) == first:  # queued ever since
+                out.append(key)
         for peer, req in out:
             self.on_cancel(peer, req)
         return out
@@ -359,6 +373,8 @@ class Choker:
         del queue[pos]
         if not queue:
             self._turns.remove(peer)
+        if self.max_wait:
+            self._seen.pop((peer, request), None)
         self._sent[request[0]] = self._sent.get(request[0], 0) + 1
         self._dequeued(request[0])
         self._served[peer] += request[2]
@@ -399,6 +415,8 @@ class Choker:
         queue = queues[best_peer]
         request = queue[best_pos]
         del queue[best_pos]
+        if self.max_wait:
+            self._seen.pop((best_peer, request), None)
         turns.remove(best_peer)
         if queue:
             turns.append(best_peer)

@@ -81,6 +81,7 @@ __all__ = [
 ]
 
 MAX_DEPTH = 32
+_WEIGHT_CAP = 15  # swarm-wide counts above this rank alike
 PIPELINE_SECONDS = 0.25
 
 
@@ -187,7 +188,10 @@ class PiecePicker:
         self._since: dict[int, float] = {}  # chunk in flight -> when first requested
         self._stale_q: deque[tuple[float, int]] = deque()  # (since, chunk), oldest first
         self.avail = [0] * num_chunks
-        self._swarm_weight = [0] * num_chunks  # tracker counts, used before peers connect
+        # Tracker counts, used before peers connect; kept capped at
+        # _WEIGHT_CAP (all the key uses), so an answer that moved only counts
+        # above the cap changes nothing here.
+        self._swarm_weight = [0] * num_chunks
         self._peers: dict[PeerKey, _Peer] = {}
         # chunk -> {peer: deadline}
         self._inflight: dict[int, dict[PeerKey, float]] = {}
@@ -206,7 +210,7 @@ class PiecePicker:
     def _key(self, i: int) -> int:
         # Connected peers dominate; swarm-wide counts only break ties among
         # chunks nobody connected holds yet (both capped so keys stay small).
-        return min(self.avail[i], 1000) * 16 + min(self._swarm_weight[i], 15)
+        return min(self.avail[i], 1000) * 16 + self._swarm_weight[i]
 
     def _open(self, i: int) -> None:
         """Chunk ``i`` became requestable: it counts as useful for its holders."""
@@ -255,7 +259,7 @@ class PiecePicker:
     def set_swarm_availability(self, counts: Iterable[int]) -> None:
         """Per-chunk holder counts from the tracker (a prior for rarest-first)."""
         weight = self._swarm_weight
-        new = list(islice(counts, self.num_chunks))
+        new = [c if c < _WEIGHT_CAP else _WEIGHT_CAP for c in islice(counts, self.num_chunks)]
         if new == weight[: len(new)]:
             return  # the usual case: nothing moved since the last answer
         for i, c in enumerate(new):
@@ -272,14 +276,19 @@ class PiecePicker:
             raise ValueError("peer flags must have one entry per chunk")
         p = _Peer(f, held=f.count(1))
         self._peers[peer] = p
-        avail, pos = self.avail, self._pos
+        avail, pos, key_of, weight = self.avail, self._pos, self._bucket_of, self._swarm_weight
+        useful = 0
         i = f.find(1)
         while i >= 0:
-            avail[i] += 1
+            a = avail[i] = avail[i] + 1
             if pos[i] >= 0:
-                p.useful += 1
-                self._rebucket(i)
+                useful += 1
+                # self._rebucket(i), inlined (a bitfield's worth of calls)
+                if key_of[i] != min(a, 1000) * 16 + weight[i]:
+                    self._bucket_remove(i)
+                    self._bucket_add(i)
             i = f.find(1, i + 1)
+        p.useful = useful
 
     def peer_has(self, peer: PeerKey, index: int) -> None:
         """The peer announced (HAVE) one more chunk."""
@@ -293,7 +302,7 @@ class PiecePicker:
         if self._pos[index] >= 0:
             p.useful += 1
             # self._rebucket(index), inlined: one call per HAVE in a big swarm.
-            if self._bucket_of[index] != min(avail, 1000) * 16 + min(self._swarm_weight[index], 15):
+            if self._bucket_of[index] != min(avail, 1000) * 16 + self._swarm_weight[index]:
                 self._bucket_remove(index)
                 self._bucket_add(index)
 
@@ -331,11 +340,20 @@ class PiecePicker:
         p = self._peers.pop(peer, None)
         if p is None:
             return []
-        avail, f = self.avail, p.flags
+        avail, f, pos, key_of, weight = (
+            self.avail,
+            p.flags,
+            self._pos,
+            self._bucket_of,
+            self._swarm_weight,
+        )
         i = f.find(1)
         while i >= 0:
-            avail[i] -= 1
-            self._rebucket(i)
+            a = avail[i] = avail[i] - 1
+            # self._rebucket(i), inlined (a bitfield's worth of calls)
+            if pos[i] >= 0 and key_of[i] != min(a, 1000) * 16 + weight[i]:
+                self._bucket_remove(i)
+                self._bucket_add(i)
             i = f.find(1, i + 1)
         released = sorted(p.inflight)
         for i in released:

@@ -291,9 +291,16 @@ class Simulation:
         self.rng = random.Random(c.seed)
         self.now = 0.0
         self._heap: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
+        # Deliveries: nearly all events, and with equal delays every one is due
+        # a fixed time after it was sent, so in the order sent. Those go to a
+        # FIFO (O(1)) instead of the heap; one due earlier than the FIFO's tail
+        # (loss, unequal delays) goes to the heap. The run loop takes the
+        # earlier (time, seq) head of the two: the same order as one heap.
+        self._fifo: deque[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = deque()
         self._seq = 0
         self._dirty: list[_Session] = []  # sessions whose writer has work
         self._have_events: dict[int, Have] = {}  # chunk -> HAVE of that chunk alone
+        self._messages: dict[tuple[Any, tuple[Any, ...]], Any] = {}  # see _message
         self.events = 0
         self.handshakes = 0
         self.duplicates = 0
@@ -354,7 +361,7 @@ class Simulation:
             # A flash crowd: every leecher starts within the first 100 ms.
             self.at(self.rng.uniform(0.0, 0.1), self._announce, node, "started")
             self.at(self.rng.uniform(0.0, TICK), self._tick, node)
-        heap = self._heap
+        heap, fifo = self._heap, self._fifo
         max_time = self.cfg.max_time or 20 * t_min(self.size, self.cfg.seed_rate, self.rates)
         dirty, writer = self._dirty, self._writer
         # Millions of short-lived frames and events, few reference cycles (a
@@ -362,10 +369,15 @@ class Simulation:
         # here (N = 1000: ~5 % of the run), so it waits until the end.
         gc_was_on = gc.isenabled()
         gc.disable()
-        pop, events = heapq.heappop, self.events
+        pop, popleft, events = heapq.heappop, fifo.popleft, self.events
         try:
-            while heap and self.leechers_left:
-                t, _seq, fn, args = pop(heap)
+            while self.leechers_left:
+                if fifo and (not heap or fifo[0] < heap[0]):  # (time, seq) decide
+                    t, _seq, fn, args = popleft()
+                elif heap:
+                    t, _seq, fn, args = pop(heap)
+                else:
+                    break
                 if t > max_time:
                     break
                 self.now = t
@@ -415,7 +427,12 @@ class Simulation:
             arrive = s.arrive_after
         s.arrive_after = arrive
         self._seq += 1  # self.at, inlined: one call per message
-        heapq.heappush(self._heap, (arrive, self._seq, self._on_bytes, (s.other, data)))
+        event = (arrive, self._seq, self._on_bytes, (s.other, data))
+        fifo = self._fifo
+        if not fifo or fifo[-1][0] <= arrive:
+            fifo.append(event)
+        else:
+            heapq.heappush(self._heap, event)
 
     def _kick(self, s: _Session) -> None:
         # The writer runs once the current event is done (same virtual
@@ -446,6 +463,15 @@ class Simulation:
             frames, s.control = s.control, []
             self._deliver(s, b"".join(frames), self.now)
 
+    def _message(self, kind: Callable[..., Any], *fields: Any) -> Any:
+        """The event ``kind(*fields)``, made once per distinct value (events
+        are immutable; a chunk's REQUEST is the same on every connection)."""
+        key = (kind, fields)
+        event = self._messages.get(key)
+        if event is None:
+            event = self._messages[key] = kind(*fields)
+        return event
+
     def _send(self, s: _Session, event: Any) -> None:
         if not s.closing:
             s.control.append(s.conn.send(event))
@@ -475,14 +501,15 @@ class Simulation:
     def _on_peers(self, node: _Node, peers: list[Any], avail: bytes) -> None:
         if node.picker is not None and avail:
             node.picker.set_swarm_availability(swarm_counts(avail))
-        if node.picker is not None:  # mirrors _connect_to: seeders wait for leechers
+        room = self.cfg.max_peers - len(node.sessions) - len(node.connecting)
+        if node.picker is not None and room > 0:  # mirrors _connect_to: seeders wait
+            # for leechers, and a full node dials nobody (choose_dials: [] at once)
             cands = [
                 (ip, port)
                 for ip, port, key, _bits in peers
                 if not (key == node.key or key in node.sessions or key in node.connecting)
                 and port != 0
             ]
-            room = self.cfg.max_peers - len(node.sessions) - len(node.connecting)
             chosen = choose_dials(cands, room, self.rng) if self.cfg.spread else cands[:room]
             for addr in chosen:
                 self._dial(node, self.by_addr[addr])
@@ -650,11 +677,18 @@ class Simulation:
             # Mirrors swarm.on_reject: "retry later or elsewhere". Only the
             # connections to holders of the chunk (this one included) can ask
             # for something new because of it.
-            picker.refuse(s, event.index, self.now + self.cfg.busy_backoff)
-            room = [t for t in s.node.sessions.values() if t.depth > len(t.requests)]
-            for t in picker.holding(room, event.index):
-                assert isinstance(t, _Session)
-                self._fill(t)
+            index = event.index
+            picker.refuse(s, index, self.now + self.cfg.busy_backoff)
+            # (picker.holding, fused with _fill's room test into one pass: a
+            # fill sends requests only, so no other session's room changes.)
+            flags_of, fill = picker.peer_flags, self._fill
+            for t in s.node.sessions.values():
+                if (
+                    t.depth > len(t.requests)
+                    and (flags := flags_of(t)) is not None
+                    and flags[index]
+                ):
+                    fill(t)
             return
         picker.cancel(s, event.index)
         self._fill_all(s.node)
@@ -671,7 +705,7 @@ class Simulation:
         elif not node.choker.on_request(s, req):
             reason = "busy"
         if reason is not None:
-            self._send(s, Reject(index, offset, length, reason))
+            self._send(s, self._message(Reject, index, offset, length, reason))
             return
         self._pump(node)
 
@@ -708,7 +742,7 @@ class Simulation:
             if other_req in other.requests:
                 other.requests.discard(other_req)
                 other.cancelled.append(other_req)
-                self._send(other, Cancel(*other_req))
+                self._send(other, self._message(Cancel, *other_req))
         # Mirrors store_chunk: no HAVE to a peer that holds the chunk.
         tell = (
             picker.lacking(node.sessions.values(), index)
@@ -747,7 +781,7 @@ class Simulation:
             for req in list(t.requests):
                 t.requests.discard(req)
                 t.cancelled.append(req)
-                self._send(t, Cancel(*req))
+                self._send(t, self._message(Cancel, *req))
         self._schedule_announce(node, self.now)
 
     # --- requesting (mirrors Content._fill / _fill_all / _ticker) ---------------------
@@ -762,7 +796,7 @@ class Simulation:
         for index in picker.pick(s, want, self.now, REQUEST_TIMEOUT):
             req = (index, 0, chunk)
             s.requests.add(req)
-            self._send(s, Request(*req))
+            self._send(s, self._message(Request, *req))
 
     def _fill_all(self, node: _Node) -> None:
         fill = self._fill
@@ -775,7 +809,7 @@ class Simulation:
         now = self.now
         for peer, req in node.choker.overdue(now):  # mirrors Content._ticker
             assert isinstance(peer, _Session)
-            self._send(peer, Reject(*req, "busy"))
+            self._send(peer, self._message(Reject, *req, "busy"))
         picker = node.picker
         if picker is None:
             if node.choker.max_wait:
@@ -791,7 +825,7 @@ class Simulation:
             if req in peer.requests:
                 peer.requests.discard(req)
                 peer.cancelled.append(req)
-                self._send(peer, Cancel(*req))
+                self._send(peer, self._message(Cancel, *req))
         for s in list(node.sessions.values()):
             if s.requests and now - s.last_payload_at > STALL_TIMEOUT:
                 self._close(s)
@@ -830,7 +864,7 @@ class Simulation:
             node.uploaded += req[2]
             if s.known is not None:  # it holds what we sent it
                 s.known.add((req[0],))
-            self._deliver(s, s.conn.send(DataHeader(*req)), self.now)
+            self._deliver(s, s.conn.send(self._message(DataHeader, *req)), self.now)
             self._kick(s)  # control frames that waited behind the payload
         self._pump(node)
 

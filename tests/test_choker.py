@@ -213,6 +213,28 @@ def test_overdue_takes_requests_that_waited_max_wait_off_the_queue() -> None:
     assert plain.overdue(0.0) == plain.overdue(100.0) == []
 
 
+def test_overdue_counts_each_stay_in_the_queue_and_returns_the_oldest_first() -> None:
+    ch = Choker(max_wait=4.0)
+    for p in "abc":
+        ch.add_peer(p)
+    assert ch.on_request("c", (5, 0, 10))
+    assert ch.overdue(0.0) == []
+    assert ch.on_request("a", (1, 0, 10))
+    assert ch.on_request("b", (2, 0, 10))
+    assert ch.overdue(1.0) == []
+    # Served, then asked again before the next call: it waits afresh.
+    assert ch.on_cancel("a", (1, 0, 10))
+    assert ch.on_request("a", (1, 0, 10))
+    assert ch.overdue(2.0) == []
+    assert ch.overdue(5.0) == [("c", (5, 0, 10)), ("b", (2, 0, 10))]
+    assert ch.overdue(5.5) == []
+    assert ch.overdue(6.0) == [("a", (1, 0, 10))]
+    assert ch.remove_peer("a") == []  # nothing left queued
+    assert ch.on_request("b", (3, 0, 10))
+    ch.remove_peer("b")  # gone before it was ever seen: nothing to refuse
+    assert ch.overdue(20.0) == [] and ch.overdue(30.0) == []
+
+
 def test_neediest_keeps_the_peers_near_the_least_progress_in_order() -> None:
     progress = {"a": 0.5, "b": 0.1, "c": 0.15, "d": 0.2, "e": 0.0}
     assert neediest("abcd", progress.__getitem__, 0.0625) == ["b", "c"]

@@ -469,25 +469,29 @@ def decode_body(ftype: int, body: bytes | memoryview) -> ev.Event:
             or field values outside their limits.
     """
     size = len(body)
-    if ftype == _HAVE and size <= _HAVE_MEMO_BODY:
-        # A chunk's HAVE reaches a node from many neighbours in the same bytes.
+    memo = _MEMOS.get(ftype)
+    if memo is not None and size <= _MEMO_BODY:
+        # A chunk's HAVE reaches a node from many neighbours in the same
+        # bytes, and requests, cancels and refusals for a chunk repeat too.
         key = bytes(body)
-        event = _HAVE_MEMO.get(key)
+        event = memo.get(key)
         if event is None:
             event = _decode_body(ftype, body, size)
-            if len(_HAVE_MEMO) >= _HAVE_MEMO_SIZE:
-                _HAVE_MEMO.clear()
-            _HAVE_MEMO[key] = event
+            if len(memo) >= _MEMO_SIZE:
+                memo.clear()
+            memo[key] = event
         return event
     return _decode_body(ftype, body, size)
 
 
-# Decoded small HAVE bodies (events are immutable, so one can be shared).
-_HAVE = int(FrameType.HAVE)
+# Decoded small bodies of the frequent peer messages, per frame type (events
+# are immutable, so one can be shared; a body that fails is never stored).
 _ANNOUNCE = int(FrameType.ANNOUNCE)
-_HAVE_MEMO: dict[bytes, ev.Event] = {}
-_HAVE_MEMO_SIZE = 4096
-_HAVE_MEMO_BODY = 64
+_MEMOS: dict[int, dict[bytes, ev.Event]] = {
+    int(t): {} for t in (FrameType.HAVE, FrameType.REQUEST, FrameType.CANCEL, FrameType.REJECT)
+}
+_MEMO_SIZE = 4096
+_MEMO_BODY = 64
 
 
 def _decode_body(ftype: int, body: bytes | memoryview, size: int) -> ev.Event:

@@ -79,11 +79,15 @@ NEED_DATA: Final = _Sentinel.NEED_DATA
 # larger half of the buffer: amortised O(1) per byte, bounded waste.
 _COMPACT_MIN = 64 * 1024
 
-# Encoded HAVE frames of a few indices (events are immutable, so the bytes of
-# one are the bytes of any equal one).
+# Encoded frames of the frequent small peer messages: a HAVE of a few
+# indices, REQUEST, CANCEL, REJECT (events are immutable and compare by value,
+# so the bytes of one are the bytes of any equal one).
 _HAVE = int(FrameType.HAVE)
-_HAVE_FRAMES: dict[tuple[int, ...], bytes] = {}
-_HAVE_MEMO_SIZE = 4096
+_MEMO_TYPES = frozenset(
+    int(t) for t in (FrameType.HAVE, FrameType.REQUEST, FrameType.CANCEL, FrameType.REJECT)
+)
+_FRAMES: dict[ev.Event, bytes] = {}
+_FRAMES_SIZE = 8192
 _HAVE_MEMO_INDICES = 8
 
 
@@ -278,14 +282,17 @@ class FrameConnection:
         new_state = self._transition(ftype, sending=True)
         if isinstance(event, ev.DataHeader):
             data = encode_data_header(event.index, event.offset, event.length)
-        elif ftype == _HAVE and len(indices := event.indices) <= _HAVE_MEMO_INDICES:  # type: ignore[attr-defined]
-            # A chunk's HAVE goes to every neighbour in the same bytes.
-            memo = _HAVE_FRAMES.get(indices)
+        elif ftype in _MEMO_TYPES and (
+            ftype != _HAVE or len(event.indices) <= _HAVE_MEMO_INDICES  # type: ignore[attr-defined]
+        ):
+            # A chunk's HAVE goes to every neighbour in the same bytes, and
+            # the requests for a chunk are the same bytes on every connection.
+            memo = _FRAMES.get(event)
             if memo is None:
                 memo = encode_frame(ftype, encode_body(ftype, event))
-                if len(_HAVE_FRAMES) >= _HAVE_MEMO_SIZE:
-                    _HAVE_FRAMES.clear()
-                _HAVE_FRAMES[indices] = memo
+                if len(_FRAMES) >= _FRAMES_SIZE:
+                    _FRAMES.clear()
+                _FRAMES[event] = memo
             data = memo
         else:
             data = encode_frame(ftype, encode_body(ftype, event))
