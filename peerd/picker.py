@@ -318,22 +318,15 @@ class PiecePicker:
     def lacking(self, peers: Iterable[PeerKey], index: int) -> list[PeerKey]:
         """Those of ``peers`` that might still want chunk ``index`` (see
         :meth:`peer_lacks`), in order: whom to tell about a new chunk."""
-        return self._split(peers, index)[1]
+        known = self._peers
+        return [q for q in peers if (p := known.get(q)) is None or not p.flags[index]]
 
     def holding(self, peers: Iterable[PeerKey], index: int) -> list[PeerKey]:
         """Those of ``peers`` known to hold chunk ``index``, in order: the
-        ones that could be asked for it once it is released."""
-        return self._split(peers, index)[0]
-
-    def _split(self, peers: Iterable[PeerKey], index: int) -> tuple[list[PeerKey], list[PeerKey]]:
-        """``peers`` known to hold chunk ``index``, and the others (in order)."""
+        ones that could be asked for it once it is released (the others
+        are :meth:`lacking`)."""
         known = self._peers
-        held: list[PeerKey] = []
-        other: list[PeerKey] = []
-        for peer in peers:
-            p = known.get(peer)
-            (held if p is not None and p.flags[index] else other).append(peer)
-        return held, other
+        return [q for q in peers if (p := known.get(q)) is not None and p.flags[index]]
 
     def remove_peer(self, peer: PeerKey) -> list[int]:
         """A connection is gone; its in-flight chunks become requestable again."""
@@ -457,6 +450,8 @@ class PiecePicker:
             # so collect first and mark afterwards.
             n = len(bucket)
             start = self._rng.randrange(n)
+            if not any(map(flags.__getitem__, bucket)):
+                continue  # (the usual bucket: none of its chunks; a scan in C)
             picked_here: list[int] = []
             for k in range(n):
                 i = bucket[(start + k) % n]

@@ -654,16 +654,20 @@ class Simulation:
             self._fill(s)
 
     def _on_have(self, s: _Session, indices: tuple[int, ...]) -> None:
+        n = self.cfg.chunks
+        if len(indices) == 1:  # the usual HAVE: one new chunk
+            if not 0 <= indices[0] < n:
+                indices = ()
+        else:
+            indices = tuple(i for i in indices if 0 <= i < n)
         known = s.known
         if known is not None:  # mirrors Content.on_have: session.remote
-            n = self.cfg.chunks
-            known.add([i for i in indices if 0 <= i < n])
+            known.add(indices)
         picker = s.node.picker
         if picker is None:
             return
         for i in indices:
-            if 0 <= i < self.cfg.chunks:
-                picker.peer_has(s, i)
+            picker.peer_has(s, i)
         if s.depth > len(s.requests):  # (_fill's own first test, without the call)
             self._fill(s)
 
@@ -826,8 +830,10 @@ class Simulation:
                 peer.requests.discard(req)
                 peer.cancelled.append(req)
                 self._send(peer, self._message(Cancel, *req))
-        for s in list(node.sessions.values()):
-            if s.requests and now - s.last_payload_at > STALL_TIMEOUT:
+        # (Closing one session tops up the others, which may give a silent
+        # one requests: so whether it owes us anything is asked in turn.)
+        for s in [s for s in node.sessions.values() if now - s.last_payload_at > STALL_TIMEOUT]:
+            if s.requests:
                 self._close(s)
         # The node tops every session up on each tick; every other event
         # that can offer a new request tops up on its own, so the simulator

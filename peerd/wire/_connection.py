@@ -86,7 +86,7 @@ _HAVE = int(FrameType.HAVE)
 _MEMO_TYPES = frozenset(
     int(t) for t in (FrameType.HAVE, FrameType.REQUEST, FrameType.CANCEL, FrameType.REJECT)
 )
-_FRAMES: dict[ev.Event, bytes] = {}
+_FRAMES: dict[ev.Event | tuple[int, ...], bytes] = {}  # HAVE: by its indices
 _FRAMES_SIZE = 8192
 _HAVE_MEMO_INDICES = 8
 
@@ -272,27 +272,29 @@ class FrameConnection:
         Raises:
             LocalProtocolError: this role may not send the event, or not now.
         """
-        if isinstance(event, ev.DataPayload) and _DATA in self.SEND_TYPES:
-            return event.data
         ftype = EVENT_TYPES.get(type(event))
         if ftype is None:
+            if isinstance(event, ev.DataPayload) and _DATA in self.SEND_TYPES:
+                return event.data
             raise LocalProtocolError(f"{type(event).__name__} is not a message and cannot be sent")
         if ftype not in self.SEND_TYPES:
             raise LocalProtocolError(f"{type(self).__name__} cannot send {frame_name(ftype)}")
         new_state = self._transition(ftype, sending=True)
-        if isinstance(event, ev.DataHeader):
-            data = encode_data_header(event.index, event.offset, event.length)
+        if ftype == _DATA:
+            data = encode_data_header(event.index, event.offset, event.length)  # type: ignore[attr-defined]
         elif ftype in _MEMO_TYPES and (
             ftype != _HAVE or len(event.indices) <= _HAVE_MEMO_INDICES  # type: ignore[attr-defined]
         ):
             # A chunk's HAVE goes to every neighbour in the same bytes, and
             # the requests for a chunk are the same bytes on every connection.
-            memo = _FRAMES.get(event)
+            # (A HAVE is keyed by its indices: a tuple hashes in C.)
+            key = event.indices if ftype == _HAVE else event  # type: ignore[attr-defined]
+            memo = _FRAMES.get(key)
             if memo is None:
                 memo = encode_frame(ftype, encode_body(ftype, event))
                 if len(_FRAMES) >= _FRAMES_SIZE:
                     _FRAMES.clear()
-                _FRAMES[event] = memo
+                _FRAMES[key] = memo
             data = memo
         else:
             data = encode_frame(ftype, encode_body(ftype, event))
