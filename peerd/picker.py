@@ -250,10 +250,27 @@ class PiecePicker:
         self._pos[i] = -1
         self._open_n -= 1
 
+    def _bucket_move(self, i: int, key: int) -> None:
+        """Move open chunk ``i`` to the bucket ``key`` (its new key)."""
+        buckets, pos = self._buckets, self._pos
+        old = self._bucket_of[i]
+        bucket = buckets[old]
+        last = bucket.pop()
+        if last != i:
+            bucket[pos[i]] = last
+            pos[last] = pos[i]
+        if not bucket:
+            del buckets[old]
+        to = buckets.get(key)
+        if to is None:
+            to = buckets[key] = []
+        pos[i] = len(to)
+        self._bucket_of[i] = key
+        to.append(i)
+
     def _rebucket(self, i: int) -> None:
-        if self._pos[i] >= 0 and self._bucket_of[i] != self._key(i):
-            self._bucket_remove(i)
-            self._bucket_add(i)
+        if self._pos[i] >= 0 and self._bucket_of[i] != (key := self._key(i)):
+            self._bucket_move(i, key)
 
     # --- swarm knowledge ----------------------------------------------------
     def set_swarm_availability(self, counts: Iterable[int]) -> None:
@@ -284,9 +301,8 @@ class PiecePicker:
             if pos[i] >= 0:
                 useful += 1
                 # self._rebucket(i), inlined (a bitfield's worth of calls)
-                if key_of[i] != min(a, 1000) * 16 + weight[i]:
-                    self._bucket_remove(i)
-                    self._bucket_add(i)
+                if key_of[i] != (key := min(a, 1000) * 16 + weight[i]):
+                    self._bucket_move(i, key)
             i = f.find(1, i + 1)
         p.useful = useful
 
@@ -302,9 +318,9 @@ class PiecePicker:
         if self._pos[index] >= 0:
             p.useful += 1
             # self._rebucket(index), inlined: one call per HAVE in a big swarm.
-            if self._bucket_of[index] != min(avail, 1000) * 16 + self._swarm_weight[index]:
-                self._bucket_remove(index)
-                self._bucket_add(index)
+            key = min(avail, 1000) * 16 + self._swarm_weight[index]
+            if self._bucket_of[index] != key:
+                self._bucket_move(index, key)
 
     def peer_lacks(self, peer: PeerKey, index: int) -> bool:
         """Might the peer still want chunk ``index``? (False once it said it has it.)
@@ -344,9 +360,8 @@ class PiecePicker:
         while i >= 0:
             a = avail[i] = avail[i] - 1
             # self._rebucket(i), inlined (a bitfield's worth of calls)
-            if pos[i] >= 0 and key_of[i] != min(a, 1000) * 16 + weight[i]:
-                self._bucket_remove(i)
-                self._bucket_add(i)
+            if pos[i] >= 0 and key_of[i] != (key := min(a, 1000) * 16 + weight[i]):
+                self._bucket_move(i, key)
             i = f.find(1, i + 1)
         released = sorted(p.inflight)
         for i in released:

@@ -296,7 +296,9 @@ class Simulation:
         # FIFO (O(1)) instead of the heap; one due earlier than the FIFO's tail
         # (loss, unequal delays) goes to the heap. The run loop takes the
         # earlier (time, seq) head of the two: the same order as one heap.
-        self._fifo: deque[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = deque()
+        # A FIFO entry names the receiving session and the bytes (every one
+        # is an _on_bytes call).
+        self._fifo: deque[tuple[float, int, _Session, bytes]] = deque()  # (.., to, bytes)
         self._seq = 0
         self._dirty: list[_Session] = []  # sessions whose writer has work
         self._have_events: dict[int, Have] = {}  # chunk -> HAVE of that chunk alone
@@ -370,19 +372,26 @@ class Simulation:
         gc_was_on = gc.isenabled()
         gc.disable()
         pop, popleft, events = heapq.heappop, fifo.popleft, self.events
+        on_bytes = self._on_bytes
         try:
             while self.leechers_left:
-                if fifo and (not heap or fifo[0] < heap[0]):  # (time, seq) decide
-                    t, _seq, fn, args = popleft()
+                # (time, seq) decide: seqs are unique, the rest is never compared
+                if fifo and (not heap or fifo[0] < heap[0]):  # type: ignore[operator]
+                    t, _seq, session, data = popleft()
+                    if t > max_time:
+                        break
+                    self.now = t
+                    events += 1
+                    on_bytes(session, data)
                 elif heap:
                     t, _seq, fn, args = pop(heap)
+                    if t > max_time:
+                        break
+                    self.now = t
+                    events += 1
+                    fn(*args)
                 else:
                     break
-                if t > max_time:
-                    break
-                self.now = t
-                events += 1
-                fn(*args)
                 while dirty:
                     writer(dirty.pop())
         finally:
@@ -427,12 +436,11 @@ class Simulation:
             arrive = s.arrive_after
         s.arrive_after = arrive
         self._seq += 1  # self.at, inlined: one call per message
-        event = (arrive, self._seq, self._on_bytes, (s.other, data))
         fifo = self._fifo
         if not fifo or fifo[-1][0] <= arrive:
-            fifo.append(event)
+            fifo.append((arrive, self._seq, s.other, data))
         else:
-            heapq.heappush(self._heap, event)
+            heapq.heappush(self._heap, (arrive, self._seq, self._on_bytes, (s.other, data)))
 
     def _kick(self, s: _Session) -> None:
         # The writer runs once the current event is done (same virtual
