@@ -87,11 +87,12 @@ def neediest(
     we know (its BITFIELD, its HAVEs and the chunks we sent it). It is asked
     here, when a turn is decided, not on every HAVE.
     """
-    shares = [(progress(p), p) for p in peers]
+    peers = list(peers)
+    shares = list(map(progress, peers))
     if not shares:
         return []
-    cutoff = min(share for share, _ in shares) + window
-    return [p for share, p in shares if share <= cutoff]
+    cutoff = min(shares) + window
+    return [p for p, share in zip(peers, shares, strict=True) if share <= cutoff]
 
 
 def _unknown_progress(peer: PeerKey) -> float:

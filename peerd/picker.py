@@ -64,6 +64,7 @@ we know holds is renewed instead (there is nobody else to fetch it from).
 
 from __future__ import annotations
 
+import heapq
 import random
 import struct
 from collections import deque
@@ -201,6 +202,10 @@ class PiecePicker:
         self._bucket_of = [0] * num_chunks
         self._earliest = float("inf")  # lower bound on every request deadline
         self._refusals_end = float("inf")  # lower bound on when a refusal ends
+        # Every refusal as (until, seq, chunk, peer key, peer), earliest first;
+        # one whose peer left or whose entry was replaced or dropped is stale.
+        self._refusal_q: list[tuple[float, int, int, PeerKey, _Peer]] = []
+        self._refusal_seq = 0
         self.missing = num_chunks - sum(self.have)
         for i in range(num_chunks):
             if not self.have[i]:
@@ -313,12 +318,12 @@ class PiecePicker:
             return
         p.flags[index] = 1
         p.held += 1
-        avail = self.avail[index] + 1
-        self.avail[index] = avail
+        counts = self.avail
+        avail = counts[index] = counts[index] + 1
         if self._pos[index] >= 0:
             p.useful += 1
             # self._rebucket(index), inlined: one call per HAVE in a big swarm.
-            key = min(avail, 1000) * 16 + self._swarm_weight[index]
+            key = (avail if avail < 1000 else 1000) * 16 + self._swarm_weight[index]
             if self._bucket_of[index] != key:
                 self._bucket_move(index, key)
 
@@ -622,6 +627,8 @@ class PiecePicker:
         if p.refused is None:
             p.refused = {}
         p.refused[index] = until
+        self._refusal_seq += 1
+        heapq.heappush(self._refusal_q, (until, self._refusal_seq, index, peer, p))
         if until < self._refusals_end:
             self._refusals_end = until
         self._release(peer, p, index)
@@ -648,15 +655,18 @@ class PiecePicker:
             return True
         if now < self._refusals_end:
             return False
-        end = float("inf")
-        for p in self._peers.values():
-            if p.refused:
-                for i, until in list(p.refused.items()):
-                    if until <= now:
-                        del p.refused[i]  # over: the chunk may be asked again
-                    elif until < end:
-                        end = until
-        self._refusals_end = end
+        # Drop the refusals that are over (the chunk may be asked again) and
+        # find when the next one ends: the earliest live entry of the queue.
+        queue, peers = self._refusal_q, self._peers
+        while queue:
+            until, _seq, i, key, p = queue[0]
+            live = peers.get(key) is p and p.refused is not None and p.refused.get(i) == until
+            if live and until > now:
+                break
+            heapq.heappop(queue)
+            if live:
+                del p.refused[i]  # type: ignore[union-attr]
+        self._refusals_end = queue[0][0] if queue else float("inf")
         return True
 
     def chunk_received(self, peer: PeerKey, index: int) -> list[PeerKey]:
