@@ -9,14 +9,19 @@ client/server time N F / u_s and the wall time of the simulation itself.
 
     python scripts/simulate.py                      # N = 10, 100, 1000
     python scripts/simulate.py --n 10 100 --chunks 128 --delay 0.05 --loss 0.01
+    python scripts/simulate.py --n 1000 --no-verify --native
+
+``--native`` runs the same modules compiled by mypyc (see scripts/_native.py):
+the same decisions and results, in less wall time.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from peerd.sim import MiB, SimConfig, run
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,9 +48,24 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--seed", type=int, default=1, help="random seed")
     ap.add_argument(
+        "--native",
+        action="store_true",
+        help="run the simulator's modules compiled by mypyc (built once into .native/)",
+    )
+    ap.add_argument(
         "--only", choices=("homogeneous", "heterogeneous"), help="run one rate mix only"
     )
     args = ap.parse_args(argv)
+    if args.native:
+        from _native import NativeBuildError, activate
+
+        try:
+            activate()
+        except NativeBuildError as exc:
+            print(f"simulate: {exc}", file=sys.stderr)
+            return 2
+    from peerd.sim import MiB, SimConfig, run
+
     mixes = [False, True]
     if args.only:
         mixes = [args.only == "heterogeneous"]
@@ -84,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{first.chunks * first.chunk_size / MiB:g} MiB; u_s = {first.seed_rate / MiB:g} MiB/s; "
         f"delay {first.delay * 1000:g} ms per node; loss {first.loss:g}; "
         f"max_peers {first.max_peers}; slots {first.slots or 'fair'}; "
-        f"super-seed {first.super_seed}; Ed25519 {first.verify}"
+        f"super-seed {first.super_seed}; Ed25519 {first.verify}; "
+        f"{'compiled (mypyc)' if args.native else 'pure Python'}"
     )
     print(
         f"| {'N':>5} | {'rates':<13} | {'T (s)':>8} | {'T_min (s)':>9} | {'T/T_min':>7} "
