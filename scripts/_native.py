@@ -1,19 +1,24 @@
 """The simulator's hot modules compiled with mypyc, for ``simulate.py --native``.
 
-The same source files (``peerd.sim`` and the picker, choker and scheduling
-code it drives) are compiled to C extension modules by mypyc, which ships
-with mypy (a test dependency), and a C compiler. The build lands in
-``.native/<hash>/`` at the top of the repository, keyed by the sources, the
-Python version and mypyc's version, so it runs once per change (about a
-minute) and never touches the source tree. :func:`activate` puts the built
-modules ahead of the sources for this process only; the tests and the node
-always run the plain Python.
+The same source files (``peerd.sim`` and the picker, choker, scheduling and
+wire-protocol modules it drives; :data:`MODULES`) are compiled to C
+extension modules by mypyc, which ships with mypy (a test dependency), and
+a C compiler. The build lands in ``.native/<hash>/`` at the top of the
+repository, keyed by the sources, the Python version and mypy's version,
+so it runs once per change (about 40 s) and never touches the source tree.
+:func:`activate` installs an import hook that loads the built modules
+instead of those sources, in this process only (a package's ``__init__``
+and every other module stay Python); the tests and the node always run the
+plain Python.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -21,7 +26,16 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-MODULES = ("peerd/sim.py", "peerd/picker.py", "peerd/choker.py", "peerd/scheduling.py")
+MODULES = (
+    "peerd/sim.py",
+    "peerd/picker.py",
+    "peerd/choker.py",
+    "peerd/scheduling.py",
+    "peerd/wire/_connection.py",
+    "peerd/wire/_codec.py",
+    "peerd/wire/_frames.py",
+    "peerd/wire/_state.py",
+)
 
 
 class NativeBuildError(RuntimeError):
@@ -79,17 +93,33 @@ def build() -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
         raise NativeBuildError(f"mypyc build failed (run without --native):\n{tail}")
-    shutil.rmtree(tmp / "tmp", ignore_errors=True)
+    for scratch in ("tmp", "c"):  # object files and generated C
+        shutil.rmtree(tmp / scratch, ignore_errors=True)
     (tmp / "built").touch()
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
+    for old in out.parent.iterdir():  # builds of earlier sources
+        if old.name != out.name and "." not in old.name:
+            shutil.rmtree(old, ignore_errors=True)
     return out
 
 
+class _CompiledFinder(importlib.abc.MetaPathFinder):
+    """Finds the compiled modules first (a package's own ``__init__`` stays Python)."""
+
+    def __init__(self, modules: dict[str, Path]) -> None:
+        self._modules = modules
+
+    def find_spec(
+        self, fullname: str, path: object = None, target: object = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        so = self._modules.get(fullname)
+        return None if so is None else importlib.util.spec_from_file_location(fullname, so)
+
+
 def activate() -> Path:
-    """Build if needed, then make ``import peerd.sim`` (and the modules it
-    drives) load the compiled modules in this process. Call it before
-    anything imports them.
+    """Build if needed, then make this process import the compiled modules
+    (``peerd.sim`` and what it drives). Call it before anything imports them.
 
     Raises:
         NativeBuildError: the build failed, or a module was already imported
@@ -100,12 +130,23 @@ def activate() -> Path:
     if early:
         raise NativeBuildError(f"already imported from source: {', '.join(early)}")
     lib = build() / "lib"
-    import peerd  # the source package first (lib/peerd has no __init__)
-
-    peerd.__path__.insert(0, str(lib / "peerd"))
-    sys.path.insert(0, str(lib))  # the shared runtime, peer_native__mypyc
+    modules: dict[str, Path] = {}
+    for name in names:
+        found = sorted(
+            (lib / name.rpartition(".")[0].replace(".", "/")).glob(
+                name.rpartition(".")[2] + ".*.so"
+            )
+        )
+        if not found:
+            raise NativeBuildError(f"the build has no {name}; remove {lib.parent} and retry")
+        modules[name] = found[0]
+    runtime = sorted(lib.glob("peer_native__mypyc.*.so"))  # shared by the modules
+    if not runtime:
+        raise NativeBuildError(f"the build has no mypyc runtime; remove {lib.parent} and retry")
+    modules["peer_native__mypyc"] = runtime[0]
+    sys.meta_path.insert(0, _CompiledFinder(modules))
     for name in names:
         module = importlib.import_module(name)
-        if not (module.__file__ or "").endswith(".so"):
+        if module.__file__ != str(modules[name]):
             raise NativeBuildError(f"{name} did not load compiled ({module.__file__})")
     return lib

@@ -69,7 +69,8 @@ class _Sentinel(enum.Enum):
     def __repr__(self) -> str:
         return self.value
 
-    __str__ = __repr__
+    def __str__(self) -> str:  # (not an alias: mypyc compiles this module)
+        return self.value
 
 
 #: Returned by ``next_event`` when more bytes are needed to make progress.
