@@ -468,10 +468,10 @@ class PiecePicker:
                 continue
             # Scan from a random start; removals swap the last element in,
             # so collect first and mark afterwards.
-            n = len(bucket)
-            start = self._rng.randrange(n)
             if not any(map(flags.__getitem__, bucket)):
                 continue  # (the usual bucket: none of its chunks; a scan in C)
+            n = len(bucket)
+            start = self._rng.randrange(n)
             picked_here: list[int] = []
             for k in range(n):
                 i = bucket[(start + k) % n]
