@@ -202,10 +202,13 @@ class PiecePicker:
         self._bucket_of = [0] * num_chunks
         self._earliest = float("inf")  # lower bound on every request deadline
         self._refusals_end = float("inf")  # lower bound on when a refusal ends
-        # Every refusal as (until, seq, chunk, peer key, peer), earliest first;
-        # one whose peer left or whose entry was replaced or dropped is stale.
-        self._refusal_q: list[tuple[float, int, int, PeerKey, _Peer]] = []
+        # Every refusal as (until, seq, chunk, peer), earliest first; one whose
+        # peer left or whose entry was replaced or dropped is stale. Entries
+        # leave once their time is over (see _prune), so it stays as long as
+        # the refusals of one back-off.
+        self._refusal_q: list[tuple[float, int, int, PeerKey]] = []
         self._refusal_seq = 0
+        self._clock = float("-inf")  # the latest ``now`` a caller passed
         self.missing = num_chunks - sum(self.have)
         for i in range(num_chunks):
             if not self.have[i]:
@@ -404,6 +407,7 @@ class PiecePicker:
         ``now + timeout``. Chunks the peer refused (:meth:`refuse`) are not
         asked of it again before their time.
         """
+        self._clock = now
         p = self._peers.get(peer)
         if p is None or count <= 0:
             return []
@@ -628,10 +632,27 @@ class PiecePicker:
             p.refused = {}
         p.refused[index] = until
         self._refusal_seq += 1
-        heapq.heappush(self._refusal_q, (until, self._refusal_seq, index, peer, p))
+        heapq.heappush(self._refusal_q, (until, self._refusal_seq, index, peer))
+        self._prune(self._clock)
         if until < self._refusals_end:
             self._refusals_end = until
         self._release(peer, p, index)
+
+    def _prune(self, now: float) -> None:
+        """Drop the refusals that are over by ``now`` (the chunk may be asked
+        again: pick already treats them as gone) and the stale entries before
+        the first live one."""
+        queue, peers = self._refusal_q, self._peers
+        while queue:
+            until, _seq, i, key = queue[0]
+            p = peers.get(key)
+            refused = p.refused if p is not None else None
+            live = refused is not None and refused.get(i) == until
+            if live and until > now:
+                return
+            heapq.heappop(queue)
+            if live:
+                del refused[i]  # type: ignore[union-attr]
 
     @property
     def in_tail(self) -> bool:
@@ -655,17 +676,11 @@ class PiecePicker:
             return True
         if now < self._refusals_end:
             return False
-        # Drop the refusals that are over (the chunk may be asked again) and
-        # find when the next one ends: the earliest live entry of the queue.
-        queue, peers = self._refusal_q, self._peers
-        while queue:
-            until, _seq, i, key, p = queue[0]
-            live = peers.get(key) is p and p.refused is not None and p.refused.get(i) == until
-            if live and until > now:
-                break
-            heapq.heappop(queue)
-            if live:
-                del p.refused[i]  # type: ignore[union-attr]
+        # Drop the refusals that are over and find when the next one ends:
+        # the earliest live entry of the queue.
+        self._clock = now
+        self._prune(now)
+        queue = self._refusal_q
         self._refusals_end = queue[0][0] if queue else float("inf")
         return True
 

@@ -164,6 +164,23 @@ def test_top_up_due_only_when_a_refusal_ends_or_in_the_tail() -> None:
     assert p.top_up_due(6.0)  # half in flight: the tail (rescue, endgame)
 
 
+def test_refusals_are_forgotten_once_over_without_a_periodic_top_up() -> None:
+    # The node never calls top_up_due: what a long download's refusals leave
+    # behind must still be bounded by those of one back-off (no peer kept alive).
+    p = PiecePicker(64, rng=random.Random(3))
+    for k in range(40):
+        peer = f"p{k}"
+        p.add_peer(peer, bytearray([1] * 64))
+        (got,) = p.pick(peer, 1, now=float(k), timeout=10)
+        p.refuse(peer, got, until=k + 5.0)
+        p.remove_peer(peer)
+    assert len(p._refusal_q) <= 6  # the last back-off's refusals
+    p.add_peer("x", bytearray([1] * 64))
+    assert p.pick("x", 1, now=100.0, timeout=10)  # and nothing else broke
+    p.refuse("x", 0, until=105.0)
+    assert 0 not in p.pick("x", 64, now=101.0, timeout=10)
+
+
 def test_peer_lacks_follows_bitfield_and_have() -> None:
     p = PiecePicker(3)
     p.add_peer("a", bytearray([1, 0, 0]))
