@@ -4,8 +4,9 @@ The same source files (``peerd.sim`` and the picker, choker, scheduling and
 wire-protocol modules it drives; :data:`MODULES`) are compiled to C
 extension modules by mypyc, which ships with mypy (a test dependency), and
 a C compiler. The build lands in ``.native/<hash>/`` at the top of the
-repository, keyed by the sources, the Python version and mypy's version,
-so it runs once per change (about 40 s) and never touches the source tree.
+repository, keyed by the package sources, the Python version and mypy's
+version, so it runs once per change (about 40 s) and never touches the
+source tree.
 :func:`activate` installs an import hook that loads the built modules
 instead of those sources, in this process only (a package's ``__init__``
 and every other module stay Python); the tests and the node always run the
@@ -52,9 +53,11 @@ def _build_dir() -> Path:
     digest = hashlib.sha256()
     digest.update(sys.version.encode())
     digest.update(mypy_version.encode())
-    for module in MODULES:
-        digest.update(module.encode())
-        digest.update((ROOT / module).read_bytes())
+    # Every source the compiled modules were type-checked against, not only
+    # theirs (mypyc may build in what it knows of the modules they import).
+    for source in sorted([*ROOT.glob("peerd/**/*.py"), *ROOT.glob("tracker/**/*.py")]):
+        digest.update(source.relative_to(ROOT).as_posix().encode())
+        digest.update(source.read_bytes())
     return ROOT / ".native" / digest.hexdigest()[:16]
 
 
