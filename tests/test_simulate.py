@@ -125,3 +125,17 @@ def test_cli_rejects_bad_options() -> None:
     )
     assert proc.returncode == 2
     assert "simulate:" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_native_mode_refuses_once_the_sources_are_loaded() -> None:
+    # --native must load the compiled modules before anything imports the
+    # Python ones (here peerd.sim is imported): it says so instead of
+    # silently running a mix. (The build itself takes ~40 s: not a unit
+    # test; docs/BENCHMARKS.md has its runs.)
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import _native
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    with pytest.raises(_native.NativeBuildError, match=r"already imported from source: peerd\.sim"):
+        _native.activate()
