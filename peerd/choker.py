@@ -207,9 +207,7 @@ class Choker:
         if queue:
             self._turns.remove(peer)
             for req in queue:
-                self._dequeued(req[0])
-                if self.max_wait:
-                    self._seen.pop((peer, req), None)
+                self._dequeued(peer, req)
         if self._optimistic == peer:
             self._optimistic = None
             self._next_optimistic = float("-inf")
@@ -251,7 +249,11 @@ class Choker:
         self._backlog += 1
         return True
 
-    def _dequeued(self, index: int) -> None:
+    def _dequeued(self, peer: PeerKey, request: Request) -> None:
+        """``request`` left ``peer``'s queue (served, cancelled, or the peer left)."""
+        if self.max_wait:
+            self._seen.pop((peer, request), None)
+        index = request[0]
         self._backlog -= 1
         left = self._queued[index] - 1
         if left:
@@ -277,9 +279,7 @@ class Choker:
             return False
         if not queue:
             self._turns.remove(peer)
-        self._dequeued(request[0])
-        if self.max_wait:
-            self._seen.pop((peer, request), None)
+        self._dequeued(peer, request)
         return True
 
     def queued(self, peer: PeerKey) -> int:
@@ -374,10 +374,8 @@ class Choker:
         del queue[pos]
         if not queue:
             self._turns.remove(peer)
-        if self.max_wait:
-            self._seen.pop((peer, request), None)
         self._sent[request[0]] = self._sent.get(request[0], 0) + 1
-        self._dequeued(request[0])
+        self._dequeued(peer, request)
         self._served[peer] += request[2]
         return request
 
@@ -416,12 +414,10 @@ class Choker:
         queue = queues[best_peer]
         request = queue[best_pos]
         del queue[best_pos]
-        if self.max_wait:
-            self._seen.pop((best_peer, request), None)
         turns.remove(best_peer)
         if queue:
             turns.append(best_peer)
         sent[request[0]] = sent.get(request[0], 0) + 1
-        self._dequeued(request[0])
+        self._dequeued(best_peer, request)
         self._served[best_peer] += request[2]
         return best_peer, request

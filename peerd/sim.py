@@ -301,7 +301,6 @@ class Simulation:
         self._fifo: deque[tuple[float, int, _Session, bytes]] = deque()  # (.., to, bytes)
         self._seq = 0
         self._dirty: list[_Session] = []  # sessions whose writer has work
-        self._have_events: dict[int, Have] = {}  # chunk -> HAVE of that chunk alone
         self._messages: dict[tuple[Any, tuple[Any, ...]], Any] = {}  # see _message
         self.events = 0
         self.handshakes = 0
@@ -458,12 +457,9 @@ class Simulation:
         if s.haves and s.open and not s.closing:
             haves, s.haves = s.haves, []
             if len(haves) == 1:
-                # The usual case: one new chunk, told to every neighbour. The
-                # event is immutable, so one per chunk serves every session.
-                have = self._have_events.get(haves[0])
-                if have is None:
-                    have = self._have_events[haves[0]] = Have((haves[0],))
-                s.control.append(s.conn.send(have))
+                # The usual case: one new chunk, told to every neighbour
+                # (one event per chunk serves every session).
+                s.control.append(s.conn.send(self._message(Have, (haves[0],))))
             else:
                 for k in range(0, len(haves), MAX_HAVE_PER_FRAME):
                     s.control.append(s.conn.send(Have(tuple(haves[k : k + MAX_HAVE_PER_FRAME]))))

@@ -23,6 +23,7 @@ from ._frames import MAX_BODY, FrameType, frame_name
 
 __all__ = [
     "EVENT_TYPES",
+    "MEMO_TYPES",
     "decode_body",
     "encode_body",
     "encode_peer_entry",
@@ -487,9 +488,11 @@ def decode_body(ftype: int, body: bytes | memoryview) -> ev.Event:
 # Decoded small bodies of the frequent peer messages, per frame type (events
 # are immutable, so one can be shared; a body that fails is never stored).
 _ANNOUNCE = int(FrameType.ANNOUNCE)
-_MEMOS: dict[int, dict[bytes, ev.Event]] = {
-    int(t): {} for t in (FrameType.HAVE, FrameType.REQUEST, FrameType.CANCEL, FrameType.REJECT)
-}
+#: The frequent small peer messages, memoised both ways (here and in send).
+MEMO_TYPES = frozenset(
+    int(t) for t in (FrameType.HAVE, FrameType.REQUEST, FrameType.CANCEL, FrameType.REJECT)
+)
+_MEMOS: dict[int, dict[bytes, ev.Event]] = {t: {} for t in MEMO_TYPES}
 _MEMO_SIZE = 4096
 _MEMO_BODY = 64
 

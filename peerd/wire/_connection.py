@@ -30,7 +30,7 @@ from typing import Final, Literal
 from peerd.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 
 from . import _events as ev
-from ._codec import EVENT_TYPES, decode_body, encode_body
+from ._codec import EVENT_TYPES, MEMO_TYPES, decode_body, encode_body
 from ._frames import (
     _DATA,
     DATA_HEADER,
@@ -84,9 +84,6 @@ _COMPACT_MIN = 64 * 1024
 # indices, REQUEST, CANCEL, REJECT (events are immutable and compare by value,
 # so the bytes of one are the bytes of any equal one).
 _HAVE = int(FrameType.HAVE)
-_MEMO_TYPES = frozenset(
-    int(t) for t in (FrameType.HAVE, FrameType.REQUEST, FrameType.CANCEL, FrameType.REJECT)
-)
 _FRAMES: dict[ev.Event | tuple[int, ...], bytes] = {}  # HAVE: by its indices
 _FRAMES_SIZE = 8192
 _HAVE_MEMO_INDICES = 8
@@ -283,7 +280,7 @@ class FrameConnection:
         new_state = self._transition(ftype, sending=True)
         if ftype == _DATA:
             data = encode_data_header(event.index, event.offset, event.length)  # type: ignore[attr-defined]
-        elif ftype in _MEMO_TYPES and (
+        elif ftype in MEMO_TYPES and (
             ftype != _HAVE or len(event.indices) <= _HAVE_MEMO_INDICES  # type: ignore[attr-defined]
         ):
             # A chunk's HAVE goes to every neighbour in the same bytes, and
