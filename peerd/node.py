@@ -8,8 +8,16 @@ hands the connection to that :class:`~peerd.swarm.Content`. Outgoing
 connections do the same in the other order.
 
 Limits a remote controls: total inbound connections and connections per
-address (excess is closed at once), and a handshake deadline so a connection
-that never speaks does not hold a slot.
+address, and a handshake deadline so a connection that never speaks does not
+hold a slot. When a cap is reached, a newcomer does not simply lose: the
+least useful connection in its way (a handshake still pending, else the
+session idle longest) makes room for it (:class:`InboundSlots`).
+
+The handshake (docs/PROTOCOL.md, "Handshake"): the dialer sends HELLO; the
+acceptor answers HELLO + PROOF; the dialer checks that PROOF and sends its
+own; the acceptor checks it. Each PROOF signs both HELLO frames (both keys,
+both nonces, the content id, the version) and the signer's role, so a proof
+is good for exactly one connection between exactly two keys.
 """
 
 from __future__ import annotations
@@ -17,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections import Counter
 from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING
 
@@ -30,7 +37,7 @@ from .ratelimit import RateLimiter
 from .scheduling import NEEDY_WINDOW, UploadTurns
 from .session import PeerSession
 from .store import ChunkStore, SourceFile
-from .swarm import Content
+from .swarm import EVICTABLE_AFTER, Content
 from .transport import Stream, Transport
 from .wire import (
     NEED_DATA,
@@ -55,10 +62,9 @@ log = logging.getLogger("peerd.node")
 HANDSHAKE_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 10.0
 MAX_INBOUND = 512
-MAX_INBOUND_PER_ADDRESS = 256
+MAX_INBOUND_PER_ADDRESS = 64
 UPLOAD_SLOTS = 1  # connections uploading at once (UploadTurns)
 TRACKER_PROBE_EVERY = 5.0  # how soon a restarted tracker hears from us again
-PROOF_CONTEXT = b"peer-hello-v1\0"
 
 
 def _turn_progress(session: Hashable) -> float:
@@ -67,9 +73,90 @@ def _turn_progress(session: Hashable) -> float:
     return session.turn_progress()
 
 
-def proof_message(nonce: bytes, content_id: bytes) -> bytes:
-    """What a PROOF signs: the other side's HELLO nonce and the content id."""
-    return PROOF_CONTEXT + nonce + content_id
+class _Slot:
+    """One inbound connection holding a slot."""
+
+    __slots__ = ("address", "scope", "session", "since")
+
+    def __init__(self, address: str, since: float) -> None:
+        self.address = address
+        self.since = since
+        self.scope = trio.CancelScope()
+        self.session: PeerSession | None = None  # set once the handshake is done
+
+
+class InboundSlots:
+    """Inbound connection slots: at most ``total``, at most ``per_address``
+    from one address. A newcomer that finds its way blocked takes the slot of
+    the least useful connection in the way: the oldest pending handshake (of
+    its own address when that address is full, else of the address holding
+    the most slots), else the session that moved no payload for longest, if
+    that is over ``EVICTABLE_AFTER`` seconds. Otherwise the newcomer is
+    refused."""
+
+    def __init__(self, total: int, per_address: int) -> None:
+        self.total = total
+        self.per_address = per_address
+        self._slots: set[_Slot] = set()
+        self._by_address: dict[str, set[_Slot]] = {}
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    def count(self, address: str) -> int:
+        return len(self._by_address.get(address, ()))
+
+    def admit(self, address: str, now: float) -> _Slot | None:
+        """A slot for a new connection from ``address`` (evicting if needed), or None."""
+        if self.count(address) >= self.per_address:
+            if not self._evict(self._by_address[address], now):
+                return None
+        if len(self._slots) >= self.total:
+            crowded = max(self._by_address.values(), key=len)
+            if not self._evict(crowded, now) and not self._evict(self._slots, now):
+                return None
+        slot = _Slot(address, now)
+        self._slots.add(slot)
+        self._by_address.setdefault(address, set()).add(slot)
+        return slot
+
+    def release(self, slot: _Slot) -> None:
+        if slot in self._slots:
+            self._slots.discard(slot)
+            peers = self._by_address[slot.address]
+            peers.discard(slot)
+            if not peers:
+                del self._by_address[slot.address]
+
+    def _evict(self, candidates: set[_Slot], now: float) -> bool:
+        pending = [s for s in candidates if s.session is None]
+        if pending:
+            victim = min(pending, key=lambda s: s.since)
+        else:
+            idle = [
+                s
+                for s in candidates
+                if s.session is not None and now - s.session.last_useful_at >= EVICTABLE_AFTER
+            ]
+            if not idle:
+                return False
+            victim = min(idle, key=lambda s: s.session.last_useful_at)  # type: ignore[union-attr]
+            log.info("evicting idle peer %s for a newcomer", victim.session.name)  # type: ignore[union-attr]
+        self.release(victim)
+        if victim.session is not None:
+            victim.session.close("too-many: evicted for a newcomer")
+        else:
+            victim.scope.cancel()
+        return True
+
+
+async def _linger(stream: Stream) -> None:
+    """After a refusal: half-close, then read until the remote closes too (a
+    close with unread input would reset the connection and lose the GOODBYE)."""
+    with contextlib.suppress(PeerError, trio.BrokenResourceError), trio.move_on_after(2):
+        await stream.send_eof()
+        while await stream.receive_some(65536):
+            pass
 
 
 class Node:
@@ -114,8 +201,7 @@ class Node:
         # Counts tracker connections made; a content that announced on an older
         # one announces again (a restarted tracker has forgotten every peer).
         self.tracker_epoch = 0
-        self._inbound = 0
-        self._per_address: Counter[str] = Counter()
+        self.inbound = InboundSlots(MAX_INBOUND, MAX_INBOUND_PER_ADDRESS)
         self.nursery: trio.Nursery
 
     @property
@@ -238,8 +324,8 @@ class Node:
     def _hello(self, cid: bytes, nonce: bytes) -> Hello:
         return Hello(PROTOCOL_VERSION, self.identity.public_key, self.port, cid, nonce)
 
-    def _proof(self, their_hello: Hello) -> Proof:
-        return Proof(self.identity.sign(proof_message(their_hello.nonce, their_hello.content_id)))
+    def _proof(self, conn: PeerConnection) -> Proof:
+        return Proof(self.identity.sign(conn.proof_message(ours=True)))
 
     @staticmethod
     async def _read_handshake(stream: Stream, conn: PeerConnection, want: type) -> Hello | Proof:
@@ -251,90 +337,97 @@ class Node:
             if isinstance(event, want):
                 return event  # type: ignore[return-value]
             if isinstance(event, Closed | Goodbye):
-                reason = getattr(event, "reason", "closed")
+                reason = getattr(event, "reason", "") or "closed"
                 raise RemoteProtocolError(f"peer left during the handshake ({reason})")
             raise RemoteProtocolError(f"expected {want.__name__}, got {type(event).__name__}")
 
-    async def _check_proof(
-        self, stream: Stream, conn: PeerConnection, hello: Hello, nonce: bytes
-    ) -> None:
-        """Read the remote PROOF: its HELLO key must have signed our nonce."""
-        proof = await self._read_handshake(stream, conn, Proof)
+    @staticmethod
+    async def _check_proof(stream: Stream, conn: PeerConnection, hello: Hello) -> None:
+        """Read the remote PROOF: its HELLO key must have signed this transcript."""
+        proof = await Node._read_handshake(stream, conn, Proof)
         assert isinstance(proof, Proof)
-        if hello.version != PROTOCOL_VERSION:
-            raise RemoteProtocolError(
-                f"peer speaks protocol version {hello.version}, we speak {PROTOCOL_VERSION}"
-            )
-        if not verify_signature(hello.key, proof.signature, proof_message(nonce, hello.content_id)):
+        message = conn.proof_message(ours=False)
+        if not verify_signature(hello.key, proof.signature, message):
             raise RemoteProtocolError(
                 "peer's PROOF does not verify: it does not hold the key it claims"
             )
 
     async def _handle_inbound(self, stream: Stream) -> None:
         address = stream.peer_address[0]
-        if self._inbound >= MAX_INBOUND or self._per_address[address] >= MAX_INBOUND_PER_ADDRESS:
+        slot = self.inbound.admit(address, trio.current_time())
+        if slot is None:
             log.info("refusing connection from %s: too many connections", address)
             return
-        self._inbound += 1
-        self._per_address[address] += 1
-        hello: Hello | None = None
-        content: Content | None = None
         try:
-            conn = PeerConnection()
-            nonce = os.urandom(32)
-            with trio.move_on_after(HANDSHAKE_TIMEOUT) as handshake:
-                first = await self._read_handshake(stream, conn, Hello)
-                assert isinstance(first, Hello)
-                content = self.contents.get(first.content_id)
-                reply = conn.send(self._hello(first.content_id, nonce)) + conn.send(
-                    self._proof(first)
-                )
-                if content is None:
-                    await stream.send_all(reply + conn.send(Goodbye("unknown content")))
-                    return
-                await stream.send_all(reply)
-                await self._check_proof(stream, conn, first, nonce)
-                hello = first
-            if handshake.cancelled_caught or content is None or hello is None:
-                return
-            await content.attach(stream, conn, hello, initiated=False)
+            with slot.scope:
+                await self._serve_inbound(stream, slot)
         except PeerError as exc:
             log.debug("inbound connection from %s ended: %s", address, exc)
         finally:
-            self._inbound -= 1
-            self._per_address[address] -= 1
-            if not self._per_address[address]:
-                del self._per_address[address]
+            self.inbound.release(slot)
+
+    async def _serve_inbound(self, stream: Stream, slot: _Slot) -> None:
+        conn = PeerConnection(initiator=False)
+        nonce = os.urandom(32)
+        content: Content | None = None
+        with trio.move_on_after(HANDSHAKE_TIMEOUT):
+            first = await self._read_handshake(stream, conn, Hello)
+            assert isinstance(first, Hello)
+            reply = conn.send(self._hello(first.content_id, nonce))
+            if first.version != PROTOCOL_VERSION:
+                goodbye = Goodbye(
+                    f"unsupported-version: this peer speaks version {PROTOCOL_VERSION}"
+                )
+                await stream.send_all(reply + conn.send(goodbye))
+                await _linger(stream)
+                return
+            content = self.contents.get(first.content_id)
+            if content is None:
+                await stream.send_all(reply + conn.send(Goodbye("wrong-content")))
+                await _linger(stream)
+                return
+            await stream.send_all(reply + conn.send(self._proof(conn)))
+            await self._check_proof(stream, conn, first)
+            session = content.admit(stream, conn, first, initiated=False)
+            if session is None:
+                return
+            slot.session = session
+        if slot.session is None or content is None:
+            return  # the handshake timed out
+        await content.run_session(slot.session)
 
     async def _dial(self, cid: bytes, ip: str, port: int) -> tuple[Stream, PeerConnection, Hello]:
-        """Connect and complete HELLO + PROOF about ``cid``; the caller closes the stream."""
+        """Connect and complete the handshake about ``cid``; the caller closes the stream."""
         stream = await self.transport.connect(
             ip, port, timeout=CONNECT_TIMEOUT, source_host=self.source_host
         )
         try:
-            conn = PeerConnection()
+            conn = PeerConnection(initiator=True)
             nonce = os.urandom(32)
             await stream.send_all(conn.send(self._hello(cid, nonce)))
             with trio.fail_after(HANDSHAKE_TIMEOUT):
                 hello = await self._read_handshake(stream, conn, Hello)
                 assert isinstance(hello, Hello)
+                if hello.version != PROTOCOL_VERSION:
+                    with contextlib.suppress(PeerError):
+                        await stream.send_all(
+                            conn.send(Goodbye(f"unsupported-version: we speak {PROTOCOL_VERSION}"))
+                        )
+                    raise RemoteProtocolError(
+                        f"peer {ip}:{port} speaks protocol version {hello.version}, "
+                        f"we speak {PROTOCOL_VERSION}"
+                    )
                 if hello.content_id != cid:
                     raise RemoteProtocolError("peer answered about another content")
-                # The accepting side sends its PROOF at once (and a GOODBYE
-                # right after when it does not serve this content): read them
-                # before our PROOF, so that refusal is reported as such.
-                await self._check_proof(stream, conn, hello, nonce)
-                refusal = conn.next_event()
-                if isinstance(refusal, Goodbye | Closed):
-                    reason = getattr(refusal, "reason", "") or "closed"
-                    raise RemoteProtocolError(
-                        f"peer {ip}:{port} does not serve this content ({reason})"
-                    )
-                if refusal is not NEED_DATA:
-                    raise RemoteProtocolError(
-                        f"peer sent {type(refusal).__name__} before our PROOF"
-                    )
-                await stream.send_all(conn.send(self._proof(hello)))
+                try:
+                    await self._check_proof(stream, conn, hello)
+                except RemoteProtocolError as exc:
+                    if "handshake (" in str(exc):  # GOODBYE instead of PROOF
+                        raise RemoteProtocolError(
+                            f"peer {ip}:{port} does not serve this content: {exc}"
+                        ) from None
+                    raise
+                await stream.send_all(conn.send(self._proof(conn)))
         except BaseException as exc:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
@@ -347,7 +440,9 @@ class Node:
         """Open a connection to a peer (named by the tracker or the user) and run it."""
         stream, conn, hello = await self._dial(content.content_id, ip, port)
         try:
-            await content.attach(stream, conn, hello, initiated=True)
+            session = content.admit(stream, conn, hello, initiated=True)
+            if session is not None:
+                await content.run_session(session)
         finally:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
@@ -378,7 +473,7 @@ class Node:
                         raise RemoteProtocolError(
                             f"peer {ip}:{port} has no manifest for this content ({reason})"
                         )
-                    # BITFIELD, HAVE: not needed for the manifest.
+                    # BITFIELD, HAVE, KEEPALIVE: not needed for the manifest.
                 with contextlib.suppress(PeerError):
                     await stream.send_all(conn.send(Goodbye("got the manifest")))
         except trio.TooSlowError:

@@ -21,8 +21,15 @@ A :class:`PeerSession` pumps bytes between a transport stream and a sans-IO
   never waits behind a chunk being sent there at a fraction of the rate.
 
 Limits a remote controls are bounded here: queued upload requests per
-connection (excess gets REJECT ``busy``), request ranges, and DATA frames we
-did not ask for (a protocol error that closes the connection).
+connection (excess gets REJECT ``busy``), request ranges, control bytes
+queued for a remote that does not read (the reader stops reading), time:
+a connection silent for ``IDLE_TIMEOUT`` is closed (we send KEEPALIVE when
+we have had nothing to say for ``KEEPALIVE_EVERY``), and a send that makes
+no progress for ``SEND_STALL_TIMEOUT`` closes the connection. A writer whose
+socket still holds unsent bytes does not ask for an upload turn, so a remote
+that stops reading loses its turns instead of slowing everyone's.
+The wire (:class:`~peerd.wire.PeerConnection`) refuses, from the header, any
+message the conversation does not allow now.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import fcntl
 import logging
 import sys
 from collections import deque
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
 import trio
@@ -48,6 +56,7 @@ from .wire import (
     Goodbye,
     Have,
     Hello,
+    KeepAlive,
     ManifestRequest,
     ManifestResponse,
     PeerConnection,
@@ -71,6 +80,10 @@ MAX_HAVE_PER_FRAME = 4096
 MAX_QUEUED_CONTROL_BYTES = 256 * 1024
 SIOCOUTQNSD = 0x894B  # Linux ioctl: bytes in a socket's send queue not yet sent
 TURN_POLL = 0.005  # seconds between looks at the kernel's send queue during a turn
+KEEPALIVE_EVERY = 20.0  # send KEEPALIVE after this long with nothing sent
+IDLE_TIMEOUT = 60.0  # close a connection we received nothing on for this long
+SEND_STALL_TIMEOUT = 30.0  # close when a send makes no progress for this long
+DRAIN_POLL = 0.05  # seconds between looks at a clogged socket before asking for a turn
 
 
 def unsent_bytes(fd: int) -> int:
@@ -102,6 +115,8 @@ class PeerSession:
         self.initiated = initiated
         host, _port = stream.peer_address
         self.address = (host, hello.port)
+        # The route: the proven key at this address (sessions and bans are per route).
+        self.route: tuple[bytes, str] = (hello.key, host)
         self.name = f"{hello.key.hex()[:12]}@{host}:{hello.port}"
         # requests we sent: (index, offset, length)
         self.requests: set[tuple[int, int, int]] = set()
@@ -109,7 +124,15 @@ class PeerSession:
         self.cancelled: deque[tuple[int, int, int]] = deque(maxlen=256)
         self.received_bytes = 0
         self.sent_bytes = 0
-        self.last_payload_at = trio.current_time()
+        now = trio.current_time()
+        self.last_payload_at = now
+        # Last time the connection did something useful (payload either way,
+        # a request to serve): who makes room when slots are short.
+        self.last_useful_at = now
+        self.last_received_at = now
+        self.last_sent_at = now
+        self._send_since: float | None = None  # a send is in progress since
+        self._manifest_sent = False
         self.depth = 4
         self.timeouts = 0
         self._control: list[bytes] = []
@@ -150,6 +173,13 @@ class PeerSession:
         self._control_bytes += len(data)
         self._kick()
 
+    def send_frame(self, data: bytes) -> None:
+        """Queue an already encoded frame (the wire accepted it)."""
+        if not self._closing:
+            self._control.append(data)
+            self._control_bytes += len(data)
+            self._kick()
+
     def request(self, index: int, offset: int, length: int) -> None:
         self.requests.add((index, offset, length))
         self.send_control(Request(index, offset, length))
@@ -185,6 +215,7 @@ class PeerSession:
             with self._cancel_scope:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._writer)
+                    nursery.start_soon(self._watchdog)
                     await self._reader()
                     if self._local_close:
                         # We are closing (a ban, a bad bitfield): let the writer
@@ -222,6 +253,7 @@ class PeerSession:
                     self._drained = trio.Event()
                     await self._drained.wait()
                 data = await stream.receive_some(RECV_SIZE)
+                self.last_received_at = trio.current_time()
                 conn.receive_data(data)
                 continue
             if isinstance(event, Closed):
@@ -242,12 +274,51 @@ class PeerSession:
                     self.requests.discard(req)
                     content.on_reject(self, event.index, event.reason)
             elif isinstance(event, ManifestRequest):
-                self.send_control(ManifestResponse(content.manifest_bytes))
+                # Once per connection (the wire refuses a second), and the
+                # content's one encoded frame, shared by every connection.
+                self.send_frame(conn.send_prepared(content.manifest_frame))
+            elif isinstance(event, KeepAlive):
+                pass
             elif isinstance(event, Goodbye):
+                if event.reason:
+                    log.debug("peer %s said goodbye: %s", self.name, event.reason[:200])
                 return
             elif isinstance(event, DataPayload | ManifestResponse | Hello):
                 # DataPayload cannot appear: payloads are taken directly.
                 raise RemoteProtocolError(f"unexpected {type(event).__name__} from {self.name}")
+
+    async def _send(self, op: Awaitable[object]) -> None:
+        """Await one send, visible to the watchdog (which ends a stuck one)."""
+        self._send_since = trio.current_time()
+        try:
+            await op
+        finally:
+            self._send_since = None
+            self.last_sent_at = trio.current_time()
+
+    async def _watchdog(self) -> None:
+        """Keep-alive, idle timeout, and the send deadline."""
+        last_left = -1
+        progress_at = trio.current_time()
+        while True:
+            await trio.sleep(1.0)
+            now = trio.current_time()
+            if now - self.last_received_at >= IDLE_TIMEOUT:
+                log.info("closing peer %s: nothing received for %.0f s", self.name, IDLE_TIMEOUT)
+                self.close("idle: nothing received for a while")
+                return
+            left = unsent_bytes(self._fd) if self._fd >= 0 else 0
+            if self._send_since is None and left == 0:
+                last_left, progress_at = -1, now
+            elif left != last_left:
+                last_left, progress_at = left, now
+            elif now - progress_at >= SEND_STALL_TIMEOUT:
+                log.info("dropping peer %s: it stopped reading (%d bytes unsent)", self.name, left)
+                self.abort()
+                return
+            if now - self.last_sent_at >= KEEPALIVE_EVERY and self._send_since is None:
+                self.send_control(KeepAlive())
+                self.last_sent_at = now
 
     async def _receive_payload(self, header: DataHeader) -> None:
         req = (header.index, header.offset, header.length)
@@ -271,6 +342,7 @@ class PeerSession:
             raise
         now = trio.current_time()
         self.last_payload_at = now
+        self.last_useful_at = now
         self.received_bytes += header.length
         self._account(header.length, now)
         if not wanted:
@@ -292,6 +364,7 @@ class PeerSession:
 
     def _on_request(self, req: Request) -> None:
         content = self.content
+        self.last_useful_at = trio.current_time()
         reason = content.check_request(self, req.index, req.offset, req.length)
         # The choker refuses past MAX_QUEUED_UPLOADS, and while super-seeding a
         # chunk that someone else already has or gets.
@@ -323,7 +396,7 @@ class PeerSession:
                 frames, self._control = self._control, []
                 self._control_bytes = 0
                 self._drained.set()
-                await stream.send_all(b"".join(frames))
+                await self._send(stream.send_all(b"".join(frames)))
                 continue
             if self._closing:
                 # No more uploads here: give up our place in the turns now, not
@@ -353,6 +426,14 @@ class PeerSession:
                 self._release_turn()
                 continue
             upload = None
+            if content.choker.queued(self) and unsent_bytes(self._fd) > 0:
+                # Our socket still holds bytes the remote has not taken: no
+                # turn until they leave, so a remote that stops reading cannot
+                # hold the node's uploads (the watchdog closes it eventually).
+                self._wake = trio.Event()
+                with trio.move_on_after(DRAIN_POLL):
+                    await self._wake.wait()
+                continue
             if content.choker.queued(self):
                 now = trio.current_time()
                 if not turns.request(self, now):
@@ -376,8 +457,14 @@ class PeerSession:
                     self.send_control(Reject(index, offset, length, "missing"))
                     self._release_turn()
                     continue
-                await stream.send_all(self.conn.send(DataHeader(index, offset, length)))
-                await stream.sendfile(source.fd, index * content.info.chunk_size + offset, length)
+                if not self.conn.owes(index, offset, length):
+                    self._release_turn()  # cancelled long ago (see MAX_CANCELLED)
+                    continue
+                await self._send(stream.send_all(self.conn.send(DataHeader(index, offset, length))))
+                await self._send(
+                    stream.sendfile(source.fd, index * content.info.chunk_size + offset, length)
+                )
+                self.last_useful_at = trio.current_time()
                 self.sent_bytes += length
                 self.remote.add((index,))
                 content.on_uploaded(self, length)

@@ -59,7 +59,7 @@ from tracker.index import SwarmIndex
 from .choker import Choker
 from .errors import RemoteProtocolError
 from .identity import Identity, verify_signature
-from .node import PROTOCOL_VERSION, proof_message
+from .node import PROTOCOL_VERSION
 from .picker import (
     PiecePicker,
     bits_from_flags,
@@ -234,10 +234,10 @@ class _Session:
         "window_start",
     )
 
-    def __init__(self, node: _Node, remote: _Node, now: float) -> None:
+    def __init__(self, node: _Node, remote: _Node, now: float, *, initiator: bool) -> None:
         self.node, self.remote = node, remote
         self.other: _Session
-        self.conn = PeerConnection()
+        self.conn = PeerConnection(initiator=initiator)
         self.nonce = os.urandom(32)
         self.open = False
         self.closing = False
@@ -557,7 +557,7 @@ class Simulation:
             self.pairs.discard(frozenset((a.idx, b.idx)))
             self._check_alone(a)
             return
-        sa, sb = _Session(a, b, dialled), _Session(b, a, dialled)
+        sa, sb = _Session(a, b, dialled, initiator=True), _Session(b, a, dialled, initiator=False)
         sa.other, sb.other = sb, sa
         b.connecting.add(a.key)
         self._send(sa, Hello(PROTOCOL_VERSION, a.key, 6881, self.content_id, sa.nonce))
@@ -566,19 +566,22 @@ class Simulation:
         if isinstance(event, Hello):
             if event.key != s.remote.key or event.content_id != self.content_id:
                 raise RemoteProtocolError("peer answered with another key or content")
-            if s.conn.our_state.value == "await-hello":  # inbound: answer HELLO + PROOF
+            if not s.conn.initiator:  # inbound: answer HELLO + PROOF
                 self._send(s, Hello(PROTOCOL_VERSION, s.node.key, 6881, self.content_id, s.nonce))
-            if self.cfg.verify:
-                sig = s.node.identity.sign(proof_message(event.nonce, event.content_id))
-            else:
-                sig = bytes(64)  # stated in SimConfig: crypto skipped, framing kept
-            self._send(s, Proof(sig))
+                self._send(s, Proof(self._sign(s)))
         elif isinstance(event, Proof):
-            msg = proof_message(s.nonce, self.content_id)
+            msg = s.conn.proof_message(ours=False)
             if self.cfg.verify and not verify_signature(s.remote.key, event.signature, msg):
                 raise RemoteProtocolError("peer's PROOF does not verify")
+            if s.conn.initiator:  # the dialer proves itself once the acceptor has
+                self._send(s, Proof(self._sign(s)))
             self.handshakes += 1
             self._attach(s)
+
+    def _sign(self, s: _Session) -> bytes:
+        if self.cfg.verify:
+            return s.node.identity.sign(s.conn.proof_message(ours=True))
+        return bytes(64)  # stated in SimConfig: crypto skipped, framing kept
 
     def _attach(self, s: _Session) -> None:
         """Mirrors Content.attach: register, send our bitfield, tell the picker."""

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from .choker import Choker
-from .errors import PeerError, TrackerError
+from .errors import PeerError, RemoteProtocolError, TrackerError
 from .hashing import hash_chunk
 from .manifest import Manifest
 from .picker import (
@@ -56,7 +56,15 @@ from .scheduling import (
 )
 from .session import MAX_QUEUED_UPLOADS, PeerSession
 from .store import ChunkStore, SourceFile, aligned_buffer
-from .wire import Bitfield, Hello, PeerConnection, Reject
+from .wire import (
+    Bitfield,
+    Hello,
+    ManifestResponse,
+    PeerConnection,
+    Reject,
+    encode_message,
+    validate_bits,
+)
 
 if TYPE_CHECKING:
     from .node import Node
@@ -70,7 +78,9 @@ PROGRESS_EVERY = 2.0
 STATE_FLUSH_EVERY = 1.0
 REQUEST_TIMEOUT = 15.0
 STALL_TIMEOUT = 20.0
-MAX_PEERS = 50
+MAX_PEERS = 50  # connections a downloader aims for (it dials up to this many)
+MAX_SESSIONS = 200  # connections one content takes in all (docs/PROTOCOL.md, "Limits")
+EVICTABLE_AFTER = 10.0  # a session that moved no payload this long may make room
 MAX_WANT = 200  # the most peers ANNOUNCE may ask for (docs/PROTOCOL.md)
 BUFFER_BUDGET = 32 * 1024 * 1024  # bytes of chunk buffers per download
 
@@ -100,6 +110,8 @@ class Content:
         self.node = node
         self.manifest = manifest
         self.manifest_bytes = manifest.encode()
+        # The MANIFEST frame, encoded once for every connection that asks.
+        self.manifest_frame = encode_message(ManifestResponse(self.manifest_bytes))
         self.info = manifest.info
         self.content_id = manifest.content_id
         self.source = source
@@ -109,7 +121,6 @@ class Content:
             self.picker = PiecePicker(n, source.have)
         chunk = max(1, min(self.info.chunk_size, self.info.size or 1))
         self.buffers = BufferPool(chunk, max(2, BUFFER_BUDGET // chunk))
-        self.sessions: dict[bytes, PeerSession] = {}
         # Upload policy: queue bounds, fresh-first order, and — when we publish
         # a complete file — super-seeding (every chunk out once before any twice).
         origin = isinstance(source, SourceFile)
@@ -121,8 +132,10 @@ class Content:
             super_seed=n if origin else 0,
             max_wait=0.0 if origin else QUEUE_WAIT,
         )
-        self.connecting: set[bytes] = set()
-        self.banned: set[bytes] = set()
+        # Routes (proven key, remote address): connections, dials, bans.
+        self.sessions: dict[tuple[bytes, str], PeerSession] = {}
+        self.connecting: set[tuple[bytes, str]] = set()
+        self.banned: set[tuple[bytes, str]] = set()
         self.bytes_from: dict[str, int] = {}
         self.hash_failures = 0
         self.uploaded = 0
@@ -172,46 +185,81 @@ class Content:
                 if isinstance(self.source, ChunkStore):
                     await trio.to_thread.run_sync(self.source.flush_state_sync)
 
-    async def attach(
+    def admit(
         self, stream: Stream, conn: PeerConnection, hello: Hello, *, initiated: bool
-    ) -> None:
-        """Run a session on an established connection (both HELLOs exchanged)."""
+    ) -> PeerSession | None:
+        """Register a session for a connection whose handshake is done, or None
+        if it is not wanted (a banned route, ourselves, the losing duplicate).
+        The caller then runs it with :meth:`run_session`.
+
+        Sessions, bans and duplicates are per *route*: the proven key at the
+        remote address. A ban never lands on a key wherever it connects from:
+        the bytes that failed came over a channel only the handshake
+        authenticated, so a relay in the middle could have changed them.
+        """
         key = hello.key
-        if key in self.banned or key == self.node.identity.public_key:
-            return
-        old = self.sessions.get(key)
+        route = (key, stream.peer_address[0])
+        if route in self.banned or key == self.node.identity.public_key:
+            return None
+        session = PeerSession(self, stream, conn, hello, initiated=initiated)
+        old = self.sessions.get(route)
         if old is not None:
             # Both sides connected to each other: keep the connection opened by
-            # the smaller key, so both ends make the same choice.
+            # the smaller key, so both ends make the same choice; two opened by
+            # the same side: the newer (the opener gave the old one up).
             mine = self.node.identity.public_key
-            keep_new = (mine if initiated else key) < (mine if old.initiated else key)
-            if not keep_new:
-                return
-            old.close("duplicate connection")
-        session = PeerSession(self, stream, conn, hello, initiated=initiated)
+            opener_new = mine if initiated else key
+            opener_old = mine if old.initiated else key
+            if opener_new > opener_old:
+                return None
+            old.close("duplicate: a newer connection replaces this one")
+        elif len(self.sessions) >= MAX_SESSIONS and not self._evict_idle():
+            session.close("too-many: this content has all the peers it can take")
+            return session  # runs only to deliver the GOODBYE; never registered
         log.info("connected to peer %s (%s)", session.name, "out" if initiated else "in")
-        self.sessions[key] = session
+        self.sessions[route] = session
         self.choker.add_peer(session)
         session.send_control(Bitfield(self.bitfield()))
-        if self.picker is not None:
-            self.picker.add_peer(session)
+        return session
+
+    def _evict_idle(self) -> bool:
+        """Close the session idle longest, if idle long enough to be evicted."""
+        now = trio.current_time()
+        idle = [s for s in self.sessions.values() if now - s.last_useful_at >= EVICTABLE_AFTER]
+        if not idle:
+            return False
+        victim = min(idle, key=lambda s: s.last_useful_at)
+        log.info("evicting idle peer %s for a newcomer", victim.name)
+        self._forget(victim)
+        victim.close("too-many: evicted for a newcomer")
+        return True
+
+    def _forget(self, session: PeerSession) -> None:
+        if self.sessions.get(session.route) is session:
+            del self.sessions[session.route]
+
+    async def run_session(self, session: PeerSession) -> None:
+        """Run a session returned by :meth:`admit` until it ends."""
+        registered = self.sessions.get(session.route) is session
         try:
             await session.run()
         finally:
-            self.choker.remove_peer(session)
-            if self.sessions.get(key) is session:
-                del self.sessions[key]
-            if self.picker is not None:
-                self.picker.remove_peer(session)
-                for req in list(session.requests):
-                    session.requests.discard(req)
-                self._fill_all()
+            if registered:
+                self.choker.remove_peer(session)
+                self._forget(session)
+                if self.picker is not None:
+                    self.picker.remove_peer(session)
+                    session.requests.clear()
+                    self._fill_all()
 
     # --- events from sessions --------------------------------------------------
     def on_bitfield(self, session: PeerSession, bits: bytes) -> None:
+        """The remote's one BITFIELD (the wire refuses a second)."""
         n = self.info.num_chunks
-        if len(bits) != (n + 7) // 8:
-            session.close("bitfield has the wrong length")
+        try:
+            validate_bits(n, bits)
+        except RemoteProtocolError as exc:
+            session.close(f"protocol-error: {exc}")
             return
         session.remote.set_bitfield(bits)
         if self.picker is not None:
@@ -220,7 +268,10 @@ class Content:
 
     def on_have(self, session: PeerSession, indices: tuple[int, ...]) -> None:
         n = self.info.num_chunks
-        valid = [i for i in indices if 0 <= i < n]
+        if max(indices) >= n:
+            session.close(f"protocol-error: HAVE of chunk {max(indices)}, the content has {n}")
+            return
+        valid = indices
         session.remote.add(valid)
         if self.picker is None:
             return
@@ -253,7 +304,7 @@ class Content:
         self, session: PeerSession, index: int, offset: int, length: int
     ) -> str | None:
         """Why a remote's request cannot be served, or None."""
-        if session.remote_key in self.banned:
+        if session.route in self.banned:
             return "banned"
         if not 0 <= index < self.info.num_chunks:
             return "invalid"
@@ -316,7 +367,7 @@ class Content:
 
     def _on_hash_failure(self, session: PeerSession, index: int) -> None:
         self.hash_failures += 1
-        self.banned.add(session.remote_key)
+        self.banned.add(session.route)
         log.warning(
             "banned peer %s for this download: chunk %d it sent failed its hash",
             session.name,
@@ -325,7 +376,7 @@ class Content:
         if self.picker is not None:
             self.picker.cancel(session, index)
             self.picker.remove_peer(session)
-        session.close("sent a chunk that failed its hash")
+        session.close(f"bad-data: chunk {index} failed its hash")
         self._fill_all()
 
     async def _finish(self) -> None:
@@ -468,33 +519,33 @@ class Content:
             entry
             for entry in entries
             if entry.key != mine
-            and entry.key not in self.sessions
-            and entry.key not in self.connecting
-            and entry.key not in self.banned
+            and (entry.key, entry.ip) not in self.sessions
+            and (entry.key, entry.ip) not in self.connecting
+            and (entry.key, entry.ip) not in self.banned
             and entry.port != 0
         ]
         room = MAX_PEERS - len(self.sessions) - len(self.connecting)
         # A random subset: in a flash crowd everyone is told the same first
         # peers, and dialling them all would make a few hubs.
         for entry in choose_dials(candidates, room, self._rng):
-            key = entry.key
-            self.connecting.add(key)
-            self.nursery.start_soon(self._connect_one, entry.ip, entry.port, key)
+            route = (entry.key, entry.ip)
+            self.connecting.add(route)
+            self.nursery.start_soon(self._connect_one, entry.ip, entry.port, route)
 
     def dial(self, ip: str, port: int) -> None:
         """Connect to a peer the user named (``peer get --peer``), key unknown yet."""
-        placeholder = f"direct:{ip}:{port}".encode()
+        placeholder = (f"direct:{port}".encode(), ip)
         if placeholder not in self.connecting:
             self.connecting.add(placeholder)
             self.nursery.start_soon(self._connect_one, ip, port, placeholder)
 
-    async def _connect_one(self, ip: str, port: int, key: bytes) -> None:
+    async def _connect_one(self, ip: str, port: int, route: tuple[bytes, str]) -> None:
         try:
-            await self.node.connect_peer(self, ip, port, key)
+            await self.node.connect_peer(self, ip, port, route[0])
         except PeerError as exc:
             log.info("could not use peer %s:%d: %s", ip, port, exc)
         finally:
-            self.connecting.discard(key)
+            self.connecting.discard(route)
 
     async def _announce_stopped(self) -> None:
         with trio.move_on_after(2):

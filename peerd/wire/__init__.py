@@ -2,7 +2,7 @@
 
 Usage (h11 shape)::
 
-    conn = PeerConnection()
+    conn = PeerConnection(initiator=True)
     sock.send(conn.send(Hello(PROTOCOL_VERSION, key, port, content_id)))
     conn.receive_data(sock.recv(65536))        # b"" = EOF
     while (event := conn.next_event()) is not NEED_DATA:
@@ -31,11 +31,14 @@ from ._codec import (
     peers_body_tail,
 )
 from ._connection import (
+    MAX_CANCELLED,
+    MAX_OUTSTANDING,
     NEED_DATA,
     FrameConnection,
     PeerConnection,
     TrackerClientConnection,
     TrackerServerConnection,
+    encode_message,
 )
 from ._events import (
     ANNOUNCE_EVENTS,
@@ -55,6 +58,7 @@ from ._events import (
     Goodbye,
     Have,
     Hello,
+    KeepAlive,
     ManifestRequest,
     ManifestResponse,
     Ok,
@@ -78,6 +82,8 @@ __all__ = [
     "ANNOUNCE_EVENTS",
     "FRAME_HEADER",
     "MAX_BODY",
+    "MAX_CANCELLED",
+    "MAX_OUTSTANDING",
     "MAX_PAYLOAD",
     "NEED_DATA",
     "PROTOCOL_VERSION",
@@ -98,6 +104,7 @@ __all__ = [
     "Goodbye",
     "Have",
     "Hello",
+    "KeepAlive",
     "ManifestRequest",
     "ManifestResponse",
     "Ok",
@@ -123,6 +130,7 @@ __all__ = [
     "count_bits",
     "decode_availability",
     "encode_availability",
+    "encode_message",
     "encode_peer_entry",
     "encode_peers_body",
     "has_bit",

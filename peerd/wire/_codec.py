@@ -165,6 +165,7 @@ _SPECS: dict[int, _Spec] = {
         ),
     ),
     FrameType.MANIFEST_REQUEST: _Spec((), 0, lambda e: {}, lambda f: ev.ManifestRequest()),
+    FrameType.KEEPALIVE: _Spec((), 0, lambda e: {}, lambda f: ev.KeepAlive()),
     FrameType.MANIFEST: _Spec(
         ("manifest",),
         0,
@@ -276,6 +277,7 @@ EVENT_TYPES: dict[type, int] = {
     ev.Cancel: FrameType.CANCEL,
     ev.Reject: FrameType.REJECT,
     ev.ManifestRequest: FrameType.MANIFEST_REQUEST,
+    ev.KeepAlive: FrameType.KEEPALIVE,
     ev.ManifestResponse: FrameType.MANIFEST,
     ev.Goodbye: FrameType.GOODBYE,
     ev.Proof: FrameType.PROOF,

@@ -25,6 +25,8 @@ After the first ``RemoteProtocolError`` the connection is dead: every later
 from __future__ import annotations
 
 import enum
+import hashlib
+from collections import deque
 from typing import Final, Literal
 
 from peerd.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
@@ -55,11 +57,14 @@ from ._state import (
 )
 
 __all__ = [
+    "MAX_CANCELLED",
+    "MAX_OUTSTANDING",
     "NEED_DATA",
     "FrameConnection",
     "PeerConnection",
     "TrackerClientConnection",
     "TrackerServerConnection",
+    "encode_message",
 ]
 
 
@@ -84,9 +89,23 @@ _COMPACT_MIN = 64 * 1024
 # indices, REQUEST, CANCEL, REJECT (events are immutable and compare by value,
 # so the bytes of one are the bytes of any equal one).
 _HAVE = int(FrameType.HAVE)
+_HELLO = int(FrameType.HELLO)
 _FRAMES: dict[ev.Event | tuple[int, ...], bytes] = {}  # HAVE: by its indices
 _FRAMES_SIZE = 8192
 _HAVE_MEMO_INDICES = 8
+
+
+def encode_message(event: ev.Event) -> bytes:
+    """The frame of a control message, independent of any connection (for a
+    frame many connections send: pass it to ``send_prepared``)."""
+    ftype = EVENT_TYPES.get(type(event))
+    if ftype is None or ftype == _DATA:
+        raise LocalProtocolError(f"{type(event).__name__} cannot be prepared")
+    return encode_frame(ftype, encode_body(ftype, event))
+
+
+# What a prepared frame of a watched type stands for (only its type matters).
+_MARKERS: dict[int, ev.Event] = {int(FrameType.MANIFEST): ev.ManifestResponse(b"\0")}
 
 
 class FrameConnection:
@@ -140,6 +159,8 @@ class FrameConnection:
             return self._next_event()
         except RemoteProtocolError as exc:
             self._error = exc
+            self._buf = bytearray()  # nothing more will be parsed: free it now
+            self._pos = 0
             raise
 
     @property
@@ -183,6 +204,7 @@ class FrameConnection:
                 return self._need_data("in the middle of a DATA header")
             index, offset = DATA_HEADER.unpack_from(self._buf, self._pos + FRAME_HEADER_SIZE)
             event: ev.Event = ev.DataHeader(index, offset, length - DATA_HEADER_SIZE)
+            self._obligations(event, sending=False, frame=b"")
             self._consume(FRAME_HEADER_SIZE + DATA_HEADER_SIZE)
             self._payload_remaining = length - DATA_HEADER_SIZE
         else:
@@ -193,6 +215,11 @@ class FrameConnection:
             # shrink the bytearray (a live export would forbid resizing).
             with memoryview(self._buf)[start : start + length] as body:
                 event = decode_body(ftype, body)
+            if ftype in self.WATCHED_TYPES:
+                frame = b""
+                if ftype == _HELLO:  # the handshake transcript covers it byte for byte
+                    frame = bytes(self._buf[self._pos : start + length])
+                self._obligations(event, sending=False, frame=frame)
             self._consume(FRAME_HEADER_SIZE + length)
         self._enter(new_state, sending=False)
         return event
@@ -278,6 +305,8 @@ class FrameConnection:
         if ftype not in self.SEND_TYPES:
             raise LocalProtocolError(f"{type(self).__name__} cannot send {frame_name(ftype)}")
         new_state = self._transition(ftype, sending=True)
+        if ftype in self.WATCHED_TYPES:
+            self._obligations(event, sending=True, frame=b"")
         if ftype == _DATA:
             data = encode_data_header(event.index, event.offset, event.length)  # type: ignore[attr-defined]
         elif ftype in MEMO_TYPES and (
@@ -296,8 +325,33 @@ class FrameConnection:
             data = memo
         else:
             data = encode_frame(ftype, encode_body(ftype, event))
+        if ftype == _HELLO:
+            self._sent_frame(data)
         self._enter(new_state, sending=True)
         return data
+
+    def send_prepared(self, frame: bytes) -> bytes:
+        """Check and account a frame made by ``encode_message`` (shared by many
+        connections, e.g. one content's MANIFEST) and return it unchanged.
+
+        Raises:
+            LocalProtocolError: not a whole frame, or not allowed now.
+        """
+        if len(frame) < FRAME_HEADER_SIZE:
+            raise LocalProtocolError("a prepared frame needs its 5-byte header")
+        ftype, length = FRAME_HEADER.unpack_from(frame)
+        if length != len(frame) - FRAME_HEADER_SIZE or ftype == _DATA:
+            raise LocalProtocolError("a prepared frame is one whole control frame")
+        if ftype not in self.SEND_TYPES:
+            raise LocalProtocolError(f"{type(self).__name__} cannot send {frame_name(ftype)}")
+        new_state = self._transition(ftype, sending=True)
+        if ftype in self.WATCHED_TYPES:
+            marker = _MARKERS.get(ftype)
+            if marker is None:
+                raise LocalProtocolError(f"{frame_name(ftype)} cannot be sent prepared")
+            self._obligations(marker, sending=True, frame=b"")
+        self._enter(new_state, sending=True)
+        return frame
 
     def send_data(self, index: int, offset: int, payload: bytes | bytearray | memoryview) -> bytes:
         """Return a whole DATA frame: the 13 header bytes followed by ``payload``.
@@ -310,6 +364,16 @@ class FrameConnection:
         return header + payload
 
     # --- conversation rules (subclasses) --------------------------------------
+    #: Frame types whose events pass through ``_obligations`` (both ways).
+    WATCHED_TYPES: frozenset[int] = frozenset()
+
+    def _obligations(self, event: ev.Event, *, sending: bool, frame: bytes) -> None:
+        """Check (and record) what a message owes or answers; raise if it may
+        not be sent or received now. ``frame`` is the raw received HELLO frame."""
+
+    def _sent_frame(self, data: bytes) -> None:
+        """Record a sent HELLO frame (the handshake transcript)."""
+
     def _transition(self, ftype: int, *, sending: bool) -> enum.Enum:
         """The state a frame of ``ftype`` leads to; raises if it is not allowed now."""
         raise NotImplementedError
@@ -323,33 +387,239 @@ class FrameConnection:
         return LocalProtocolError(message) if sending else RemoteProtocolError(message)
 
 
+#: What PROOF signs (docs/PROTOCOL.md, "Handshake"): this context, the
+#: signer's role, and SHA-256 of both HELLO frames (the dialer's first).
+PROOF_CONTEXT = b"peer-proof-v2\x00"
+ROLE_DIALER = b"D"
+ROLE_ACCEPTOR = b"A"
+TRANSCRIPT_CONTEXT = b"peer-transcript-v2\x00"
+#: Cancelled requests whose answer (DATA or REJECT) may still arrive, per
+#: direction; an answer to an older one is a protocol error.
+MAX_CANCELLED = 1024
+#: Requests one side may have outstanding with the other (sent, not yet
+#: answered by DATA or REJECT, not cancelled). A server answers the excess
+#: over its queue with REJECT ``busy`` at once, so only a peer that ignores
+#: those answers (or never reads them) can reach this.
+MAX_OUTSTANDING = 1024
+
+_REQ = tuple[int, int, int]
+_PROOF = int(FrameType.PROOF)
+_BITFIELD = int(FrameType.BITFIELD)
+_REQUEST = int(FrameType.REQUEST)
+_CANCEL = int(FrameType.CANCEL)
+_REJECT = int(FrameType.REJECT)
+_MANIFEST_REQUEST = int(FrameType.MANIFEST_REQUEST)
+_MANIFEST = int(FrameType.MANIFEST)
+_GOODBYE = int(FrameType.GOODBYE)
+_HANDSHAKE = frozenset({int(FrameType.HELLO), _PROOF, _GOODBYE})
+
+
+class _Requests:
+    """One direction's requests: outstanding, and recently cancelled ones
+    whose answer may still cross the CANCEL."""
+
+    __slots__ = ("cancelled", "order", "outstanding")
+
+    def __init__(self) -> None:
+        self.outstanding: set[_REQ] = set()
+        self.cancelled: set[_REQ] = set()
+        self.order: deque[_REQ] = deque()
+
+    def cancel(self, req: _REQ) -> bool:
+        if req not in self.outstanding:
+            return False
+        self.outstanding.discard(req)
+        if req not in self.cancelled:
+            self.cancelled.add(req)
+            self.order.append(req)
+            if len(self.order) > MAX_CANCELLED:
+                self.cancelled.discard(self.order.popleft())
+        return True
+
+    def answerable(self, req: _REQ) -> bool:
+        return req in self.outstanding or req in self.cancelled
+
+    def answer(self, req: _REQ) -> None:
+        if req in self.outstanding:
+            self.outstanding.discard(req)
+        else:
+            self.cancelled.discard(req)  # (its place in ``order`` ages out)
+
+
 class PeerConnection(FrameConnection):
-    """One end of a peer <-> peer connection (both ends are the same role)."""
+    """One end of a peer <-> peer connection (both ends are the same role).
+
+    ``initiator`` says whether we dialed: the handshake transcript orders the
+    two HELLOs dialer first, and only the accepting side may send its PROOF
+    before it has the other's.
+
+    Beyond each direction's phase (``our_state`` / ``their_state``), the
+    connection holds the obligations of the conversation, so that a message
+    that may not come now is refused from its header, before its body:
+
+    * nothing but HELLO, PROOF and GOODBYE goes before the other's PROOF;
+    * REQUEST only once the requester has the other's BITFIELD, never a
+      duplicate of an outstanding one, at most ``MAX_OUTSTANDING`` outstanding;
+    * DATA and REJECT only for an outstanding REQUEST (or one cancelled among
+      the last ``MAX_CANCELLED``) with exactly its index, offset and length;
+    * CANCEL only for an outstanding REQUEST (a received CANCEL that crossed
+      the answer is yielded and changes nothing);
+    * MANIFEST_REQUEST once per direction; MANIFEST only in answer to it, once.
+    """
 
     SEND_TYPES = PEER_TYPES
     RECEIVE_TYPES = PEER_TYPES
+    WATCHED_TYPES = frozenset(
+        {_HELLO, _PROOF, _BITFIELD, _REQUEST, _DATA, _CANCEL, _REJECT, _MANIFEST_REQUEST, _MANIFEST}
+    )
 
-    def __init__(self) -> None:
+    def __init__(self, *, initiator: bool) -> None:
         super().__init__()
+        self.initiator = initiator
         self.our_state = PeerState.AWAIT_HELLO
         self.their_state = PeerState.AWAIT_HELLO
+        self._our_hello = b""
+        self._their_hello = b""
+        self._proof_sent = False
+        self._proof_received = False
+        self._asked = _Requests()  # our REQUESTs
+        self._owed = _Requests()  # their REQUESTs
+        self._manifest_asked = [False, False]  # [by us, by them]
+        self._manifest_answered = [False, False]  # [to us, by us]
 
+    # --- the handshake -----------------------------------------------------------
+    def transcript_hash(self) -> bytes:
+        """SHA-256 over the context and both HELLO frames, dialer's first.
+
+        Raises:
+            LocalProtocolError: a HELLO has not been sent or received yet.
+        """
+        if not self._our_hello or not self._their_hello:
+            raise LocalProtocolError("the transcript needs both HELLOs")
+        first, second = self._our_hello, self._their_hello
+        if not self.initiator:
+            first, second = second, first
+        return hashlib.sha256(TRANSCRIPT_CONTEXT + first + second).digest()
+
+    def proof_message(self, *, ours: bool) -> bytes:
+        """The bytes our PROOF signs (``ours=True``) or the other's must sign."""
+        dialer = self.initiator == ours
+        role = ROLE_DIALER if dialer else ROLE_ACCEPTOR
+        return PROOF_CONTEXT + role + self.transcript_hash()
+
+    def owes(self, index: int, offset: int, length: int) -> bool:
+        """True if the remote asked for this range and we have not answered it
+        (a cancelled one included: its answer may still go)."""
+        return self._owed.answerable((index, offset, length))
+
+    @property
+    def outstanding_requests(self) -> int:
+        """REQUESTs of ours not yet answered or cancelled."""
+        return len(self._asked.outstanding)
+
+    def _sent_frame(self, data: bytes) -> None:
+        self._our_hello = data
+
+    # --- the rules -------------------------------------------------------------------
     def _transition(self, ftype: int, *, sending: bool) -> PeerState:
         state = self.our_state if sending else self.their_state
         new = PEER_TABLE.get((state, ftype))
+        who = "we" if sending else "the peer"
+        name = frame_name(ftype)
         if new is None:
-            who = "we" if sending else "the peer"
-            name = frame_name(ftype)
             if state is PeerState.AWAIT_HELLO:
                 msg = f"{who} must send HELLO first, not {name}"
             elif state is PeerState.AWAIT_PROOF:
                 msg = f"{who} must send PROOF right after HELLO, not {name}"
+            elif state is PeerState.AWAIT_BITFIELD:
+                msg = f"{who} must send BITFIELD before {name}"
             elif state is PeerState.DONE:
                 msg = f"{who} sent GOODBYE; {name} cannot follow it"
+            elif ftype == _BITFIELD:
+                msg = f"{who} already sent BITFIELD (it is sent once; HAVE follows)"
             else:
                 msg = f"{who} already sent {name}; HELLO and PROOF are sent exactly once"
             raise self._violation(sending, msg)
+        # What the sender may send depends on what it has received.
+        if ftype not in _HANDSHAKE:
+            # The sender has the other's PROOF (it was sent before anything else).
+            other_proof = self._proof_received if sending else self._proof_sent
+            if not other_proof:
+                raise self._violation(
+                    sending, f"{who} sent {name} before the other side's PROOF arrived"
+                )
+        if ftype == _PROOF:
+            their_hello = self._their_hello if sending else self._our_hello
+            if not their_hello:
+                raise self._violation(sending, f"{who} sent PROOF before the other's HELLO")
+            dialer = self.initiator == sending
+            first = self._proof_received if sending else self._proof_sent
+            if dialer and not first:
+                raise self._violation(
+                    sending, f"{who} (the dialing side) sent PROOF before the accepting side's"
+                )
+        elif ftype == _REQUEST:
+            # The requester must know what the other holds.
+            other = self.their_state if sending else self.our_state
+            if other in (PeerState.AWAIT_HELLO, PeerState.AWAIT_PROOF, PeerState.AWAIT_BITFIELD):
+                raise self._violation(sending, f"{who} sent REQUEST before receiving BITFIELD")
+        elif ftype == _MANIFEST_REQUEST:
+            if self._manifest_asked[0 if sending else 1]:
+                raise self._violation(sending, f"{who} already sent MANIFEST_REQUEST (once only)")
+        elif ftype == _MANIFEST:
+            k = 1 if sending else 0  # sending answers their request; receiving answers ours
+            if not self._manifest_asked[k] or self._manifest_answered[k]:
+                raise self._violation(
+                    sending, f"{who} sent MANIFEST that was not asked for (MANIFEST_REQUEST)"
+                )
         return new
+
+    def _obligations(self, event: ev.Event, *, sending: bool, frame: bytes) -> None:
+        t = type(event)
+        who = "we" if sending else "the peer"
+        if t is ev.DataHeader or t is ev.Reject:
+            req = (event.index, event.offset, event.length)  # type: ignore[attr-defined]
+            book = self._owed if sending else self._asked
+            if not book.answerable(req):
+                name = "DATA" if t is ev.DataHeader else "REJECT"
+                raise self._violation(
+                    sending,
+                    f"{who} sent {name} for chunk {req[0]} [{req[1]}+{req[2]}] "
+                    f"that was not requested",
+                )
+            book.answer(req)
+        elif t is ev.Request:
+            req = (event.index, event.offset, event.length)  # type: ignore[attr-defined]
+            book = self._asked if sending else self._owed
+            if req in book.outstanding:
+                raise self._violation(
+                    sending, f"{who} sent a REQUEST identical to an outstanding one"
+                )
+            if len(book.outstanding) >= MAX_OUTSTANDING:
+                raise self._violation(
+                    sending, f"{who} have more than {MAX_OUTSTANDING} requests outstanding"
+                )
+            book.outstanding.add(req)
+            book.cancelled.discard(req)
+        elif t is ev.Cancel:
+            req = (event.index, event.offset, event.length)  # type: ignore[attr-defined]
+            if sending:
+                if not self._asked.cancel(req):
+                    raise LocalProtocolError("CANCEL for a request that is not outstanding")
+            else:
+                self._owed.cancel(req)  # crossed with our answer: nothing to do
+        elif t is ev.Hello:
+            if not sending:
+                self._their_hello = frame
+        elif t is ev.Proof:
+            if sending:
+                self._proof_sent = True
+            else:
+                self._proof_received = True
+        elif t is ev.ManifestRequest:
+            self._manifest_asked[0 if sending else 1] = True
+        elif t is ev.ManifestResponse:
+            self._manifest_answered[1 if sending else 0] = True
 
     def _enter(self, state: enum.Enum, *, sending: bool) -> None:
         assert isinstance(state, PeerState)

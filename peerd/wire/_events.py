@@ -35,6 +35,7 @@ __all__ = [
     "Goodbye",
     "Have",
     "Hello",
+    "KeepAlive",
     "ManifestRequest",
     "ManifestResponse",
     "Ok",
@@ -51,7 +52,7 @@ __all__ = [
     "TrackerManifest",
 ]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 U32_MAX = 2**32 - 1
 MAX_VERSION = 0xFFFF
@@ -316,6 +317,11 @@ class ManifestResponse(Event):
 
     def __post_init__(self) -> None:
         _bytes(self, "manifest", 1, MAX_MANIFEST_SIZE)
+
+
+@dataclass(frozen=True, slots=True)
+class KeepAlive(Event):
+    """KEEPALIVE (12): nothing to say, but still here (resets the idle timer)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -53,6 +53,7 @@ class FrameType(enum.IntEnum):
     MANIFEST = 9
     GOODBYE = 10
     PROOF = 11
+    KEEPALIVE = 12
     # client <-> tracker
     CHALLENGE = 32
     AUTH = 33
@@ -86,6 +87,7 @@ MAX_BODY: dict[int, int] = {
     FrameType.MANIFEST: 40 * MiB,
     FrameType.GOODBYE: _SMALL,
     FrameType.PROOF: _SMALL,
+    FrameType.KEEPALIVE: _SMALL,
     FrameType.CHALLENGE: _SMALL,
     FrameType.AUTH: _SMALL,
     FrameType.ANNOUNCE: 256 * KiB,

@@ -2,10 +2,16 @@
 
 Rules (docs/PROTOCOL.md, "Conversation"):
 
-Peer connection -- each direction is independent and symmetric:
-  * the first message a side sends is HELLO, and it sends HELLO exactly once;
-  * the second is PROOF (its signature over the other side's nonce), once;
-  * after PROOF any peer message may follow, in any order;
+Peer connection (version 2) -- each direction has a phase, and some messages
+depend on what the other direction did (PeerConnection checks those):
+  * the first message a side sends is HELLO, exactly once;
+  * the second is PROOF (its signature over both HELLOs), exactly once; the
+    accepting side sends it right after its HELLO, the dialing side only once
+    it has the accepting side's PROOF; GOODBYE may replace PROOF;
+  * then BITFIELD, exactly once; before it only MANIFEST_REQUEST, MANIFEST
+    (an answer) and KEEPALIVE may go;
+  * then HAVE, REQUEST, DATA, CANCEL, REJECT, MANIFEST_REQUEST, MANIFEST,
+    KEEPALIVE, each under its own obligation (see PeerConnection);
   * GOODBYE is the last message a side sends.
 
 Tracker connection -- one conversation, shared by both directions:
@@ -45,6 +51,7 @@ class PeerState(enum.StrEnum):
 
     AWAIT_HELLO = "await-hello"
     AWAIT_PROOF = "await-proof"
+    AWAIT_BITFIELD = "await-bitfield"  # PROOF sent, BITFIELD not yet
     OPEN = "open"
     DONE = "done"  # GOODBYE was sent
 
@@ -62,14 +69,34 @@ PEER_TYPES = frozenset(
         F.MANIFEST,
         F.GOODBYE,
         F.PROOF,
+        F.KEEPALIVE,
+    }
+)
+
+#: Messages a side may send between its PROOF and its BITFIELD.
+_BEFORE_BITFIELD = frozenset({F.MANIFEST_REQUEST, F.MANIFEST, F.KEEPALIVE})
+#: Messages a side may send once it has sent its BITFIELD (GOODBYE apart).
+_OPEN = frozenset(
+    {
+        F.HAVE,
+        F.REQUEST,
+        F.DATA,
+        F.CANCEL,
+        F.REJECT,
+        F.MANIFEST_REQUEST,
+        F.MANIFEST,
+        F.KEEPALIVE,
     }
 )
 
 PEER_TABLE: dict[tuple[PeerState, int], PeerState] = {
     (PeerState.AWAIT_HELLO, F.HELLO): PeerState.AWAIT_PROOF,
-    (PeerState.AWAIT_PROOF, F.PROOF): PeerState.OPEN,
+    (PeerState.AWAIT_PROOF, F.PROOF): PeerState.AWAIT_BITFIELD,
     (PeerState.AWAIT_PROOF, F.GOODBYE): PeerState.DONE,
-    **{(PeerState.OPEN, t): PeerState.OPEN for t in PEER_TYPES - {F.HELLO, F.PROOF, F.GOODBYE}},
+    (PeerState.AWAIT_BITFIELD, F.BITFIELD): PeerState.OPEN,
+    **{(PeerState.AWAIT_BITFIELD, t): PeerState.AWAIT_BITFIELD for t in _BEFORE_BITFIELD},
+    (PeerState.AWAIT_BITFIELD, F.GOODBYE): PeerState.DONE,
+    **{(PeerState.OPEN, t): PeerState.OPEN for t in _OPEN},
     (PeerState.OPEN, F.GOODBYE): PeerState.DONE,
 }
 
