@@ -1,7 +1,7 @@
 """A hostile test peer, written from docs/PROTOCOL.md alone.
 
 It deliberately imports nothing of ``peerd`` (no wire, session or node code):
-framing, msgpack bodies, the HELLO + PROOF handshake and the tracker's
+framing, msgpack bodies, the version 2 handshake (HELLO, PROOF over both HELLOs) and the tracker's
 CHALLENGE / AUTH / ANNOUNCE are implemented here with ``msgpack`` and
 ``cryptography`` straight from the document, so the tests check the spec as
 much as the reference peer.
@@ -45,7 +45,10 @@ MANIFEST_REQUEST, MANIFEST, GOODBYE, PROOF = 8, 9, 10, 11
 CHALLENGE, AUTH, ANNOUNCE, PEERS, PUBLISH, GET_MANIFEST, T_MANIFEST = 32, 33, 34, 35, 36, 37, 38
 OK, ERROR = 43, 44
 
-PROOF_CONTEXT = b"peer-hello-v1\x00"
+KEEPALIVE = 12
+VERSION = 2
+PROOF_CONTEXT = b"peer-proof-v2\x00"
+TRANSCRIPT_CONTEXT = b"peer-transcript-v2\x00"
 AUTH_CONTEXT = b"peer-tracker-auth-v1\x00"
 HEADER = struct.Struct(">BI")
 DATA_HEADER = struct.Struct(">II")
@@ -82,6 +85,19 @@ def read_frame(sock: socket.socket) -> tuple[int, bytes]:
     """Read one frame: (type, body bytes)."""
     kind, length = HEADER.unpack(recv_exactly(sock, 5))
     return kind, recv_exactly(sock, length)
+
+
+def read_raw_message(sock: socket.socket) -> tuple[int, dict[str, Any], bytes]:
+    """Like ``read_message``, also returning the whole frame as received."""
+    kind, body = read_frame(sock)
+    return kind, msgpack.unpackb(body, raw=False), HEADER.pack(kind, len(body)) + body
+
+
+def proof_payload(role: bytes, dialer_hello: bytes, acceptor_hello: bytes) -> bytes:
+    """What PROOF signs: context, the signer's role (b"D" or b"A") and the
+    SHA-256 transcript of both HELLO frames, the dialer's first."""
+    transcript = hashlib.sha256(TRANSCRIPT_CONTEXT + dialer_hello + acceptor_hello).digest()
+    return PROOF_CONTEXT + role + transcript
 
 
 def read_message(sock: socket.socket) -> tuple[int, dict[str, Any]]:
@@ -254,18 +270,17 @@ class HostilePeer:
     def _converse(self, sock: socket.socket) -> None:
         content = self.content
         # The connecting side speaks first: its HELLO tells us the content.
-        kind, hello = read_message(sock)
+        kind, hello, their_frame = read_raw_message(sock)
         assert kind == HELLO and hello["id"] == content.content_id, (kind, hello)
         nonce = os.urandom(32)
-        sock.sendall(
-            message(
-                HELLO, v=1, key=self.key.public, port=self.port, id=content.content_id, nonce=nonce
-            )
-            + message(PROOF, sig=self.key.sign(PROOF_CONTEXT + hello["nonce"] + content.content_id))
+        our_frame = message(
+            HELLO, v=VERSION, key=self.key.public, port=self.port, id=content.content_id, nonce=nonce
         )
+        sig = self.key.sign(proof_payload(b"A", their_frame, our_frame))
+        sock.sendall(our_frame + message(PROOF, sig=sig))
         kind, proof = read_message(sock)
         assert kind == PROOF, (kind, proof)
-        if not verify(hello["key"], proof["sig"], PROOF_CONTEXT + nonce + content.content_id):
+        if not verify(hello["key"], proof["sig"], proof_payload(b"D", their_frame, our_frame)):
             return
         self.handshakes += 1
         sock.sendall(message(BITFIELD, bits=bitfield([True] * content.num_chunks)))
@@ -309,20 +324,22 @@ class HostilePeer:
 def handshake(
     port: int, content_id: bytes, key: Key | None = None, host: str = "127.0.0.1"
 ) -> socket.socket:
-    """Connect to a real peer and complete HELLO + PROOF; returns the socket after its PROOF.
+    """Connect to a real peer and complete the handshake (HELLO; its HELLO +
+    PROOF; our PROOF); returns the socket after our PROOF.
 
     The peer's BITFIELD (and anything after) is left unread in the socket.
     """
     key = key or Key()
     sock = socket.create_connection((host, port), timeout=10)
     nonce = os.urandom(32)
-    sock.sendall(message(HELLO, v=1, key=key.public, port=0, id=content_id, nonce=nonce))
-    kind, hello = read_message(sock)
+    our_frame = message(HELLO, v=VERSION, key=key.public, port=0, id=content_id, nonce=nonce)
+    sock.sendall(our_frame)
+    kind, hello, their_frame = read_raw_message(sock)
     assert kind == HELLO, (kind, hello)
     kind, proof = read_message(sock)
     assert kind == PROOF, (kind, proof)
-    assert verify(hello["key"], proof["sig"], PROOF_CONTEXT + nonce + content_id)
-    sock.sendall(message(PROOF, sig=key.sign(PROOF_CONTEXT + hello["nonce"] + content_id)))
+    assert verify(hello["key"], proof["sig"], proof_payload(b"A", our_frame, their_frame))
+    sock.sendall(message(PROOF, sig=key.sign(proof_payload(b"D", our_frame, their_frame))))
     return sock
 
 
@@ -369,7 +386,7 @@ class HostileTracker:
 
     def _serve(self, sock: socket.socket) -> None:
         try:
-            sock.sendall(message(CHALLENGE, v=1, nonce=os.urandom(32)))
+            sock.sendall(message(CHALLENGE, v=VERSION, nonce=os.urandom(32)))
             kind, _ = read_message(sock)
             assert kind == AUTH
             sock.sendall(message(OK))

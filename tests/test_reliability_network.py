@@ -95,7 +95,7 @@ def _peer_prefix(cid: bytes) -> bytes:
     """A well-formed HELLO first, so garbage reaches the post-HELLO parser too."""
     import os
 
-    return message(1, v=1, key=Key().public, port=0, id=cid, nonce=os.urandom(32))
+    return message(1, v=2, key=Key().public, port=0, id=cid, nonce=os.urandom(32))
 
 
 def test_fuzz_live_tracker_and_peer(tmp_path: Path, backend: str) -> None:
