@@ -46,13 +46,26 @@ from tracker.manifests import ManifestStore
 from tracker.server import TrackerLimits, serve_tracker
 
 CS = 16 * 1024
-CID = bytes(range(32))
 
 
 def make_manifest(data: bytes, signer: Identity, name: str = "f.bin") -> Manifest:
     hashes = b"".join(hash_chunk("blake3", data[i : i + CS]) for i in range(0, len(data), CS))
     info = Info(name, len(data), CS, "blake3", hashes, merkle_root("blake3", hashes))
     return Manifest(info).signed(signer)
+
+
+def fake_manifest(chunks: int, signer: Identity, name: str = "f.bin") -> Manifest:
+    """A valid signed manifest of ``chunks`` chunks without the data (random hashes)."""
+    hashes = os.urandom(32 * chunks)
+    info = Info(name, chunks * CS, CS, "blake3", hashes, merkle_root("blake3", hashes))
+    return Manifest(info).signed(signer)
+
+
+# An ANNOUNCE needs a published manifest: every tracker these tests start has
+# these three stored (see running_tracker).
+_PUBLISHER = Identity.generate()
+PUBLISHED = [fake_manifest(n, _PUBLISHER, f"{n}.bin") for n in (8, 16, 4096)]
+CID, CID16, CID4096 = (m.content_id for m in PUBLISHED)
 
 
 def bits(n: int, have: set[int]) -> bytes:
@@ -88,6 +101,10 @@ async def running_tracker(
     transport: Transport, data_dir: Path, **kwargs: Any
 ) -> AsyncIterator[Running]:
     """Start an in-process tracker; yields a ``connect(identity)`` callable."""
+    store = ManifestStore(data_dir)
+    for m in PUBLISHED:
+        store.put(m.content_id, m.encode(), m.info.num_chunks)
+    store.close()
     async with trio.open_nursery() as nursery:
         port = await nursery.start(
             functools.partial(serve_tracker, "127.0.0.1", 0, data_dir, transport, **kwargs)
@@ -127,10 +144,8 @@ async def test_announce_scrape_complete_stop(transport: Transport, tmp_path: Pat
                 peers = await a.announce(cid, 6001, "periodic", full)
                 assert peers is not None
                 assert [(p.ip, p.key) for p in peers.peers] == [("127.0.0.2", bob.public_key)]
-                assert await a.scrape([cid, CID]) == [
-                    ScrapeStat(cid, 1, 1, 0),
-                    ScrapeStat(CID, 0, 0, 0),
-                ]
+                # CID is published but has no peer: left out
+                assert await a.scrape([cid, CID]) == [ScrapeStat(cid, 1, 1, 0)]
                 await b.announce(cid, 6002, "completed", full)
                 assert await b.scrape([cid]) == [ScrapeStat(cid, 2, 0, 1)]
                 assert await a.announce(cid, 6001, "stopped", full) is None
@@ -141,13 +156,11 @@ async def test_announce_scrape_complete_stop(transport: Transport, tmp_path: Pat
                     await b.announce(cid, 6002, "periodic", bits(20, set()))
                 assert info.value.code == "bad-request"
                 assert await b.scrape([cid]) == [ScrapeStat(cid, 1, 0, 1)]
-                # without a manifest the first bitmap sizes the swarm (8 chunks a byte)
-                peers = await b.announce(CID, 6002, "started", bits(10, {0, 9}))
-                assert peers is not None
-                assert (
-                    peers.availability
-                    == b"\x00\x01" + b"\x00\x00" * 8 + b"\x00\x01" + b"\x00\x00" * 6
-                )
+                # without a published manifest there is no swarm to join
+                with pytest.raises(TrackerError) as info:
+                    await b.announce(bytes(range(32)), 6002, "started", bits(10, {0, 9}))
+                assert info.value.code == "not-found"
+                assert await b.scrape([bytes(range(32))]) == []
 
 
 async def test_entries_expire_after_the_ttl(transport: Transport, tmp_path: Path) -> None:
@@ -178,9 +191,9 @@ async def test_rarest_holder_is_offered_first(transport: Transport, tmp_path: Pa
             clients = [await connect(i) for i in ids]
             try:
                 for c in clients[:3]:
-                    await c.announce(CID, 1, "started", bits(16, set(range(1, 16))))
-                await clients[3].announce(CID, 4, "started", bits(16, {0}))
-                peers = await clients[4].announce(CID, 5, "started", bits(16, set()), want=1)
+                    await c.announce(CID16, 1, "started", bits(16, set(range(1, 16))))
+                await clients[3].announce(CID16, 4, "started", bits(16, {0}))
+                peers = await clients[4].announce(CID16, 5, "started", bits(16, set()), want=1)
                 assert peers is not None
                 assert [p.key for p in peers.peers] == [ids[3].public_key]
                 assert peers.availability[:4] == b"\x00\x01\x00\x03"
@@ -274,7 +287,7 @@ async def test_auth_for_another_key_is_rejected(transport: Transport, tmp_path: 
                 assert isinstance(refusal, Error) and refusal.code == "auth-failed"
             # alice herself is fine
             async with await connect(alice) as client:
-                assert await client.scrape([CID]) == [ScrapeStat(CID, 0, 0, 0)]
+                assert await client.scrape([CID]) == []
 
 
 @pytest.mark.parametrize(
@@ -418,6 +431,7 @@ async def test_replies_keep_request_order_across_waits(
                     requests = []
                     for i in range(30):  # more than the 20-message burst
                         if i % 3 == 0:
+                            # not published: answered (ERROR) in its turn
                             requests.append(Announce(unknown, 6002, "started", b"\x01", 5))
                         elif i % 3 == 1:
                             requests.append(Announce(CID, 6002, "periodic", b"\x40", 5))
@@ -429,9 +443,14 @@ async def test_replies_keep_request_order_across_waits(
                         reply = await read_event(stream, conn)
                         if i % 3 == 2:
                             assert isinstance(reply, ScrapeResult), (i, reply)
+                        elif i % 3 == 0:
+                            assert isinstance(reply, Error) and reply.code == "not-found", (
+                                i,
+                                reply,
+                            )
                         else:
                             assert isinstance(reply, Peers), (i, reply)
-                            assert reply.content_id == (unknown if i % 3 == 0 else CID)
+                            assert reply.content_id == CID
                     # the bucket (20/s, burst 20) made the last 10 wait ~0.5 s
                     assert trio.current_time() - start > 0.3
 
@@ -467,12 +486,12 @@ async def test_a_client_that_does_not_read_stalls_only_itself(
         async with running_tracker(transport, tmp_path, limits=limits) as connect:
             clients = [await connect(i) for i in ids]
             for port, client in enumerate(clients, 7000):
-                await client.announce(CID, port, "started", big)
+                await client.announce(CID4096, port, "started", big)
             stuck, conn = await _authenticated(transport, connect.port, Identity.generate())
             async with stuck:
-                ask = conn.send(Announce(CID, 6000, "started", bytes(512), 50))
+                ask = conn.send(Announce(CID4096, 6000, "started", bytes(512), 50))
                 ask += b"".join(
-                    conn.send(Announce(CID, 6000, "periodic", bytes(512), 50))
+                    conn.send(Announce(CID4096, 6000, "periodic", bytes(512), 50))
                     for _ in range(count - 1)
                 )
                 await stuck.send_all(ask)
@@ -480,7 +499,7 @@ async def test_a_client_that_does_not_read_stalls_only_itself(
                 # Everyone else is still answered promptly.
                 with trio.fail_after(5):
                     for client in clients:
-                        assert await client.scrape([CID]) == [ScrapeStat(CID, 10, 1, 0)]
+                        assert await client.scrape([CID4096]) == [ScrapeStat(CID4096, 10, 1, 0)]
                 # And the stuck client gets every answer, in order, once it reads.
                 for _ in range(count):
                     reply = await read_event(stuck, conn)
@@ -551,10 +570,9 @@ async def test_manifests_survive_a_restart(transport: Transport, tmp_path: Path)
             async with await TrackerClient.connect(transport, "127.0.0.1", port, alice) as client:
                 assert await client.get_manifest(manifest.content_id) == manifest
                 assert await client.resolve(manifest.content_id.hex()[:16]) == manifest.content_id
-                # peers are soft state: gone after the restart
-                assert await client.scrape([manifest.content_id]) == [
-                    ScrapeStat(manifest.content_id, 0, 0, 0)
-                ]
+                # peers are soft state: gone after the restart (a content
+                # without peers is left out of SCRAPE)
+                assert await client.scrape([manifest.content_id]) == []
         finally:
             await _stop_process(proc)
 

@@ -38,7 +38,16 @@ from typing import cast
 from peerd.errors import TrackerError
 from peerd.wire import peers_body_tail
 
-__all__ = ["KEY_HEADER", "MAX_LANES_PEERS", "Swarm", "bin_header", "pack_ip", "unpack_ip"]
+__all__ = [
+    "KEY_HEADER",
+    "MAX_LANES_PEERS",
+    "Swarm",
+    "bin_header",
+    "entry_cost",
+    "pack_ip",
+    "swarm_cost",
+    "unpack_ip",
+]
 
 MAX_LANES_PEERS = 65_535  # a 16-bit availability lane must never overflow
 KEY_HEADER = b"\xc4\x20"  # msgpack bin 8 of a 32-byte key
@@ -78,6 +87,19 @@ def unpack_ip(packed: bytes) -> str:
     return socket.inet_ntop(socket.AF_INET6, packed)
 
 
+def swarm_cost(num_chunks: int) -> int:
+    """Bytes a swarm of ``num_chunks`` chunks holds before its first entry (an estimate
+    from above): the 16-bit availability lanes, the full/empty bitmaps and rarity
+    mask, the encoded availability while it is kept, and the fixed arrays."""
+    return 4096 + 5 * num_chunks // 2 + min(2 * num_chunks + 16, _AVAIL_KEPT)
+
+
+def entry_cost(nbytes: int) -> int:
+    """Bytes one peer entry holds (an estimate from above): its bitmap int, its
+    slot in each array, its key and its place in the key dict."""
+    return 320 + nbytes
+
+
 def _lanes(bits: bytes) -> int:
     """Widen a bitmap to an int with one 16-bit lane (0 or 1) per bit."""
     buf = bytearray(16 * len(bits))
@@ -90,11 +112,13 @@ class Swarm:
     """The peers of one content id, as parallel packed arrays (see module doc)."""
 
     __slots__ = (
+        "addrs",
         "avail_version",
         "bin_header",
         "bits",
         "completed",
         "completed_keys",
+        "cost",
         "counts",
         "expires",
         "free",
@@ -107,6 +131,7 @@ class Swarm:
         "nbytes",
         "nothing",
         "num_chunks",
+        "owner",
         "rare",
         "rare_version",
         "seeders",
@@ -128,6 +153,9 @@ class Swarm:
         self.keys: list[bytes | None] = []
         self.bits: list[int] = []  # bitmap per slot, as a big-endian int (0 when free)
         self.heads: list[bytes | None] = []
+        self.addrs: list[str | None] = []  # per slot, the address its entry is charged to
+        self.owner = ""  # the address whose announce created the swarm (pays its cost)
+        self.cost = swarm_cost(num_chunks)
         self.bin_header = bin_header(self.nbytes)
         self.expires = array("d")
         self.free: list[int] = []
@@ -162,17 +190,19 @@ class Swarm:
         self.bits[slot] = full if value == full else value  # seeders share one int
         self.version += 1
 
-    def add(self, key: bytes, head: bytes, bits: bytes, expiry: float) -> int:
+    def add(self, key: bytes, head: bytes, bits: bytes, expiry: float, addr: str = "") -> int:
         if self.free:
             slot = self.free.pop()
             self.keys[slot] = key
             self.heads[slot] = head
+            self.addrs[slot] = addr
             self.expires[slot] = expiry
         else:
             slot = len(self.keys)
             self.keys.append(key)
             self.bits.append(0)
             self.heads.append(head)
+            self.addrs.append(addr)
             self.expires.append(expiry)
         self.slots[key] = slot
         self.min_expiry = min(self.min_expiry, expiry)
@@ -188,6 +218,7 @@ class Swarm:
         del self.slots[key]
         self.keys[slot] = None
         self.heads[slot] = None
+        self.addrs[slot] = None
         self.free.append(slot)
         self.version += 1
         self.members += 1

@@ -67,7 +67,8 @@ from peerd.wire import (
     peers_body_head,
 )
 
-from ._swarm import MAX_LANES_PEERS, Swarm, pack_ip, unpack_ip
+from ._budget import Budget
+from ._swarm import MAX_LANES_PEERS, Swarm, entry_cost, pack_ip, unpack_ip
 
 __all__ = ["EVENTS", "PeerInfo", "SwarmIndex", "SwarmStat"]
 
@@ -165,6 +166,9 @@ class SwarmIndex:
         max_contents_per_peer: contents one public key may be announced in.
         max_peers_per_content: peers per content id (at most 65,535).
         sample: candidates scored per answer (bounds the work of one announce).
+        memory: the bytes swarms and entries may hold, in all and per address
+            (the address whose announce created a swarm pays for it; an entry
+            is paid by the address it announced from). None: unbounded.
     """
 
     def __init__(
@@ -176,6 +180,7 @@ class SwarmIndex:
         max_contents_per_peer: int = 1_000,
         max_peers_per_content: int = 10_000,
         sample: int = 300,
+        memory: Budget | None = None,
     ) -> None:
         if not 0 < max_peers_per_content <= MAX_LANES_PEERS:
             raise ValueError("max_peers_per_content must be in 1..65535")
@@ -189,6 +194,7 @@ class SwarmIndex:
         self.max_contents_per_peer = max_contents_per_peer
         self.max_peers_per_content = max_peers_per_content
         self.sample = sample
+        self.memory = memory if memory is not None else Budget(1 << 62, 1 << 62)
         self._swarms: dict[bytes, Swarm] = {}
         self._peer_contents: dict[bytes, int] = {}  # key -> number of swarms it is in
         self._entries = 0
@@ -217,14 +223,16 @@ class SwarmIndex:
         return None if swarm is None else swarm.num_chunks
 
     def scrape(self, content_ids: list[bytes], now: float) -> list[SwarmStat]:
-        """Seeders, leechers and completed count for each id (zeros when unknown)."""
+        """Seeders, leechers and completed count of each id that has a live peer.
+
+        Ids without one (never announced, or every peer gone) are left out,
+        as PROTOCOL.md says of SCRAPE.
+        """
         self.expire_some(content_ids, now)
         out = []
         for cid in content_ids:
             swarm = self._swarms.get(cid)
-            if swarm is None:
-                out.append(SwarmStat(cid, 0, 0, 0))
-            else:
+            if swarm is not None:
                 out.append(
                     SwarmStat(cid, swarm.seeders, len(swarm) - swarm.seeders, swarm.completed)
                 )
@@ -265,7 +273,8 @@ class SwarmIndex:
 
         Raises:
             TrackerError: ``bad-request`` (unknown event, bitmap of the wrong
-            size or with pad bits set) or ``too-many`` (a cap is reached).
+            size or with pad bits set), ``too-many`` (a cap is reached) or
+            ``limit`` (the memory budget, in all or for ``ip``, is reached).
         """
         recorded = self._record(content_id, key, ip, port, event, bits, num_chunks, now)
         if recorded is None:
@@ -354,6 +363,11 @@ class SwarmIndex:
                 if len(self._swarms) >= self.max_contents:
                     raise TrackerError("too-many", "the tracker tracks too many contents")
             swarm = Swarm(n)
+            if not self.memory.take(swarm.cost, ip):
+                raise TrackerError(
+                    "limit", "the tracker's memory for swarms is full (in all or for this address)"
+                )
+            swarm.owner = ip
             self._swarms[content_id] = swarm
         else:
             self._check_bits(swarm.num_chunks, bits)
@@ -361,7 +375,9 @@ class SwarmIndex:
         slot = swarm.slots.get(key)
         if slot is not None and swarm.expires[slot] <= now:
             self._remove(content_id, swarm, slot)  # expired: starts afresh
-            swarm = self._swarms.setdefault(content_id, swarm)
+            if content_id not in self._swarms:  # that was its last entry: back in
+                self.memory.force(swarm.cost, swarm.owner)
+                self._swarms[content_id] = swarm
             slot = None
         head = self._heads.get((ip, port))
         if head is None:
@@ -374,8 +390,8 @@ class SwarmIndex:
             self._heads[(ip, port)] = head
         try:
             if slot is None:
-                self._admit(swarm, key)
-                slot = swarm.add(key, head, bits, expiry)
+                self._admit(swarm, key, ip)
+                slot = swarm.add(key, head, bits, expiry, ip)
                 self._peer_contents[key] = self._peer_contents.get(key, 0) + 1
                 self._entries += 1
             else:
@@ -404,6 +420,10 @@ class SwarmIndex:
             for key in swarm.keys:
                 if key is not None:
                     self._forget_key(key)
+            cost = entry_cost(swarm.nbytes)
+            for addr in swarm.addrs:
+                if addr is not None:
+                    self.memory.give(cost, addr)
             self._entries -= len(swarm)
             self._drop_swarm(content_id, swarm)
 
@@ -443,12 +463,16 @@ class SwarmIndex:
         if spare and bits[-1] & ((1 << spare) - 1):
             raise TrackerError("bad-request", "bitmap has bits set beyond the last chunk")
 
-    def _admit(self, swarm: Swarm, key: bytes) -> None:
+    def _admit(self, swarm: Swarm, key: bytes, ip: str) -> None:
         if len(swarm) >= self.max_peers_per_content:
             raise TrackerError("too-many", "this content has too many peers")
         if self._peer_contents.get(key, 0) >= self.max_contents_per_peer:
             raise TrackerError(
                 "too-many", f"a peer may announce at most {self.max_contents_per_peer} contents"
+            )
+        if not self.memory.take(entry_cost(swarm.nbytes), ip):
+            raise TrackerError(
+                "limit", "the tracker's memory for peers is full (in all or for this address)"
             )
 
     def _forget_key(self, key: bytes) -> None:
@@ -459,6 +483,9 @@ class SwarmIndex:
             del self._peer_contents[key]
 
     def _remove(self, content_id: bytes, swarm: Swarm, slot: int) -> None:
+        addr = swarm.addrs[slot]
+        if addr is not None:
+            self.memory.give(entry_cost(swarm.nbytes), addr)
         self._forget_key(swarm.remove(slot))
         self._entries -= 1
         if not swarm.slots:
@@ -467,7 +494,9 @@ class SwarmIndex:
             self._drop_swarm(content_id, swarm)
 
     def _drop_swarm(self, content_id: bytes, swarm: Swarm) -> None:
-        self._swarms.pop(content_id, None)
+        if self._swarms.get(content_id) is swarm:
+            del self._swarms[content_id]
+            self.memory.give(swarm.cost, swarm.owner)
 
     def _evict_answer(self) -> None:
         _, gone = self._answers.popitem(last=False)

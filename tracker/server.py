@@ -6,7 +6,10 @@ Each accepted connection gets a ``TrackerServerConnection`` (sans-IO) and a
 task that *owns* the stream:
 
 1. Admission: a connection over the total or per-address connection limit gets
-   ERROR ``too-many`` and is closed.
+   ERROR ``too-many`` and is closed -- unless its address has an
+   authenticated connection idle for ``idle_grace`` seconds: the longest idle
+   one is closed instead (ERROR ``too-many``), so idle connections cannot
+   lock an address out.
 2. Handshake: the tracker sends CHALLENGE with 32 random bytes; the client
    must answer AUTH, an Ed25519 signature over ``b"peer-tracker-auth-v1\\0" +
    nonce``, within ``handshake_timeout``. A bad signature gets ERROR
@@ -33,11 +36,27 @@ A request that must wait goes off the hot path, and its connection is paused
 order: a client over its token bucket (one per connection, one per address:
 an over-eager client is slowed down, not dropped) waits in a task of the
 server's nursery; so does a request that needs the manifest database (a
-content the index does not know yet, PUBLISH, GET_MANIFEST, RESOLVE), which
-runs in one worker thread. SCRAPE, like ANNOUNCE, is answered on the spot. A client that does not read its answers is paused
-once 1 MiB of them are queued, and resumed when half has drained: it stalls
-only itself. A malformed or oversized frame (``RemoteProtocolError``) gets
-ERROR ``bad-frame`` and the connection closes; an unexpected exception while
+content the index does not know yet, PUBLISH, a GET_MANIFEST whose frame is
+not cached, RESOLVE), which runs in one worker thread (manifest
+verification in another). SCRAPE, like ANNOUNCE, is answered on the spot.
+
+Memory and disk are budgets (``_budget.py``, ``TrackerLimits.max_memory``
+and ``max_disk``). Input: each frame is charged from its 5-byte header
+before it is buffered; one too large for what is left gets ERROR ``limit``
+and the connection closes. Replies: a client is paused -- it stalls only
+itself -- while its unsent replies exceed ``_UNSENT_LIMIT`` or everyone's
+exceed the reply budget, checked before each request is answered, whatever
+path answered the last one; it is resumed when it has drained, and closed if
+it takes in nothing for ``send_timeout`` seconds. A reply larger than
+``_PIECE`` is queued in pieces as the client drains, so no queue holds more
+than about a megabyte, and a manifest is encoded once (a cache of MANIFEST
+frames, shared by every reply). The swarm index charges its swarms and
+entries (ERROR ``limit``), the store its manifests (ERROR ``limit``), and an
+ANNOUNCE needs a published manifest (ERROR ``not-found``), so no swarm is
+ever sized from what a client claims.
+
+A malformed or oversized frame (``RemoteProtocolError``) gets ERROR
+``bad-frame`` and the connection closes; an unexpected exception while
 answering one client is logged and closes that client only.
 
 A background task sweeps expired peer entries every few seconds.
@@ -55,7 +74,7 @@ import secrets
 import signal
 import sys
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +94,7 @@ from peerd.identity import verify_signature
 from peerd.manifest import Manifest
 from peerd.transport import Mux, Stream, Transport, get_transport
 from peerd.wire import (
+    MAX_BODY,
     NEED_DATA,
     PROTOCOL_VERSION,
     Announce,
@@ -83,6 +103,7 @@ from peerd.wire import (
     Closed,
     Error,
     Event,
+    FrameType,
     GetManifest,
     Ok,
     PeerEntry,
@@ -98,6 +119,7 @@ from peerd.wire import (
     TrackerState,
 )
 
+from ._budget import Budget, Intake
 from .index import SwarmIndex
 from .manifests import ManifestStore
 
@@ -117,12 +139,27 @@ AUTH_CONTEXT = b"peer-tracker-auth-v1\0"
 _SWEEP_SECONDS = 5.0
 _RECV_SIZE = 65536
 _UNSENT_LIMIT = 1 << 20  # replies queued for a client that does not read: stop reading it
+_PIECE = 256 * 1024  # a larger reply is queued in pieces of this size as the client drains
 _DRAIN_SECONDS = 1.0  # a closing connection's last replies get this long to leave
+_DRAIN_POLL = 0.005  # how often a paused client's queue is looked at
+# The largest frame a client may send or be sent whole (PUBLISH / MANIFEST): every
+# memory share is at least this, so one such message always fits.
+_LARGEST_FRAME = 5 + max(MAX_BODY[FrameType.PUBLISH], MAX_BODY[FrameType.TRACKER_MANIFEST])
+MiB = 1 << 20
 
 
 @dataclass(frozen=True)
 class TrackerLimits:
-    """Everything a client can make the tracker spend, bounded."""
+    """Everything a client can make the tracker spend, bounded.
+
+    ``max_memory`` is split (see ``_budget.py``): a quarter for request
+    frames being received (a sixteenth per address), an eighth for replies
+    queued for clients (``_UNSENT_LIMIT`` per connection), a half for the
+    swarm index (an eighth per address), an eighth for encoded manifests
+    kept for GET_MANIFEST; every share is at least one largest frame.
+    ``max_disk`` bounds the published manifests: an eighth of it per
+    publishing key, a quarter per address.
+    """
 
     max_connections: int = 4096
     connections_per_address: int = 64
@@ -130,9 +167,20 @@ class TrackerLimits:
     address_messages_per_second: float = 50_000.0  # all connections of one address
     handshake_timeout: float = 10.0
     idle_timeout: float = 600.0  # an authenticated connection silent this long is closed
+    idle_grace: float = 10.0  # idle this long, it gives way to a newcomer from its address
+    send_timeout: float = 30.0  # a client over its reply budget that takes nothing is closed
     max_contents: int = 100_000
     max_contents_per_peer: int = 1_000
     max_peers_per_content: int = 10_000
+    max_memory: int = 1 << 30
+    max_disk: int = 4 << 30
+    require_manifest: bool = True  # False: ANNOUNCE sizes unknown swarms (benchmarks only)
+
+    def __post_init__(self) -> None:
+        if self.max_memory < 64 * MiB:
+            raise ValueError("max_memory must be at least 64 MiB")
+        if self.max_disk < MiB:
+            raise ValueError("max_disk must be at least 1 MiB")
 
 
 class _Bucket:
@@ -152,6 +200,17 @@ class _Bucket:
         return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
 
 
+class _Slot:
+    """One admitted connection's place in the per-address count."""
+
+    __slots__ = ("address", "client", "released")
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.client: _Client | None = None  # once authenticated
+        self.released = False
+
+
 class _Client:
     """One authenticated connection, as the dispatcher sees it."""
 
@@ -163,9 +222,13 @@ class _Client:
         "closed",
         "conn",
         "done",
+        "intake",
         "key",
         "last",
+        "queued",
         "stream",
+        "tail",
+        "tail_cost",
         "unchecked",
     )
 
@@ -177,6 +240,7 @@ class _Client:
         key: bytes,
         bucket: _Bucket,
         area: _Bucket,
+        intake: Intake,
     ) -> None:
         self.stream = stream
         self.conn = conn
@@ -184,11 +248,46 @@ class _Client:
         self.key = key
         self.bucket = bucket  # this connection's message rate
         self.area = area  # shared by every connection from the address
-        self.busy = False  # a request is being answered off the hot path
+        self.intake = intake  # its input, charged frame by frame
+        self.busy = False  # paused: a request is being answered off the hot path, or draining
         self.closed = False  # the owner took the stream back
         self.done = trio.Event()  # the conversation is over (EOF, error, refusal)
         self.last = trio.current_time()  # last input, for the idle timeout
-        self.unchecked = 0  # bytes of replies sent since the mux's queue was checked
+        self.unchecked = 0  # bytes of replies sent since the queue was last looked at
+        self.queued = 0  # its replies' charge to the reply budget, as last looked at
+        self.tail: memoryview | None = None  # the rest of a large reply, queued as it drains
+        self.tail_cost = 0  # what the object behind `tail` costs (0: a shared frame)
+
+
+class _ManifestFrames:
+    """Encoded MANIFEST (38) frames by content id, least recently used out, bounded in bytes."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.used = 0
+        self._frames: OrderedDict[bytes, bytes] = OrderedDict()
+        self._ids: set[int] = set()
+
+    def get(self, content_id: bytes) -> bytes | None:
+        frame = self._frames.get(content_id)
+        if frame is not None:
+            self._frames.move_to_end(content_id)
+        return frame
+
+    def put(self, content_id: bytes, frame: bytes) -> None:
+        if len(frame) > self.capacity or content_id in self._frames:
+            return
+        while self.used + len(frame) > self.capacity:
+            _, old = self._frames.popitem(last=False)
+            self.used -= len(old)
+            self._ids.discard(id(old))
+        self._frames[content_id] = frame
+        self._ids.add(id(frame))
+        self.used += len(frame)
+
+    def shares(self, frame: bytes) -> bool:
+        """Whether ``frame`` is a cached frame (so queueing it costs no copy)."""
+        return id(frame) in self._ids
 
 
 def default_data_dir() -> Path:
@@ -205,7 +304,7 @@ def _verify_manifest(data: bytes) -> Manifest:
 
 
 class _Tracker:
-    """Shared state of one running tracker: index, store, limits, counters."""
+    """Shared state of one running tracker: index, store, limits, budgets, counters."""
 
     def __init__(
         self,
@@ -218,21 +317,28 @@ class _Tracker:
         self.store = store
         self.limits = limits
         self.clock = clock
+        memory = limits.max_memory
+        self.intake = Budget(max(memory // 4, _LARGEST_FRAME), max(memory // 16, _LARGEST_FRAME))
+        self.replies = Budget(max(memory // 8, _LARGEST_FRAME), _UNSENT_LIMIT)
         self.index = SwarmIndex(
             ttl=ttl,
             interval=interval,
             max_contents=limits.max_contents,
             max_contents_per_peer=limits.max_contents_per_peer,
             max_peers_per_content=limits.max_peers_per_content,
+            memory=Budget(memory // 2, memory // 8),
         )
+        self.manifest_frames = _ManifestFrames(max(memory // 8, _LARGEST_FRAME))
         self.interval = max(1, round(interval))
         self.db_limiter = trio.CapacityLimiter(1)
+        self.verify_limiter = trio.CapacityLimiter(1)
         self.connections = 0
-        self.per_address: defaultdict[str, int] = defaultdict(int)
+        self.per_address: defaultdict[str, list[_Slot]] = defaultdict(list)
         self.address_buckets: dict[str, _Bucket] = {}
         self.mux: Mux | None = None  # set by serve_tracker
         self.nursery: trio.Nursery | None = None  # where off-hot-path answers run
         self.clients: dict[Stream, _Client] = {}
+        self._settled_all = -1.0  # when every client's reply charge was last looked at
 
     async def db(self, fn: Callable[..., object], *args: object) -> object:
         return await trio.to_thread.run_sync(fn, *args, limiter=self.db_limiter)
@@ -242,40 +348,85 @@ class _Tracker:
         address = stream.peer_address[0]
         limits = self.limits
         conn = TrackerServerConnection()
+        if len(self.per_address[address]) >= limits.connections_per_address:
+            await self._evict_idle(address)
         if (
             self.connections >= limits.max_connections
-            or self.per_address[address] >= limits.connections_per_address
+            or len(self.per_address[address]) >= limits.connections_per_address
         ):
+            if not self.per_address[address]:
+                del self.per_address[address]
             log.warning("rejected %s: too many connections", address)
             await stream.send_all(conn.send(Error("too-many", "too many connections; retry later")))
             return
+        slot = _Slot(address)
         self.connections += 1
-        self.per_address[address] += 1
+        self.per_address[address].append(slot)
         if address not in self.address_buckets:
             self.address_buckets[address] = _Bucket(
                 limits.address_messages_per_second, self.clock()
             )
+        intake = Intake(self.intake, address)
         try:
-            await self._converse(stream, conn, address)
+            await self._converse(stream, conn, slot, intake)
         except (TransportError, ProtocolError, trio.Cancelled):
             raise
         except Exception:
             # A bug must not take the whole tracker down: log it, drop this client.
             log.exception("internal error serving %s; closing that connection", address)
         finally:
-            self.connections -= 1
-            self.per_address[address] -= 1
-            if not self.per_address[address]:
-                del self.per_address[address]
-                del self.address_buckets[address]
+            intake.close()
+            self._release(slot)
 
-    async def _converse(self, stream: Stream, conn: TrackerServerConnection, address: str) -> None:
+    def _release(self, slot: _Slot) -> None:
+        if slot.released:
+            return
+        slot.released = True
+        self.connections -= 1
+        slots = self.per_address[slot.address]
+        slots.remove(slot)
+        if not slots:
+            del self.per_address[slot.address]
+            del self.address_buckets[slot.address]
+
+    async def _evict_idle(self, address: str) -> None:
+        """Make room for a newcomer at the per-address cap: close the longest idle
+        authenticated connection of ``address`` if it has been idle ``idle_grace``."""
+        now = trio.current_time()
+        idle = [
+            c
+            for s in self.per_address[address]
+            if (c := s.client) is not None and not c.done.is_set()
+        ]
+        if not idle:
+            return
+        victim = min(idle, key=lambda c: c.last)
+        if now - victim.last < self.limits.idle_grace:
+            return
+        log.info("closing an idle connection from %s to admit a new one", address)
+        assert self.mux is not None
+        frame = self._refusal(
+            victim.conn, address, "too-many", "closed: idle, and a new connection needed the slot"
+        )
+        if frame and not victim.closed:
+            self.mux.send(victim.stream, frame)
+        victim.done.set()
+        for s in self.per_address[address]:
+            if s.client is victim:
+                self._release(s)  # its owner task is on its way out
+                break
+        await trio.lowlevel.checkpoint()
+
+    async def _converse(
+        self, stream: Stream, conn: TrackerServerConnection, slot: _Slot, intake: Intake
+    ) -> None:
+        address = slot.address
         nonce = secrets.token_bytes(32)
         await stream.send_all(conn.send(Challenge(PROTOCOL_VERSION, nonce)))
         try:
             auth: Event | None = None
             with trio.move_on_after(self.limits.handshake_timeout):
-                auth = await self._next(stream, conn)
+                auth = await self._next(stream, conn, intake)
             if auth is None:
                 await self._refuse(
                     stream, conn, address, "handshake-timeout", "no AUTH within the time limit"
@@ -284,6 +435,7 @@ class _Tracker:
             if isinstance(auth, Closed):
                 return
             assert isinstance(auth, Auth)  # the state machine allows nothing else first
+            intake.release(intake.consumed())
             if not verify_signature(auth.key, auth.signature, AUTH_CONTEXT + nonce):
                 await self._refuse(
                     stream,
@@ -297,10 +449,15 @@ class _Tracker:
         except RemoteProtocolError as exc:
             await self._refuse(stream, conn, address, "bad-frame", str(exc))
             return
-        await self._serve_requests(stream, conn, address, auth.key)
+        await self._serve_requests(stream, conn, slot, auth.key, intake)
 
     async def _serve_requests(
-        self, stream: Stream, conn: TrackerServerConnection, address: str, key: bytes
+        self,
+        stream: Stream,
+        conn: TrackerServerConnection,
+        slot: _Slot,
+        key: bytes,
+        intake: Intake,
     ) -> None:
         """Lend the authenticated stream to the mux until the conversation ends.
 
@@ -309,6 +466,7 @@ class _Tracker:
         drain, and takes the stream back from the mux before it is closed.
         """
         assert self.mux is not None
+        address = slot.address
         # Once READY the tracker conversation never leaves READY and every
         # reply type is allowed, so PEERS frames built by the dispatcher need
         # no state-machine step.
@@ -320,8 +478,10 @@ class _Tracker:
             key,
             _Bucket(self.limits.messages_per_second, self.clock()),
             self.address_buckets[address],
+            intake,
         )
         self.clients[stream] = client
+        slot.client = client
         try:
             self.mux.add(stream)
             self._pump(client)  # AUTH may have come with pipelined requests
@@ -334,10 +494,14 @@ class _Tracker:
                     return
             # Replies (or the ERROR) queued before the end still go out.
             with trio.move_on_after(_DRAIN_SECONDS):
-                while self.mux.unsent(stream):
+                while self.mux.unsent(stream) or client.tail is not None:
+                    self._top_up(client)
                     await trio.sleep(0.01)
         finally:
             client.closed = True
+            client.tail = None
+            self.replies.give(client.queued, client)
+            client.queued = 0
             del self.clients[stream]
             with trio.CancelScope(shield=True):
                 await self.mux.remove(stream)
@@ -361,12 +525,24 @@ class _Tracker:
                     client.done.set()  # the connection failed: nothing to answer
                     continue
                 try:
-                    client.conn.receive_data(data)
+                    self._feed(client.conn, client.intake, data)
                 except ProtocolError:  # input after EOF: the mux reports EOF once
                     log.exception("internal error serving %s", client.address)
                     client.done.set()
                     continue
+                if client.intake.refused:
+                    mux.pause(stream)  # nothing after the refused frame is read
                 self._pump(client, tick)
+
+    @staticmethod
+    def _feed(conn: TrackerServerConnection, intake: Intake, data: bytes) -> None:
+        """Give ``conn`` the part of ``data`` that ``intake`` admits (EOF as is)."""
+        if not data:
+            conn.receive_data(data)
+            return
+        n = intake.admit(data)
+        if n:
+            conn.receive_data(data if n == len(data) else data[:n])
 
     def _pump(self, c: _Client, now: float | None = None) -> None:
         """Answer ``c``'s buffered requests until one needs to wait (or none is left).
@@ -384,7 +560,15 @@ class _Tracker:
         mux, conn, stream = self.mux, c.conn, c.stream
         assert mux is not None
         out: list[bytes] = []
+        replies = self.replies
         while not c.busy and not c.done.is_set():
+            if c.unchecked > _UNSENT_LIMIT // 4 or replies.used > replies.total:
+                if out:
+                    mux.send(stream, b"".join(out))
+                    out.clear()
+                if self._must_wait(c):
+                    self._stall(c)
+                    break
             try:
                 event = conn.next_event()
             except RemoteProtocolError as exc:
@@ -392,20 +576,39 @@ class _Tracker:
                 c.done.set()
                 break
             if event is NEED_DATA:
+                if c.intake.refused:
+                    out.append(
+                        self._refusal(
+                            conn,
+                            c.address,
+                            "limit",
+                            f"a {c.intake.refused}-byte message does not fit the tracker's "
+                            "memory for requests now; retry later",
+                        )
+                    )
+                    c.done.set()
                 break
             if type(event) is Closed:
                 c.done.set()
                 break
+            charge = c.intake.consumed()
             wait = max(c.bucket.take(now), c.area.take(now))
             reply = None if wait > 0 else self._answer_now(event, c, now)
             if reply is None:  # rate-limited, or a request that needs an await
                 c.busy = True
                 mux.pause(stream)
                 assert self.nursery is not None
-                self.nursery.start_soon(self._answer_later, c, event, wait)
+                self.nursery.start_soon(self._answer_later, c, event, wait, charge)
                 break
-            out.append(reply)
+            c.intake.release(charge)
             c.unchecked += len(reply)
+            if len(reply) > _PIECE:
+                if out:
+                    mux.send(stream, b"".join(out))
+                    out.clear()
+                self._send(c, reply)
+                continue  # the next turn finds the tail and stalls
+            out.append(reply)
             if conn.drained:
                 break
             if len(out) >= 64:  # bounded batches: a few dozen small replies
@@ -413,25 +616,119 @@ class _Tracker:
                 out.clear()
         if out:
             mux.send(stream, b"".join(out))
-        if c.unchecked <= _UNSENT_LIMIT // 4:
-            return  # the queue cannot have grown past the limit since the last look
-        c.unchecked = 0
-        if not c.busy and mux.unsent(stream) > _UNSENT_LIMIT and not c.done.is_set():
-            # The client does not read its answers: stop reading its requests.
-            c.busy = True
-            mux.pause(stream)
-            assert self.nursery is not None
-            self.nursery.start_soon(self._drained, c)
+        if c.unchecked > _UNSENT_LIMIT // 4 and not c.busy and not c.done.is_set():
+            if self._must_wait(c):
+                self._stall(c)
 
+    # -- replies: charged, queued in pieces, paused when over budget -----------
+    def _send(self, c: _Client, frame: bytes) -> None:
+        """Queue one reply for ``c``; a large one goes in pieces as ``c`` drains."""
+        assert self.mux is not None
+        if len(frame) <= _PIECE:
+            self.mux.send(c.stream, frame)
+        else:
+            c.tail = memoryview(frame)
+            c.tail_cost = 0 if self.manifest_frames.shares(frame) else len(frame)
+            self._top_up(c)
+        self._settle(c)
+
+    def _top_up(self, c: _Client) -> None:
+        """Queue more of ``c``'s large reply while its queue is under the limit."""
+        tail, mux = c.tail, self.mux
+        if tail is None or mux is None or c.closed:
+            return
+        room = _UNSENT_LIMIT - mux.unsent(c.stream)
+        while room > 0 and len(tail):
+            piece = bytes(tail[:_PIECE])
+            tail = tail[len(piece) :]
+            mux.send(c.stream, piece)
+            room -= len(piece)
+        if len(tail):
+            c.tail = tail
+        else:
+            c.tail = None
+            c.tail_cost = 0
+
+    def _settle(self, c: _Client) -> int:
+        """Bring ``c``'s charge to the reply budget up to date; returns its unsent bytes."""
+        assert self.mux is not None
+        unsent = 0 if c.closed else self.mux.unsent(c.stream)
+        now = unsent + c.tail_cost
+        if now != c.queued:
+            self.replies.give(c.queued, c)
+            self.replies.force(now, c)
+            c.queued = now
+        return unsent
+
+    def _must_wait(self, c: _Client) -> bool:
+        """Whether ``c`` must stop being read: its replies, or everyone's, are over budget."""
+        c.unchecked = 0
+        unsent = self._settle(c)
+        if c.tail is not None or unsent > _UNSENT_LIMIT:
+            return True
+        replies = self.replies
+        if replies.used <= replies.total:
+            return False
+        now = trio.current_time()
+        if now - self._settled_all > 0.01:  # others' queues may have drained unseen
+            self._settled_all = now
+            for other in list(self.clients.values()):
+                self._settle(other)
+        return replies.used > replies.total
+
+    def _stall(self, c: _Client) -> None:
+        """Stop reading ``c`` until its replies (and everyone's) are back under budget."""
+        assert self.mux is not None and self.nursery is not None
+        c.busy = True
+        self.mux.pause(c.stream)
+        self.nursery.start_soon(self._drained, c)
+
+    async def _drained(self, c: _Client) -> None:
+        assert self.mux is not None
+        deadline = trio.current_time() + self.limits.send_timeout
+        low = self.mux.unsent(c.stream)
+        try:
+            while not c.closed:
+                self._top_up(c)
+                unsent = self._settle(c)
+                if unsent < low:  # it is reading: the send deadline starts again
+                    low = unsent
+                    deadline = trio.current_time() + self.limits.send_timeout
+                if c.tail is None and unsent <= _UNSENT_LIMIT // 2 and not self._must_wait(c):
+                    break
+                if trio.current_time() > deadline:
+                    log.warning(
+                        "closed %s: took none of its %d queued bytes for %g s",
+                        c.address,
+                        unsent,
+                        self.limits.send_timeout,
+                    )
+                    c.done.set()
+                    break
+                await trio.sleep(_DRAIN_POLL)
+        finally:
+            self._resume(c)
+
+    def _resume(self, c: _Client) -> None:
+        c.busy = False
+        if not c.closed and self.mux is not None:
+            if not c.intake.refused:
+                self.mux.resume(c.stream)
+            self._pump(c)
+
+    # -- answers ---------------------------------------------------------------
     def _answer_now(self, event: Event, c: _Client, now: float) -> bytes | None:
         """The encoded reply if it needs no ``await`` (the hot path), else None."""
-        if type(event) is Announce and (frame := self._announce_now(event, c.key, c.address, now)):
-            return frame
-        if type(event) is Scrape:
-            return c.conn.send(self._scrape(event))
+        kind = type(event)
+        if kind is Announce:
+            return self._announce_now(event, c.key, c.address, now)  # type: ignore[arg-type]
+        if kind is Scrape:
+            return c.conn.send(self._scrape(event))  # type: ignore[arg-type]
+        if kind is GetManifest:
+            return self.manifest_frames.get(event.content_id)  # type: ignore[attr-defined]
         return None
 
-    async def _answer_later(self, c: _Client, event: Event, wait: float) -> None:
+    async def _answer_later(self, c: _Client, event: Event, wait: float, charge: int) -> None:
         """Rate-limit wait and/or the general path for one request, then resume ``c``."""
         try:
             if wait > 0:
@@ -440,28 +737,40 @@ class _Tracker:
                 return
             reply = self._answer_now(event, c, self.clock())
             if reply is None:
-                reply = c.conn.send(await self._answer(event, c.key, c.address))
+                if type(event) is GetManifest:
+                    reply = await self._manifest_frame(c, event)
+                else:
+                    reply = c.conn.send(await self._answer(event, c.key, c.address))
+            c.intake.release(charge)
+            charge = 0
             if c.closed:
                 return
-            assert self.mux is not None
-            self.mux.send(c.stream, reply)
+            c.unchecked += len(reply)
+            self._send(c, reply)
         except Exception:
             log.exception("internal error serving %s; closing that connection", c.address)
             c.done.set()
         finally:
+            c.intake.release(charge)
             self._resume(c)
 
-    async def _drained(self, c: _Client) -> None:
-        assert self.mux is not None
-        while not c.closed and self.mux.unsent(c.stream) > _UNSENT_LIMIT // 2:
-            await trio.sleep(0.02)
-        self._resume(c)
-
-    def _resume(self, c: _Client) -> None:
-        c.busy = False
-        if not c.closed and self.mux is not None:
-            self.mux.resume(c.stream)
-            self._pump(c)
+    async def _manifest_frame(self, c: _Client, ev: GetManifest) -> bytes:
+        """The MANIFEST frame for ``ev`` (encoded once, then shared), or an ERROR frame."""
+        try:
+            data = await self.db(self.store.get, ev.content_id)
+        except StorageError as exc:
+            log.error("manifest database: %s", exc)
+            return c.conn.send(Error("internal", "the tracker's database failed; try again later"))
+        if data is None:
+            message = f"no manifest published for {ev.content_id.hex()}"
+            return c.conn.send(Error("not-found", message))
+        frame = self.manifest_frames.get(ev.content_id)
+        if frame is None:
+            assert isinstance(data, bytes)
+            frame = c.conn.send(TrackerManifest(data))
+            del data
+            self.manifest_frames.put(ev.content_id, frame)
+        return frame
 
     def _announce_now(self, ev: Announce, key: bytes, address: str, now: float) -> bytes | None:
         """The synchronous fast path: a PEERS frame, or None to take the general path.
@@ -489,12 +798,14 @@ class _Tracker:
         except TrackerError:
             return None
 
-    async def _next(self, stream: Stream, conn: TrackerServerConnection) -> Event:
+    async def _next(self, stream: Stream, conn: TrackerServerConnection, intake: Intake) -> Event:
         while True:
             event = conn.next_event()
             if event is not NEED_DATA:
                 return event
-            conn.receive_data(await stream.receive_some(_RECV_SIZE))
+            if intake.refused:  # a large frame pipelined behind a missing AUTH
+                raise RemoteProtocolError("a large request before AUTH completed")
+            self._feed(conn, intake, await stream.receive_some(_RECV_SIZE))
 
     def _refusal(
         self, conn: TrackerServerConnection, address: str, code: str, message: str
@@ -526,15 +837,7 @@ class _Tracker:
             if isinstance(ev, Announce):
                 return await self._announce(ev, key, address)
             if isinstance(ev, Publish):
-                return await self._publish(ev)
-            if isinstance(ev, GetManifest):
-                data = await self.db(self.store.get, ev.content_id)
-                if data is None:
-                    raise TrackerError(
-                        "not-found", f"no manifest published for {ev.content_id.hex()}"
-                    )
-                assert isinstance(data, bytes)
-                return TrackerManifest(data)
+                return await self._publish(ev, key, address)
             if isinstance(ev, Resolve):
                 cid = await self.db(self.store.resolve_prefix, ev.prefix)
                 assert isinstance(cid, bytes)
@@ -563,6 +866,11 @@ class _Tracker:
         if num_chunks is None and ev.event != "stopped":
             known = await self.db(self.store.num_chunks, cid)
             num_chunks = known if isinstance(known, int) else None
+            if num_chunks is None and self.limits.require_manifest:
+                raise TrackerError(
+                    "not-found",
+                    f"no manifest published for {cid.hex()}: PUBLISH it before announcing",
+                )
         peers, avail = self.index.announce(
             cid, key, address, ev.port, ev.event, ev.bits, num_chunks, ev.want, self.clock()
         )
@@ -570,11 +878,12 @@ class _Tracker:
             return Ok()
         return Peers(cid, self.interval, tuple(PeerEntry(*p) for p in peers), avail)
 
-    async def _publish(self, ev: Publish) -> Event:
-        manifest = await self.db(_verify_manifest, ev.manifest)
-        assert isinstance(manifest, Manifest)
+    async def _publish(self, ev: Publish, key: bytes, address: str) -> Event:
+        manifest = await trio.to_thread.run_sync(
+            _verify_manifest, ev.manifest, limiter=self.verify_limiter
+        )
         num_chunks = manifest.info.num_chunks
-        await self.db(self.store.put, manifest.content_id, ev.manifest, num_chunks)
+        await self.db(self.store.put, manifest.content_id, ev.manifest, num_chunks, key, address)
         self.index.set_num_chunks(manifest.content_id, num_chunks)
         return Ok()
 
@@ -582,6 +891,8 @@ class _Tracker:
         while True:
             await trio.sleep(_SWEEP_SECONDS)
             self.index.expire(self.clock())
+            for c in list(self.clients.values()):
+                self._settle(c)
 
 
 async def serve_tracker(
@@ -606,7 +917,7 @@ async def serve_tracker(
         clock: monotonic seconds; the index's notion of now.
         ttl: seconds a peer entry lives without an announce.
         interval: seconds between periodic announces asked of clients.
-        limits: connection, rate and size limits.
+        limits: connection, rate, size, memory and disk limits.
 
     Raises:
         TransportError: the address cannot be bound.
@@ -617,8 +928,14 @@ async def serve_tracker(
     """
     if not isinstance(transport, Transport):
         transport = get_transport(transport)
-    store = ManifestStore(Path(data_dir))
-    tracker = _Tracker(store, limits or TrackerLimits(), clock, ttl, interval)
+    limits = limits or TrackerLimits()
+    store = ManifestStore(
+        Path(data_dir),
+        max_bytes=limits.max_disk,
+        max_bytes_per_key=limits.max_disk // 8,
+        max_bytes_per_address=limits.max_disk // 4,
+    )
+    tracker = _Tracker(store, limits, clock, ttl, interval)
     try:
         async with transport.open_mux() as tracker.mux, trio.open_nursery() as nursery:
             nursery.start_soon(tracker.dispatch, nursery)
@@ -643,11 +960,13 @@ def run_tracker(
     port: int = DEFAULT_PORT,
     transport_name: str | None = None,
     data_dir: Path | str | None = None,
+    limits: TrackerLimits | None = None,
 ) -> int:
     """Run a tracker in the foreground until Ctrl-C or SIGTERM; returns the exit code.
 
     Prints ``tracker listening on HOST:PORT (transport)`` to stderr once
     listening; a startup failure is one line on stderr and exit code 1.
+    ``limits`` defaults to ``TrackerLimits()`` (1 GiB of memory, 4 GiB of disk).
     """
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -657,7 +976,11 @@ def run_tracker(
         transport = get_transport(transport_name)
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
-                bound = await nursery.start(serve_tracker, host, port, data, transport)
+                bound = await nursery.start(
+                    lambda task_status: serve_tracker(
+                        host, port, data, transport, limits=limits, task_status=task_status
+                    )
+                )
                 print(f"tracker listening on {host}:{bound} ({transport.name})", file=sys.stderr)
                 async for signum in signals:
                     log.info("received %s, shutting down", signal.Signals(signum).name)
