@@ -387,8 +387,12 @@ def cmd_daemon(
     home = peer_home()
 
     async def main() -> None:
-        print(f"daemon for {home} starting", file=sys.stderr, flush=True)
-        await run_daemon(home, node, node.identity)
+        await run_daemon(
+            home,
+            node,
+            node.identity,
+            started=lambda: print(f"daemon for {home} started", file=sys.stderr, flush=True),
+        )
 
     run_trio(main, interrupt_ok=True)
 
@@ -416,7 +420,21 @@ def cmd_status(
         print(json.dumps(reply))
         return
     from rich.console import Console
+
+    Console().print(status_table(reply))
+    shown = {t.get("id") for t in reply.get("transfers", [])}
+    for cid, err in reply.get("errors", {}).items():
+        if cid not in shown:
+            typer.echo(f"{cid[:16]}: {err}", err=True)
+    if reply.get("state_error"):
+        typer.echo(f"warning: {reply['state_error']}", err=True)
+
+
+def status_table(reply: dict[str, Any]) -> Any:
+    """The ``peer status`` table. Every cell is plain text: a remote manifest's
+    name (or an error quoting one) is never read as rich markup."""
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(title="transfers")
     for col in ("id", "name", "state", "progress", "down MB/s", "uploaded", "peers"):
@@ -424,17 +442,15 @@ def cmd_status(
     for t in reply.get("transfers", []):
         pct = 100.0 * t["have"] / t["size"] if t["size"] else 100.0
         table.add_row(
-            t["id"][:16],
-            t["name"],
-            t["state"],
+            Text(str(t["id"])[:16]),
+            Text(str(t["name"])),
+            Text(str(t["state"])),
             f"{pct:.1f}%",
             str(t["down_MBps"]),
             f"{t['uploaded'] / 1e6:.1f} MB",
             str(t["peers"]),
         )
-    Console().print(table)
-    for cid, err in reply.get("errors", {}).items():
-        typer.echo(f"{cid[:16]}: {err}", err=True)
+    return table
 
 
 @app.command("ls")

@@ -1,31 +1,56 @@
-"""``peer daemon``: a long-running node for one ``$PEER_HOME``, and its control socket."""
+"""``peer daemon``: a long-running node for one ``$PEER_HOME``, and its control socket.
+
+One daemon per ``$PEER_HOME``: it holds an ``flock`` on ``daemon.lock`` (with
+its pid in it) for its whole life, so a second one refuses to start before it
+touches the control socket, which only the lock holder may replace or remove.
+The socket is bound in a private (0700) directory, made 0600 and then renamed
+into place, so it is never reachable with looser permissions and the
+process-wide umask is never changed.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
 import socket
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from .download import fetch_manifest, output_path, resolve_id
+from .download import (
+    close_store,
+    ended_error,
+    fetch_manifest,
+    output_path,
+    resolve_id,
+)
 from .errors import PeerError
 from .identity import Identity, parse_public_key
 from .manifest import Manifest
 from .node import Node
 from .share import share_file
-from .store import ChunkStore
+from .store import ChunkStore, describe_os_error
 from .swarm import Content
 
-__all__ = ["Daemon", "control_request", "run_daemon", "socket_path", "try_daemon_share"]
+__all__ = [
+    "Daemon",
+    "DaemonLock",
+    "control_request",
+    "run_daemon",
+    "socket_path",
+    "try_daemon_share",
+]
 
 log = logging.getLogger("peerd.daemon")
 
 SOCKET_NAME = "control.sock"
+LOCK_NAME = "daemon.lock"
 MAX_CONTROL_LINE = 1 << 20
 
 
@@ -82,6 +107,84 @@ def try_daemon_share(
     return None if reply is None else str(reply["id"])
 
 
+class DaemonLock:
+    """The one-daemon-per-``$PEER_HOME`` lock: ``flock`` on ``daemon.lock``, held open.
+
+    Raises (from :meth:`acquire`):
+        PeerError: another daemon holds it (its pid is named), or the lock
+            file cannot be opened.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    @classmethod
+    def acquire(cls, home: Path) -> DaemonLock:
+        path = home / LOCK_NAME
+        try:
+            home.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise describe_os_error(exc, f"opening {path}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            finally:
+                os.close(fd)
+            pid = text if text.isdigit() else "unknown"
+            raise PeerError(
+                f"a daemon is already running (pid {pid}) for {home}; stop it with `peer stop`"
+            ) from None
+        except OSError as exc:
+            os.close(fd)
+            raise describe_os_error(exc, f"locking {path}") from None
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as exc:
+            log.warning("could not write the pid into %s: %s", path, exc)
+        return cls(fd)
+
+    def release(self) -> None:
+        """Let the next daemon start (the file stays: removing it would race)."""
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, 0)
+            os.close(self.fd)
+            self.fd = -1
+
+
+def bind_control_socket(path: Path) -> socket.socket:
+    """A listening Unix socket at ``path``, mode 0600 from the moment it is reachable.
+
+    Bound in a fresh 0700 directory beside ``path``, chmod-ed, then renamed
+    over ``path`` (the caller holds the :class:`DaemonLock`, so what it
+    replaces is a dead daemon's socket).
+
+    Raises:
+        PeerError: the socket cannot be created there.
+    """
+    tmpdir = tempfile.mkdtemp(prefix=".control-", dir=path.parent)
+    tmp = os.path.join(tmpdir, "s")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(tmp)
+        os.chmod(tmp, 0o600)
+        sock.listen(16)
+        os.replace(tmp, path)
+    except OSError as exc:
+        sock.close()
+        raise describe_os_error(exc, f"creating the control socket {path}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        with contextlib.suppress(OSError):
+            os.rmdir(tmpdir)
+    return sock
+
+
 # --- the daemon itself ---------------------------------------------------------------
 class Daemon:
     """A node that serves everything shared or downloaded in one ``$PEER_HOME``.
@@ -99,14 +202,25 @@ class Daemon:
         self.state_path = home / "daemon.json"
         self.shared: dict[str, dict[str, str]] = {}  # content id hex -> {"path", "hash"}
         self.downloads: dict[str, dict[str, str]] = {}  # content id hex -> {"path"}
-        self.errors: dict[str, str] = {}
+        self.errors: dict[str, str] = {}  # content id hex -> why it stopped or never ran
+        self.names: dict[str, tuple[str, int]] = {}  # content id hex -> (name, size)
+        self.save_error: str | None = None  # why daemon.json could not be written
         self._stop = trio.Event()
 
     def _save(self) -> None:
+        """Write ``daemon.json``; a failure is logged and shown by ``status``, never raised."""
         blob = json.dumps({"shared": self.shared, "downloads": self.downloads}, indent=1)
         tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(blob)
-        os.replace(tmp, self.state_path)
+        try:
+            tmp.write_text(blob)
+            os.replace(tmp, self.state_path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            self.save_error = str(describe_os_error(exc, f"saving {self.state_path}"))
+            log.warning("%s", self.save_error)
+            return
+        self.save_error = None
 
     def _load(self) -> None:
         try:
@@ -118,20 +232,17 @@ class Daemon:
         except (OSError, ValueError, AttributeError, TypeError) as exc:
             log.warning("ignoring unreadable %s: %s", self.state_path, exc)
 
-    async def run(self) -> None:
-        """Serve until ``stop`` (or cancellation); restores what was served before."""
+    async def run(self, started: Callable[[], None] | None = None) -> None:
+        """Serve until ``stop`` (or cancellation); restores what was served before.
+
+        The caller holds the :class:`DaemonLock` of ``home``. ``started`` is
+        called once the control socket accepts requests.
+        """
         self._load()
         path = socket_path(self.home)
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        old_umask = os.umask(0o177)
-        try:
-            await sock.bind(str(path))
-        finally:
-            os.umask(old_umask)
-        os.chmod(path, 0o600)
-        sock.listen(16)
+        sock = trio.socket.from_stdlib_socket(bind_control_socket(path))
+        if started is not None:
+            started()
         try:
             async with trio.open_nursery() as nursery:
                 for cid, entry in list(self.shared.items()):
@@ -147,6 +258,7 @@ class Daemon:
                 os.unlink(path)
 
     async def _restore_share(self, cid: str, entry: dict[str, str]) -> None:
+        self.names.setdefault(cid, (Path(entry.get("path", "?")).name, 0))
         try:
             await share_file(
                 self.node,
@@ -155,9 +267,9 @@ class Daemon:
                 algo=entry.get("hash", "blake3"),
                 chunk_size=int(entry.get("chunk", "0")) or None,
             )
-        except PeerError as exc:
-            self.errors[cid] = str(exc)
-            log.warning("cannot share %s again: %s", entry.get("path"), exc)
+        except (PeerError, OSError) as exc:
+            self.errors[cid] = str(exc) if isinstance(exc, PeerError) else _os_message(exc)
+            log.warning("cannot share %s again: %s", entry.get("path"), self.errors[cid])
 
     async def _accept_loop(self, sock: trio.socket.SocketType, nursery: trio.Nursery) -> None:
         while True:
@@ -178,10 +290,12 @@ class Daemon:
                 if not isinstance(request, dict):
                     raise ValueError("not an object")
                 reply = await self._handle(request)
-            except ValueError as exc:
+            except (ValueError, TypeError, KeyError) as exc:
                 reply = {"ok": False, "error": f"bad control request: {exc}"}
             except PeerError as exc:
                 reply = {"ok": False, "error": str(exc)}
+            except OSError as exc:
+                reply = {"ok": False, "error": _os_message(exc)}
             out = memoryview(json.dumps(reply).encode() + b"\n")
             with contextlib.suppress(OSError):
                 while out:
@@ -197,6 +311,8 @@ class Daemon:
                 raise ValueError("chunk must be an integer")
             content = await share_file(self.node, self.identity, path, algo=algo, chunk_size=chunk)
             cid = content.content_id.hex()
+            self.errors.pop(cid, None)
+            self.names[cid] = (content.info.name, content.info.size)
             self.shared[cid] = {"path": str(path), "hash": algo, "chunk": str(chunk or 0)}
             self._save()
             return {"ok": True, "id": cid}
@@ -212,17 +328,45 @@ class Daemon:
             )
             return {"ok": True, "id": cid_bytes.hex(), "path": str(path)}
         if cmd == "status":
-            return {
+            reply: dict[str, Any] = {
                 "ok": True,
-                "transfers": [self._describe(c) for c in self.node.contents.values()],
+                "transfers": self._transfers(),
                 "errors": self.errors,
             }
+            if self.save_error is not None:
+                reply["state_error"] = self.save_error
+            return reply
         if cmd == "ls":
             return {"ok": True, "shared": [{"id": k, **v} for k, v in self.shared.items()]}
         if cmd == "stop":
             self._stop.set()
             return {"ok": True}
         raise ValueError(f"unknown command {cmd!r}")
+
+    def _transfers(self) -> list[dict[str, Any]]:
+        """Every running content, then every one that ended with an error."""
+        rows = [self._describe(c) for c in self.node.contents.values()]
+        active = {row["id"] for row in rows}
+        failed: dict[bytes, str] = getattr(self.node, "failed", {})
+        ended = {cid.hex(): message for cid, message in failed.items()}
+        ended.update(self.errors)
+        for cid, message in ended.items():
+            if cid in active:
+                continue
+            name, size = self.names.get(cid, ("?", 0))
+            rows.append(
+                {
+                    "id": cid,
+                    "name": name,
+                    "size": size,
+                    "have": 0,
+                    "state": f"failed: {message}",
+                    "peers": 0,
+                    "down_MBps": 0.0,
+                    "uploaded": 0,
+                }
+            )
+        return rows
 
     def _describe(self, content: Content) -> dict[str, Any]:
         elapsed = max(trio.current_time() - content.started_at, 1e-9)
@@ -241,27 +385,58 @@ class Daemon:
         self, cid: str, path: Path, manifest: Manifest | None, force: bool
     ) -> None:
         self.downloads[cid] = {"path": str(path)}
+        self.errors.pop(cid, None)
         self._save()
+        store: ChunkStore | None = None
+        content: Content | None = None
+        finished = False
         try:
             if manifest is None:
                 manifest = await fetch_manifest(self.node, bytes.fromhex(cid), None)
+            self.names[cid] = (manifest.info.name, manifest.info.size)
             store = await ChunkStore.open(manifest.info, bytes.fromhex(cid), path, force=force)
             content = await self.node.add_content(manifest, store)
-            await content.completed.wait()
+            await self._until_complete(content)
             await trio.to_thread.run_sync(store.finalize_sync)
+            finished = True
             self.downloads.pop(cid, None)
             self.shared[cid] = {"path": str(path), "hash": manifest.info.algo}
             self._save()
-        except PeerError as exc:
-            self.errors[cid] = str(exc)
-            log.warning("download %s failed: %s", cid[:16], exc)
+        except (PeerError, OSError) as exc:
+            self.errors[cid] = str(exc) if isinstance(exc, PeerError) else _os_message(exc)
+            log.warning("download %s failed: %s", cid[:16], self.errors[cid])
+        finally:
+            if store is not None and not finished:
+                await close_store(self.node, content, store)
+
+    async def _until_complete(self, content: Content) -> None:
+        """Wait for ``content`` to complete; raise its error if it ends first."""
+        while not content.completed.is_set():
+            with trio.move_on_after(1.0):
+                await content.completed.wait()
+            if not content.completed.is_set():
+                ended = ended_error(self.node, content)
+                if ended is not None:
+                    raise ended
 
 
-async def run_daemon(home: Path, node: Node, identity: Identity) -> None:
-    """Run ``node`` as the daemon of ``home`` until ``peer stop`` or a signal."""
-    if control_request(home, {"cmd": "status"}, timeout=5) is not None:
-        raise PeerError(f"a daemon already runs for {home}; stop it with `peer stop`")
-    async with trio.open_nursery() as nursery:
-        await nursery.start(node.run)
-        await Daemon(home, node, identity).run()
-        nursery.cancel_scope.cancel()
+def _os_message(exc: OSError) -> str:
+    return str(describe_os_error(exc, exc.filename or "a file operation"))
+
+
+async def run_daemon(
+    home: Path, node: Node, identity: Identity, started: Callable[[], None] | None = None
+) -> None:
+    """Run ``node`` as the daemon of ``home`` until ``peer stop`` or a signal.
+
+    Raises:
+        PeerError: a daemon already runs for ``home`` (nothing of it is touched).
+    """
+    lock = DaemonLock.acquire(home)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(node.run)
+            await Daemon(home, node, identity).run(started)
+            nursery.cancel_scope.cancel()
+    finally:
+        lock.release()

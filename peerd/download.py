@@ -5,7 +5,11 @@ The download itself is a :class:`~peerd.swarm.Content` with a
 module wires the steps together and decides when to give up: when no new
 verified byte arrived for ``stall_timeout`` seconds (peers gone, none found),
 the download stops with a clear error and keeps its verified chunks for a
-later resume.
+later resume. A download that ends any other way than complete (gives up,
+fails, is cancelled) stops its content, waits until the content's task has
+let go of the store, then closes the store, and removes its part file if not
+one verified chunk is in it (a manifest's size alone never leaves disk space
+taken).
 """
 
 from __future__ import annotations
@@ -26,7 +30,19 @@ from .swarm import Content
 
 log = logging.getLogger("peerd.download")
 
-__all__ = ["DownloadError", "DownloadResult", "download", "fetch_manifest", "resolve_id"]
+__all__ = [
+    "DownloadError",
+    "DownloadResult",
+    "download",
+    "ended_error",
+    "fetch_manifest",
+    "resolve_id",
+    "stop_content",
+]
+
+# How long a stopped content may take to end (its "stopped" announce takes at
+# most 2 s); past that its store is left open rather than closed under it.
+STOP_TIMEOUT = 10.0
 
 
 class DownloadError(PeerError):
@@ -93,6 +109,53 @@ async def manifest_from_peers(
     raise last
 
 
+async def stop_content(node: Node, content: Content, timeout: float = STOP_TIMEOUT) -> bool:
+    """Stop ``content`` and wait until its task has ended; False if it did not in time.
+
+    Only then may its store be closed: a session may still be writing a chunk
+    to it or sending from its descriptor, and a closed descriptor's number is
+    soon another file's. Call it shielded when the caller is being cancelled.
+    """
+    cid = content.content_id
+    node.remove_content(cid)
+    with trio.move_on_after(timeout):
+        while node.contents.get(cid) is content:
+            await trio.sleep(0.01)
+        return True
+    log.warning("content %s did not stop within %.0f s", cid.hex()[:16], timeout)
+    return False
+
+
+def ended_error(node: Node, content: Content) -> PeerError | None:
+    """Why ``content`` is no longer running in ``node``; None while it runs.
+
+    A content whose task failed (a disk error while storing a chunk, say) is
+    listed in ``node.failed`` with its one-line error.
+    """
+    cid = content.content_id
+    if node.contents.get(cid) is content:
+        return None
+    failed: dict[bytes, str] = getattr(node, "failed", {})
+    message = failed.get(cid)
+    if message is not None:
+        return DownloadError(message)
+    return DownloadError("the download stopped")
+
+
+async def close_store(node: Node, content: Content | None, store: ChunkStore) -> None:
+    """Stop the content (if any), close ``store``, remove its files if they hold nothing."""
+    with trio.CancelScope(shield=True):
+        if content is not None and not await stop_content(node, content):
+            return  # still in use: an open descriptor is better than a reused one
+        try:
+            removed = await trio.to_thread.run_sync(store.discard_if_empty)
+        except OSError as exc:
+            log.warning("could not close %s: %s", store.part_path, exc)
+            return
+        if removed:
+            log.info("removed %s: it held no verified chunk", store.part_path)
+
+
 def output_path(output: Path | None, name: str) -> Path:
     if output is None:
         return Path.cwd() / name
@@ -151,38 +214,22 @@ async def download(
     store = await ChunkStore.open(manifest.info, cid, path, force=force)
     if store.resumed_bytes:
         log.info("resuming: %d bytes already verified in %s", store.resumed_bytes, store.part_path)
+    content: Content | None = None
+    finished = False
     try:
         content = await node.add_content(manifest, store)
-    except BaseException:
-        store.close()
-        raise
-    for ip, port in peers:
-        content.dial(ip, port)
-    if on_start is not None:
-        on_start(content)
-    last_bytes = -1
-    last_progress = trio.current_time()
-    while not content.completed.is_set():
-        with trio.move_on_after(1.0):
-            await content.completed.wait()
-        now = trio.current_time()
-        if content.downloaded != last_bytes:
-            last_bytes = content.downloaded
-            last_progress = now
-        elif now - last_progress > stall_timeout:
-            node.remove_content(cid)
-            what = (
-                "no peers have this content"
-                if not content.bytes_from
-                else "all peers stopped sending"
-            )
-            raise DownloadError(
-                f"{what} (no progress for {stall_timeout:.0f} s); "
-                f"{store.resumed_bytes + content.downloaded} bytes verified so far are kept: "
-                "run the same command again to resume"
-            )
-    final = await trio.to_thread.run_sync(store.finalize_sync)
+        for ip, port in peers:
+            content.dial(ip, port)
+        if on_start is not None:
+            on_start(content)
+        await _until_complete(node, content, store, stall_timeout)
+        final = await trio.to_thread.run_sync(store.finalize_sync)
+        finished = True
+    finally:
+        if not finished:
+            await close_store(node, content, store)
     seconds = max(trio.current_time() - started, 1e-9)
+    assert content is not None
     got = content.downloaded
     result = DownloadResult(
         id=cid.hex(),
@@ -196,3 +243,41 @@ async def download(
         resumed_bytes=store.resumed_bytes,
     )
     return content, result
+
+
+async def _until_complete(
+    node: Node, content: Content, store: ChunkStore, stall_timeout: float
+) -> None:
+    """Return once ``content`` is complete.
+
+    Raises:
+        DownloadError: no new verified byte for ``stall_timeout`` seconds, or
+            the content ended without completing (its error, if it failed).
+    """
+    last_bytes = -1
+    last_progress = trio.current_time()
+    while not content.completed.is_set():
+        with trio.move_on_after(1.0):
+            await content.completed.wait()
+        if content.completed.is_set():
+            return
+        ended = ended_error(node, content)
+        if ended is not None:
+            raise ended
+        now = trio.current_time()
+        if content.downloaded != last_bytes:
+            last_bytes = content.downloaded
+            last_progress = now
+        elif now - last_progress > stall_timeout:
+            what = (
+                "no peers have this content"
+                if not content.bytes_from
+                else "all peers stopped sending"
+            )
+            verified = store.resumed_bytes + content.downloaded
+            kept = (
+                f"{verified} bytes verified so far are kept: run the same command again to resume"
+                if verified
+                else "nothing was verified, so nothing is kept"
+            )
+            raise DownloadError(f"{what} (no progress for {stall_timeout:.0f} s); {kept}")

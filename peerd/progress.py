@@ -6,6 +6,7 @@ from types import TracebackType
 
 import trio
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -57,7 +58,8 @@ class ProgressView:
         progress = self._progress
         if progress is None:
             return
-        task = progress.add_task(content.info.name, total=content.info.size, peers=0)
+        # The name comes from a remote manifest: shown as it is, never as markup.
+        task = progress.add_task(escape(content.info.name), total=content.info.size, peers=0)
 
         async def update() -> None:
             while True:

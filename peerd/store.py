@@ -2,13 +2,28 @@
 
 Theory of operation (resume)
 ----------------------------
-A download writes into ``PATH.part``, preallocated to the full size, with one
-positional write per verified chunk. Beside it, ``PATH.part.state`` records
-which chunks were verified and written; it is rewritten atomically (temp file
-+ rename) at intervals and at exit, always *after* the chunk writes it
-describes, so it never claims a chunk that is not on disk. It is still not
-trusted: on restart every claimed chunk is read back and hashed (on all
-cores, at hashing speed) and only the ones that match are kept.
+A download writes into ``PATH.part`` with one positional write per verified
+chunk. Beside it, ``PATH.part.state`` records which chunks were verified and
+written; it is rewritten atomically (temp file + rename) at intervals and at
+exit, always *after* the chunk writes it describes, so it never claims a
+chunk that is not on disk. It is still not trusted: on restart every claimed
+chunk is read back and hashed (on all cores, at hashing speed) and only the
+ones that match are kept.
+
+The manifest is remote input, so its size is not taken as a licence to fill
+the disk: the part file has its full length as a sparse file, and disk space
+is allocated (``posix_fallocate``) in aligned blocks of ``ALLOC_STEP`` when a
+verified chunk is about to land in one, plus the first block at open (so a
+disk that cannot hold even that fails at once). Allocation is therefore at
+most ``ALLOC_STEP`` per block that holds a verified chunk, plus one. A
+download that ends without any verified chunk removes its part and state
+files (:meth:`ChunkStore.discard_if_empty`).
+
+Ownership: the state file is written *before* the part file is created with
+``O_EXCL``, so a ``PATH.part`` without a state file of the same content beside
+it is not ours; it is refused by name and never truncated or overwritten. The
+part file is ``flock``-ed while open, so two processes never download into it
+at once.
 
 Chunk writes use ``O_DIRECT`` where the file system supports it (the chunk
 buffers are page-aligned ``mmap`` memory and chunk offsets are multiples of
@@ -32,8 +47,10 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import mmap
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -49,6 +66,10 @@ __all__ = ["ChunkStore", "SourceFile", "aligned_buffer", "describe_os_error"]
 
 STATE_VERSION = 1
 DIRECT_ALIGN = 4096
+# Disk space for a download is allocated in aligned blocks of this size, as
+# verified chunks arrive (a power of two, so a chunk of up to this size lies in
+# one block).
+ALLOC_STEP = 32 << 20
 
 
 def aligned_buffer(size: int) -> mmap.mmap:
@@ -124,6 +145,8 @@ class ChunkStore:
         self.have = bytearray(info.num_chunks)
         self.resumed_bytes = 0
         self._dirty = False
+        self._allocated = bytearray(-(-info.size // ALLOC_STEP))  # per ALLOC_STEP block
+        self._alloc_lock = threading.Lock()  # chunk writes run on several threads
 
     # --- opening -------------------------------------------------------------
     @classmethod
@@ -134,33 +157,74 @@ class ChunkStore:
 
         Raises:
             StorageError: PATH exists (without ``force``), the directory is not
-                writable, or the disk cannot hold the file.
+                writable, the disk cannot hold the first block, ``PATH.part``
+                exists but is not an unfinished download of this content, or
+                another process is downloading into it.
         """
         store = cls(info, content_id, path, force)
         await trio.to_thread.run_sync(store._open_sync)
         return store
 
     def _open_sync(self) -> None:
-        if self._interrupted_finish():
+        interrupted = self._interrupted_finish()
+        if interrupted:
             pass  # PATH was our own link to the part file: resume from the part file
         elif self.path.exists() and not self.force:
             raise StorageError(f"{self.path} already exists; use --force to overwrite it")
         if not self.path.parent.is_dir():
             raise StorageError(f"directory {self.path.parent} does not exist")
+        state = self._read_state()
+        created = False
         try:
-            self.fd = os.open(self.part_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            self.fd = os.open(self.part_path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            if state is not None and not isinstance(state, dict):
+                raise StorageError(
+                    f"{self.state_path} exists and is not a download's resume state; "
+                    "move it away or remove it"
+                ) from None
+            # The state goes first: a part file with no state of its content
+            # beside it is someone else's (see the module comment).
+            self._write_state(bytearray(self.info.num_chunks))
+            try:
+                self.fd = os.open(
+                    self.part_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644
+                )
+            except OSError as exc:
+                self._unlink_state()
+                raise describe_os_error(exc, f"creating {self.part_path}") from None
+            created = True
+            state = None
         except OSError as exc:
-            raise describe_os_error(exc, f"creating {self.part_path}") from None
+            raise describe_os_error(exc, f"opening {self.part_path}") from None
         try:
-            claimed = self._load_state()
-            if os.fstat(self.fd).st_size != self.info.size:
-                os.ftruncate(self.fd, self.info.size)
-            if self.info.size:
-                os.posix_fallocate(self.fd, 0, self.info.size)
-        except OSError as exc:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise StorageError(
+                    f"another process is downloading into {self.part_path}"
+                ) from None
+            if created:
+                claimed = []
+            elif interrupted and not isinstance(state, dict):
+                # Finished but for removing the part file (the state went first):
+                # every chunk is claimed, and re-verified below.
+                claimed = list(range(self.info.num_chunks))
+            else:
+                claimed = self._claimed(state)
+            try:
+                if os.fstat(self.fd).st_size != self.info.size:
+                    os.ftruncate(self.fd, self.info.size)  # sparse: no disk space yet
+                self._allocate(0, min(self.info.size, ALLOC_STEP))
+            except OSError as exc:
+                raise describe_os_error(exc, f"preallocating {self.part_path}") from None
+        except BaseException:
             os.close(self.fd)
             self.fd = -1
-            raise describe_os_error(exc, f"preallocating {self.part_path}") from None
+            if created:  # ours and empty: leave nothing behind
+                self._unlink_quietly(self.part_path)
+                self._unlink_state()
+            raise
         if claimed:
             self._verify_claimed(claimed)
         try:
@@ -182,27 +246,53 @@ class ChunkStore:
             return False
         return True
 
-    def _load_state(self) -> list[int]:
+    def _read_state(self) -> dict[str, object] | bytes | None:
+        """The state file: a dict if it is a resume state (of any content), its
+        raw bytes if it is something else, None if there is none."""
         try:
             raw = self.state_path.read_bytes()
         except FileNotFoundError:
-            return []
+            return None
         except OSError as exc:
             raise describe_os_error(exc, f"reading {self.state_path}") from None
         try:
             state = msgpack.unpackb(raw, raw=False, max_bin_len=1 << 20)
-            ok = (
-                isinstance(state, dict)
-                and state.get("v") == STATE_VERSION
-                and state.get("id") == self.content_id
-                and isinstance(state.get("bits"), bytes)
-                and len(state["bits"]) == (self.info.num_chunks + 7) // 8
-            )
         except Exception:
-            ok = False
-        if not ok:
-            return []  # another file's or a corrupt state: start from nothing
-        flags = flags_from_bits(state["bits"], self.info.num_chunks)
+            return raw
+        if not (
+            isinstance(state, dict)
+            and state.get("v") == STATE_VERSION
+            and isinstance(state.get("id"), bytes)
+            and isinstance(state.get("bits"), bytes)
+        ):
+            return raw
+        return state
+
+    def _claimed(self, state: dict[str, object] | bytes | None) -> list[int]:
+        """The chunks an existing part file's state claims.
+
+        Raises:
+            StorageError: the part file has no resume state of this content
+                beside it: it is not ours to resume, truncate or overwrite.
+        """
+        if not isinstance(state, dict):
+            raise StorageError(
+                f"{self.part_path} exists but is not an unfinished download of this "
+                f"content ({self.state_path} is missing or unreadable); "
+                "move it away or remove it, or download to another path"
+            )
+        other = state["id"]
+        bits = state["bits"]
+        assert isinstance(other, bytes) and isinstance(bits, bytes)
+        if other != self.content_id:
+            raise StorageError(
+                f"{self.part_path} holds an unfinished download of another content "
+                f"({other.hex()[:16]}); remove it and {self.state_path.name} to start over, "
+                "or download to another path"
+            )
+        if len(bits) != (self.info.num_chunks + 7) // 8:
+            return []  # cannot happen for one content id; claim nothing
+        flags = flags_from_bits(bits, self.info.num_chunks)
         return [i for i, v in enumerate(flags) if v]
 
     def _verify_claimed(self, claimed: list[int]) -> None:
@@ -220,6 +310,23 @@ class ChunkStore:
                     self.have[i] = 1
                     self.resumed_bytes += self.chunk_range(i)[1]
 
+    def _allocate(self, off: int, length: int) -> None:
+        """Allocate disk space for the blocks that ``[off, off + length)`` touches."""
+        if length <= 0:
+            return
+        first, last = off // ALLOC_STEP, (off + length - 1) // ALLOC_STEP
+        with self._alloc_lock:
+            for block in range(first, last + 1):
+                if not self._allocated[block]:
+                    start = block * ALLOC_STEP
+                    os.posix_fallocate(self.fd, start, min(ALLOC_STEP, self.info.size - start))
+                    self._allocated[block] = 1
+
+    @property
+    def allocated_bytes(self) -> int:
+        """Disk space this store has allocated for the part file so far (an upper bound)."""
+        return min(self.info.size, sum(self._allocated) * ALLOC_STEP)
+
     # --- chunks --------------------------------------------------------------
     def chunk_range(self, index: int) -> tuple[int, int]:
         off = index * self.info.chunk_size
@@ -236,10 +343,20 @@ class ChunkStore:
         return all(self.have)
 
     def write_chunk_sync(self, index: int, data: memoryview | bytes) -> None:
-        """Positional write of one verified chunk (call from a worker thread)."""
+        """Positional write of one verified chunk (call from a worker thread).
+
+        Disk space for the chunk's block is allocated first (see the module
+        comment). Nothing is written once the store is closed.
+        """
         off, length = self.chunk_range(index)
         view = memoryview(data)[:length]
         fd = self.fd
+        if fd < 0:
+            return  # closed: the download was stopped
+        try:
+            self._allocate(off, length)
+        except OSError as exc:
+            raise describe_os_error(exc, f"writing {self.part_path}") from None
         if (
             self.direct_fd >= 0
             and off % DIRECT_ALIGN == 0
@@ -267,8 +384,15 @@ class ChunkStore:
         if not self._dirty or self.fd < 0:
             return
         self._dirty = False
+        try:
+            self._write_state(self.have)
+        except StorageError:
+            self._dirty = True
+            raise
+
+    def _write_state(self, have: bytearray) -> None:
         blob = msgpack.packb(
-            {"v": STATE_VERSION, "id": self.content_id, "bits": bits_from_flags(self.have)},
+            {"v": STATE_VERSION, "id": self.content_id, "bits": bits_from_flags(have)},
             use_bin_type=True,
         )
         tmp = self.state_path.with_name(self.state_path.name + ".tmp")
@@ -277,7 +401,7 @@ class ChunkStore:
                 f.write(blob)
             os.replace(tmp, self.state_path)
         except OSError as exc:
-            self._dirty = True
+            self._unlink_quietly(tmp)
             raise describe_os_error(exc, f"saving {self.state_path}") from None
 
     def finalize_sync(self) -> Path:
@@ -316,8 +440,19 @@ class ChunkStore:
         except FileNotFoundError:
             pass
 
+    @staticmethod
+    def _unlink_quietly(path: Path) -> None:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
     def close(self) -> None:
-        """Flush state and close the part file (the part file stays for resume)."""
+        """Flush state and close the part file (the part file stays for resume).
+
+        Only once nothing uses the store any more (its content has stopped):
+        a closed descriptor's number can be reused by the next open file.
+        """
         if self.fd >= 0:
             try:
                 self.flush_state_sync()
@@ -328,3 +463,17 @@ class ChunkStore:
         if self.direct_fd >= 0:
             os.close(self.direct_fd)
             self.direct_fd = -1
+
+    def discard_if_empty(self) -> bool:
+        """Close; then remove the part and state files if no chunk in them is verified.
+
+        For a download that gives up or fails: a part file holding verified
+        chunks stays for a later resume; one holding nothing would only hold
+        disk space. Returns True if the files were removed.
+        """
+        self.close()
+        if any(self.have):
+            return False
+        self._unlink_quietly(self.part_path)
+        self._unlink_state()
+        return True
