@@ -150,6 +150,17 @@ class InboundSlots:
         return True
 
 
+def _one_line(exc: BaseException) -> str:
+    """A failure as one line a user can act on (an exception group: its first)."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    if isinstance(exc, PeerError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        return f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
+    return f"{type(exc).__name__}: {exc}"
+
+
 async def _linger(stream: Stream) -> None:
     """After a refusal: half-close, then read until the remote closes too (a
     close with unread input would reset the connection and lose the GOODBYE)."""
@@ -195,6 +206,8 @@ class Node:
             UPLOAD_SLOTS, needy_window=NEEDY_WINDOW, progress=_turn_progress
         )
         self.contents: dict[bytes, Content] = {}
+        # Contents that ended with an error: content id -> one line saying why.
+        self.failed: dict[bytes, str] = {}
         self._scopes: dict[bytes, trio.CancelScope] = {}
         self._tracker: TrackerClient | None = None
         self._tracker_lock = trio.Lock()
@@ -234,14 +247,22 @@ class Node:
         if cid in self.contents:
             raise PeerError(f"content {cid.hex()} is already active in this node")
         content = Content(self, manifest, source)
+        self.failed.pop(cid, None)
         self.contents[cid] = content
         scope = trio.CancelScope()
         self._scopes[cid] = scope
 
         async def runner(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            # A failure of one content (a disk error while storing a chunk,
+            # say) ends that content with its error; every other download and
+            # seed in this node goes on.
             try:
                 with scope:
                     await content.run(task_status=task_status)
+            except* Exception as group:  # contained per content, reported
+                message = _one_line(group)
+                self.failed[cid] = message
+                log.error("content %s failed: %s", cid.hex()[:16], message)
             finally:
                 self.contents.pop(cid, None)
                 self._scopes.pop(cid, None)

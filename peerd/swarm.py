@@ -338,6 +338,10 @@ class Content:
             if not good:
                 self._on_hash_failure(session, index)
                 return
+            if store.have[index]:
+                # Another copy (endgame) was stored while this one was hashed:
+                # count, announce and finish it once only.
+                return
             store.mark_have(index)
         finally:
             self.buffers.release(buf)
