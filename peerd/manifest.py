@@ -10,11 +10,14 @@ Because the encoding is canonical, anyone who has the info can recompute the
 id, and :meth:`Info.decode` rejects any other encoding of the same values
 (it re-encodes and compares), so an id always names exactly one byte string.
 
-A :class:`Manifest` wraps the info bytes with up to 16 Ed25519 signatures,
+A :class:`Manifest` wraps the info bytes with 1..16 Ed25519 signatures,
 each over ``b"peer-manifest-v1\\0" + content_id``. Signing the id (not the
 whole info) keeps signatures small and makes them independent of each other.
+An unsigned manifest exists only while one is being built: ``decode`` refuses
+one (PROTOCOL.md: a manifest on the wire carries at least one signature).
 :meth:`Manifest.verify` checks, in order: the id the user asked for, every
-signature, and that the key the user trusts is among the signers.
+signature (one that fails invalidates the whole manifest), and that the key
+the user trusts is among the signers.
 
 Everything decoded here may come from a hostile peer, so decoding is bounded
 (total input size, msgpack length limits), strict (exact keys and types) and
@@ -389,6 +392,11 @@ class Manifest:
         raw_sigs = body["sigs"]
         if type(raw_sigs) is not list:
             raise ManifestError("manifest sigs must be a list")
+        if not raw_sigs:
+            raise ManifestError(
+                f"manifest {info.content_id.hex()} is not signed "
+                f"(a manifest carries 1..{MAX_SIGNATURES} signatures)"
+            )
         sigs = []
         for pair in raw_sigs:
             if type(pair) is not list or len(pair) != 2:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import trio
 
-from .errors import ManifestError, StorageError
+from .errors import ManifestError, StorageError, TrackerError
 from .identity import Identity, peer_home
 from .manifest import Info, Manifest, build_manifest
 from .node import Node
@@ -23,6 +23,11 @@ from .swarm import Content
 __all__ = ["load_or_build_info", "share_file"]
 
 log = logging.getLogger("peerd.share")
+
+# A tracker short of memory for a large PUBLISH right now answers ``limit``;
+# so does one whose disk quota is used up, which no wait cures: a few tries.
+_PUBLISH_TRIES = 4
+_PUBLISH_PAUSE = 0.5  # doubles per try
 
 
 def _cache_path(
@@ -92,7 +97,17 @@ async def share_file(
         async def publish(client):  # type: ignore[no-untyped-def]
             await client.publish(manifest)
 
-        await node.tracker_call(publish)
+        pause = _PUBLISH_PAUSE
+        for tries_left in range(_PUBLISH_TRIES - 1, -1, -1):
+            try:
+                await node.tracker_call(publish)
+                break
+            except TrackerError as exc:
+                if exc.code not in ("limit", "too-many") or not tries_left:
+                    raise
+                log.info("tracker refused the publish (%s); retrying in %.1f s", exc, pause)
+                await trio.sleep(pause)
+                pause *= 2
     except BaseException:
         source.close()
         raise

@@ -7,12 +7,17 @@ so replies can never be matched to the wrong request.
 
 Failures map to ``TrackerError``: an ERROR frame keeps the tracker's code; a
 transport failure, a timeout or a protocol violation by the tracker is
-``unreachable`` and leaves the client closed (the caller reconnects).
+``unreachable`` and leaves the client closed (the caller reconnects). A
+CHALLENGE of another protocol version is ``unsupported-version``. A tracker
+that refuses the connection as ``too-many`` (its per-address cap: slots free
+as idle connections time out) is asked again with backoff for up to
+``busy_wait`` seconds before that refusal is raised.
 """
 
 from __future__ import annotations
 
 import math
+import random
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -29,6 +34,7 @@ from peerd.manifest import Manifest
 from peerd.transport import Stream, Transport
 from peerd.wire import (
     NEED_DATA,
+    PROTOCOL_VERSION,
     Announce,
     Auth,
     Challenge,
@@ -53,6 +59,8 @@ __all__ = ["AUTH_CONTEXT", "TrackerClient"]
 
 AUTH_CONTEXT = b"peer-tracker-auth-v1\0"
 _RECV_SIZE = 65536
+_BUSY_FIRST = 0.25  # first wait after a too-many refusal; doubles up to _BUSY_MAX
+_BUSY_MAX = 4.0
 _E = TypeVar("_E", bound=Event)
 
 
@@ -87,6 +95,7 @@ class TrackerClient:
         *,
         timeout: float = 10.0,
         source_host: str | None = None,
+        busy_wait: float = 20.0,
     ) -> TrackerClient:
         """Connect and authenticate as ``identity``.
 
@@ -96,11 +105,39 @@ class TrackerClient:
             identity: the key this connection speaks for.
             timeout: seconds for connecting and for each request.
             source_host: local address to connect from (tests, benchmarks).
+            busy_wait: seconds to keep retrying, with backoff, while the
+                tracker refuses the connection as ``too-many`` (0: never).
 
         Raises:
             TrackerError: ``unreachable`` (cannot connect, no answer, broken
-                protocol) or the tracker's refusal (``auth-failed``, ``too-many``).
+                protocol), ``unsupported-version`` (the tracker speaks another
+                protocol version) or the tracker's refusal (``auth-failed``,
+                ``too-many`` after ``busy_wait``).
         """
+        deadline = trio.current_time() + busy_wait
+        pause = _BUSY_FIRST
+        while True:
+            try:
+                return await cls._connect_once(
+                    transport, host, port, identity, timeout, source_host
+                )
+            except TrackerError as exc:
+                if exc.code != "too-many" or trio.current_time() + pause > deadline:
+                    raise
+            # Jittered, so that refused clients do not all come back together.
+            await trio.sleep(pause * (0.5 + random.random() / 2))
+            pause = min(pause * 2, _BUSY_MAX)
+
+    @classmethod
+    async def _connect_once(
+        cls,
+        transport: Transport,
+        host: str,
+        port: int,
+        identity: Identity,
+        timeout: float,
+        source_host: str | None,
+    ) -> TrackerClient:
         where = f"{host}:{port}"
         try:
             stream = await transport.connect(host, port, timeout=timeout, source_host=source_host)
@@ -111,6 +148,12 @@ class TrackerClient:
             challenge = await client._receive()
             if not isinstance(challenge, Challenge):
                 raise TrackerError("unreachable", f"tracker {where} did not send a challenge")
+            if challenge.version != PROTOCOL_VERSION:
+                raise TrackerError(
+                    "unsupported-version",
+                    f"tracker {where} speaks protocol version {challenge.version}; "
+                    f"this peer speaks version {PROTOCOL_VERSION}: upgrade the older one",
+                )
             signature = identity.sign(AUTH_CONTEXT + challenge.nonce)
             await client._send(Auth(identity.public_key, signature))
             reply = await client._receive()

@@ -492,3 +492,11 @@ def test_fuzz_mutated_manifest(mutations: list[tuple[str, int, int]]) -> None:
 )
 def test_fuzz_structured_msgpack(value: object) -> None:
     _decode_or_manifest_error(msgpack.packb(value, use_bin_type=True))
+
+
+def test_an_unsigned_manifest_does_not_decode(signed: Manifest) -> None:
+    # PROTOCOL.md: a manifest carries 1..16 signatures; zero is refused on decoding
+    # (an unsigned Manifest object exists only while one is being signed).
+    with pytest.raises(ManifestError, match="not signed"):
+        Manifest.decode(Manifest(signed.info).encode())
+    assert Manifest.decode(signed.encode()) == signed

@@ -344,7 +344,9 @@ async def test_connection_limits_and_handshake_timeout(
             a = await connect(ids[0])
             b = await connect(ids[1])
             with pytest.raises(TrackerError) as info:
-                await connect(ids[2])
+                await TrackerClient.connect(
+                    transport, "127.0.0.1", connect.port, ids[2], busy_wait=0
+                )
             assert info.value.code == "too-many"
             # another address has its own allowance
             c = await connect(ids[2], source_host="127.0.0.3")

@@ -79,63 +79,104 @@ class Budget:
 class Intake:
     """One connection's input, followed frame by frame ahead of the parser.
 
-    ``admit(data)`` returns how many leading bytes of ``data`` may be fed to
-    the parser: all of them, or the bytes before the header of the first
-    frame whose charge ``budget`` refuses (``refused`` then holds its
-    length, and nothing more may be fed). ``consumed()`` is called once per
-    frame the parser decoded, oldest first, and returns that frame's charge,
-    which the caller gives back (``release``) now or once it is answered.
+    ``admit(data)`` returns the bytes of ``data`` that may go to the parser
+    now. When ``budget`` refuses a frame's charge, those are the bytes before
+    that frame; ``refused`` then holds its length, and the bytes after its
+    header wait in ``rest`` until the caller has answered every earlier
+    request and the refused one (ERROR ``limit``) and calls ``after_refusal``.
+    The refused frame's body is then read and dropped as it arrives (it costs
+    bandwidth, not memory), so the connection goes on.
+
+    ``consumed()`` is called once per frame the parser decoded, oldest
+    first, and returns that frame's charge, which the caller gives back
+    (``release``) now or once the request is answered.
     """
 
-    __slots__ = ("address", "budget", "charged", "frames", "head", "left", "refused")
+    __slots__ = (
+        "address",
+        "budget",
+        "charged",
+        "frames",
+        "head",
+        "left",
+        "refused",
+        "rest",
+        "skip",
+    )
 
     def __init__(self, budget: Budget, address: str) -> None:
         self.budget = budget
         self.address = address
         self.head = b""  # a header split between reads
         self.left = 0  # body bytes of the current frame still to come
+        self.skip = 0  # body bytes of a refused frame still to drop
         self.frames: deque[int] = deque()  # the charge of each frame not yet decoded
         self.charged = 0  # everything this connection holds charged
-        self.refused = 0  # length of the frame refused (0: none)
+        self.refused = 0  # length of the frame refused and not yet answered (0: none)
+        self.rest = b""  # input after a refused frame's header, held until it is answered
 
-    def admit(self, data: bytes) -> int:
-        """How many bytes of ``data`` may go to the parser (see class doc)."""
+    def admit(self, data: bytes) -> bytes:
+        """The bytes of ``data`` that may go to the parser now (see class doc).
+
+        A frame header goes to the parser only once all of it is here and
+        judged, so a refused frame never leaves part of itself behind.
+        """
         if self.refused:
-            return 0
+            self.rest += data
+            return b""
         pos, end = 0, len(data)
+        if self.skip:
+            pos = min(self.skip, end)
+            self.skip -= pos
+        begin = pos
+        prefix = b""  # the start of a header held from the last read, once judged
+        stop = end
         while pos < end:
             if self.left:
                 step = min(self.left, end - pos)
                 self.left -= step
                 pos += step
                 continue
-            start = pos - len(self.head)
-            need = _HEADER - len(self.head)
-            header = self.head + data[pos : pos + need]
+            held = self.head
+            need = _HEADER - len(held)
+            header = held + data[pos : pos + need]
             if len(header) < _HEADER:
                 self.head = header
-                return end
+                stop = pos  # held back until the header is whole
+                break
             self.head = b""
             ftype, length = FRAME_HEADER.unpack(header)
             if length > MAX_BODY.get(ftype, -1):
                 # The parser refuses this header (bad-frame) before any body.
-                self.refused = 0
+                prefix = prefix or held
                 self.left = 1 << 62
-                return end
+                break
             if length > LARGE_FRAME:
                 # Decoded and verified in copies as large as itself.
                 charge = 2 * length
                 if not self.budget.take(charge, self.address):
                     self.refused = length
-                    return max(start, 0)
+                    self.skip = length
+                    self.rest = data[pos + need :]
+                    stop = pos
+                    break
             else:
                 charge = _HEADER + length
                 self.budget.force(charge, self.address)
             self.charged += charge
             self.frames.append(charge)
             self.left = length
+            if held:
+                prefix = held
             pos += need
-        return end
+        body = data[begin:stop] if begin or stop < end else data
+        return prefix + body if prefix else body
+
+    def after_refusal(self) -> bytes:
+        """The refused frame was answered: what of the held input may go to the parser."""
+        self.refused = 0
+        rest, self.rest = self.rest, b""
+        return self.admit(rest)
 
     def consumed(self) -> int:
         """The charge of the oldest frame not yet decoded (the parser just decoded it)."""
@@ -150,4 +191,5 @@ class Intake:
     def close(self) -> None:
         """Give back everything this connection still holds charged."""
         self.frames.clear()
+        self.rest = b""
         self.release(self.charged)

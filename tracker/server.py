@@ -537,12 +537,12 @@ class _Tracker:
     @staticmethod
     def _feed(conn: TrackerServerConnection, intake: Intake, data: bytes) -> None:
         """Give ``conn`` the part of ``data`` that ``intake`` admits (EOF as is)."""
-        if not data:
+        if not data:  # EOF (never while a refusal holds input: the stream is paused)
             conn.receive_data(data)
             return
-        n = intake.admit(data)
-        if n:
-            conn.receive_data(data if n == len(data) else data[:n])
+        feed = intake.admit(data)
+        if feed:
+            conn.receive_data(feed)
 
     def _pump(self, c: _Client, now: float | None = None) -> None:
         """Answer ``c``'s buffered requests until one needs to wait (or none is left).
@@ -576,18 +576,24 @@ class _Tracker:
                 c.done.set()
                 break
             if event is NEED_DATA:
-                if c.intake.refused:
-                    out.append(
-                        self._refusal(
-                            conn,
-                            c.address,
-                            "limit",
-                            f"a {c.intake.refused}-byte message does not fit the tracker's "
-                            "memory for requests now; retry later",
-                        )
+                if not c.intake.refused:
+                    break
+                # Every request before the refused one is answered: now it.
+                out.append(
+                    self._refusal(
+                        conn,
+                        c.address,
+                        "limit",
+                        f"a {c.intake.refused}-byte request does not fit the tracker's "
+                        "memory for requests now; retry later",
                     )
-                    c.done.set()
-                break
+                )
+                feed = c.intake.after_refusal()  # its body is dropped as it comes
+                if feed:
+                    conn.receive_data(feed)
+                if not c.intake.refused:
+                    mux.resume(stream)
+                continue
             if type(event) is Closed:
                 c.done.set()
                 break
