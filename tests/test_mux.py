@@ -209,3 +209,31 @@ async def test_mux_batches_are_bounded_and_lose_nothing(transport: Transport) ->
     for client, server in pairs:
         await client.aclose()
         await server.aclose()
+
+
+async def test_mux_send_failure_wakes_a_parked_dispatcher(transport: Transport) -> None:
+    # The dispatcher waits in next_batch with nothing to read; another task's
+    # send fails (our side shut its writing half down: EPIPE). That failure
+    # must reach the dispatcher now, not whenever some stream has input.
+    client, server = await stream_pair(transport)
+    try:
+        async with transport.open_mux() as mux:
+            mux.add(server)
+            await server.send_eof()
+            got: list[object] = []
+            with trio.fail_after(5):
+                async with trio.open_nursery() as nursery:
+
+                    async def dispatcher() -> None:
+                        got.extend(await mux.next_batch())
+
+                    nursery.start_soon(dispatcher)
+                    await trio.sleep(0.1)  # parked
+                    mux.send(server, b"reply")
+            assert len(got) == 1, got
+            stream, result = got[0]  # type: ignore[misc]
+            assert stream is server and isinstance(result, TransportError), got
+            await mux.remove(server)
+    finally:
+        await server.aclose()
+        await client.aclose()

@@ -18,6 +18,7 @@ wake-up is a trip through Trio's scheduler: measured with sha256 hashing,
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import select
@@ -308,6 +309,10 @@ class EpollMux(Mux):
     and a burst of writes mostly finds them awake (at 256 tracker
     connections: ~10% less CPU per announce on both sides). Anything else is
     written at once.
+
+    A send that fails while the dispatcher is parked (no socket ready) is
+    news only the mux has: it writes an eventfd kept in its epoll set, so the
+    parked ``next_batch`` wakes and reports the failure at once.
     """
 
     def __init__(self) -> None:
@@ -317,6 +322,9 @@ class EpollMux(Mux):
         self._failed: list[MuxResult] = []  # send failures, reported by next_batch
         self._in_batch = False  # a batch of _DEFER_FROM+ streams is being worked on
         self._deferred: list[_MuxEntry] = []  # written when next_batch is called
+        self._wakeup = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._ep.register(self._wakeup, _EPOLLIN)
+        self._parked = False  # next_batch waits for the epoll fd
 
     def _update(self, e: _MuxEntry) -> None:
         mask = (0 if e.paused or e.ended else _EPOLLIN) | (_EPOLLOUT if e.out else 0)
@@ -402,6 +410,8 @@ class EpollMux(Mux):
         e.out.clear()
         e.ended = e.broken = True
         self._update(e)  # nothing more is read or written
+        if self._parked:
+            os.eventfd_write(self._wakeup, 1)  # next_batch reports it now
 
     def _flush(self, e: _MuxEntry) -> None:
         out = e.out
@@ -442,6 +452,9 @@ class EpollMux(Mux):
             for fd, events in self._ep.poll(0, MUX_BATCH):
                 e = by_fd.get(fd)
                 if e is None:
+                    if fd == self._wakeup:
+                        with contextlib.suppress(BlockingIOError):
+                            os.eventfd_read(self._wakeup)
                     continue
                 if e.out and events & ~_EPOLLIN:  # writable, or an error to discover
                     self._flush(e)
@@ -470,7 +483,11 @@ class EpollMux(Mux):
                 # reply is written at once (no wake-up to share).
                 self._in_batch = len(batch) >= _DEFER_FROM
                 return batch
-            await trio.lowlevel.wait_readable(self._ep.fileno())
+            self._parked = True
+            try:
+                await trio.lowlevel.wait_readable(self._ep.fileno())
+            finally:
+                self._parked = False
 
     async def aclose(self) -> None:
         for e in list(self._entries.values()):
@@ -478,6 +495,7 @@ class EpollMux(Mux):
         if not self._ep.closed:
             trio.lowlevel.notify_closing(self._ep.fileno())
             self._ep.close()
+            os.close(self._wakeup)
         await trio.lowlevel.checkpoint()
 
 
