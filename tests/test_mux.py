@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import socket
+
+import pytest
 import trio
 
 from peerd.errors import TransportError
@@ -233,6 +236,64 @@ async def test_mux_send_failure_wakes_a_parked_dispatcher(transport: Transport) 
             assert len(got) == 1, got
             stream, result = got[0]  # type: ignore[misc]
             assert stream is server and isinstance(result, TransportError), got
+            await mux.remove(server)
+    finally:
+        await server.aclose()
+        await client.aclose()
+
+
+async def test_ring_mux_waits_for_readiness_after_eagain(
+    transport: Transport, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kernel that answers RECV/SEND with -EAGAIN (forced here with
+    MSG_DONTWAIT) must not make the ring mux spin re-submitting them."""
+    if transport.name != "proactor":
+        pytest.skip("the ring mux only")
+    from peerd.transport import _ring
+
+    calls = {"recv": 0, "send": 0}
+    real_recv, real_send = _ring.L.io_uring_prep_recv, _ring.L.io_uring_prep_send
+
+    def recv(sqe: object, fd: int, buf: object, flags: int) -> None:
+        calls["recv"] += 1
+        if calls["recv"] < 1000:  # bounded: an unfixed spin would never yield
+            flags |= socket.MSG_DONTWAIT
+        real_recv(sqe, fd, buf, flags)
+
+    def send(sqe: object, fd: int, data: object, flags: int) -> None:
+        calls["send"] += 1
+        if calls["send"] < 1000:
+            flags |= socket.MSG_DONTWAIT
+        real_send(sqe, fd, data, flags)
+
+    monkeypatch.setattr(_ring.L, "io_uring_prep_recv", recv)
+    monkeypatch.setattr(_ring.L, "io_uring_prep_send", send)
+    client, server = await stream_pair(transport)
+    try:
+        async with transport.open_mux() as mux:
+            mux.add(server)
+            await trio.sleep(0.2)  # nothing to read: the RECV must wait, not spin
+            assert calls["recv"] <= 3, calls
+            await client.send_all(b"ping")
+            with trio.fail_after(5):
+                assert await _collect(mux, {server: 4}) == {server: b"ping"}
+            # More than the socket buffers hold, to a peer that is not reading.
+            big = pattern(3, 8 << 20)
+            mux.send(server, big)
+            await trio.sleep(0.2)
+            assert calls["send"] <= 10, calls
+            back = bytearray(len(big))
+            with trio.fail_after(10):
+                async with trio.open_nursery() as nursery:
+
+                    async def keep_serving() -> None:
+                        while True:
+                            await mux.next_batch()
+
+                    nursery.start_soon(keep_serving)
+                    await client.recv_exactly_into(back)
+                    nursery.cancel_scope.cancel()
+            assert bytes(back) == big
             await mux.remove(server)
     finally:
         await server.aclose()

@@ -436,8 +436,10 @@ class _RingEntry:
         "buf",
         "fd",
         "held",
+        "on_readable",
         "on_recv",
         "on_send",
+        "on_writable",
         "out",
         "paused",
         "recv_uid",
@@ -450,6 +452,8 @@ class _RingEntry:
     # Completion callbacks, bound once by RingMux.add (see _arm / _send_next).
     on_recv: Callable[[int], None]
     on_send: Callable[[int], None]
+    on_readable: Callable[[int], None]
+    on_writable: Callable[[int], None]
 
     def __init__(self, stream: Stream, fd: int) -> None:
         self.stream = stream
@@ -478,6 +482,11 @@ class RingMux(Mux):
     is held and not re-armed until ``resume``. ``remove`` cancels the
     stream's operations and waits for their completions, so the kernel is
     done with its buffers before the owner closes the fd.
+
+    A RECV or SEND answered with ``-EAGAIN`` (a kernel whose socket ops do
+    not poll internally) is not re-submitted at once, which would spin: a
+    ``POLL_ADD`` for readiness takes its place in the ring (same slot, so
+    ``remove`` cancels it the same way) and its completion re-submits it.
     """
 
     def __init__(self) -> None:
@@ -500,6 +509,8 @@ class RingMux(Mux):
         e = _RingEntry(stream, fd)
         e.on_recv = functools.partial(self._on_recv, e)
         e.on_send = functools.partial(self._on_send, e)
+        e.on_readable = functools.partial(self._on_readable, e)
+        e.on_writable = functools.partial(self._on_writable, e)
         self._entries[stream] = e
         self._arm(e)
 
@@ -533,7 +544,10 @@ class RingMux(Mux):
                 self._arm(e)
             self._deliver(e, data)
         elif res == -errno.EAGAIN:
-            self._arm(e)  # sockets poll inside io_uring; an old kernel may not
+            # Sockets poll inside io_uring; a kernel that does not: wait first.
+            e.recv_uid = self._ring.start(
+                _ring.L.io_uring_prep_poll_add, (e.fd, _POLLIN), None, e.on_readable
+            )
         else:
             e.stopped = True
             if res == 0:
@@ -542,6 +556,21 @@ class RingMux(Mux):
                 e.broken = True
                 e.out.clear()  # an in-flight SEND fails by itself
                 self._deliver(e, stream_error(OSError(-res, os.strerror(-res)), "recv"))
+
+    def _on_readable(self, e: _RingEntry, res: int) -> None:
+        e.recv_uid = 0
+        if e.removed:
+            self._settle(e)
+        elif not e.broken and not e.paused:
+            # An error (POLLERR/POLLHUP or a failed poll) is found by the RECV.
+            self._arm(e)
+
+    def _on_writable(self, e: _RingEntry, res: int) -> None:
+        e.send_uid = 0
+        if e.removed:
+            self._settle(e)
+        elif not e.broken and e.out:
+            self._send_next(e)
 
     def _send_next(self, e: _RingEntry) -> None:
         if len(e.out) > 1:
@@ -569,7 +598,13 @@ class RingMux(Mux):
                 e.out[0] = data[res:]
             else:
                 del e.out[0]
-        elif res != -errno.EAGAIN:
+        elif res == -errno.EAGAIN:
+            if e.out:  # the socket buffer is full: wait until it drains
+                e.send_uid = self._ring.start(
+                    _ring.L.io_uring_prep_poll_add, (e.fd, _POLLOUT), None, e.on_writable
+                )
+            return
+        else:
             e.out.clear()
             e.broken = True
             if not e.stopped:  # after EOF or an error nothing more is reported
