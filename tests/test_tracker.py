@@ -519,7 +519,7 @@ async def test_unreachable_tracker(transport: Transport) -> None:
     assert info.value.code == "unreachable" and f"127.0.0.1:{port}" in str(info.value)
 
 
-async def _start_process(data: Path, transport_name: str) -> tuple[trio.Process, int]:
+async def _start_process(data: Path, transport_name: str, *extra: str) -> tuple[trio.Process, int]:
     proc = await trio.lowlevel.open_process(
         [
             sys.executable,
@@ -531,6 +531,7 @@ async def _start_process(data: Path, transport_name: str) -> tuple[trio.Process,
             str(data),
             "--transport",
             transport_name,
+            *extra,
         ],
         stderr=subprocess.PIPE,
     )

@@ -14,9 +14,9 @@ one connection's small buffers) are outside it.
 *before* the bytes go to the sans-IO parser (which buffers a frame whole
 until it can decode it), and charges the frame's length from that header.
 A frame that would not fit is refused there: not one byte of its body is
-buffered. Charges are given back when the frame has been decoded (small
-frames) or answered (large ones: a PUBLISH body is decoded and verified in
-copies as large as itself).
+buffered. Charges are given back when the request has been answered (its
+decoded copy lives that long; a PUBLISH's verification makes its own copies
+in one worker thread, one manifest at a time).
 """
 
 from __future__ import annotations
@@ -151,9 +151,8 @@ class Intake:
                 prefix = prefix or held
                 self.left = 1 << 62
                 break
+            charge = _HEADER + length
             if length > LARGE_FRAME:
-                # Decoded and verified in copies as large as itself.
-                charge = 2 * length
                 if not self.budget.take(charge, self.address):
                     self.refused = length
                     self.skip = length
@@ -161,7 +160,6 @@ class Intake:
                     stop = pos
                     break
             else:
-                charge = _HEADER + length
                 self.budget.force(charge, self.address)
             self.charged += charge
             self.frames.append(charge)
