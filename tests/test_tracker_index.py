@@ -425,3 +425,30 @@ def test_rankings_made_together_are_not_all_rescored_together(
     assert due[0] == 0
     assert 0 < due[1] < len(cids)
     assert due[1] + due[2] == len(cids)
+
+
+def test_memory_budget_charges_swarms_and_entries_per_address() -> None:
+    from tracker._budget import Budget
+    from tracker._swarm import entry_cost, swarm_cost
+
+    n = 8 * 1024  # chunks: a 1 KiB bitmap
+    per_entry, per_swarm = entry_cost(n // 8), swarm_cost(n)
+    memory = Budget(per_swarm + 20 * per_entry, per_swarm + 10 * per_entry)
+    idx = SwarmIndex(memory=memory)
+    empty = bytes(n // 8)
+    for i in range(10):
+        idx.announce(CID, key(i), "10.0.0.1", 1, "started", empty, n, 0, 0)
+    with pytest.raises(TrackerError) as info:  # that address has used its share
+        idx.announce(CID, key(10), "10.0.0.1", 1, "started", empty, n, 0, 0)
+    assert info.value.code == "limit"
+    for i in range(10, 20):  # another address has its own
+        idx.announce(CID, key(i), "10.0.0.2", 1, "started", empty, n, 0, 0)
+    with pytest.raises(TrackerError) as info:  # and now the whole budget is used
+        idx.announce(CID2, key(30), "10.0.0.3", 1, "started", empty, n, 0, 0)
+    assert info.value.code == "limit"
+    assert memory.used == per_swarm + 20 * per_entry
+    # Leaving and expiring give it all back.
+    idx.announce(CID, key(0), "10.0.0.1", 1, "stopped", empty, n, 0, 1)
+    assert memory.used == per_swarm + 19 * per_entry
+    idx.expire(1e9)
+    assert memory.used == 0 and memory.by_owner == {}
