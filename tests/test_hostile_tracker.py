@@ -118,7 +118,7 @@ async def test_pipelined_get_manifest_without_reading_stays_bounded(
                 sender = _send_in_background(
                     session.sock, message(GET_MANIFEST, id=content_id) * 20_000
                 )
-                grown = _settled_rss(proc.pid, 2.0) - before
+                grown = _settled_rss(proc.pid, 1.0) - before
                 # Someone else is still answered.
                 other = TrackerSession(port, Key())
                 kind, _ = other.request(message(GET_MANIFEST, id=content_id))
@@ -290,7 +290,7 @@ async def test_large_manifest_replies_are_shared_and_queued_in_pieces(
                     s = _session(port, Key(), f"127.0.1.{i + 1}")
                     s.sock.sendall(message(GET_MANIFEST, id=cid) * 4)
                     stuck.append(s)
-                grown = _settled_rss(proc.pid, 1.5) - before
+                grown = _settled_rss(proc.pid, 1.0) - before
                 for s in stuck:
                     s.close()
                 return grown
