@@ -23,7 +23,7 @@ import trio
 from rich.console import Console
 
 from cli.app import status_table
-from peerd.daemon import Daemon
+from peerd.daemon import Daemon, control_request
 from peerd.identity import Identity
 
 from .e2e import Swarm, random_file, swarm
@@ -181,3 +181,33 @@ def test_status_table_shows_remote_names_literally(name: str) -> None:
     text = _render(status_table(reply))
     assert name in text, text
     assert f"failed: cannot write {name}" in text, text
+
+
+def test_status_shows_a_download_that_failed(tmp_path: Path) -> None:
+    src = random_file(tmp_path / "f.bin", 200_000)
+    with swarm(tmp_path, "reactor") as s:
+        _, cid = s.share("seed", src)
+        home = s.home("d")
+        daemon = s.peer("d", "daemon")
+        _wait_socket(home / "control.sock", daemon)
+        out = tmp_path / "out"
+        out.mkdir()
+        foreign = out / "f.bin.part"
+        foreign.write_bytes(b"not a download")  # someone's file: refused, never touched
+        reply = control_request(home, {"cmd": "get", "id": cid, "output": str(out)}, timeout=20)
+        assert reply is not None and reply["ok"]
+        deadline = time.monotonic() + 15
+        while True:
+            rows = [t for t in _status(s, "d")["transfers"] if t["id"] == cid]
+            if rows and rows[0]["state"].startswith("failed: "):
+                break
+            assert time.monotonic() < deadline, rows
+            time.sleep(0.1)
+        assert "f.bin.part exists but is not an unfinished download" in rows[0]["state"]
+        assert rows[0]["name"] == "f.bin"
+        human = s.run("d", "status")
+        assert "failed:" in human.stdout and "f.bin" in human.stdout, human.stdout
+        assert foreign.read_bytes() == b"not a download"
+        assert daemon.poll() is None
+        assert s.run("d", "stop").returncode == 0
+        assert daemon.wait(timeout=15) == 0
