@@ -447,3 +447,226 @@ def signed(info: bytes, key: Key) -> tuple[bytes, bytes]:
     """A real manifest signature by ``key`` over the content id of ``info``."""
     cid = hashlib.sha256(info).digest()
     return key.public, key.sign(b"peer-manifest-v1\x00" + cid)
+
+
+# --- helpers for tests/test_hostile_network.py and scripts/soak_hostile.py ------------
+class BoundTrackerSession(TrackerSession):
+    """A :class:`TrackerSession` whose connection comes from ``source`` (an
+    address of this host, e.g. 127.0.0.2): the tracker lists the key there."""
+
+    def __init__(self, port: int, key: Key, source: str, host: str = "127.0.0.1") -> None:
+        self.sock = socket.create_connection((host, port), timeout=10, source_address=(source, 0))
+        kind, body = read_message(self.sock)
+        assert kind == CHALLENGE, (kind, body)
+        sig = key.sign(AUTH_CONTEXT + body["nonce"])
+        self.sock.sendall(message(AUTH, key=key.public, sig=sig))
+        kind, body = read_message(self.sock)
+        assert kind == OK, (kind, body)
+
+
+def handshake_from(
+    port: int, content_id: bytes, source: str, key: Key | None = None, host: str = "127.0.0.1"
+) -> socket.socket:
+    """Like :func:`handshake`, from the local address ``source``."""
+    key = key or Key()
+    sock = socket.create_connection((host, port), timeout=10, source_address=(source, 0))
+    try:
+        nonce = os.urandom(32)
+        our_frame = message(HELLO, v=VERSION, key=key.public, port=0, id=content_id, nonce=nonce)
+        sock.sendall(our_frame)
+        kind, hello, their_frame = read_raw_message(sock)
+        assert kind == HELLO, (kind, hello)
+        kind, proof = read_message(sock)
+        assert kind == PROOF, (kind, proof)
+        assert verify(hello["key"], proof["sig"], proof_payload(b"A", our_frame, their_frame))
+        sock.sendall(message(PROOF, sig=key.sign(proof_payload(b"D", our_frame, their_frame))))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (Linux /proc/PID/stat)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def tcp_established(local_port: int, remote_port: int) -> bool:
+    """Is there an ESTABLISHED IPv4 TCP socket local_port -> remote_port (any
+    loopback address)? Reads /proc/net/tcp, so it sees the other process's end."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        parts = line.split()
+        local, remote, state = parts[1], parts[2], parts[3]
+        if (
+            state == "01"
+            and int(local.split(":")[1], 16) == local_port
+            and int(remote.split(":")[1], 16) == remote_port
+        ):
+            return True
+    return False
+
+
+def read_until_closed(sock: socket.socket, timeout: float) -> tuple[list[tuple[int, bytes]], bool]:
+    """Read frames until the peer closes (EOF or reset) or ``timeout`` passes.
+
+    Returns (frames read, closed?). A partial frame at the end is dropped."""
+    frames: list[tuple[int, bytes]] = []
+    buf = bytearray()
+    deadline = time.monotonic() + timeout
+    closed = False
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        sock.settimeout(left)
+        try:
+            got = sock.recv(1 << 20)
+        except TimeoutError:
+            break
+        except OSError:
+            closed = True
+            break
+        if not got:
+            closed = True
+            break
+        buf += got
+        while len(buf) >= 5:
+            kind, length = HEADER.unpack_from(buf)
+            if len(buf) < 5 + length:
+                break
+            frames.append((kind, bytes(buf[5 : 5 + length])))
+            del buf[: 5 + length]
+    return frames, closed
+
+
+class PadBitsPeer(HostilePeer):
+    """A seeder that answers the handshake correctly, then sends ``bits`` as
+    its BITFIELD (e.g. with pad bits set); it records what it is asked."""
+
+    bits: bytes = b""
+
+    def _converse(self, sock: socket.socket) -> None:
+        content = self.content
+        kind, hello, their_frame = read_raw_message(sock)
+        assert kind == HELLO and hello["id"] == content.content_id, (kind, hello)
+        our_frame = message(
+            HELLO,
+            v=VERSION,
+            key=self.key.public,
+            port=self.port,
+            id=content.content_id,
+            nonce=os.urandom(32),
+        )
+        sig = self.key.sign(proof_payload(b"A", their_frame, our_frame))
+        sock.sendall(our_frame + message(PROOF, sig=sig))
+        kind, proof = read_message(sock)
+        assert kind == PROOF, (kind, proof)
+        if not verify(hello["key"], proof["sig"], proof_payload(b"D", their_frame, our_frame)):
+            return
+        self.handshakes += 1
+        sock.sendall(message(BITFIELD, bits=self.bits))
+        while not self._stop.is_set():
+            kind, body = read_message(sock)
+            if kind == GOODBYE:
+                self.goodbyes.append(body["reason"])
+                return
+            if kind == REQUEST:
+                self.requests.append((body["idx"], body["off"], body["len"]))
+                req = {"idx": body["idx"], "off": body["off"], "len": body["len"]}
+                sock.sendall(message(REJECT, **req, reason="busy"))
+
+
+class RelayProxy:
+    """M, a man in the middle: it listens on ``host`` and relays every
+    connection, byte for byte, to ``target`` (dialing from ``host`` too), so
+    the handshake the dialer sees is the target's genuine one. After that it
+    flips bytes in every DATA payload going back to the dialer.
+
+    ``relayed`` counts connections, ``corrupted`` lists the chunk indices
+    whose payload it changed."""
+
+    def __init__(self, target: tuple[str, int], host: str = "127.0.0.2") -> None:
+        self.target = target
+        self.host = host
+        self.key = Key()
+        self._listener = socket.create_server((host, 0))
+        self.port: int = self._listener.getsockname()[1]
+        self.relayed = 0
+        self.corrupted: list[int] = []
+        self._socks: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._tracker: TrackerSession | None = None
+        threading.Thread(target=self._accept_loop, daemon=True).start()
+
+    def announce(self, tracker_port: int, content: ContentInfo) -> None:
+        """Join the swarm from ``host`` under M's own key, as a full seeder."""
+        self._tracker = BoundTrackerSession(tracker_port, self.key, source=self.host)
+        bits = bitfield([True] * content.num_chunks)
+        kind, body = self._tracker.announce(content.content_id, self.port, "started", bits)
+        assert kind == PEERS, (kind, body)
+
+    def close(self) -> None:
+        self._listener.close()
+        with self._lock:
+            for s in self._socks:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                s.close()
+        if self._tracker is not None:
+            self._tracker.close()
+
+    def _accept_loop(self) -> None:
+        while True:
+            try:
+                down, _ = self._listener.accept()
+            except OSError:
+                return
+            try:
+                up = socket.create_connection(
+                    self.target, timeout=10, source_address=(self.host, 0)
+                )
+            except OSError:
+                down.close()
+                continue
+            up.settimeout(None)
+            with self._lock:
+                self._socks += [down, up]
+                self.relayed += 1
+            threading.Thread(target=self._pipe, args=(down, up), daemon=True).start()
+            threading.Thread(target=self._back, args=(up, down), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        """Dialer -> target: untouched."""
+        try:
+            while got := src.recv(65536):
+                dst.sendall(got)
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def _back(self, src: socket.socket, dst: socket.socket) -> None:
+        """Target -> dialer: frame by frame, DATA payloads changed."""
+        try:
+            while True:
+                header = recv_exactly(src, 5)
+                kind, length = HEADER.unpack(header)
+                body = recv_exactly(src, length)
+                if kind == DATA and length > 8:
+                    index = DATA_HEADER.unpack_from(body)[0]
+                    payload = bytes(b ^ 0xA5 for b in body[8:72]) + body[72:]
+                    body = body[:8] + payload
+                    self.corrupted.append(index)
+                dst.sendall(header + body)
+        except (OSError, ConnectionError):
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
