@@ -17,9 +17,16 @@ from peerd import wire as w
 from peerd.errors import LocalProtocolError, RemoteProtocolError
 
 KEY = bytes(range(32))
+KEY2 = bytes(range(1, 33))
 CID = bytes(range(100, 132))
 SIG = bytes(range(64))
 NONCE = b"\x07" * 32
+NONCE2 = b"\x09" * 32
+
+#: The dialer's and the acceptor's HELLO in the helpers below.
+HELLO_A = w.Hello(w.PROTOCOL_VERSION, KEY, 1, CID, NONCE)
+HELLO_B = w.Hello(w.PROTOCOL_VERSION, KEY2, 2, CID, NONCE2)
+PROOF = w.Proof(SIG)
 
 PEER_EVENTS: list[w.Event] = [
     w.Hello(w.PROTOCOL_VERSION, KEY, 6881, CID, NONCE),
@@ -32,9 +39,9 @@ PEER_EVENTS: list[w.Event] = [
     w.Reject(9, 0, 65536, "busy"),
     w.ManifestRequest(),
     w.ManifestResponse(b"\x82signed manifest bytes"),
+    w.KeepAlive(),
     w.Goodbye("done"),
 ]
-
 CLIENT_EVENTS: list[w.Event] = [
     w.Auth(KEY, SIG),
     w.Announce(CID, 6881, "started", b"\x80", 50),
@@ -66,18 +73,36 @@ def raw_frame(ftype: int, body: Any, *, packed: bool = False) -> bytes:
     return struct.pack(">BI", ftype, len(data)) + data
 
 
-def peer_pair() -> tuple[w.PeerConnection, w.PeerConnection]:
-    """Two peer connections that have exchanged HELLO."""
-    a, b = w.PeerConnection(), w.PeerConnection()
-    hello = w.Hello(w.PROTOCOL_VERSION, KEY, 1, CID, NONCE)
-    proof = w.Proof(SIG)
-    b.receive_data(a.send(hello) + a.send(proof))
-    a.receive_data(b.send(hello) + b.send(proof))
-    assert a.next_event() == hello
-    assert b.next_event() == hello
-    assert a.next_event() == proof
-    assert b.next_event() == proof
+def handshake(
+    a_hello: w.Hello = HELLO_A, b_hello: w.Hello = HELLO_B
+) -> tuple[w.PeerConnection, w.PeerConnection]:
+    """A dialer ``a`` and an acceptor ``b`` through HELLO and PROOF, in the v2
+    order (the dialer proves last); both still owe their BITFIELD."""
+    a, b = w.PeerConnection(initiator=True), w.PeerConnection(initiator=False)
+    transfer(a, b, a_hello)
+    a.receive_data(b.send(b_hello) + b.send(PROOF))
+    assert drain(a) == [b_hello, PROOF]
+    transfer(a, b, PROOF)
+    assert a.our_state is a.their_state is w.PeerState.AWAIT_BITFIELD
+    assert b.our_state is b.their_state is w.PeerState.AWAIT_BITFIELD
     return a, b
+
+
+def peer_pair(
+    a_bits: bytes = b"", b_bits: bytes = b""
+) -> tuple[w.PeerConnection, w.PeerConnection]:
+    """A dialer ``a`` and an acceptor ``b`` through the whole handshake and the
+    BITFIELD exchange: both OPEN, either may REQUEST."""
+    a, b = handshake()
+    transfer(a, b, w.Bitfield(a_bits))
+    transfer(b, a, w.Bitfield(b_bits))
+    assert a.our_state is a.their_state is b.our_state is b.their_state is w.PeerState.OPEN
+    return a, b
+
+
+def ask(requester: w.PeerConnection, server: w.PeerConnection, *req: int) -> None:
+    """``requester`` REQUESTs ``req`` (index, offset, length) and ``server`` gets it."""
+    transfer(requester, server, w.Request(*req))
 
 
 def tracker_pair() -> tuple[w.TrackerClientConnection, w.TrackerServerConnection]:
@@ -111,11 +136,135 @@ def transfer(src: w.FrameConnection, dst: w.FrameConnection, event: w.Event) -> 
     assert dst.next_event() is w.NEED_DATA
 
 
+#: A DATA frame as the sending side makes it: (index, offset, payload).
+DataFrame = tuple[int, int, bytes]
+
+#: Events that need the sender's BITFIELD first (the OPEN phase).
+_OPEN_ONLY = (w.Have, w.Request, w.Cancel, w.Reject)
+
+
+class Script:
+    """A recorded conversation, seen from the acceptor.
+
+    The dialer ``a`` sends its stream (``send``); an honest acceptor ``b``
+    answers HELLO with HELLO + PROOF and PROOF with its BITFIELD, and sends
+    whatever a message of ``a`` needs first (the REQUEST a DATA or REJECT
+    answers, the MANIFEST_REQUEST a MANIFEST answers). ``a`` sends its own
+    prerequisites too (BITFIELD before HAVE, the REQUEST a CANCEL cancels).
+    ``replay`` plays a fresh acceptor against the recorded stream, sending
+    what ``b`` sent after the same number of received events.
+    """
+
+    def __init__(self, b_bits: bytes = b"") -> None:
+        self.a = w.PeerConnection(initiator=True)
+        self.b = w.PeerConnection(initiator=False)
+        self.b_bits = b_bits
+        self.frames: list[bytes] = []
+        self.expected: list[object] = []  # what b receives; a payload as bytes
+        self.replies: dict[int, list[w.Event]] = {}
+        self._seen = 0  # events b received, DataPayload pieces not counted
+        self._b_asked_manifest = False
+        self._a_asked: set[tuple[int, int, int]] = set()  # a's outstanding REQUESTs
+        self._put(w.Hello(w.PROTOCOL_VERSION, KEY, 6881, CID, NONCE))
+        self._put(PROOF)
+
+    @property
+    def stream(self) -> bytes:
+        return b"".join(self.frames)
+
+    def _b_sends(self, event: w.Event) -> None:
+        self.a.receive_data(self.b.send(event))
+        drain(self.a)
+        self.replies.setdefault(self._seen, []).append(event)
+
+    def _put(self, item: w.Event | DataFrame) -> None:
+        if isinstance(item, tuple):
+            frame = self.a.send_data(*item)
+            self.expected += [w.DataHeader(item[0], item[1], len(item[2])), item[2]]
+        else:
+            frame = self.a.send(item)
+            self.expected.append(item)
+            if isinstance(item, w.Request | w.Cancel):
+                req = (item.index, item.offset, item.length)
+                (self._a_asked.add if isinstance(item, w.Request) else self._a_asked.discard)(req)
+        self.frames.append(frame)
+        self.b.receive_data(frame)
+        for event in drain(self.b):
+            if isinstance(event, w.DataPayload):
+                continue
+            self._seen += 1
+            if isinstance(event, w.Hello):
+                self._b_sends(HELLO_B)
+                self._b_sends(PROOF)
+            elif isinstance(event, w.Proof):
+                self._b_sends(w.Bitfield(self.b_bits))
+
+    def send(self, item: w.Event | DataFrame) -> bool:
+        """Send ``item`` from ``a`` with its prerequisites; False (and nothing
+        sent) if the conversation does not allow it at all."""
+        a = self.a
+        if a.our_state is w.PeerState.DONE:
+            return False
+        if isinstance(item, w.Bitfield) and a.our_state is not w.PeerState.AWAIT_BITFIELD:
+            return False
+        if isinstance(item, (tuple, *_OPEN_ONLY)) and a.our_state is w.PeerState.AWAIT_BITFIELD:
+            self._put(w.Bitfield(b""))
+        try:
+            if isinstance(item, tuple):
+                req = (item[0], item[1], len(item[2]))
+                if not a.owes(*req):
+                    self._b_sends(w.Request(*req))
+            elif isinstance(item, w.Reject):
+                if not a.owes(item.index, item.offset, item.length):
+                    self._b_sends(w.Request(item.index, item.offset, item.length))
+            elif isinstance(item, w.Cancel):
+                req = (item.index, item.offset, item.length)
+                if req not in self._a_asked:
+                    self._put(w.Request(*req))
+            elif isinstance(item, w.ManifestResponse) and not self._b_asked_manifest:
+                self._b_sends(w.ManifestRequest())
+                self._b_asked_manifest = True
+            self._put(item)
+        except LocalProtocolError:
+            return False  # e.g. a second MANIFEST_REQUEST, a duplicate REQUEST
+        return True
+
+    def replay(self, pieces: list[bytes], *, eof: bool = True) -> list[w.Event]:
+        """Feed ``pieces`` (then EOF) to a fresh acceptor that says what ``b`` said."""
+        conn = w.PeerConnection(initiator=False)
+        seen = 0
+        events: list[w.Event] = []
+        for piece in [*pieces, b""] if eof else pieces:
+            conn.receive_data(piece)
+            while (event := conn.next_event()) is not w.NEED_DATA:
+                events.append(event)
+                if isinstance(event, w.Closed):
+                    break
+                if not isinstance(event, w.DataPayload):
+                    seen += 1
+                    for reply in self.replies.get(seen, []):
+                        conn.send(reply)
+        return events
+
+
+def _prepare(src: w.PeerConnection, dst: w.PeerConnection, event: w.Event) -> None:
+    """Make ``event`` one that ``src`` may send ``dst`` now."""
+    if isinstance(event, w.Reject | w.DataHeader):
+        ask(dst, src, event.index, event.offset, event.length)
+    elif isinstance(event, w.Cancel):
+        ask(src, dst, event.index, event.offset, event.length)
+    elif isinstance(event, w.ManifestResponse):
+        transfer(dst, src, w.ManifestRequest())
+
+
 # --- round trips ---------------------------------------------------------------
 @pytest.mark.parametrize("event", PEER_EVENTS[2:], ids=lambda e: type(e).__name__)
 def test_peer_round_trip_both_ways(event: w.Event) -> None:
-    a, b = peer_pair()
+    # BITFIELD goes once, as the first message after the PROOFs.
+    a, b = handshake() if isinstance(event, w.Bitfield) else peer_pair()
+    _prepare(a, b, event)
     transfer(a, b, event)
+    _prepare(b, a, event)
     transfer(b, a, event)
 
 
@@ -132,8 +281,10 @@ def test_tracker_server_to_client(event: w.Event) -> None:
 
 
 def test_hello_and_challenge_round_trip() -> None:
-    a, b = w.PeerConnection(), w.PeerConnection()
+    a, b = w.PeerConnection(initiator=True), w.PeerConnection(initiator=False)
     transfer(a, b, PEER_EVENTS[0])
+    transfer(b, a, HELLO_B)
+    transfer(b, a, PEER_EVENTS[1])  # the acceptor proves first
     transfer(a, b, PEER_EVENTS[1])
     client, server = w.TrackerClientConnection(), w.TrackerServerConnection()
     transfer(server, client, SERVER_EVENTS[0])
@@ -141,21 +292,27 @@ def test_hello_and_challenge_round_trip() -> None:
 
 
 def test_exact_bytes_of_request_and_data_header() -> None:
-    a, _ = peer_pair()
+    a, b = peer_pair()
     frame = a.send(w.Request(1, 2, 3))
     assert frame[:5] == b"\x04" + struct.pack(">I", len(frame) - 5)
     assert msgpack.unpackb(frame[5:]) == {"idx": 1, "off": 2, "len": 3}
+    ask(b, a, 7, 16, 100)
     assert a.send(w.DataHeader(7, 16, 100)) == b"\x05\x00\x00\x00\x6c" + struct.pack(">II", 7, 16)
+    assert a.send(w.KeepAlive()) == b"\x0c\x00\x00\x00\x01\x80"  # an empty map
 
 
-def _peer_stream() -> tuple[bytes, list[w.Event]]:
-    a = w.PeerConnection()
-    chunks = [a.send(e) for e in PEER_EVENTS[:-1]]
-    chunks.append(a.send_data(4, 32, b"payload!"))
-    chunks.append(a.send(w.Have((4,))))
-    chunks.append(a.send(PEER_EVENTS[-1]))
-    expected = [*PEER_EVENTS[:-1], w.DataHeader(4, 32, 8), w.Have((4,)), PEER_EVENTS[-1]]
-    return b"".join(chunks), expected
+def _peer_stream() -> tuple[Script, list[w.Event]]:
+    script = Script()
+    events = [*PEER_EVENTS[2:3], *PEER_EVENTS[4:-1]]  # BITFIELD once
+    events[events.index(w.Cancel(3, 0, 1))] = w.Cancel(3, 16384, 16384)  # the REQUEST before it
+    for event in events:
+        assert script.send(event), event
+    assert script.send((4, 32, b"payload!"))
+    assert script.send(w.Have((4,)))
+    assert script.send(PEER_EVENTS[-1])
+    expected = [e for e in script.expected if isinstance(e, w.Event)]
+    assert w.DataHeader(4, 32, 8) in expected
+    return script, expected
 
 
 def _merge_payloads(events: list[w.Event]) -> tuple[list[w.Event], bytes]:
@@ -164,14 +321,9 @@ def _merge_payloads(events: list[w.Event]) -> tuple[list[w.Event], bytes]:
 
 
 def test_byte_at_a_time() -> None:
-    stream, expected = _peer_stream()
-    b = w.PeerConnection()
-    events: list[w.Event] = []
-    for i in range(len(stream)):
-        b.receive_data(stream[i : i + 1])
-        events.extend(drain(b))
-    b.receive_data(b"")
-    events.extend(drain(b))
+    script, expected = _peer_stream()
+    stream = script.stream
+    events = script.replay([stream[i : i + 1] for i in range(len(stream))])
     others, payload = _merge_payloads(events)
     assert others == [*expected, w.Closed()]
     assert payload == b"payload!"
@@ -179,31 +331,33 @@ def test_byte_at_a_time() -> None:
 
 
 def test_many_frames_in_one_receive_data() -> None:
-    stream, expected = _peer_stream()
-    b = w.PeerConnection()
-    b.receive_data(stream * 1)
-    b.receive_data(b"")
-    others, payload = _merge_payloads(drain(b))
+    script, expected = _peer_stream()
+    others, payload = _merge_payloads(script.replay([script.stream]))
     assert others == [*expected, w.Closed()]
     assert payload == b"payload!"
 
 
 def test_thousands_of_small_frames_and_big_buffers() -> None:
     # Crosses the compaction threshold many times; every frame must survive it.
+    # (Each REQUEST is cancelled at once: at most MAX_OUTSTANDING may be open.)
     a, b = peer_pair()
-    requests = [w.Request(i, i * 7, 1 + i % 1000) for i in range(5000)]
-    blob = b"".join(a.send(r) for r in requests)
+    messages: list[w.Event] = []
+    for i in range(5000):
+        messages += [w.Request(i, i * 7, 1 + i % 1000), w.Cancel(i, i * 7, 1 + i % 1000)]
+    blob = b"".join(a.send(m) for m in messages)
+    assert len(blob) > 4 * 64 * 1024
     received: list[w.Event] = []
     for start in range(0, len(blob), 70001):
         b.receive_data(blob[start : start + 70001])
         received.extend(drain(b))
-    assert received == requests
+    assert received == messages
 
 
 # --- DATA payload ----------------------------------------------------------------
 def test_data_payload_as_events_never_past_the_end() -> None:
     a, b = peer_pair()
     payload = bytes(range(256)) * 40
+    ask(b, a, 1, 0, len(payload))
     frame = a.send_data(1, 0, payload) + a.send(w.Have((1,)))
     b.receive_data(frame[:100])
     assert b.next_event() == w.DataHeader(1, 0, len(payload))
@@ -221,6 +375,8 @@ def test_data_payload_as_events_never_past_the_end() -> None:
 def test_data_payload_taken_into_buffer_and_socket() -> None:
     a, b = peer_pair()
     payload = bytes(range(256)) * 64
+    ask(b, a, 2, 16384, len(payload))
+    ask(a, b, 0, 0, 1)
     frame = a.send_data(2, 16384, payload) + a.send(w.Cancel(0, 0, 1))
     split = 13 + 1000  # the header and 1000 payload bytes arrive with the header
     b.receive_data(frame[:split])
@@ -245,6 +401,7 @@ def test_take_payload_into_small_view_and_misuse() -> None:
     a, b = peer_pair()
     with pytest.raises(LocalProtocolError, match="no DATA payload"):
         b.take_payload_into(bytearray(4))
+    ask(b, a, 0, 0, 8)
     b.receive_data(a.send_data(0, 0, b"abcdefgh"))
     b.next_event()
     small = bytearray(3)
@@ -261,6 +418,7 @@ def test_take_payload_into_small_view_and_misuse() -> None:
 
 def test_send_data_header_and_payload_event() -> None:
     a, b = peer_pair()
+    ask(b, a, 5, 0, 3)
     out = a.send(w.DataHeader(5, 0, 3)) + a.send(w.DataPayload(b"xyz"))
     b.receive_data(out)
     assert drain(b) == [w.DataHeader(5, 0, 3), w.DataPayload(b"xyz")]
@@ -270,6 +428,7 @@ def test_send_data_header_and_payload_event() -> None:
 
 def test_eof_in_payload_is_remote_error() -> None:
     a, b = peer_pair()
+    ask(b, a, 0, 0, 6)
     b.receive_data(a.send_data(0, 0, b"abcdef")[:15])
     b.receive_data(b"")
     assert b.next_event() == w.DataHeader(0, 0, 6)
@@ -301,7 +460,7 @@ def test_eof_mid_frame_is_remote_error(cut: int) -> None:
 
 
 def test_error_is_sticky() -> None:
-    b = w.PeerConnection()
+    b = w.PeerConnection(initiator=False)
     b.receive_data(b"\xff\x00\x00\x00\x00")
     with pytest.raises(RemoteProtocolError, match="unknown frame type 255"):
         b.next_event()
@@ -318,14 +477,14 @@ def test_oversized_length_rejected_from_header_alone(ftype: int) -> None:
     elif ftype in w.TrackerServerConnection.RECEIVE_TYPES:
         conn = w.TrackerServerConnection()
     else:
-        conn = w.PeerConnection()
+        conn = w.PeerConnection(initiator=False)
     conn.receive_data(struct.pack(">BI", ftype, w.MAX_BODY[ftype] + 1))
     with pytest.raises(RemoteProtocolError, match="exceeds the limit"):
         conn.next_event()
 
 
 def test_huge_length_prefix_rejected_without_body() -> None:
-    b = w.PeerConnection()
+    b = w.PeerConnection(initiator=False)
     b.receive_data(b"\x09\xff\xff\xff\xff")
     with pytest.raises(RemoteProtocolError, match="MANIFEST frame body of 4294967295"):
         b.next_event()
@@ -353,9 +512,9 @@ def test_limits_are_the_documented_ones() -> None:
 
 
 def test_largest_have_and_bitfield_fit_their_limits() -> None:
-    a, b = peer_pair()
-    transfer(a, b, w.Have(tuple(range(2**32 - 4096, 2**32))))
+    a, b = handshake()
     transfer(a, b, w.Bitfield(b"\xff" * (2**20 // 8)))
+    transfer(a, b, w.Have(tuple(range(2**32 - 4096, 2**32))))
 
 
 def test_peers_too_big_to_encode_is_local_error() -> None:
@@ -418,7 +577,12 @@ def test_request_schema(body: Any, match: str) -> None:
     ids=lambda v: w.FrameType(v).name if isinstance(v, w.FrameType) else None,
 )
 def test_peer_body_rejections(ftype: int, body: bytes, match: str) -> None:
-    b = w.PeerConnection() if ftype == w.FrameType.HELLO else peer_pair()[1]
+    if ftype == w.FrameType.HELLO:
+        b = w.PeerConnection(initiator=False)
+    elif ftype == w.FrameType.BITFIELD:
+        b = handshake()[1]  # (a second BITFIELD is refused from its header)
+    else:
+        b = peer_pair()[1]
     b.receive_data(raw_frame(ftype, body, packed=True))
     with pytest.raises(RemoteProtocolError, match=match):
         b.next_event()
@@ -483,7 +647,7 @@ def test_events_normalise_bytes_and_sequences() -> None:
 
 # --- conversation rules -------------------------------------------------------------------
 def test_peer_must_say_hello_first() -> None:
-    a, b = w.PeerConnection(), w.PeerConnection()
+    a, b = w.PeerConnection(initiator=True), w.PeerConnection(initiator=False)
     with pytest.raises(LocalProtocolError, match="HELLO first"):
         a.send(w.Have((1,)))
     b.receive_data(raw_frame(w.FrameType.HAVE, {"idx": [1]}))
@@ -495,7 +659,7 @@ def test_peer_hello_exactly_once_and_nothing_after_goodbye() -> None:
     a, b = peer_pair()
     with pytest.raises(LocalProtocolError, match="exactly once"):
         a.send(PEER_EVENTS[0])
-    b.receive_data(w.PeerConnection().send(PEER_EVENTS[0]))
+    b.receive_data(w.PeerConnection(initiator=True).send(PEER_EVENTS[0]))
     with pytest.raises(RemoteProtocolError, match="exactly once"):
         b.next_event()
     a.send(w.Goodbye(""))
@@ -643,7 +807,7 @@ def test_wire_does_not_import_trio() -> None:
 def test_public_api() -> None:
     for name in w.__all__:
         assert hasattr(w, name), name
-    assert w.PROTOCOL_VERSION == 1
+    assert w.PROTOCOL_VERSION == 2
     assert repr(w.NEED_DATA) == "NEED_DATA"
 
 
@@ -711,6 +875,6 @@ def test_repeated_haves_are_the_same_bytes_and_still_checked() -> None:
     assert first == raw_frame(w.FrameType.HAVE, {"idx": [3, 9]})
     b.receive_data(first + a.send(w.Have((3, 9))))
     assert drain(b) == [w.Have((3, 9)), w.Have((3, 9))]
-    fresh = w.PeerConnection()  # before the handshake HAVE is not allowed
+    fresh = w.PeerConnection(initiator=True)  # before the handshake HAVE is not allowed
     with pytest.raises(LocalProtocolError):
         fresh.send(w.Have((3, 9)))

@@ -15,7 +15,21 @@ from hypothesis import strategies as st
 
 from peerd import wire as w
 from peerd.errors import LocalProtocolError, RemoteProtocolError
-from tests.test_wire import CID, KEY, NONCE, SIG, drain, raw_frame
+from tests.test_wire import (
+    CID,
+    HELLO_A,
+    HELLO_B,
+    KEY,
+    NONCE,
+    PROOF,
+    SIG,
+    DataFrame,
+    Script,
+    ask,
+    drain,
+    peer_pair,
+    raw_frame,
+)
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -25,7 +39,6 @@ b32 = st.binary(min_size=32, max_size=32)
 text = st.text(max_size=40)
 
 # A DATA frame is not an event on the sending side: (index, offset, payload).
-DataFrame = tuple[int, int, bytes]
 data_frames = st.tuples(u32, u32, st.binary(min_size=1, max_size=300))
 
 peer_events = st.one_of(
@@ -36,6 +49,7 @@ peer_events = st.one_of(
     st.builds(w.Reject, u32, u32, length, st.sampled_from(sorted(w.REJECT_REASONS))),
     st.just(w.ManifestRequest()),
     st.builds(w.ManifestResponse, st.binary(min_size=1, max_size=100)),
+    st.just(w.KeepAlive()),
 )
 client_events = st.one_of(
     st.builds(
@@ -106,29 +120,16 @@ def _merge(events: list[w.Event]) -> list[object]:
 def test_peer_stream_round_trip(
     items: list[w.Event | DataFrame], cuts: list[int], goodbye: str | None
 ) -> None:
-    sender, receiver = w.PeerConnection(), w.PeerConnection()
-    hello = w.Hello(1, KEY, 0, CID, NONCE)
-    proof = w.Proof(SIG)
-    out = [sender.send(hello), sender.send(proof)]
-    expected: list[object] = [hello, proof]
+    # The dialer's stream, each item with what it needs first (the REQUEST a
+    # DATA answers, ...; one the conversation never allows is left out),
+    # replayed into a fresh acceptor under arbitrary splits.
+    script = Script()
     for item in items:
-        if isinstance(item, tuple):
-            index, offset, payload = item
-            out.append(sender.send_data(index, offset, payload))
-            expected += [w.DataHeader(index, offset, len(payload)), payload]
-        else:
-            out.append(sender.send(item))
-            expected.append(item)
+        script.send(item)
     if goodbye is not None:
-        out.append(sender.send(w.Goodbye(goodbye)))
-        expected.append(w.Goodbye(goodbye))
-    events: list[w.Event] = []
-    for piece in _split(b"".join(out), cuts):
-        receiver.receive_data(piece)
-        events += drain(receiver)
-    receiver.receive_data(b"")
-    events += drain(receiver)
-    assert _merge(events) == [*expected, w.Closed()]
+        assert script.send(w.Goodbye(goodbye))
+    events = script.replay(_split(script.stream, cuts))
+    assert _merge(events) == [*script.expected, w.Closed()]
 
 
 @SETTINGS
@@ -161,16 +162,27 @@ def test_tracker_round_trip(
 
 # --- the fuzz invariant ------------------------------------------------------------------
 def _fresh_peer() -> w.FrameConnection:
-    return w.PeerConnection()
+    return w.PeerConnection(initiator=False)  # an acceptor, before any HELLO
+
+
+def _dialing_peer() -> w.FrameConnection:
+    conn = w.PeerConnection(initiator=True)  # a dialer that sent its HELLO
+    conn.send(HELLO_A)
+    return conn
+
+
+def _primed_pair() -> tuple[w.PeerConnection, w.PeerConnection]:
+    """Through the handshake and BITFIELDs; ``conn`` (the first) asked the
+    other for a chunk and for the manifest, so DATA, REJECT and MANIFEST may come."""
+    conn, other = peer_pair()
+    ask(conn, other, 1, 2, 7)
+    ask(conn, other, 3, 0, 100)
+    conn.send(w.ManifestRequest())
+    return conn, other
 
 
 def _primed_peer() -> w.FrameConnection:
-    conn = w.PeerConnection()
-    other = w.PeerConnection()
-    conn.receive_data(other.send(w.Hello(1, KEY, 0, CID, NONCE)) + other.send(w.Proof(SIG)))
-    assert isinstance(conn.next_event(), w.Hello)
-    assert isinstance(conn.next_event(), w.Proof)
-    return conn
+    return _primed_pair()[0]
 
 
 def _fresh_client() -> w.FrameConnection:
@@ -201,6 +213,7 @@ def _primed_server() -> w.FrameConnection:
 
 FACTORIES: list[Callable[[], w.FrameConnection]] = [
     _fresh_peer,
+    _dialing_peer,
     _primed_peer,
     _fresh_client,
     _primed_client,
@@ -259,11 +272,20 @@ def _send_what_fits(sender: w.FrameConnection, events: list[w.Event]) -> bytes:
 
 def _valid_stream(factory: Callable[[], w.FrameConnection], events: list[w.Event]) -> bytes:
     """Bytes the other side could legitimately send to a connection from ``factory``."""
-    if factory in (_fresh_peer, _primed_peer):
-        peer = w.PeerConnection()
-        hello = peer.send(w.Hello(1, KEY, 0, CID, NONCE)) + peer.send(w.Proof(SIG))
-        head = hello if factory is _fresh_peer else b""
-        return head + _send_what_fits(peer, events) + peer.send_data(1, 2, b"payload")
+    if factory is _fresh_peer:  # the dialer's HELLO; it proves only after the acceptor
+        peer = w.PeerConnection(initiator=True)
+        return peer.send(HELLO_A) + _send_what_fits(peer, events)
+    if factory is _dialing_peer:  # the acceptor's HELLO and PROOF
+        peer = w.PeerConnection(initiator=False)
+        peer.receive_data(w.PeerConnection(initiator=True).send(HELLO_A))
+        drain(peer)
+        head = peer.send(HELLO_B) + peer.send(PROOF)
+        return head + _send_what_fits(peer, events)
+    if factory is _primed_peer:
+        _, peer = _primed_pair()
+        body = _send_what_fits(peer, events)
+        # An outstanding REQUEST makes a REJECT valid; unmatched ones are refused.
+        return body + peer.send(w.Reject(3, 0, 100, "busy")) + peer.send_data(1, 2, b"payload")
     if factory is _fresh_client:
         return w.TrackerServerConnection().send(w.Challenge(1, NONCE))
     if factory is _primed_client:
@@ -277,6 +299,21 @@ def _valid_stream(factory: Callable[[], w.FrameConnection], events: list[w.Event
     auth = client.send(w.Auth(KEY, SIG))
     head = auth if factory is _fresh_server else b""
     return head + _send_what_fits(client, events) + client.send(w.GetManifest(CID))
+
+
+@SETTINGS
+@given(
+    factory=factories,
+    events=st.lists(st.one_of(peer_events, client_events, server_events), max_size=6),
+)
+def test_valid_streams_are_valid(
+    factory: Callable[[], w.FrameConnection], events: list[w.Event]
+) -> None:
+    # What the mutation test starts from is accepted whole, to the last byte.
+    conn = factory()
+    conn.receive_data(_valid_stream(factory, events))
+    drain(conn)
+    assert conn.drained
 
 
 @SETTINGS
