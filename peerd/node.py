@@ -238,8 +238,6 @@ class Node:
                 if self._tracker is not None:
                     await self._tracker.aclose()
                     self._tracker = None
-                for content in self.contents.values():
-                    content.source.close()
 
     async def add_content(self, manifest: Manifest, source: SourceFile | ChunkStore) -> Content:
         """Start serving (and, for an incomplete store, downloading) a content."""
@@ -266,6 +264,7 @@ class Node:
             finally:
                 self.contents.pop(cid, None)
                 self._scopes.pop(cid, None)
+                content.source.close()  # its state is flushed (Content.run); idempotent
 
         await self.nursery.start(runner)
         return content

@@ -451,14 +451,14 @@ class PeerSession:
                 index, offset, length = upload
                 source = content.source
                 await content.node.up_limiter.consume(length)
+                if not self.conn.owes(index, offset, length):
+                    self._release_turn()  # cancelled long ago (see MAX_CANCELLED)
+                    continue
                 # Checked after the rate-limit wait, right before the bytes go out:
                 # the shared file may have changed while we waited.
                 if not content.can_serve(index):
                     self.send_control(Reject(index, offset, length, "missing"))
                     self._release_turn()
-                    continue
-                if not self.conn.owes(index, offset, length):
-                    self._release_turn()  # cancelled long ago (see MAX_CANCELLED)
                     continue
                 await self._send(stream.send_all(self.conn.send(DataHeader(index, offset, length))))
                 await self._send(

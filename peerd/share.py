@@ -108,7 +108,7 @@ async def share_file(
                 log.info("tracker refused the publish (%s); retrying in %.1f s", exc, pause)
                 await trio.sleep(pause)
                 pause *= 2
+        return await node.add_content(manifest, source)
     except BaseException:
-        source.close()
+        source.close()  # idempotent: the node closes it too once it runs
         raise
-    return await node.add_content(manifest, source)

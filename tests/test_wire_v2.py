@@ -409,12 +409,6 @@ def test_request_only_after_receiving_the_others_bitfield() -> None:
     refused(b, raw_frame(F.REQUEST, {"idx": 0, "off": 0, "len": 16}), "before receiving BITFIELD")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="wire bug: the REQUEST rule looks at the other side's phase; a side that "
-    "sent GOODBYE without its BITFIELD is DONE, which passes the check",
-)
 def test_no_request_to_a_side_that_left_without_bitfield() -> None:
     a, b = handshake()
     transfer(a, b, w.Bitfield(b"\xff"))
@@ -440,10 +434,16 @@ def test_duplicate_of_an_outstanding_request_is_not_sent() -> None:
     ask(a, b, 1, 16, 16)  # another range of the chunk is another request
 
 
-def test_duplicate_of_an_outstanding_request_is_refused() -> None:
+def test_duplicate_of_an_outstanding_request_is_absorbed() -> None:
     a, b = peer_pair()
     ask(a, b, 1, 0, 16)
-    refused(b, raw_frame(F.REQUEST, {"idx": 1, "off": 0, "len": 16}), "identical")
+    with pytest.raises(LocalProtocolError, match="identical"):
+        a.send(w.Request(1, 0, 16))
+    # Received twice (a peer that repeats itself): owed once, answered once.
+    b.receive_data(raw_frame(F.REQUEST, {"idx": 1, "off": 0, "len": 16}))
+    assert drain(b) == [w.Request(1, 0, 16)]
+    b.send_data(1, 0, bytes(16))
+    assert not b.owes(1, 0, 16)
 
 
 def test_a_request_may_be_repeated_once_answered() -> None:
@@ -598,13 +598,6 @@ def test_late_data_after_newer_cancels(newer: int) -> None:
         refused(b, head, "not requested")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RemoteProtocolError,
-    reason="wire bug: a REQUEST repeated after its CANCEL forgets the cancelled one "
-    "(_obligations discards it from _Requests.cancelled), so when the answer to the "
-    "first crossed the CANCEL, the answer to the second is refused",
-)
 def test_rerequest_after_cancel_accepts_both_crossing_answers() -> None:
     a, b = peer_pair()
     # b asks, changes its mind, asks again; a answered the first before the
@@ -622,13 +615,6 @@ def test_rerequest_after_cancel_accepts_both_crossing_answers() -> None:
     assert events.count(w.DataHeader(*ASKED)) == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RemoteProtocolError,
-    reason="wire bug: an answer that crossed a CANCEL is taken for the answer to the "
-    "repeated REQUEST, so the requester asks again while the other side still has it "
-    "outstanding, and that side refuses the honest REQUEST as a duplicate",
-)
 def test_rerequest_after_a_crossed_answer_is_not_a_duplicate() -> None:
     a, b = peer_pair()
     ask(b, a, *ASKED)
@@ -644,13 +630,6 @@ def test_rerequest_after_a_crossed_answer_is_not_a_duplicate() -> None:
     assert not a.owes(*ASKED)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RemoteProtocolError,
-    reason="wire bug: _Requests.order keeps a stale entry when a request is cancelled, "
-    "re-requested and cancelled again, so it ages out of the late-answer window "
-    "before MAX_CANCELLED newer cancels",
-)
 def test_the_window_counts_from_the_latest_cancel() -> None:
     _, b = peer_pair()
     for _ in range(2):
@@ -882,7 +861,6 @@ class _Side:
         self.got_proof = self.sent_bitfield = self.got_bitfield = False
         self.left = self.other_left = False
         self.asked: set[tuple[int, int, int]] = set()  # our REQUESTs not answered or cancelled
-        self.ever_cancelled: set[tuple[int, int, int]] = set()
         self.owed: list[tuple[int, int, int]] = []  # their REQUESTs we will answer
         self.late: set[tuple[int, int, int]] = set()  # theirs cancelled; we may still answer
         self.asked_manifest = self.manifest_owed = False
@@ -936,11 +914,11 @@ class _Side:
         out += [w.DataHeader(*req) for req in sorted(self.late)]
         out += [w.Cancel(*req) for req in sorted(self.asked)]
         if self.got_bitfield:
-            # (never a request it cancelled: see the xfail test above)
+            # (a request it cancelled may be asked again: answers may cross)
             for i in range(3):
                 for off in (0, 16):
                     req = (i, off, 16)
-                    if req not in self.asked and req not in self.ever_cancelled:
+                    if req not in self.asked:
                         out.append(w.Request(*req))
         return out
 
@@ -958,7 +936,6 @@ class _Side:
                 self.asked.add(req)
             elif isinstance(event, w.Cancel):
                 self.asked.discard(req)
-                self.ever_cancelled.add(req)
             elif req in self.owed:
                 self.owed.remove(req)
             else:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import enum
 import hashlib
-from collections import deque
 from typing import Final, Literal
 
 from peerd.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
@@ -136,6 +135,8 @@ class FrameConnection:
         """
         if self._eof:
             raise LocalProtocolError("receive_data() called after EOF")
+        if self._error is not None:
+            return  # nothing more will be parsed: do not buffer it
         if len(data) == 0:
             self._eof = True
         else:
@@ -416,24 +417,23 @@ _HANDSHAKE = frozenset({int(FrameType.HELLO), _PROOF, _GOODBYE})
 
 class _Requests:
     """One direction's requests: outstanding, and recently cancelled ones
-    whose answer may still cross the CANCEL."""
+    whose answer may still cross the CANCEL (counted: a range asked again
+    after its CANCEL may be answered once for each time it was asked)."""
 
-    __slots__ = ("cancelled", "order", "outstanding")
+    __slots__ = ("cancelled", "outstanding")
 
     def __init__(self) -> None:
         self.outstanding: set[_REQ] = set()
-        self.cancelled: set[_REQ] = set()
-        self.order: deque[_REQ] = deque()
+        # answers still allowed per cancelled range, the oldest cancel first
+        self.cancelled: dict[_REQ, int] = {}
 
     def cancel(self, req: _REQ) -> bool:
         if req not in self.outstanding:
             return False
         self.outstanding.discard(req)
-        if req not in self.cancelled:
-            self.cancelled.add(req)
-            self.order.append(req)
-            if len(self.order) > MAX_CANCELLED:
-                self.cancelled.discard(self.order.popleft())
+        self.cancelled[req] = self.cancelled.pop(req, 0) + 1  # now the newest
+        if len(self.cancelled) > MAX_CANCELLED:
+            del self.cancelled[next(iter(self.cancelled))]
         return True
 
     def answerable(self, req: _REQ) -> bool:
@@ -442,8 +442,10 @@ class _Requests:
     def answer(self, req: _REQ) -> None:
         if req in self.outstanding:
             self.outstanding.discard(req)
+        elif (n := self.cancelled[req]) > 1:
+            self.cancelled[req] = n - 1  # (keeps its place)
         else:
-            self.cancelled.discard(req)  # (its place in ``order`` ages out)
+            del self.cancelled[req]
 
 
 class PeerConnection(FrameConnection):
@@ -484,6 +486,7 @@ class PeerConnection(FrameConnection):
         self._proof_received = False
         self._asked = _Requests()  # our REQUESTs
         self._owed = _Requests()  # their REQUESTs
+        self._bitfield = [False, False]  # [sent, received]
         self._manifest_asked = [False, False]  # [by us, by them]
         self._manifest_answered = [False, False]  # [to us, by us]
 
@@ -531,6 +534,8 @@ class PeerConnection(FrameConnection):
                 msg = f"{who} must send HELLO first, not {name}"
             elif state is PeerState.AWAIT_PROOF:
                 msg = f"{who} must send PROOF right after HELLO, not {name}"
+            elif state is PeerState.AWAIT_BITFIELD and ftype in (_PROOF, _HELLO):
+                msg = f"{who} already sent {name}; HELLO and PROOF are sent exactly once"
             elif state is PeerState.AWAIT_BITFIELD:
                 msg = f"{who} must send BITFIELD before {name}"
             elif state is PeerState.DONE:
@@ -560,8 +565,7 @@ class PeerConnection(FrameConnection):
                 )
         elif ftype == _REQUEST:
             # The requester must know what the other holds.
-            other = self.their_state if sending else self.our_state
-            if other in (PeerState.AWAIT_HELLO, PeerState.AWAIT_PROOF, PeerState.AWAIT_BITFIELD):
+            if not self._bitfield[1 if sending else 0]:
                 raise self._violation(sending, f"{who} sent REQUEST before receiving BITFIELD")
         elif ftype == _MANIFEST_REQUEST:
             if self._manifest_asked[0 if sending else 1]:
@@ -592,15 +596,14 @@ class PeerConnection(FrameConnection):
             req = (event.index, event.offset, event.length)  # type: ignore[attr-defined]
             book = self._asked if sending else self._owed
             if req in book.outstanding:
-                raise self._violation(
-                    sending, f"{who} sent a REQUEST identical to an outstanding one"
-                )
+                if sending:
+                    raise LocalProtocolError("a REQUEST identical to an outstanding one")
+                return  # a received duplicate changes nothing (it is owed once)
             if len(book.outstanding) >= MAX_OUTSTANDING:
                 raise self._violation(
                     sending, f"{who} have more than {MAX_OUTSTANDING} requests outstanding"
                 )
             book.outstanding.add(req)
-            book.cancelled.discard(req)
         elif t is ev.Cancel:
             req = (event.index, event.offset, event.length)  # type: ignore[attr-defined]
             if sending:
@@ -616,6 +619,8 @@ class PeerConnection(FrameConnection):
                 self._proof_sent = True
             else:
                 self._proof_received = True
+        elif t is ev.Bitfield:
+            self._bitfield[0 if sending else 1] = True
         elif t is ev.ManifestRequest:
             self._manifest_asked[0 if sending else 1] = True
         elif t is ev.ManifestResponse:
