@@ -34,6 +34,7 @@ message the conversation does not allow now.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import sys
@@ -231,6 +232,7 @@ class PeerSession:
                     nursery.cancel_scope.cancel()
         except* RemoteProtocolError as group:
             log.warning("peer %s violated the protocol: %s", self.name, group.exceptions[0])
+            await self._goodbye_after_error(f"protocol-error: {group.exceptions[0]}")
         except* (PeerError, trio.BrokenResourceError) as group:
             log.debug("session %s ended: %s", self.name, group.exceptions[0])
         finally:
@@ -239,6 +241,15 @@ class PeerSession:
             self._release_turn()
             with trio.CancelScope(shield=True):
                 await self.stream.aclose()
+
+    async def _goodbye_after_error(self, reason: str) -> None:
+        """Best effort: tell the remote why we close (bounded by a short wait).
+        Only when no send was cut short: a partial frame must not precede it."""
+        if self._send_since is not None or self._closing:
+            return
+        with trio.move_on_after(1), contextlib.suppress(PeerError, trio.BrokenResourceError):
+            frame = self.conn.send(Goodbye(reason[:200]))
+            await self.stream.send_all(b"".join(self._control) + frame)
 
     def abort(self) -> None:
         self._closing = True
@@ -310,13 +321,19 @@ class PeerSession:
             left = unsent_bytes(self._fd) if self._fd >= 0 else 0
             if self._send_since is None and left == 0:
                 last_left, progress_at = -1, now
-            elif left != last_left:
+            elif last_left < 0 or left < last_left:
+                # The remote took bytes (or unsent bytes appeared): progress.
                 last_left, progress_at = left, now
-            elif now - progress_at >= SEND_STALL_TIMEOUT:
+            elif left > last_left:
+                # Grown by what we queued since (KEEPALIVE, REJECTs, HAVEs):
+                # not progress; a later fall from this level is.
+                last_left = left
+            if last_left >= 0 and now - progress_at >= SEND_STALL_TIMEOUT:
                 log.info("dropping peer %s: it stopped reading (%d bytes unsent)", self.name, left)
                 self.abort()
                 return
-            if now - self.last_sent_at >= KEEPALIVE_EVERY and self._send_since is None:
+            idle_out = now - self.last_sent_at >= KEEPALIVE_EVERY
+            if idle_out and self._send_since is None and left == 0:
                 self.send_control(KeepAlive())
                 self.last_sent_at = now
 

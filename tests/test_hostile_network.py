@@ -368,12 +368,6 @@ def test_f5_silent_sessions_from_two_addresses_leave_room(tmp_path: Path, many_f
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="peerd/session.py _watchdog counts any change of the unsent byte count as "
-    "progress; the KEEPALIVE it queues every 20 s grows that count, so the 30 s send "
-    "deadline never fires for a remote that stopped reading",
-)
 def test_f5_non_reader_is_dropped_and_does_not_block_uploads(
     tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
