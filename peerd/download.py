@@ -87,6 +87,21 @@ async def fetch_manifest(node: Node, cid: bytes, trust: bytes | None) -> Manifes
     return manifest
 
 
+async def _publish_quietly(node: Node, manifest: Manifest) -> None:
+    """Give the tracker a manifest it lacks (verified, from a peer), so that
+    this download can announce and be found; best effort, bounded in time."""
+
+    async def call(client):  # type: ignore[no-untyped-def]
+        await client.publish(manifest)
+
+    with trio.move_on_after(5):
+        try:
+            await node.tracker_call(call)
+            log.info("published the manifest to the tracker (it did not have it)")
+        except PeerError as exc:
+            log.info("could not publish the manifest to the tracker: %s", exc)
+
+
 async def manifest_from_peers(
     node: Node, cid: bytes, trust: bytes | None, peers: Sequence[tuple[str, int]]
 ) -> Manifest:
@@ -203,6 +218,8 @@ async def download(
             raise
         log.info("tracker has no manifest (%s); asking the given peers", exc)
         manifest = await manifest_from_peers(node, cid, trust, peers)
+        if exc.code == "not-found":
+            await _publish_quietly(node, manifest)
     path = output_path(output, manifest.info.name)
     log.info(
         "manifest of %s verified: %s, %d bytes, %d chunks",

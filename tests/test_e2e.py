@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -183,3 +184,26 @@ def test_manifest_and_chunks_from_a_named_peer_without_tracker(
         )
         assert res.returncode != 0 and "does not serve this content" in res.stderr, res.stderr
         assert "Traceback" not in res.stderr
+
+
+def test_a_getter_gives_the_tracker_a_manifest_it_lacks(tmp_path: Path, backend: str) -> None:
+    """The tracker lost its manifests (a new data directory): ``get --peer``
+    fetches the manifest from the peer, verifies it and publishes it, so the
+    swarm can announce again and a plain ``get`` works."""
+    if backend != "reactor":
+        pytest.skip("the publish path is not about the transport")
+    src = random_file(tmp_path / "f.bin", 2 * MiB)
+    with swarm(tmp_path, backend) as s:
+        seeder, cid = s.share("seed", src)
+        assert seeder.stderr is not None
+        line = seeder.stderr.readline().decode()
+        port = int(line.split(" on ")[1].split(";")[0].rsplit(":", 1)[1])
+        assert s.tracker is not None
+        s.tracker.send_signal(signal.SIGKILL)
+        s.tracker.wait()
+        shutil.rmtree(tmp_path / "tracker")
+        s.start_tracker()
+        s.get("leech1", cid, tmp_path / "one.bin", "--peer", f"127.0.0.1:{port}")
+        result = s.get("leech2", cid, tmp_path / "two.bin", "--timeout", "40", timeout=90)
+        assert (tmp_path / "two.bin").read_bytes() == src.read_bytes()
+        assert result["peers_used"] >= 1
