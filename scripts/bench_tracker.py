@@ -6,11 +6,18 @@
 
 1. Starts a tracker *process* (this script with ``--serve``; limits raised so
    the per-connection rate limit does not cap a single benchmark connection).
+   The tracker only takes announces for published contents, so each of the
+   ``contents`` gets a real signed manifest first: ``chunks`` chunks of 1 MiB
+   with random chunk hashes and their Merkle root, signed and PUBLISHed by
+   identity ``k % 1000`` from that identity's address (so the publishes use
+   a thousand keys' and sixteen addresses' shares of the tracker's disk
+   budget, ~8.5 KiB each at 256 chunks, far from any of them).
 2. Preloads ``entries`` peer entries across ``contents`` contents: 1,000
    identities, each announcing ``entries / 1000`` contents from its own
    loopback address (127.0.1.x), half as seeders and half with random bits.
    Preload announces are pipelined with ``want=0``.
-3. Reads the tracker's RSS before and after the preload: bytes per entry.
+3. Reads the tracker's RSS before (after the publishes) and after the
+   preload: bytes per entry.
 4. For each C in ``conns``: C connections (spread over ``workers`` client
    processes), each authenticated as one of the preloaded identities, announce
    ``periodic`` with that identity's bits for a random one of its contents,
@@ -36,6 +43,7 @@ what the serve loop, the wire and the transport cost without the index.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import random
@@ -50,20 +58,53 @@ from pathlib import Path
 
 import trio
 
+from peerd.hashing import DIGEST_SIZE, merkle_root
 from peerd.identity import Identity
+from peerd.manifest import Info, Manifest
 from peerd.tracker_client import AUTH_CONTEXT
 from peerd.transport import Stream, get_transport
-from peerd.wire import NEED_DATA, Announce, Auth, Challenge, TrackerClientConnection
+from peerd.wire import (
+    NEED_DATA,
+    Announce,
+    Auth,
+    Challenge,
+    Ok,
+    Publish,
+    TrackerClientConnection,
+)
 
 IDENTITIES = 1000
 HEADER = struct.Struct(">BI")
 _CLIENT_BUF = 1 << 16  # holds one benchmark PEERS reply (50 entries, ~10 KiB)
+_CHUNK_SIZE = 1 << 20
 
 
-def plan(contents: int, entries: int, chunks: int) -> list[tuple[int, list[tuple[bytes, bytes]]]]:
+@functools.cache
+def infos(contents: int, chunks: int) -> list[Info]:
+    """Deterministic contents: ``chunks`` chunks of 1 MiB each, random chunk
+    hashes, their real Merkle root (~0.7 ms per content at 256 chunks)."""
+    rng = random.Random(2)
+    out = []
+    for k in range(contents):
+        hashes = rng.randbytes(DIGEST_SIZE * chunks)
+        out.append(
+            Info(
+                name=f"bench-{k}.bin",
+                size=chunks * _CHUNK_SIZE,
+                chunk_size=_CHUNK_SIZE,
+                algo="blake3",
+                hashes=hashes,
+                root=merkle_root("blake3", hashes),
+            )
+        )
+    return out
+
+
+def plan(
+    cids: list[bytes], entries: int, chunks: int
+) -> list[tuple[int, list[tuple[bytes, bytes]]]]:
     """Deterministic preload: per identity, its (content id, bits) pairs."""
     rng = random.Random(1)
-    cids = [rng.randbytes(32) for _ in range(contents)]
     per = entries // IDENTITIES
     nbytes = (chunks + 7) // 8
     full = (((1 << chunks) - 1) << (nbytes * 8 - chunks)).to_bytes(nbytes, "big")
@@ -119,6 +160,32 @@ async def login(transport_name: str, port: int, i: int) -> tuple[Stream, Tracker
         conn.receive_data(await stream.receive_some(65536))
     assert type(ev).__name__ == "Ok", ev
     return stream, conn
+
+
+async def publish(transport_name: str, port: int, contents: list[Info]) -> None:
+    """PUBLISH a signed manifest for every content: content ``k`` signed and
+    published by identity ``k % IDENTITIES``, from its own address, pipelined."""
+    sem = trio.Semaphore(32)
+    mine: dict[int, list[Info]] = {}
+    for k, info in enumerate(contents):
+        mine.setdefault(k % IDENTITIES, []).append(info)
+
+    async def one(i: int, infos: list[Info]) -> None:
+        async with sem:
+            stream, conn = await login(transport_name, port, i)
+            who = identity(i)
+            frames = [conn.send(Publish(Manifest(info).signed(who).encode())) for info in infos]
+            await stream.send_all(b"".join(frames))
+            for info in infos:
+                while (ev := conn.next_event()) is NEED_DATA:
+                    conn.receive_data(await stream.receive_some(65536))
+                if not isinstance(ev, Ok):
+                    raise RuntimeError(f"PUBLISH of {info.content_id.hex()} refused: {ev}")
+            await stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        for i, infos_of_i in mine.items():
+            nursery.start_soon(one, i, infos_of_i)
 
 
 async def preload(transport_name: str, port: int, items_of: list) -> None:
@@ -321,8 +388,13 @@ def serve(args: argparse.Namespace) -> None:
 
 
 def run_one(transport: str, args: argparse.Namespace) -> list[dict]:
-    items_of = plan(args.contents, args.entries, args.chunks)
-    with tempfile.TemporaryDirectory() as data:
+    contents = infos(args.contents, args.chunks)
+    cids = [info.content_id for info in contents]
+    items_of = plan(cids, args.entries, args.chunks)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = str(Path(tmp) / "tracker")
+        ids_path = Path(tmp) / "content-ids"  # the workers read the ids, not rebuild them
+        ids_path.write_bytes(b"".join(cids))
         proc = subprocess.Popen(
             [sys.executable, __file__, "--serve", "--transport", transport, "--data", data]
             + ["--chunks", str(args.chunks)]
@@ -336,6 +408,13 @@ def run_one(transport: str, args: argparse.Namespace) -> list[dict]:
             port = int(proc.stdout.readline())
             if args.pin:
                 os.sched_setaffinity(proc.pid, {0})
+            t = time.monotonic()
+            trio.run(publish, "reactor", port, contents)
+            print(
+                f"[{transport}] published {len(contents)} signed manifests "
+                f"({args.chunks} chunks each) in {time.monotonic() - t:.1f} s",
+                flush=True,
+            )
             time.sleep(0.3)
             before = rss(proc.pid)
             t = time.monotonic()
@@ -362,10 +441,17 @@ def run_one(transport: str, args: argparse.Namespace) -> list[dict]:
                             __file__,
                             "--worker",
                             json.dumps(
-                                [port, s, args.seconds, start_at, args.warmup, args.pin, args.churn]
+                                [
+                                    port,
+                                    s,
+                                    args.seconds,
+                                    start_at,
+                                    args.warmup,
+                                    args.pin,
+                                    args.churn,
+                                    str(ids_path),
+                                ]
                             ),
-                            "--contents",
-                            str(args.contents),
                             "--entries",
                             str(args.entries),
                             "--chunks",
@@ -446,10 +532,12 @@ def main() -> None:
         serve(args)
         return
     if args.worker:
-        port, ids, seconds, start_at, warmup, pin, churn = json.loads(args.worker)
+        port, ids, seconds, start_at, warmup, pin, churn, ids_path = json.loads(args.worker)
         if pin:
             os.sched_setaffinity(0, {1})
-        items_of = plan(args.contents, args.entries, args.chunks)
+        blob = Path(ids_path).read_bytes()
+        cids = [blob[k : k + 32] for k in range(0, len(blob), 32)]
+        items_of = plan(cids, args.entries, args.chunks)
         result = load(port, ids, items_of, seconds, start_at, warmup, churn, args.chunks)
         print(json.dumps(result))
         return

@@ -174,7 +174,6 @@ class TrackerLimits:
     max_peers_per_content: int = 10_000
     max_memory: int = 1 << 30
     max_disk: int = 4 << 30
-    require_manifest: bool = True  # False: ANNOUNCE sizes unknown swarms (benchmarks only)
 
     def __post_init__(self) -> None:
         if self.max_memory < 64 * MiB:
@@ -872,7 +871,7 @@ class _Tracker:
         if num_chunks is None and ev.event != "stopped":
             known = await self.db(self.store.num_chunks, cid)
             num_chunks = known if isinstance(known, int) else None
-            if num_chunks is None and self.limits.require_manifest:
+            if num_chunks is None:
                 raise TrackerError(
                     "not-found",
                     f"no manifest published for {cid.hex()}: PUBLISH it before announcing",
