@@ -106,6 +106,16 @@ def parse_limit(text: str | None, option: str) -> int | None:
         raise PeerError(f"{option}: {exc}") from None
 
 
+def parse_budget(text: str | None, option: str, default: int) -> int:
+    """A size such as ``1GiB`` for a budget option; ``default`` if not given."""
+    if text is None:
+        return default
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise PeerError(f"{option}: {exc}") from None
+
+
 def run_trio(main: Callable[[], Awaitable[Any]], *, interrupt_ok: bool = False) -> Any:
     """Run ``main`` under Trio; SIGINT/SIGTERM cancel it cleanly.
 
@@ -357,13 +367,37 @@ def cmd_tracker(
     data: Annotated[
         Path | None, typer.Option("--data", help="Directory for the manifest database.")
     ] = None,
+    max_memory: Annotated[
+        str | None,
+        typer.Option(
+            "--max-memory",
+            help="Memory budget for what clients make the tracker hold, e.g. 1GiB "
+            "(default 1GiB, at least 64MiB).",
+        ),
+    ] = None,
+    max_disk: Annotated[
+        str | None,
+        typer.Option(
+            "--max-disk",
+            help="Disk budget for published manifests, e.g. 4GiB (default 4GiB, at least 1MiB).",
+        ),
+    ] = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Run a tracker in the foreground."""
-    from tracker.server import run_tracker
+    from tracker.server import TrackerLimits, run_tracker
 
+    defaults = TrackerLimits()
+    try:
+        memory = parse_budget(max_memory, "--max-memory", defaults.max_memory)
+        disk = parse_budget(max_disk, "--max-disk", defaults.max_disk)
+        limits = TrackerLimits(max_memory=memory, max_disk=disk)
+    except PeerError as exc:
+        fail(str(exc))
+    except ValueError as exc:  # under a minimum: name the option, not the field
+        fail(str(exc).replace("max_memory", "--max-memory").replace("max_disk", "--max-disk"))
     setup_logging(True)
-    raise typer.Exit(run_tracker(host, port, transport, data))
+    raise typer.Exit(run_tracker(host, port, transport, data, limits))
 
 
 @app.command("daemon")

@@ -519,12 +519,14 @@ async def test_unreachable_tracker(transport: Transport) -> None:
     assert info.value.code == "unreachable" and f"127.0.0.1:{port}" in str(info.value)
 
 
-async def _start_process(data: Path, transport_name: str, *extra: str) -> tuple[trio.Process, int]:
+async def _start_process(
+    data: Path, transport_name: str, *extra: str, command: tuple[str, ...] = ("tracker",)
+) -> tuple[trio.Process, int]:
     proc = await trio.lowlevel.open_process(
         [
             sys.executable,
             "-m",
-            "tracker",
+            *command,
             "--port",
             "0",
             "--data",
@@ -606,3 +608,47 @@ def test_manifest_store_prefixes(tmp_path: Path) -> None:
     reopened = ManifestStore(tmp_path / "db")
     assert reopened.get(ids[1]) == b"m1" and len(reopened) == 3
     reopened.close()
+
+
+async def test_peer_tracker_passes_its_disk_budget(transport: Transport, tmp_path: Path) -> None:
+    # `peer tracker --max-disk 1MiB`: a key may use an eighth of it (128 KiB),
+    # so a 5000-chunk manifest (160 KiB of hashes) is refused, a small one kept.
+    alice = Identity.generate()
+    with trio.fail_after(40):
+        proc, port = await _start_process(
+            tmp_path / "data",
+            transport.name,
+            "--max-memory",
+            "128MiB",
+            "--max-disk",
+            "1MiB",
+            command=("peerd", "tracker"),
+        )
+        try:
+            async with await TrackerClient.connect(transport, "127.0.0.1", port, alice) as client:
+                with pytest.raises(TrackerError) as info:
+                    await client.publish(fake_manifest(5000, alice, "big.bin"))
+                assert info.value.code == "limit"
+                await client.publish(fake_manifest(8, alice, "small.bin"))
+        finally:
+            await _stop_process(proc)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--max-memory", "nonsense"), "--max-memory: cannot read 'nonsense' as a size"),
+        (("--max-disk", "4 parsecs"), "--max-disk: cannot read '4 parsecs' as a size"),
+        (("--max-memory", "1MiB"), "--max-memory must be at least 64 MiB"),
+    ],
+)
+def test_peer_tracker_refuses_a_bad_budget(args: tuple[str, ...], message: str) -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "peerd", "tracker", "--port", "0", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert run.returncode != 0
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"peer: error: {message}"), run.stderr
