@@ -214,11 +214,6 @@ async def test_large_publish_bodies_are_charged_before_they_are_buffered(
             grown, codes, after = await trio.to_thread.run_sync(attack)
             assert codes == ["admitted", "limit", "limit", "limit"], codes
             assert after == "ok", after
-            if transport.name == "proactor" and grown >= 80 * 1024:
-                # RingMux arms the next RECV before the dispatcher has taken
-                # the last one, so a fast sender's bytes pile up in the mux
-                # (peerd/transport, outside the tracker's budget).
-                pytest.xfail(f"RingMux buffers received data ahead of the reader ({grown} KiB)")
             # Main buffered every body whole (4 x 40 MiB).
             assert grown < 80 * 1024, f"tracker grew by {grown} KiB"
         finally:

@@ -298,3 +298,76 @@ async def test_ring_mux_waits_for_readiness_after_eagain(
     finally:
         await server.aclose()
         await client.aclose()
+
+
+async def test_mux_reads_no_further_ahead_than_one_receive(transport: Transport) -> None:
+    """A lent stream's input waits in the kernel, not in the mux, until the
+    dispatcher takes it: a fast sender is held back by the socket buffers
+    (what the server can refuse or charge before it buffers anything)."""
+    total = 64 << 20  # more than the loopback socket buffers hold (tcp_rmem max 32 MiB)
+    bound = 128 << 10  # "about one receive" (reactor: 64 KiB reads, proactor: 16 KiB)
+    data = pattern(5, total)
+    client, server = await stream_pair(transport)
+    sent = 0
+    try:
+        async with transport.open_mux() as mux, trio.open_nursery() as nursery:
+            mux.add(server)
+
+            async def sender() -> None:
+                nonlocal sent
+                view = memoryview(data)
+                for start in range(0, total, 1 << 20):
+                    await client.send_all(view[start : start + (1 << 20)])
+                    sent += 1 << 20
+
+            nursery.start_soon(sender)
+            got = bytearray()
+            with trio.fail_after(30):
+                # The dispatcher is busy elsewhere; then paused, then busy again.
+                for phase in ("busy", "paused", "busy"):
+                    if phase == "paused":
+                        mux.pause(server)
+                    await trio.sleep(0.5)
+                    ahead = server.stats.bytes_received - len(got)
+                    assert ahead <= bound, f"{phase}: the mux holds {ahead} bytes ahead"
+                    assert sent < total, "the sender was never held back"
+                    if phase == "paused":
+                        mux.resume(server)
+                    # Take a few batches: each time, at most one receive is ahead.
+                    for _ in range(8):
+                        for stream, result in await mux.next_batch():
+                            assert stream is server and isinstance(result, bytes), result
+                            got += result
+                        ahead = server.stats.bytes_received - len(got)
+                        assert ahead <= bound, f"the mux holds {ahead} bytes ahead"
+                # Then everything arrives, in order.
+                while len(got) < total:
+                    for _, result in await mux.next_batch():
+                        assert isinstance(result, bytes) and result, result
+                        got += result
+                        assert server.stats.bytes_received - len(got) <= bound
+            assert got == data
+            await mux.remove(server)
+    finally:
+        await client.aclose()
+        await server.aclose()
+
+
+async def test_mux_pause_holds_input_that_already_arrived(transport: Transport) -> None:
+    # The proactor has received it already (its RECV completed), the reactor
+    # not: either way nothing is reported between pause and resume.
+    client, server = await stream_pair(transport)
+    async with transport.open_mux() as mux:
+        mux.add(server)
+        await client.send_all(b"early")
+        await trio.sleep(0.1)
+        mux.pause(server)
+        with trio.move_on_after(0.2):
+            batch = await mux.next_batch()
+            raise AssertionError(f"a paused stream was reported: {batch}")
+        mux.resume(server)
+        with trio.fail_after(5):
+            assert await _collect(mux, {server: 5}) == {server: b"early"}
+        await mux.remove(server)
+    await client.aclose()
+    await server.aclose()

@@ -96,7 +96,7 @@ from typing import Any
 
 import trio
 
-from peerd.errors import ConnectionClosed, StorageError
+from peerd.errors import ConnectionClosed, StorageError, TransportError
 
 from . import _ring
 from ._base import (
@@ -427,7 +427,7 @@ class ProactorTransport(Transport):
         return done
 
 
-_MUX_RECV = 16384  # per lent stream: one receive buffer, always in the ring
+_MUX_RECV = 16384  # per lent stream: one receive buffer (and at most one untaken result)
 
 
 class _RingEntry:
@@ -442,12 +442,14 @@ class _RingEntry:
         "on_writable",
         "out",
         "paused",
+        "queued",
         "recv_uid",
         "removed",
         "send_uid",
         "settled",
         "stopped",
         "stream",
+        "untaken",
     )
     # Completion callbacks, bound once by RingMux.add (see _arm / _send_next).
     on_recv: Callable[[int], None]
@@ -462,7 +464,9 @@ class _RingEntry:
         self.recv_uid = 0  # the RECV in the ring (0: none)
         self.send_uid = 0  # the SEND in the ring (0: none); at most one, for order
         self.out: list[bytes] = []  # out[0] is being sent when send_uid is set
-        self.held: list[bytes | Exception] = []  # input that arrived while paused
+        self.held: list[bytes | TransportError] = []  # input that arrived while paused
+        self.queued = 0  # results of this stream in the mux's ready list
+        self.untaken = False  # received data not yet handed out by next_batch
         self.paused = False
         self.stopped = False  # EOF or an error was seen: nothing more is read
         self.broken = False  # a send failed: nothing more is sent
@@ -471,17 +475,31 @@ class _RingEntry:
 
 
 class RingMux(Mux):
-    """The proactor's mux: a RECV always in the ring per stream, sends as SEND ops.
+    """The proactor's mux: one RECV per stream in the ring, sends as SEND ops.
 
     Completions are collected by the ring's harvest (one ``io_uring_submit``
     and one harvest serve every stream: the reply SENDs and fresh RECVs a
     batch produces go to the kernel in one system call) and handed to the
     one task waiting in ``next_batch``. Each stream has at most one SEND in
     flight, so replies leave in order; what is queued behind it goes out
-    joined in the next SEND. A RECV that completes while its stream is paused
-    is held and not re-armed until ``resume``. ``remove`` cancels the
-    stream's operations and waits for their completions, so the kernel is
-    done with its buffers before the owner closes the fd.
+    joined in the next SEND. ``remove`` cancels the stream's operations and
+    waits for their completions, so the kernel is done with its buffers
+    before the owner closes the fd.
+
+    Input is read no further ahead than the dispatcher takes it, as the
+    reactor's level-triggered reads: a stream's next RECV is armed only when
+    ``next_batch`` hands out the data of its previous one (and the stream is
+    not paused), so at most one received buffer per stream waits in the mux
+    and a fast sender is held back by the socket buffers, where the owner's
+    accounting (the tracker charges each frame from its header) can refuse
+    it before it is in memory. Re-arming as soon as a RECV completed let a
+    sender push everything into the mux (64 MiB to a stream whose dispatcher
+    slept 0.5 s: all of it; tracker with four 40 MiB PUBLISH bodies, one
+    admitted: +202 MiB RSS, now +41 MiB as with the reactor). The cost is one
+    RECV submission per stream per batch, which goes in with that batch's
+    replies (no measurable change in ``scripts/bench_tracker.py``). ``pause`` also takes back what
+    was already queued for ``next_batch``; it is held (with a RECV that
+    completes while paused, which is not re-armed) until ``resume``.
 
     A RECV or SEND answered with ``-EAGAIN`` (a kernel whose socket ops do
     not poll internally) is not re-submitted at once, which would spin: a
@@ -492,7 +510,7 @@ class RingMux(Mux):
     def __init__(self) -> None:
         self._ring = current_ring()
         self._entries: dict[Stream, _RingEntry] = {}
-        self._ready: list[MuxResult] = []
+        self._ready: list[tuple[_RingEntry, bytes | TransportError]] = []
         self._waiter: trio.lowlevel.Task | None = None
 
     def _wake(self) -> None:
@@ -522,11 +540,17 @@ class RingMux(Mux):
             e.on_recv,
         )
 
-    def _deliver(self, e: _RingEntry, result: bytes | Exception) -> None:
+    def _arm_if_idle(self, e: _RingEntry) -> None:
+        """Arm the next RECV unless one is in the ring or its data is untaken."""
+        if not (e.recv_uid or e.untaken or e.paused or e.stopped or e.removed):
+            self._arm(e)
+
+    def _deliver(self, e: _RingEntry, result: bytes | TransportError) -> None:
         if e.paused:
             e.held.append(result)
         else:
-            self._ready.append((e.stream, result))  # type: ignore[arg-type]
+            self._ready.append((e, result))
+            e.queued += 1
             self._wake()
 
     def _on_recv(self, e: _RingEntry, res: int) -> None:
@@ -540,8 +564,7 @@ class RingMux(Mux):
             data = bytes(memoryview(e.buf)[:res])
             e.stream.stats.recv_ops += 1
             e.stream.stats.bytes_received += res
-            if not e.paused:
-                self._arm(e)
+            e.untaken = True  # the next RECV is armed when next_batch hands it out
             self._deliver(e, data)
         elif res == -errno.EAGAIN:
             # Sockets poll inside io_uring; a kernel that does not: wait first.
@@ -561,9 +584,9 @@ class RingMux(Mux):
         e.recv_uid = 0
         if e.removed:
             self._settle(e)
-        elif not e.broken and not e.paused:
+        else:
             # An error (POLLERR/POLLHUP or a failed poll) is found by the RECV.
-            self._arm(e)
+            self._arm_if_idle(e)
 
     def _on_writable(self, e: _RingEntry, res: int) -> None:
         e.send_uid = 0
@@ -626,7 +649,9 @@ class RingMux(Mux):
         e.removed = True
         e.out.clear()
         e.held.clear()
-        self._ready = [r for r in self._ready if r[0] is not stream]
+        if e.queued:
+            self._ready = [r for r in self._ready if r[0] is not e]
+            e.queued = 0
         if not (e.recv_uid or e.send_uid):
             await trio.lowlevel.checkpoint()
             return
@@ -638,7 +663,12 @@ class RingMux(Mux):
             await e.settled.wait()
 
     def pause(self, stream: Stream) -> None:
-        self._entries[stream].paused = True
+        e = self._entries[stream]
+        e.paused = True
+        if e.queued:  # not reported any more: held, in order, until resume
+            e.held += [r for x, r in self._ready if x is e]
+            self._ready = [r for r in self._ready if r[0] is not e]
+            e.queued = 0
 
     def resume(self, stream: Stream) -> None:
         e = self._entries[stream]
@@ -646,11 +676,11 @@ class RingMux(Mux):
             return
         e.paused = False
         if e.held:
-            self._ready += [(stream, r) for r in e.held]  # type: ignore[misc]
+            self._ready += [(e, r) for r in e.held]
+            e.queued += len(e.held)
             e.held.clear()
             self._wake()
-        if not e.recv_uid and not e.stopped:
-            self._arm(e)
+        self._arm_if_idle(e)
 
     def send(self, stream: Stream, data: bytes) -> None:
         e = self._entries[stream]
@@ -672,8 +702,15 @@ class RingMux(Mux):
                 return trio.lowlevel.Abort.SUCCEEDED
 
             await trio.lowlevel.wait_task_rescheduled(abort)
-        batch = self._ready[:MUX_BATCH]
+        taken = self._ready[:MUX_BATCH]
         del self._ready[:MUX_BATCH]
+        batch: list[MuxResult] = []
+        for e, result in taken:
+            e.queued -= 1
+            if result and type(result) is bytes:  # its data is taken: read on
+                e.untaken = False
+                self._arm_if_idle(e)
+            batch.append((e.stream, result))
         return batch
 
     async def aclose(self) -> None:
