@@ -49,7 +49,7 @@ def one_run(root: Path, size: int, readers: int, transport: str) -> float:
         chunks = -(-size // MiB)
         stuck = []
         for _ in range(readers):
-            sock = handshake(port, bytes.fromhex(cid))
+            sock = handshake(port, bytes.fromhex(cid), chunks=chunks)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             requests = (
                 message(REQUEST, idx=i, off=0, len=min(MiB, size - i * MiB)) for i in range(chunks)

@@ -274,7 +274,12 @@ class HostilePeer:
         assert kind == HELLO and hello["id"] == content.content_id, (kind, hello)
         nonce = os.urandom(32)
         our_frame = message(
-            HELLO, v=VERSION, key=self.key.public, port=self.port, id=content.content_id, nonce=nonce
+            HELLO,
+            v=VERSION,
+            key=self.key.public,
+            port=self.port,
+            id=content.content_id,
+            nonce=nonce,
         )
         sig = self.key.sign(proof_payload(b"A", their_frame, our_frame))
         sock.sendall(our_frame + message(PROOF, sig=sig))
@@ -322,10 +327,17 @@ class HostilePeer:
 
 
 def handshake(
-    port: int, content_id: bytes, key: Key | None = None, host: str = "127.0.0.1"
+    port: int,
+    content_id: bytes,
+    key: Key | None = None,
+    host: str = "127.0.0.1",
+    *,
+    chunks: int | None = None,
 ) -> socket.socket:
     """Connect to a real peer and complete the handshake (HELLO; its HELLO +
-    PROOF; our PROOF); returns the socket after our PROOF.
+    PROOF; our PROOF); returns the socket after our PROOF. With ``chunks``,
+    also sends our (empty) BITFIELD for that many chunks, which must come
+    before any HAVE or REQUEST.
 
     The peer's BITFIELD (and anything after) is left unread in the socket.
     """
@@ -339,7 +351,10 @@ def handshake(
     kind, proof = read_message(sock)
     assert kind == PROOF, (kind, proof)
     assert verify(hello["key"], proof["sig"], proof_payload(b"A", our_frame, their_frame))
-    sock.sendall(message(PROOF, sig=key.sign(proof_payload(b"D", our_frame, their_frame))))
+    proof = message(PROOF, sig=key.sign(proof_payload(b"D", our_frame, their_frame)))
+    if chunks is not None:
+        proof += message(BITFIELD, bits=bitfield([False] * chunks))
+    sock.sendall(proof)
     return sock
 
 

@@ -32,7 +32,7 @@ def test_a_peer_that_stops_reading_does_not_stall_other_uploads(
         m = re.search(r" on [\d.]+:(\d+);", seed.stderr.readline().decode())
         assert m
         port = int(m.group(1))
-        stuck = handshake(port, bytes.fromhex(cid_hex))
+        stuck = handshake(port, bytes.fromhex(cid_hex), chunks=16)
         try:
             stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             # Every chunk, and never a byte read: far more than the socket

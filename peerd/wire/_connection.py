@@ -69,6 +69,7 @@ __all__ = [
 
 class _Sentinel(enum.Enum):
     NEED_DATA = "NEED_DATA"
+    ABSORBED = "ABSORBED"  # internal: a frame that changes nothing, not yielded
 
     def __repr__(self) -> str:
         return self.value
@@ -157,7 +158,10 @@ class FrameConnection:
         if self._closed_returned:
             raise LocalProtocolError("next_event() called after Closed was returned")
         try:
-            return self._next_event()
+            event = self._next_event()
+            while event is _Sentinel.ABSORBED:
+                event = self._next_event()
+            return event
         except RemoteProtocolError as exc:
             self._error = exc
             self._buf = bytearray()  # nothing more will be parsed: free it now
@@ -171,7 +175,7 @@ class FrameConnection:
         that call. (False does not promise an event: part of a frame may be in.)"""
         return not self._eof and self._error is None and self._pos == len(self._buf)
 
-    def _next_event(self) -> ev.Event | Literal[_Sentinel.NEED_DATA]:
+    def _next_event(self) -> ev.Event | _Sentinel:
         buffered = len(self._buf) - self._pos
         if self._payload_remaining:
             if buffered == 0:
@@ -216,12 +220,16 @@ class FrameConnection:
             # shrink the bytearray (a live export would forbid resizing).
             with memoryview(self._buf)[start : start + length] as body:
                 event = decode_body(ftype, body)
+            absorbed = False
             if ftype in self.WATCHED_TYPES:
                 frame = b""
                 if ftype == _HELLO:  # the handshake transcript covers it byte for byte
                     frame = bytes(self._buf[self._pos : start + length])
-                self._obligations(event, sending=False, frame=frame)
+                absorbed = self._obligations(event, sending=False, frame=frame)
             self._consume(FRAME_HEADER_SIZE + length)
+            if absorbed:
+                self._enter(new_state, sending=False)
+                return _Sentinel.ABSORBED
         self._enter(new_state, sending=False)
         return event
 
@@ -368,9 +376,11 @@ class FrameConnection:
     #: Frame types whose events pass through ``_obligations`` (both ways).
     WATCHED_TYPES: frozenset[int] = frozenset()
 
-    def _obligations(self, event: ev.Event, *, sending: bool, frame: bytes) -> None:
+    def _obligations(self, event: ev.Event, *, sending: bool, frame: bytes) -> bool:
         """Check (and record) what a message owes or answers; raise if it may
-        not be sent or received now. ``frame`` is the raw received HELLO frame."""
+        not be sent or received now. ``frame`` is the raw received HELLO frame.
+        True: a received message that changes nothing and is not yielded."""
+        return False
 
     def _sent_frame(self, data: bytes) -> None:
         """Record a sent HELLO frame (the handshake transcript)."""
@@ -578,7 +588,7 @@ class PeerConnection(FrameConnection):
                 )
         return new
 
-    def _obligations(self, event: ev.Event, *, sending: bool, frame: bytes) -> None:
+    def _obligations(self, event: ev.Event, *, sending: bool, frame: bytes) -> bool:
         t = type(event)
         who = "we" if sending else "the peer"
         if t is ev.DataHeader or t is ev.Reject:
@@ -598,7 +608,7 @@ class PeerConnection(FrameConnection):
             if req in book.outstanding:
                 if sending:
                     raise LocalProtocolError("a REQUEST identical to an outstanding one")
-                return  # a received duplicate changes nothing (it is owed once)
+                return True  # a received duplicate is owed once: not yielded
             if len(book.outstanding) >= MAX_OUTSTANDING:
                 raise self._violation(
                     sending, f"{who} have more than {MAX_OUTSTANDING} requests outstanding"
@@ -625,6 +635,7 @@ class PeerConnection(FrameConnection):
             self._manifest_asked[0 if sending else 1] = True
         elif t is ev.ManifestResponse:
             self._manifest_answered[1 if sending else 0] = True
+        return False
 
     def _enter(self, state: enum.Enum, *, sending: bool) -> None:
         assert isinstance(state, PeerState)
