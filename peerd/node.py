@@ -35,7 +35,7 @@ from .identity import Identity, verify_signature
 from .manifest import Manifest
 from .ratelimit import RateLimiter
 from .scheduling import NEEDY_WINDOW, UploadTurns
-from .session import PeerSession
+from .session import PeerSession, turn_blocked
 from .store import ChunkStore, SourceFile
 from .swarm import EVICTABLE_AFTER, Content
 from .transport import Stream, Transport
@@ -203,7 +203,7 @@ class Node:
         self.down_limiter = RateLimiter(down_limit)
         # One upload link: one connection uploads at a time (scheduling.py).
         self.upload_turns = UploadTurns(
-            UPLOAD_SLOTS, needy_window=NEEDY_WINDOW, progress=_turn_progress
+            UPLOAD_SLOTS, needy_window=NEEDY_WINDOW, progress=_turn_progress, blocked=turn_blocked
         )
         self.contents: dict[bytes, Content] = {}
         # Contents that ended with an error: content id -> one line saying why.

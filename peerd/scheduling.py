@@ -187,6 +187,11 @@ class UploadTurns:
     next writer go ahead, so one stuck connection cannot hold up the node's
     other uploads. ``slots`` = 0: no turns, every request is granted.
 
+    ``blocked(who)``, if given, says that a holder's receiver has closed its
+    window (it is not reading): such a turn ends at the next :meth:`request`
+    without waiting for ``stall``, so a receiver that never reads costs the
+    node's uploads no more than the waiters' polling interval.
+
     Order: first come, first served; with ``needy_window`` > 0, the next
     turn goes to the first waiting writer whose remote is within that share
     of the chunks of the least advanced waiting remote (``progress(who)``;
@@ -200,6 +205,7 @@ class UploadTurns:
         stall: float = TURN_STALL,
         needy_window: float = 0.0,
         progress: Callable[[Hashable], float] | None = None,
+        blocked: Callable[[Hashable], bool] | None = None,
     ):
         if slots < 0 or stall <= 0 or not 0 <= needy_window <= 1:
             raise ValueError("need slots >= 0, stall > 0 and 0 <= needy_window <= 1")
@@ -209,6 +215,7 @@ class UploadTurns:
         self.stall = stall
         self.needy_window = needy_window
         self._progress = progress
+        self._blocked = blocked
         self._active: dict[Hashable, float] = {}  # holder -> time of its last progress
         self._waiting: deque[Hashable] = deque()
 
@@ -255,9 +262,14 @@ class UploadTurns:
             return float("inf")
         return min(self._active.values()) + self.stall
 
+    def holders(self) -> list[Hashable]:
+        """The writers that hold a turn now."""
+        return list(self._active)
+
     def _expire(self, now: float) -> None:
+        blocked = self._blocked
         for who, last in list(self._active.items()):
-            if now - last >= self.stall:
+            if now - last >= self.stall or (blocked is not None and blocked(who)):
                 del self._active[who]
 
     def _next(self) -> Hashable:

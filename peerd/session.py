@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
+import socket
 import sys
 from collections import deque
 from collections.abc import Awaitable
@@ -85,6 +86,37 @@ KEEPALIVE_EVERY = 20.0  # send KEEPALIVE after this long with nothing sent
 IDLE_TIMEOUT = 60.0  # close a connection we received nothing on for this long
 SEND_STALL_TIMEOUT = 30.0  # close when a send makes no progress for this long
 DRAIN_POLL = 0.05  # seconds between looks at a clogged socket before asking for a turn
+BLOCKED_POLL = 0.05  # seconds between a waiting writer's looks at the turn holder's receiver
+
+
+_TCP_INFO_SND_WND = 228  # offset of tcpi_snd_wnd in struct tcp_info (Linux >= 5.4)
+_TCP_INFO_SIZE = _TCP_INFO_SND_WND + 4
+
+
+def receiver_window(fd: int) -> int | None:
+    """The receive window the remote last advertised (0: it is taking no
+    bytes), or None if the OS cannot say."""
+    sock = socket.socket(fileno=fd)  # a view of the session's descriptor ...
+    try:
+        raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_SIZE)
+    except OSError:
+        return None
+    finally:
+        sock.detach()  # ... that must not close it
+    if len(raw) < _TCP_INFO_SIZE:
+        return None
+    return int.from_bytes(raw[_TCP_INFO_SND_WND:_TCP_INFO_SIZE], sys.byteorder)
+
+
+def receiver_blocked(fd: int) -> bool:
+    """True if bytes wait to be sent and the remote's window is closed."""
+    return unsent_bytes(fd) > 0 and receiver_window(fd) == 0
+
+
+def turn_blocked(session: object) -> bool:
+    """Upload turns ask whether a holder's receiver stopped taking bytes."""
+    fd = getattr(session, "_fd", -1)
+    return fd >= 0 and receiver_blocked(fd)
 
 
 def unsent_bytes(fd: int) -> int:
@@ -434,6 +466,8 @@ class PeerSession:
                 if left < self._turn_left:
                     self._turn_left = left
                     turns.touch(self, now)
+                if left > 0 and turns.holds(self) and receiver_window(self._fd) == 0:
+                    self._release_turn()  # not reading: let the others go now
                 if left > 0 and turns.holds(self):
                     self._wake = trio.Event()
                     with trio.move_on_after(TURN_POLL):
@@ -454,9 +488,15 @@ class PeerSession:
             if content.choker.queued(self):
                 now = trio.current_time()
                 if not turns.request(self, now):
-                    # Wait for our turn, or until the holder's turn counts as stalled.
+                    # The turn may have moved on (a holder whose receiver
+                    # closed its window): wake whoever holds one now.
+                    for holder in turns.holders():
+                        holder._kick()  # type: ignore[attr-defined]
+                    # Wait for our turn, until the holder's turn counts as
+                    # stalled, or for the next look at its receiver.
+                    wait = min(turns.deadline() - now, BLOCKED_POLL)
                     self._wake = trio.Event()
-                    with trio.move_on_after(max(turns.deadline() - now, TURN_POLL)):
+                    with trio.move_on_after(max(wait, TURN_POLL)):
                         await self._wake.wait()
                     continue
                 upload = content.choker.next_request_for(self)

@@ -130,3 +130,14 @@ def test_remote_progress_counts_bitfield_haves_and_sent_chunks() -> None:
     with pytest.raises(ValueError, match="length"):
         known.set_bitfield(bytes(3))
     assert RemoteProgress(0).share == 0.0
+
+
+def test_a_turn_whose_receiver_closed_its_window_ends_at_once() -> None:
+    blocked: set[str] = set()
+    turns = UploadTurns(1, stall=0.25, blocked=blocked.__contains__)
+    assert turns.request("a", 0.0)
+    assert not turns.request("b", 0.01)  # a's receiver still reads: b waits
+    blocked.add("a")  # a's remote stopped reading (window 0)
+    assert turns.request("b", 0.02)  # long before the 0.25 s stall
+    assert turns.holders() == ["b"]
+    assert not turns.holds("a")
