@@ -89,13 +89,14 @@ DRAIN_POLL = 0.05  # seconds between looks at a clogged socket before asking for
 BLOCKED_POLL = 0.05  # seconds between a waiting writer's looks at the turn holder's receiver
 
 
-_TCP_INFO_SND_WND = 228  # offset of tcpi_snd_wnd in struct tcp_info (Linux >= 5.4)
+# Offsets in Linux's struct tcp_info (linux/tcp.h; tcpi_snd_wnd since 5.4).
+_TCP_INFO_LAST_DATA_RECV = 52  # u32, ms since the last data segment arrived
+_TCP_INFO_SND_WND = 228  # u32, the receive window the remote last advertised
 _TCP_INFO_SIZE = _TCP_INFO_SND_WND + 4
 
 
-def receiver_window(fd: int) -> int | None:
-    """The receive window the remote last advertised (0: it is taking no
-    bytes), or None if the OS cannot say."""
+def _tcp_info_u32(fd: int, offset: int) -> int | None:
+    """One u32 field of the socket's TCP_INFO, or None if the OS cannot say."""
     sock = socket.socket(fileno=fd)  # a view of the session's descriptor ...
     try:
         raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_SIZE)
@@ -103,9 +104,22 @@ def receiver_window(fd: int) -> int | None:
         return None
     finally:
         sock.detach()  # ... that must not close it
-    if len(raw) < _TCP_INFO_SIZE:
+    if len(raw) < offset + 4:
         return None
-    return int.from_bytes(raw[_TCP_INFO_SND_WND:_TCP_INFO_SIZE], sys.byteorder)
+    return int.from_bytes(raw[offset : offset + 4], sys.byteorder)
+
+
+def receiver_window(fd: int) -> int | None:
+    """The receive window the remote last advertised (0: it is taking no
+    bytes), or None if the OS cannot say."""
+    return _tcp_info_u32(fd, _TCP_INFO_SND_WND)
+
+
+def silent_for(fd: int) -> float | None:
+    """Seconds since the kernel last received data on this socket (whether
+    or not we have read it yet), or None if the OS cannot say."""
+    ms = _tcp_info_u32(fd, _TCP_INFO_LAST_DATA_RECV)
+    return None if ms is None else ms / 1000
 
 
 def receiver_blocked(fd: int) -> bool:
@@ -165,7 +179,6 @@ class PeerSession:
         self.last_received_at = now
         self.last_sent_at = now
         self._send_since: float | None = None  # a send is in progress since
-        self._manifest_sent = False
         self.depth = 4
         self.timeouts = 0
         self._control: list[bytes] = []
@@ -346,7 +359,12 @@ class PeerSession:
         while True:
             await trio.sleep(1.0)
             now = trio.current_time()
-            if now - self.last_received_at >= IDLE_TIMEOUT:
+            # Silence as the kernel sees it: a payload we receive slowly, or
+            # input we do not read while our replies drain, is not silence.
+            silent = silent_for(self._fd) if self._fd >= 0 else None
+            if silent is None:
+                silent = now - self.last_received_at
+            if silent >= IDLE_TIMEOUT:
                 log.info("closing peer %s: nothing received for %.0f s", self.name, IDLE_TIMEOUT)
                 self.close("idle: nothing received for a while")
                 return
