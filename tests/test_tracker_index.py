@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import random
 
 import pytest
@@ -18,7 +19,7 @@ from peerd.wire._codec import (
 from peerd.wire._frames import encode_frame
 from tracker import index as index_module
 from tracker._swarm import Swarm
-from tracker.index import SwarmIndex, SwarmStat
+from tracker.index import PeerInfo, SwarmIndex, SwarmStat
 
 CID = bytes(range(32))
 CID2 = bytes(range(1, 33))
@@ -255,6 +256,9 @@ def test_encoded_answers_match_the_event_path(budget: str, monkeypatch: pytest.M
     # Two indexes see the same workload; one answers with tuples (encoded here
     # through validated events), the other with cached encoded bodies. Small
     # sample and ttl so window rotation, cache reuse and expiry all happen.
+    # Both answer from the same rankings and cache: this checks that the two
+    # APIs and the encoding agree, not that the answers are right (the
+    # oracle test below does that).
     rng = random.Random(11)
     plain = SwarmIndex(ttl=6, sample=8)
     fast = SwarmIndex(ttl=6, sample=8)
@@ -452,3 +456,269 @@ def test_memory_budget_charges_swarms_and_entries_per_address() -> None:
     assert memory.used == per_swarm + 19 * per_entry
     idx.expire(1e9)
     assert memory.used == 0 and memory.by_owner == {}
+
+
+# -- an independent oracle for the answers -----------------------------------
+# What an ANNOUNCE's answer must be, computed from the announces alone: a plain
+# dict of entries per content, availability counted bit by bit, the ranking
+# rule checked as the properties docs/PROTOCOL.md (PEERS) and the index's doc
+# state. Nothing here goes through SwarmIndex's rankings, answer cache or
+# encoded entries, so the same mistake cannot be made on both sides.
+
+_STALE = 2.0  # PROTOCOL.md: a listed peer's bits may lag its announces by 2 s
+
+
+class _Entry:
+    def __init__(self, ip: str, port: int, bits: int, expiry: float) -> None:
+        self.snap = (ip, port, bits)
+        self.expiry = expiry
+        self.replaced: list[tuple[float, tuple[str, int, int]]] = []  # (when, old snap)
+
+
+def _canonical(ip: str) -> str:
+    addr = ipaddress.ip_address(ip)
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)
+    return str(addr)
+
+
+class _Oracle:
+    """The swarms as a list of announces leaves them (lazy expiry included)."""
+
+    def __init__(self, n: int, ttl: float) -> None:
+        self.n, self.ttl = n, ttl
+        self.full = (1 << n) - 1  # chunk i is bit n-1-i, as in the bitmap bytes
+        self.swarms: dict[bytes, dict[bytes, _Entry]] = {}
+
+    def bits_int(self, bits: bytes) -> int:
+        return int.from_bytes(bits, "big") >> (8 * len(bits) - self.n)
+
+    def announce(
+        self, cid: bytes, k: bytes, ip: str, port: int, event: str, bits: bytes, now: float
+    ) -> None:
+        swarm = self.swarms.setdefault(cid, {})
+        if event == "stopped":
+            swarm.pop(k, None)
+            if not swarm:
+                del self.swarms[cid]
+            return
+        snap = (_canonical(ip), port, self.bits_int(bits))
+        old = swarm.get(k)
+        if old is None or old.expiry <= now:  # new, or expired: starts afresh
+            swarm[k] = _Entry(*snap, now + self.ttl)
+            return
+        if old.snap != snap:
+            old.replaced.append((now, old.snap))
+            old.snap = snap
+        old.expiry = now + self.ttl
+
+    def sweep(self, now: float) -> None:
+        for cid, swarm in list(self.swarms.items()):
+            for k in [k for k, e in swarm.items() if e.expiry <= now]:
+                del swarm[k]
+            if not swarm:
+                del self.swarms[cid]
+
+    def counts(self, cid: bytes) -> list[int]:
+        # Entries expired but not yet swept still count (the index's expiry is
+        # lazy); PROTOCOL.md: a count saturates at 65 535.
+        swarm = self.swarms.get(cid, {})
+        return [
+            min(65_535, sum(1 for e in swarm.values() if e.snap[2] >> (self.n - 1 - i) & 1))
+            for i in range(self.n)
+        ]
+
+    def avail(self, cid: bytes) -> bytes:
+        return b"".join(c.to_bytes(2, "big") for c in self.counts(cid))
+
+    def live_others(self, cid: bytes, asker: bytes, now: float) -> dict[bytes, _Entry]:
+        swarm = self.swarms.get(cid, {})
+        return {k: e for k, e in swarm.items() if k != asker and e.expiry > now}
+
+    def rare(self, cid: bytes) -> int:
+        """The rarest chunks: those whose count is in the lowest quarter of the
+        range of counts of the chunks somebody has (the index's doc)."""
+        counts = self.counts(cid)
+        present = [min(c, 255) for c in counts if c]
+        if not present:
+            return 0
+        lo, hi = min(present), max(present)
+        top = lo + (hi - lo) // 4
+        return sum(1 << (self.n - 1 - i) for i, c in enumerate(counts) if 0 < min(c, 255) <= top)
+
+    def check(
+        self,
+        cid: bytes,
+        asker: bytes,
+        asker_bits: bytes,
+        want: int,
+        now: float,
+        listed: list[PeerInfo],
+        avail: bytes,
+        *,
+        settled: bool,
+    ) -> None:
+        """Check one answer. ``settled``: nothing changed in the swarm for more than
+        2 s, so any ranking it was answered from was made on the present state;
+        the ranking rule is then checked too."""
+        assert avail == self.avail(cid)  # "avail is always current"
+        others = self.live_others(cid, asker, now)
+        keys = [p[2] for p in listed]
+        assert len(set(keys)) == len(keys) and asker not in keys
+        assert len(listed) == min(want, len(others))  # sample >= swarm: all are candidates
+        for ip, port, k, bits in listed:
+            assert k in others, k  # never a departed or expired peer
+            entry = others[k]
+            snap = (ip, port, self.bits_int(bits))
+            recent = [old for when, old in entry.replaced if when >= now - _STALE]
+            if settled:
+                assert snap == entry.snap
+            else:
+                assert snap == entry.snap or snap in recent
+        if not settled:
+            return
+        lacks = self.full & ~self.bits_int(asker_bits)
+        mine = self.full & ~lacks
+        rare = self.rare(cid)
+        bits_of = {k: e.snap[2] for k, e in others.items()}
+        omitted = set(others) - set(keys)
+        full_answer = len(listed) == want
+
+        def useful(k: bytes) -> bool:  # holds a chunk the asker lacks
+            return bool(bits_of[k] & lacks)
+
+        # Peers holding chunks the asker lacks first.
+        flags = [useful(k) for k in keys]
+        assert flags == sorted(flags, reverse=True), flags
+        if any(useful(k) for k in omitted):
+            assert all(flags)
+        # Holders of the rarest chunks (that the asker lacks) first among them:
+        # a peer placed before one holding such a chunk holds a rarest chunk
+        # too, and if one holding such a chunk was left out, every listed peer
+        # holds a rarest chunk. (Whether the asker lacks those is not required:
+        # an asker is answered from the ranking for an empty bitmap when every
+        # peer in it is useful to the asker, see "Choosing peers".)
+        for i, k in enumerate(keys):
+            if bits_of[k] & rare & lacks:
+                assert all(bits_of[j] & rare for j in keys[:i]), (i, keys)
+        if full_answer and any(bits_of[k] & rare & lacks for k in omitted):
+            assert all(bits_of[k] & rare for k in keys)
+        # A seeder has everything the asker lacks: only a peer that has all of
+        # that too may come before it, or be listed while it is left out.
+        if lacks:
+            for i, k in enumerate(keys):
+                if bits_of[k] == self.full:
+                    assert all(bits_of[j] & lacks == lacks for j in keys[:i])
+            if full_answer and any(bits_of[k] == self.full for k in omitted):
+                assert all(bits_of[k] & lacks == lacks for k in keys)
+        # Among peers with nothing for the asker, those that lack something it
+        # has come first (they will want to download from it).
+        wanting = [bool(mine & ~bits_of[k]) for k in keys if not useful(k)]
+        assert wanting == sorted(wanting, reverse=True), wanting
+        if full_answer and not all(flags):
+            if any(not useful(k) and mine & ~bits_of[k] for k in omitted):
+                assert all(wanting)
+
+
+def _ask(
+    idx: SwarmIndex,
+    frame_api: bool,
+    cid: bytes,
+    k: bytes,
+    ip: str,
+    port: int,
+    event: str,
+    bits: bytes,
+    n: int,
+    want: int,
+    now: float,
+) -> tuple[list[PeerInfo], bytes]:
+    """One announce through either API, the answer decoded by the wire codec."""
+    if not frame_api:
+        return idx.announce(cid, k, ip, port, event, bits, n, want, now)
+    frame = idx.announce_frame(cid, k, ip, port, event, bits, n, want, now, 30)
+    if frame is None:
+        return [], b""
+    body = frame[5:]
+    assert frame[:5] == encode_frame(FrameType.PEERS, body)[:5]
+    answer = decode_body(FrameType.PEERS, body)
+    assert isinstance(answer, Peers) and answer.content_id == cid and answer.interval == 30
+    return [(p.ip, p.port, p.key, p.bits) for p in answer.peers], answer.availability
+
+
+def run_oracle_workload(seed: int, rounds: int = 12, steps: int = 150) -> int:
+    """A random workload checked against ``_Oracle``; returns the settled answers checked."""
+    rng = random.Random(seed)
+    n, ttl = 21, 6.0
+    idx = SwarmIndex(ttl=ttl)  # sample 300 > 60 peers: every peer is a candidate
+    oracle = _Oracle(n, ttl)
+    palette = [bitmap(n, set()), bitmap(n, set(range(n)))]
+    palette += [bitmap(n, {i for i in range(n) if rng.random() < 0.5}) for _ in range(3)]
+    palette += [bitmap(n, {i for i in range(n) if rng.random() < 0.1}) for _ in range(3)]
+    addrs = [("10.0.0.1", 7000), ("::1", 7001), ("192.168.7.9", 7000), ("::ffff:10.9.8.7", 7002)]
+    current: dict[tuple[bytes, bytes], tuple[str, int, bytes]] = {}
+    now = 0.0
+    settled_checked = 0
+    for _ in range(rounds):
+        # Churn: joins, leaves, new bitmaps and addresses, expiry, sweeps.
+        for step in range(steps):
+            now += rng.random() * 0.05
+            cid, k = rng.choice((CID, CID2)), key(rng.randrange(30))
+            ip, port, bits = current.get((cid, k), (*rng.choice(addrs), rng.choice(palette)))
+            roll = rng.random()
+            event = "periodic"
+            if roll < 0.04:
+                event = "stopped"
+            elif roll < 0.10:
+                ip, port = rng.choice(addrs)
+            elif roll < 0.35:
+                event, bits = "progress", rng.choice(palette)
+            elif roll < 0.38:
+                event, bits = "completed", palette[1]
+            want = rng.choice((0, 1, 3, 8, 50))
+            for _ in range(rng.choice((1, 2, 3))):  # repeats are answered from the cache
+                peers, avail = _ask(
+                    idx, rng.random() < 0.5, cid, k, ip, port, event, bits, n, want, now
+                )
+                oracle.announce(cid, k, ip, port, event, bits, now)
+                if event == "stopped":
+                    assert peers == [] and avail == b""
+                    current.pop((cid, k), None)
+                    break
+                current[(cid, k)] = (ip, port, bits)
+                oracle.check(cid, k, bits, want, now, peers, avail, settled=False)
+                event = "periodic"
+            if step % 50 == 49:
+                idx.expire(now)
+                oracle.sweep(now)
+        # Settled: more than 2 s after the last change, live peers ask again
+        # with what they announced before (which changes nothing).
+        now += _STALE + 0.05
+        live = [
+            (cid, k)
+            for cid, swarm in oracle.swarms.items()
+            for k, e in swarm.items()
+            if e.expiry > now
+        ]
+        for cid, k in rng.sample(live, min(len(live), 25)):
+            ip, port, bits = current[(cid, k)]
+            want = rng.choice((1, 2, 3, 5, 8, 50))
+            for _ in range(3):
+                peers, avail = _ask(
+                    idx, rng.random() < 0.5, cid, k, ip, port, "periodic", bits, n, want, now
+                )
+                oracle.announce(cid, k, ip, port, "periodic", bits, now)
+                oracle.check(cid, k, bits, want, now, peers, avail, settled=True)
+                settled_checked += 1
+    return settled_checked
+
+
+@pytest.mark.parametrize(("seed", "budget"), [(1, "default"), (2, "default"), (3, "tiny")])
+def test_answers_match_an_independent_oracle(
+    seed: int, budget: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if budget == "tiny":  # caches evicted all the time
+        monkeypatch.setattr(index_module, "_ANSWER_BYTES", 2000)
+        monkeypatch.setattr(index_module, "_HEAD_MEMO", 4)
+        monkeypatch.setattr(index_module, "_ANSWER_ENTRIES", 3)
+    assert run_oracle_workload(seed) > 500
