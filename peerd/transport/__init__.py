@@ -9,7 +9,7 @@ import os
 
 from peerd.errors import TransportUnavailable
 
-from ._base import DEFAULT_BACKLOG, Listener, Mux, Stream, StreamStats, Transport
+from ._base import DEFAULT_BACKLOG, Listener, Mux, Stream, Transport
 
 __all__ = [
     "DEFAULT_BACKLOG",
@@ -17,7 +17,6 @@ __all__ = [
     "Listener",
     "Mux",
     "Stream",
-    "StreamStats",
     "Transport",
     "get_transport",
 ]

@@ -106,7 +106,6 @@ from ._base import (
     Mux,
     MuxResult,
     Stream,
-    StreamStats,
     Transport,
     addr2,
     stream_error,
@@ -152,7 +151,8 @@ class ProactorStream(Stream):
         self._inflight = 0
         self._closed = False
         self._lowat = 1  # the socket's current SO_RCVLOWAT
-        self.stats = StreamStats(BACKEND)
+        self.bytes_sent = 0
+        self.bytes_received = 0
         self.local_address = addr2(sock.getsockname())
         try:
             self.peer_address = addr2(sock.getpeername())
@@ -229,8 +229,7 @@ class ProactorStream(Stream):
             n = await self._one(
                 _ring.L.io_uring_prep_readv, (self._fd, iov), (view, iov), "recv", _POLLIN
             )
-        self.stats.recv_ops += 1
-        self.stats.bytes_received += n
+        self.bytes_received += n
         return n
 
     def _set_lowat(self, lowat: int) -> None:
@@ -251,8 +250,7 @@ class ProactorStream(Stream):
             n = await self._one(
                 L.io_uring_prep_readv, (self._fd, iov), (rest, iov), "recv", _POLLIN
             )
-            self.stats.recv_ops += 1
-            self.stats.bytes_received += n
+            self.bytes_received += n
             if n == 0:
                 raise ConnectionClosed(
                     f"connection closed by peer after {got} of {total} expected bytes"
@@ -277,8 +275,7 @@ class ProactorStream(Stream):
             sent = await self._one(
                 _ring.L.io_uring_prep_send, (self._fd, data, flags), view, "send", _POLLOUT
             )
-            self.stats.send_ops += 1
-            self.stats.bytes_sent += sent
+            self.bytes_sent += sent
         while sent < total:
             rest = view[sent:]
             iov = _ring.L.Iovec([rest])
@@ -286,8 +283,7 @@ class ProactorStream(Stream):
                 _ring.L.io_uring_prep_writev, (self._fd, iov), (rest, iov), "send", _POLLOUT
             )
             sent += n
-            self.stats.send_ops += 1
-            self.stats.bytes_sent += n
+            self.bytes_sent += n
 
     async def sendfile(self, fd: int, offset: int, count: int) -> None:
         if offset < 0 or count < 0:
@@ -313,8 +309,7 @@ class ProactorStream(Stream):
                     f"sendfile: file ended at offset {offset}, {end - offset} bytes short"
                 )
             offset += n
-            self.stats.send_ops += 1
-            self.stats.bytes_sent += n
+            self.bytes_sent += n
         if not waited:
             await trio.lowlevel.cancel_shielded_checkpoint()
 
@@ -562,8 +557,7 @@ class RingMux(Mux):
             return  # a send failed: the stream is over (reported once already)
         if res > 0:
             data = bytes(memoryview(e.buf)[:res])
-            e.stream.stats.recv_ops += 1
-            e.stream.stats.bytes_received += res
+            e.stream.bytes_received += res
             e.untaken = True  # the next RECV is armed when next_batch hands it out
             self._deliver(e, data)
         elif res == -errno.EAGAIN:
@@ -614,8 +608,7 @@ class RingMux(Mux):
         if e.broken:
             return  # the stream failed meanwhile (reported once already)
         if res >= 0:
-            e.stream.stats.send_ops += 1
-            e.stream.stats.bytes_sent += res
+            e.stream.bytes_sent += res
             data = e.out[0]
             if res < len(data):
                 e.out[0] = data[res:]

@@ -37,7 +37,6 @@ from ._base import (
     Mux,
     MuxResult,
     Stream,
-    StreamStats,
     Transport,
     addr2,
     check_backlog,
@@ -62,7 +61,8 @@ class ReactorStream(Stream):
 
     def __init__(self, sock: trio.socket.SocketType) -> None:
         self._sock = sock
-        self.stats = StreamStats(BACKEND)
+        self.bytes_sent = 0
+        self.bytes_received = 0
         self._lowat = 1  # the socket's current SO_RCVLOWAT
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.local_address = addr2(sock.getsockname())
@@ -84,8 +84,7 @@ class ReactorStream(Stream):
         with translating("recv"):
             self._set_lowat(1)
             n = await self._sock.recv_into(buf, nbytes)
-        self.stats.recv_ops += 1
-        self.stats.bytes_received += n
+        self.bytes_received += n
         return n
 
     async def recv_exactly_into(self, buf: Any) -> None:
@@ -104,8 +103,7 @@ class ReactorStream(Stream):
             while got < total:
                 self._set_lowat(min(total - got, LOWAT_CAP))
                 n = await self._sock.recv_into(view[got:])
-                self.stats.recv_ops += 1
-                self.stats.bytes_received += n
+                self.bytes_received += n
                 if n == 0:
                     raise ConnectionClosed(
                         f"connection closed by peer after {got} of {total} expected bytes"
@@ -128,8 +126,7 @@ class ReactorStream(Stream):
                 while sent < total:
                     n = await self._sock.send(flat[sent:])
                     sent += n
-                    self.stats.send_ops += 1
-                    self.stats.bytes_sent += n
+                    self.bytes_sent += n
 
     async def sendfile(self, fd: int, offset: int, count: int) -> None:
         if offset < 0 or count < 0:
@@ -157,8 +154,7 @@ class ReactorStream(Stream):
                         f"sendfile: file ended at offset {offset}, {end - offset} bytes short"
                     )
                 offset += n
-                self.stats.send_ops += 1
-                self.stats.bytes_sent += n
+                self.bytes_sent += n
         if not waited:
             await trio.lowlevel.cancel_shielded_checkpoint()
 
@@ -398,8 +394,7 @@ class EpollMux(Mux):
         except OSError as exc:
             self._fail(e, exc, "send")
             return
-        stream.stats.send_ops += 1
-        stream.stats.bytes_sent += n
+        stream.bytes_sent += n
         if n < len(data):
             e.out.append(data[n:])
             self._update(e)
@@ -424,8 +419,7 @@ class EpollMux(Mux):
             except OSError as exc:
                 self._fail(e, exc, "send")
                 return
-            e.stream.stats.send_ops += 1
-            e.stream.stats.bytes_sent += n
+            e.stream.bytes_sent += n
             if n < len(data):
                 out[0] = data[n:]
                 break
@@ -467,9 +461,7 @@ class EpollMux(Mux):
                 except OSError as exc:
                     self._fail(e, exc, "recv")
                     continue
-                stats = e.stream.stats
-                stats.recv_ops += 1
-                stats.bytes_received += len(data)
+                e.stream.bytes_received += len(data)
                 if not data:
                     e.ended = True  # nothing follows EOF
                     self._update(e)
