@@ -7,7 +7,7 @@ decisions that are not about one chunk or one upload slot but about the
 shape of the swarm: which of the peers the tracker named to dial, when to
 ask the tracker again, how long to leave a peer alone after it refused a
 chunk. They live here as small pure functions (no clock, no I/O; callers
-pass ``now`` and a ``random.Random``) so the simulator (:mod:`peerd.sim`)
+pass ``now`` and a ``random.Random``) so the simulator (the ``sim`` package)
 runs the very decisions the node makes, on a thousand peers.
 
 Why each rule exists (measured in the simulator, docs/BENCHMARKS.md):

@@ -1,7 +1,7 @@
 """The simulator's hot modules compiled with mypyc, for ``simulate.py --native``.
 
-The same source files (``peerd.sim`` and the picker, choker, scheduling and
-wire-protocol modules it drives; :data:`MODULES`) are compiled to C
+The same source files (``sim.simulation`` and the picker, choker, scheduling
+and wire-protocol modules it drives; :data:`MODULES`) are compiled to C
 extension modules by mypyc, which ships with mypy (a test dependency), and
 a C compiler. The build lands in ``.native/<hash>/`` at the top of the
 repository, keyed by the package sources, the Python version and mypy's
@@ -28,7 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 MODULES = (
-    "peerd/sim.py",
+    "sim/simulation.py",
     "peerd/picker.py",
     "peerd/choker.py",
     "peerd/scheduling.py",
@@ -55,7 +55,12 @@ def _build_dir() -> Path:
     digest.update(mypy_version.encode())
     # Every source the compiled modules were type-checked against, not only
     # theirs (mypyc may build in what it knows of the modules they import).
-    for source in sorted([*ROOT.glob("peerd/**/*.py"), *ROOT.glob("tracker/**/*.py")]):
+    sources = [
+        *ROOT.glob("sim/**/*.py"),
+        *ROOT.glob("peerd/**/*.py"),
+        *ROOT.glob("tracker/**/*.py"),
+    ]
+    for source in sorted(sources):
         digest.update(source.relative_to(ROOT).as_posix().encode())
         digest.update(source.read_bytes())
     return ROOT / ".native" / digest.hexdigest()[:16]
@@ -122,7 +127,7 @@ class _CompiledFinder(importlib.abc.MetaPathFinder):
 
 def activate() -> Path:
     """Build if needed, then make this process import the compiled modules
-    (``peerd.sim`` and what it drives). Call it before anything imports them.
+    (``sim.simulation`` and what it drives). Call it before anything imports them.
 
     Raises:
         NativeBuildError: the build failed, or a module was already imported

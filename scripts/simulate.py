@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Simulated swarms at scale: T / T_min for 1 seeder and N leechers.
 
-Runs :mod:`peerd.sim` (the real picker, wire state machines, choker and
-tracker index, on a virtual clock) for each N, homogeneous (every leecher
+Runs the :mod:`sim` package at the top of the repository (the real picker,
+wire state machines, choker and tracker index, on a virtual clock; outside
+the product, which never imports it) for each N, homogeneous (every leecher
 uploads at the seeder's rate) and heterogeneous (half the leechers at a
 quarter of it), and prints T, the lower bound T_min, their ratio, the
 client/server time N F / u_s and the wall time of the simulation itself.
@@ -21,7 +22,9 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))  # _native
+sys.path.insert(1, str(ROOT))  # the sim package (not installed: not part of the product)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         except NativeBuildError as exc:
             print(f"simulate: {exc}", file=sys.stderr)
             return 2
-    from peerd.sim import MiB, SimConfig, run
+    from sim import MiB, SimConfig, run
 
     mixes = [False, True]
     if args.only:

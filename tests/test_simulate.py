@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from peerd.sim import SimConfig, Simulation, leecher_rates, run, t_min
+from sim import SimConfig, Simulation, leecher_rates, run, t_min
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -129,7 +129,7 @@ def test_cli_rejects_bad_options() -> None:
 
 def test_native_mode_refuses_once_the_sources_are_loaded() -> None:
     # --native must load the compiled modules before anything imports the
-    # Python ones (here peerd.sim is imported): it says so instead of
+    # Python ones (here sim.simulation is imported): it says so instead of
     # silently running a mix. (The build itself takes ~40 s: not a unit
     # test; docs/BENCHMARKS.md has its runs.)
     sys.path.insert(0, str(ROOT / "scripts"))
@@ -137,5 +137,51 @@ def test_native_mode_refuses_once_the_sources_are_loaded() -> None:
         import _native
     finally:
         sys.path.remove(str(ROOT / "scripts"))
-    with pytest.raises(_native.NativeBuildError, match=r"already imported from source: peerd\.sim"):
+    with pytest.raises(
+        _native.NativeBuildError, match=r"already imported from source: sim\.simulation"
+    ):
         _native.activate()
+
+
+def test_the_product_never_imports_the_simulator() -> None:
+    # The simulator drives the product's pure code from outside: every module
+    # of peerd, tracker and cli imports without it, in a fresh interpreter
+    # where it could be found (the repository is on sys.path).
+    code = (
+        "import importlib, pkgutil, sys\n"
+        "for top in ('peerd', 'tracker', 'cli'):\n"
+        "    pkg = importlib.import_module(top)\n"
+        "    for info in pkgutil.walk_packages(pkg.__path__, top + '.'):\n"
+        "        if not info.name.endswith('__main__'):\n"
+        "            importlib.import_module(info.name)\n"
+        "print(sorted(m for m in sys.modules if m == 'sim' or m.startswith('sim.')))\n"
+        "print(len([m for m in sys.modules if m.split('.')[0] in ('peerd', 'tracker', 'cli')]))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout.splitlines()
+    assert out[0] == "[]"
+    assert int(out[1]) > 20  # the walk did import the product
+
+
+def test_no_product_source_names_the_simulator() -> None:
+    # The same rule read from the source, for imports behind a function or a
+    # condition that an import does not execute.
+    import ast
+
+    for top in ("peerd", "tracker", "cli"):
+        for path in sorted((ROOT / top).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names = [node.module]
+                else:
+                    continue
+                for name in names:
+                    assert name.split(".")[0] != "sim", f"{path} imports {name}"

@@ -23,7 +23,6 @@ from ._frames import MAX_BODY, FrameType, frame_name
 
 __all__ = [
     "EVENT_TYPES",
-    "MEMO_TYPES",
     "decode_body",
     "encode_body",
     "encode_peer_entry",
@@ -462,6 +461,7 @@ def peers_body_tail(availability: bytes) -> bytes:
 # FormatError, StackError, UnicodeDecodeError and the max_*_len checks;
 # TypeError covers unhashable map keys.
 _UNPACK_ERRORS = (ValueError, TypeError, OverflowError, msgpack.UnpackException)
+_ANNOUNCE = int(FrameType.ANNOUNCE)
 
 
 def decode_body(ftype: int, body: bytes | memoryview) -> ev.Event:
@@ -472,34 +472,6 @@ def decode_body(ftype: int, body: bytes | memoryview) -> ev.Event:
             or field values outside their limits.
     """
     size = len(body)
-    memo = _MEMOS.get(ftype)
-    if memo is not None and size <= _MEMO_BODY:
-        # A chunk's HAVE reaches a node from many neighbours in the same
-        # bytes, and requests, cancels and refusals for a chunk repeat too.
-        key = bytes(body)
-        event = memo.get(key)
-        if event is None:
-            event = _decode_body(ftype, body, size)
-            if len(memo) >= _MEMO_SIZE:
-                memo.clear()
-            memo[key] = event
-        return event
-    return _decode_body(ftype, body, size)
-
-
-# Decoded small bodies of the frequent peer messages, per frame type (events
-# are immutable, so one can be shared; a body that fails is never stored).
-_ANNOUNCE = int(FrameType.ANNOUNCE)
-#: The frequent small peer messages, memoised both ways (here and in send).
-MEMO_TYPES = frozenset(
-    int(t) for t in (FrameType.HAVE, FrameType.REQUEST, FrameType.CANCEL, FrameType.REJECT)
-)
-_MEMOS: dict[int, dict[bytes, ev.Event]] = {t: {} for t in MEMO_TYPES}
-_MEMO_SIZE = 4096
-_MEMO_BODY = 64
-
-
-def _decode_body(ftype: int, body: bytes | memoryview, size: int) -> ev.Event:
     name = frame_name(ftype)
     spec = _SPECS[ftype]
     try:

@@ -31,7 +31,7 @@ from typing import Final, Literal
 from peerd.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 
 from . import _events as ev
-from ._codec import EVENT_TYPES, MEMO_TYPES, decode_body, encode_body
+from ._codec import EVENT_TYPES, decode_body, encode_body
 from ._frames import (
     _DATA,
     DATA_HEADER,
@@ -85,14 +85,7 @@ NEED_DATA: Final = _Sentinel.NEED_DATA
 # larger half of the buffer: amortised O(1) per byte, bounded waste.
 _COMPACT_MIN = 64 * 1024
 
-# Encoded frames of the frequent small peer messages: a HAVE of a few
-# indices, REQUEST, CANCEL, REJECT (events are immutable and compare by value,
-# so the bytes of one are the bytes of any equal one).
-_HAVE = int(FrameType.HAVE)
 _HELLO = int(FrameType.HELLO)
-_FRAMES: dict[ev.Event | tuple[int, ...], bytes] = {}  # HAVE: by its indices
-_FRAMES_SIZE = 8192
-_HAVE_MEMO_INDICES = 8
 
 
 def encode_message(event: ev.Event) -> bytes:
@@ -318,20 +311,6 @@ class FrameConnection:
             self._obligations(event, sending=True, frame=b"")
         if ftype == _DATA:
             data = encode_data_header(event.index, event.offset, event.length)  # type: ignore[attr-defined]
-        elif ftype in MEMO_TYPES and (
-            ftype != _HAVE or len(event.indices) <= _HAVE_MEMO_INDICES  # type: ignore[attr-defined]
-        ):
-            # A chunk's HAVE goes to every neighbour in the same bytes, and
-            # the requests for a chunk are the same bytes on every connection.
-            # (A HAVE is keyed by its indices: a tuple hashes in C.)
-            key = event.indices if ftype == _HAVE else event  # type: ignore[attr-defined]
-            memo = _FRAMES.get(key)
-            if memo is None:
-                memo = encode_frame(ftype, encode_body(ftype, event))
-                if len(_FRAMES) >= _FRAMES_SIZE:
-                    _FRAMES.clear()
-                _FRAMES[key] = memo
-            data = memo
         else:
             data = encode_frame(ftype, encode_body(ftype, event))
         if ftype == _HELLO:

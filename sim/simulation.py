@@ -15,6 +15,13 @@ chunk, endgame cancels, the 0.5 s ticker, the tracker's progress batching --
 reusing their constants; the few decisions that live inline there are marked
 ``# mirrors`` below.
 
+This module lives outside the product package: ``peerd``, ``tracker`` and
+``cli`` never import it. It sends every frame through ``conn.send`` and
+feeds every byte to ``conn.receive_data`` (the connection keeps per-message
+state), so the wire does all its encoding and decoding here as in the node;
+the simulator keeps no frame cache of its own (a decoded-frame cache would
+have to skip the connection's checks).
+
 Time is a heap of ``(time, seq, callback)`` events, never steps, so an idle
 peer costs nothing.
 
@@ -54,20 +61,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tracker.index import SwarmIndex
-
-from .choker import Choker
-from .errors import RemoteProtocolError
-from .identity import Identity, verify_signature
-from .node import PROTOCOL_VERSION
-from .picker import (
+from peerd.choker import Choker
+from peerd.errors import RemoteProtocolError
+from peerd.identity import Identity, verify_signature
+from peerd.node import PROTOCOL_VERSION
+from peerd.picker import (
     PiecePicker,
     bits_from_flags,
     flags_from_bits,
     pipeline_depth,
     swarm_counts,
 )
-from .scheduling import (
+from peerd.scheduling import (
     BUSY_BACKOFF,
     NEEDY_WINDOW,
     QUEUE_WAIT,
@@ -76,9 +81,9 @@ from .scheduling import (
     next_announce_delay,
     tracker_want,
 )
-from .session import MAX_HAVE_PER_FRAME, MAX_QUEUED_UPLOADS
-from .swarm import PROGRESS_EVERY, REQUEST_TIMEOUT, STALL_TIMEOUT
-from .wire import (
+from peerd.session import MAX_HAVE_PER_FRAME, MAX_QUEUED_UPLOADS
+from peerd.swarm import PROGRESS_EVERY, REQUEST_TIMEOUT, STALL_TIMEOUT
+from peerd.wire import (
     NEED_DATA,
     Bitfield,
     Cancel,
@@ -92,8 +97,9 @@ from .wire import (
     Reject,
     Request,
 )
+from tracker.index import SwarmIndex
 
-__all__ = ["SimConfig", "SimResult", "Simulation", "leecher_rates", "run", "t_min"]
+__all__ = ["MiB", "SimConfig", "SimResult", "Simulation", "leecher_rates", "run", "t_min"]
 
 MiB = 1 << 20
 TICK = 0.5  # mirrors Content._ticker's period
