@@ -812,8 +812,8 @@ def test_public_api() -> None:
 
 
 def test_repeated_have_bodies_decode_alike_and_bad_ones_always_fail() -> None:
-    # HAVE bodies are memoised (a chunk's HAVE comes from many neighbours in
-    # the same bytes): the memo must never change what decoding gives.
+    # A chunk's HAVE comes from many neighbours in the same bytes: decoding
+    # the same bytes again must give the same event, and bad ones always fail.
     from peerd.wire._codec import decode_body
 
     good = msgpack.packb({"idx": [7, 9]})
@@ -871,7 +871,7 @@ def test_drained_means_next_event_needs_data() -> None:
 def test_repeated_haves_are_the_same_bytes_and_still_checked() -> None:
     a, b = peer_pair()
     first = a.send(w.Have((3, 9)))
-    assert a.send(w.Have((3, 9))) == first  # the memo gives the very same bytes
+    assert a.send(w.Have((3, 9))) == first  # the same event, the same bytes
     assert first == raw_frame(w.FrameType.HAVE, {"idx": [3, 9]})
     b.receive_data(first + a.send(w.Have((3, 9))))
     assert drain(b) == [w.Have((3, 9)), w.Have((3, 9))]
