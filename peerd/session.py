@@ -207,6 +207,11 @@ class PeerSession:
         origin seeder does not order by need (super-seeding decides there)."""
         return 0.0 if self.content.origin else self.remote.share
 
+    @property
+    def closing(self) -> bool:
+        """True once the session is closing: it queues nothing more."""
+        return self._closing
+
     # --- queueing (called by Content, never blocks) ---------------------------
     def _kick(self) -> None:
         self._wake.set()

@@ -403,7 +403,7 @@ class Content:
 
     def _fill(self, session: PeerSession) -> None:
         picker = self.picker
-        if picker is None or session._closing:
+        if picker is None or session.closing:
             return
         chunk = self.info.chunk_size
         session.depth = pipeline_depth(session.rate, chunk)

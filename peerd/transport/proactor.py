@@ -162,9 +162,7 @@ class ProactorStream(Stream):
     @classmethod
     def from_reactor(cls, stream: ReactorStream) -> ProactorStream:
         """Take over the fd of a connected reactor stream."""
-        tsock = stream._sock
-        family = tsock.family
-        fd = tsock.detach()
+        family, fd = stream.detach()
         return cls(socket.socket(family, socket.SOCK_STREAM, 0, fileno=fd))
 
     def fileno(self) -> int:

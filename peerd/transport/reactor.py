@@ -75,6 +75,10 @@ class ReactorStream(Stream):
         """The socket's file descriptor (-1 once closed)."""
         return self._sock.fileno()
 
+    def detach(self) -> tuple[int, int]:
+        """Give up the socket (this stream is unusable after): its family and fd."""
+        return self._sock.family, self._sock.detach()
+
     def _set_lowat(self, lowat: int) -> None:
         if lowat != self._lowat and self._sock.fileno() >= 0:
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, lowat)
