@@ -69,7 +69,6 @@ Error codes sent in ERROR frames: ``too-many``, ``auth-failed``,
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 import signal
 import sys
@@ -90,7 +89,7 @@ from peerd.errors import (
     TrackerError,
     TransportError,
 )
-from peerd.identity import verify_signature
+from peerd.identity import peer_home, verify_signature
 from peerd.manifest import Manifest
 from peerd.transport import Mux, Stream, Transport, get_transport
 from peerd.wire import (
@@ -290,10 +289,8 @@ class _ManifestFrames:
 
 
 def default_data_dir() -> Path:
-    """``$PEER_HOME/tracker`` or ``~/.local/share/peer/tracker``."""
-    home = os.environ.get("PEER_HOME")
-    base = Path(home) if home else Path.home() / ".local" / "share" / "peer"
-    return base / "tracker"
+    """``tracker`` in the peer state directory (:func:`peerd.identity.peer_home`)."""
+    return peer_home() / "tracker"
 
 
 def _verify_manifest(data: bytes) -> Manifest:
