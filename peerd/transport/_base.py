@@ -1,11 +1,11 @@
 """The stream contract shared by both backends, and the error translation.
 
-A backend provides three concrete classes: a ``Transport`` (opens listeners
-and connections, does positional disk I/O), a ``Listener`` and a ``Stream``.
-Everything that does not depend on how bytes move lives here: statistics,
-``recv_exactly_into``/``receive_some`` on top of ``recv_into``, the ``serve``
-loop, address resolution and the translation of ``OSError`` into the transport
-exceptions of :mod:`peerd.errors`.
+A backend provides a ``Transport`` (opens listeners and connections, does
+positional disk I/O, opens a ``Mux``), a ``Listener``, a ``Stream`` and a
+``Mux``. Everything that does not depend on how bytes move lives here: the
+byte counters, ``recv_exactly_into``/``receive_some`` on top of ``recv_into``,
+the ``serve`` loop, address resolution and the translation of ``OSError``
+into the transport exceptions of :mod:`peerd.errors`.
 
 Trio's ``Cancelled`` (and therefore deadlines set with ``trio.move_on_after``
 / ``trio.fail_after`` by the caller) is never translated: it passes through

@@ -1,38 +1,21 @@
 """One io_uring per Trio run, woken through an eventfd that Trio's epoll watches.
 
-Theory of operation
--------------------
-* The ring lives in a ``trio.lowlevel.RunVar``: created lazily by the first
-  proactor operation of a run, closed when the run ends (its two system tasks
-  are cancelled then, and the reaper's ``finally`` tears the ring down).
-* Submission: an operation prepares its SQE(s) and parks in
-  ``wait_task_rescheduled``. The first preparation in a scheduling pass wakes
-  the *flusher* system task; because Trio runs newly woken tasks in the next
-  batch, every task that ran in this pass has prepared its SQEs by then, and
-  one ``io_uring_submit`` sends them all. Right after submitting, the flusher
-  harvests completions that io_uring produced inline (data already in the
-  socket, space in the send buffer, page-cache reads), so those tasks wake
-  without an eventfd round trip.
-* Completion: an eventfd is registered with the ring; the *reaper* system
-  task awaits ``trio.lowlevel.wait_readable(eventfd)``, drains it and
-  harvests every ready CQE, rescheduling exactly the tasks whose operations
-  are complete (an operation may be a linked chain of SQEs; its task wakes
-  when the last one is in).
-* Buffers: the caller passes ``keep``, every object the kernel may touch
-  (buffer, memoryview, Iovec). The ``_Op`` holds it until the completion has
-  been harvested, so Python can never free or resize memory the kernel still
-  writes into (pitfall 5 of docs: a live memoryview pins the bytearray).
-* Cancellation: the abort function submits ``ASYNC_CANCEL`` for the op's
-  user_data and returns ``Abort.FAILED``: the task stays parked until the
-  op's own CQE arrives. ``-ECANCELED``/``-EINTR`` then raise Trio's
-  ``Cancelled`` (through the ``raise_cancel`` Trio handed us); a real result
-  that won the race is delivered instead, and the enclosing cancel scope
-  fires at the caller's next checkpoint. Either way the kernel is done with
-  the buffer before the caller runs again.
-* liburing quirks handled here: ``cqe.res`` raises OSError for negative
-  results (read ``user_data`` first, always mark the CQE seen); a prep call
-  that raises leaves its SQE in the ring, so it is turned into a NOP; the
-  library never releases the GIL, so nothing here ever blocks in the ring.
+Theory of operation (in full, with the liburing pitfalls behind each rule:
+docs/ARCHITECTURE.md, "The io_uring ring"):
+
+* The ring lives in a ``trio.lowlevel.RunVar``: created by the first proactor
+  operation of a run, torn down when the run ends (the reaper's ``finally``).
+* Submission: an operation prepares its SQE(s) and parks. A *flusher* system
+  task, woken by the first preparation in a scheduling pass, sends the whole
+  pass's SQEs in one ``io_uring_submit`` and harvests what completed inline.
+* Completion: a *reaper* system task waits for the eventfd, harvests every
+  ready CQE and wakes exactly the tasks whose operation (one SQE or a linked
+  chain) is complete, or calls ``done`` for an op begun with ``start``.
+* Buffers: ``keep`` holds everything the kernel may touch until the CQE is in.
+* Cancellation: submit ``ASYNC_CANCEL`` and return ``Abort.FAILED``; the task
+  stays parked until its op's own CQE, so the kernel is done with the buffer
+  before the caller runs again.
+* liburing never releases the GIL, so nothing here ever blocks in the ring.
 """
 
 from __future__ import annotations

@@ -1,87 +1,26 @@
 """The proactor backend: socket and disk I/O as io_uring operations.
 
-Theory of operation (the ring machinery is in ``_ring.py``)
-------------------------------------------------------------
-* Sockets are *non-blocking*, as Trio leaves them. io_uring's recv/send (and
-  readv/writev on sockets, on Linux 6.18) still wait for readiness inside
-  the kernel: a socket supports non-blocking attempts, so io_uring arms its
-  internal poll and retries instead of returning -EAGAIN. Should a kernel
-  return -EAGAIN anyway (older rw paths honour O_NONBLOCK), the op waits for
-  readiness with ``IORING_OP_POLL_ADD`` and is retried. Non-blocking is what
-  lets ``sendfile`` below run ``os.sendfile`` on the Trio thread.
+The ring machinery (submission, completion, cancellation) is in ``_ring.py``;
+this module maps the stream contract onto ring operations.
+
+* Sockets stay non-blocking. io_uring's recv/send wait for readiness inside
+  the kernel; an op that still returns -EAGAIN waits with ``POLL_ADD`` and
+  is retried. Non-blocking is what lets ``sendfile`` run on the Trio thread.
 * Receiving: ``recv_exactly_into`` (the bulk path) sets SO_RCVLOWAT to the
-  bytes still missing (cap 512 KiB) and issues one READV per step: it takes
-  whatever is queued at once, else io_uring's internal poll fires only when
-  that much is queued and the retry copies it in one go. The first version
-  used one ``RECV`` + ``MSG_WAITALL`` per message (one op, one wake-up of the
-  Trio task), but the kernel retries such an op for every few segments that
-  arrive, each retry a wake-up of the Trio thread to run io_uring task
-  work: in the file case (the sender's ``os.sendfile`` is cheap, data comes
-  in small bursts) 5k-45k context switches per 2 GiB and the proactor at
-  0.52-0.66x the reactor. With the low-water mark (file, 1 connection,
-  2 GiB, alternating runs): 1.7k-1.9k context switches, 3935-4315 vs
-  2252-2684 MB/s, 0.36-0.42 vs 0.41-0.57 s/GB; plain and hashed cases: no
-  consistent difference (CPU per GB within 0.07 either way). The mark never
-  exceeds what we still expect, so it cannot wait for bytes that never
-  come; ``recv_into`` puts it back to 1 byte and uses ``RECV`` for a whole
-  ``bytearray``, ``readv`` with an ``Iovec`` for anything else (the liburing
-  wrapper's recv/send take only whole bytes/bytearray objects). Sending:
-  ``SEND`` + ``MSG_WAITALL`` for bytes/bytearray, ``writev``
-  otherwise). Not used, and why: multishot receive and provided buffers
-  land data in kernel-chosen pool buffers, so the payload would need one
-  more copy into the caller's chunk buffer (the contract receives straight
-  into it); registered buffers do not remove the socket copies (they only
-  save page pinning for READ/WRITE_FIXED); ``send_zc`` is copied anyway on
-  loopback and measured slower (notes).
-* File to socket (``sendfile``): ``os.sendfile`` on the non-blocking socket,
-  waiting for POLLOUT through the ring when the socket buffer is full. The
-  kernel sends page-cache pages by reference: no copy on the sending side.
-  Measured against the two io_uring-only ways (``scripts/bench_transports.py
-  --cases file --models reactor,proactor,proactor-splice,proactor-copy``,
-  loopback, 4 MiB ranges of a page-cached file; CPU of both ends per GB):
-  this method 0.42-0.49 s/GB (the reactor, same syscall: 0.39-0.46);
-  splice file -> pipe -> socket as linked ring ops 0.52-0.64 s/GB and
-  0.82-0.93x the reactor's MB/s, because io_uring always punts splice to
-  io-wq kernel threads, whose hops compete with sender and receiver on two
-  cores; READ into memory + SEND 0.55-0.69 s/GB and 0.65-0.71x, because it
-  adds two copies (page cache -> buffer -> socket). The price of
-  ``os.sendfile``: a page-cache miss blocks the Trio thread on the disk
-  read, as in the reactor (splice would have hidden it in io-wq). Files the
-  product serves were just written or verified, so they are usually
-  cached; a FADVISE_WILLNEED through the ring ahead of each range would be
-  the fix if cold files matter.
-* Measured, not taken: ``IOSQE_ASYNC`` on every send/recv, so each transfer
-  runs in an io-wq kernel thread, as a blocking thread per connection would.
-  In A/B runs (1 GiB, median of 3, load average ~6) proactor/blocking went
-  from 0.99 / 0.82 / 0.88 / 0.87 (plain 1 and 4 connections, sha256 1 and
-  4) to 1.04 / 1.13 / 1.55 / 1.21, for 0.05-0.13 s/GB more CPU. The gain is
-  parallelism, not efficiency: copies spread over both cores, and on a
-  shared machine more runnable threads get a larger share of the CPU. Not
-  the default because every in-flight receive would hold a kernel thread
-  (500 idle peers = 500 threads, or a capped pool with head-of-line
-  blocking) and it spends more CPU per byte, the node's scarce resource.
-* Accept and connect stay on Trio's sockets (the reactor path): they happen
-  once per connection, not per byte, and reusing the reactor's code keeps
-  timeouts, cancellation and error messages identical across backends. The
-  connected fd is then handed to the ring.
-* Disk I/O (``pread_into`` / ``pwrite``) goes through the ring as
-  positional ``readv`` / ``writev``: page-cache hits complete inline during
-  submit (no thread hop); misses are handled by io-wq. Measured against the
-  reactor's worker threads (``--cases disk``, 4 MiB blocks, page cache,
-  median of 5 under a load average of ~5.5): pread 1 task 11.4 vs 9.1 GB/s,
-  4 tasks 6.0 vs 8.3 GB/s; pwrite 9.1 vs 8.4 and 5.6 vs 5.5 GB/s; CPU per
-  GB equal or lower through the ring (0.07-0.16 s/GB either way). The ring
-  saves the thread hop, but its page-cache copies run on the one Trio
-  thread, while four worker threads can copy on both cores at once. Kept:
-  no difference that matters next to the network, and misses go to io-wq
-  instead of blocking anything.
-* Ring set-up (``_ring.py``): COOP_TASKRUN + SINGLE_ISSUER, so completion
-  work runs when the Trio thread next enters the kernel instead of
-  interrupting it (a few % less CPU per GB in A/B runs).
-* Closing a stream cancels its in-flight operations by fd *before* closing
-  the fd (``close`` alone does not cancel them: the ring holds a file
-  reference). The parked tasks wake with ConnectionClosed once the kernel
-  has let go of their buffers.
+  bytes still missing (at most ``LOWAT_CAP``) and issues one READV per step,
+  so the Trio thread wakes once per step, not per few segments. ``recv_into``
+  puts the mark back to 1 byte and uses RECV for a whole bytearray, READV
+  with an ``Iovec`` otherwise (liburing's recv/send take only whole objects).
+* Sending: SEND + ``MSG_WAITALL`` for bytes/bytearray, WRITEV otherwise;
+  ``sendfile`` is ``os.sendfile`` (no copy), waiting for POLLOUT in the ring.
+* Accept and connect use the reactor's Trio sockets (once per connection,
+  same timeouts and errors); the connected fd is then handed to the ring.
+* Closing a stream cancels its in-flight ops by fd *before* closing the fd:
+  ``close`` alone does not cancel them (the ring holds a file reference).
+
+Why these choices and not splice, multishot receive, ``send_zc`` or
+``IOSQE_ASYNC``: docs/ARCHITECTURE.md, "The proactor's choices" (figures:
+docs/BENCHMARKS.md, "Transports").
 """
 
 from __future__ import annotations
@@ -486,12 +425,10 @@ class RingMux(Mux):
     and a fast sender is held back by the socket buffers, where the owner's
     accounting (the tracker charges each frame from its header) can refuse
     it before it is in memory. Re-arming as soon as a RECV completed let a
-    sender push everything into the mux (64 MiB to a stream whose dispatcher
-    slept 0.5 s: all of it; tracker with four 40 MiB PUBLISH bodies, one
-    admitted: +202 MiB RSS, now +41 MiB as with the reactor). The cost is one
-    RECV submission per stream per batch, which goes in with that batch's
-    replies (no measurable change in ``scripts/bench_tracker.py``). ``pause`` also takes back what
-    was already queued for ``next_batch``; it is held (with a RECV that
+    sender push everything into the mux (figures: docs/BENCHMARKS.md, "Figures
+    moved from module docstrings"). The cost is one RECV submission per stream
+    per batch, which goes in with that batch's replies. ``pause`` also takes
+    back what was already queued for ``next_batch``; it is held (with a RECV that
     completes while paused, which is not re-armed) until ``resume``.
 
     A RECV or SEND answered with ``-EAGAIN`` (a kernel whose socket ops do

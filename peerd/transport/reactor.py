@@ -2,18 +2,16 @@
 
 Trio's I/O manager waits on epoll until a socket is readable or writable,
 then the non-blocking system call runs in the Trio thread. ``sendfile`` is
-``os.sendfile`` on the non-blocking socket, retried after ``wait_writable``
-whenever the socket buffer is full, so file bytes never pass through Python.
-Positional disk I/O runs in Trio's worker threads (``os.preadv`` /
-``os.pwrite`` release the GIL).
+``os.sendfile``, retried after ``wait_writable`` whenever the socket buffer is
+full, so file bytes never pass through Python. Positional disk I/O runs in
+Trio's worker threads (``os.preadv`` / ``os.pwrite`` release the GIL).
 
-``recv_exactly_into`` raises the socket's ``SO_RCVLOWAT`` to the bytes still
-missing (at most ``LOWAT_CAP``): epoll then reports the socket readable only
-once that much is queued. Without it a receiver slower than its sender (one
-that hashes every chunk, say) is woken for every few segments, and each
-wake-up is a trip through Trio's scheduler: measured with sha256 hashing,
-~0.1 s of CPU per GB more than blocking sockets, and about none with it.
-``recv_into`` puts the mark back to 1 byte.
+``recv_exactly_into`` raises ``SO_RCVLOWAT`` to the bytes still missing (at
+most ``LOWAT_CAP``), so epoll reports the socket readable only once that much
+is queued: a receiver slower than its sender (one that hashes every chunk)
+is not woken, through Trio's scheduler, for every few segments. ``recv_into``
+puts the mark back to 1 byte. ``EpollMux`` serves many small conversations
+from one task (docs/ARCHITECTURE.md, "Many small conversations: the Mux").
 """
 
 from __future__ import annotations
