@@ -1,66 +1,25 @@
 """Who gets our upload next: the pure upload-slot (unchoke) policy.
 
-Theory of operation
--------------------
-A node's upload link is one shared resource; every connection has its own
-writer, and the :class:`Choker` decides across connections which one may send
-the next chunk. It does no I/O and reads no clock (callers pass ``now``), so
-the simulator drives the very same object as the real node.
+A node's upload link is one shared resource; the :class:`Choker` owns the
+queue of requests from every connection (in with :meth:`on_request`, out with
+:meth:`on_cancel`, :meth:`next_request` or a writer's :meth:`next_request_for`)
+and decides which one is served next. It does no I/O and reads no clock
+(callers pass ``now``). The protocol has no CHOKE message, so
+the policy is purely a *service order*; it is always work conserving (if no
+favoured peer asks, anyone who asks is served).
 
-The protocol has no CHOKE message: a remote learns nothing about our slots,
-it only sees its requests served (or not). So the policy is expressed purely
-as a *service order* over queued requests:
+* Fair share (``slots=0``, the default): round robin, one chunk per turn.
+  Tit-for-tat (``slots=k``): ``k - 1`` reciprocation slots plus one rotating
+  optimistic slot.
+* Fresh first: the request for the chunk we uploaded the fewest times wins.
+* Furthest behind first (``needy_window``): only requesters within the window
+  of the least advanced one's progress are eligible (:func:`neediest`).
+* Super-seeding (``super_seed=n``, origin seeder): while some chunk is neither
+  sent nor queued, a request for one already sent or queued is refused once.
+* Queue wait (``max_wait``): :meth:`overdue` refuses what waited too long.
 
-* **Fair share (``slots=0``, the default).** Every connection with a queued
-  request is eligible, and service is round robin, one chunk per turn. Each
-  requesting peer therefore gets ``rate / k`` of our upload when ``k`` peers
-  are asking, and nobody's requests wait behind a favoured peer's. In the
-  simulator this beats tit-for-tat on completion time (see
-  docs/ARCHITECTURE.md, "Upload slots"): the swarm-wide lower bound needs
-  *every* uploader busy *all* the time, and a request that sits unserved at a
-  choked uploader pins its chunk in the requester's picker until it times
-  out, which idles links.
-* **Tit-for-tat (``slots=k``).** Only ``k`` peers are served: ``k - 1``
-  regular slots for the peers that send us the most (reciprocation; rates
-  come from :meth:`update`), ranked by what we served them least when we
-  receive nothing (a seeder), plus one *optimistic* slot handed to another
-  requesting peer every ``optimistic_every`` seconds so newcomers can
-  bootstrap. The set is recomputed every ``rechoke_every`` seconds. Requests
-  from choked peers stay queued; the caller bounds the queue and may reject
-  the excess (``busy``).
-
-Either way service is work conserving: if no unchoked peer has a request,
-a choked one is served rather than leaving the link idle.
-
-**Fresh first.** Among the peers whose turn it could be, the request for the
-chunk *we* have uploaded the fewest times wins (ties: round-robin order).
-For a seeder this is what keeps its scarce upload on chunks the swarm does
-not have yet: two leechers that picked the same "rarest" chunk (they cannot
-see each other's requests) no longer cost the seeder two uploads while
-fresh chunks wait. For a leecher it spreads what it holds more evenly. A
-peer's queue is short (its pipeline depth), so the scan is cheap and a
-peer waits at most one round per fresher request.
-
-**Furthest behind first (``needy_window=w``).** With the peers' progress
-known (``progress(peer)``: the share of the chunks each one holds, as far
-as we know), only the requesters within ``w`` of the least advanced one are
-eligible for the next turn (round robin and fresh first among them; see
-:func:`neediest`). A leecher that fell behind is otherwise starved: its
-neighbours are the advanced peers everybody asks, and its requests wait out
-``max_wait`` and are refused. Work conserving: somebody is always served.
-
-**Super-seeding (``super_seed=n``, for the origin seeder).** Fresh first can
-only choose among the requests that are queued, and leechers judge rarity
-from their few neighbours: late in the first pass most of what they ask the
-seeder for is already somewhere in the swarm. So while some of the ``n``
-chunks has been neither sent nor asked for, a request for a chunk that was
-already sent, or is queued by another peer, is refused (the caller answers
-REJECT ``busy``: "retry later or elsewhere"); the requester asks for another
-chunk and gets the refused one from a peer that has it. Once every chunk is
-sent or queued, requests are accepted again and fresh first orders them.
-
-The choker owns the upload queue: requests enter with :meth:`on_request`,
-leave with :meth:`on_cancel` or as the answer of :meth:`next_request`.
+Why each rule, and what it measured: docs/ARCHITECTURE.md, "Upload slots"
+and "Swarm-scale rules".
 """
 
 from __future__ import annotations

@@ -3,21 +3,17 @@
 The node owns the nursery every other task lives in. It accepts connections
 (the seed's framework: socket, SO_REUSEADDR, bind, listen, accept, handle,
 release — the transport does the first steps), reads the remote HELLO to
-learn which content the connection is about, answers with its own HELLO and
-hands the connection to that :class:`~peerd.swarm.Content`. Outgoing
-connections do the same in the other order.
+learn which content the connection is about, runs the handshake and hands
+the connection to that :class:`~peerd.swarm.Content`. Outgoing connections
+do the same in the other order. The handshake (HELLO each way, then a PROOF
+each way that signs both HELLOs and the signer's role, so it is good for one
+connection between two keys): docs/PROTOCOL.md, "Handshake".
 
 Limits a remote controls: total inbound connections and connections per
 address, and a handshake deadline so a connection that never speaks does not
-hold a slot. When a cap is reached, a newcomer does not simply lose: the
-least useful connection in its way (a handshake still pending, else the
-session idle longest) makes room for it (:class:`InboundSlots`).
-
-The handshake (docs/PROTOCOL.md, "Handshake"): the dialer sends HELLO; the
-acceptor answers HELLO + PROOF; the dialer checks that PROOF and sends its
-own; the acceptor checks it. Each PROOF signs both HELLO frames (both keys,
-both nonces, the content id, the version) and the signer's role, so a proof
-is good for exactly one connection between exactly two keys.
+hold a slot. When a cap is reached, the least useful connection in a
+newcomer's way (a handshake still pending, else the session idle longest)
+makes room for it (:class:`InboundSlots`).
 """
 
 from __future__ import annotations

@@ -1,64 +1,24 @@
 """Swarm-level scheduling decisions, pure: whom to dial, when to re-announce.
 
-Theory of operation
--------------------
-The node's Trio glue (:mod:`peerd.swarm`, :mod:`peerd.session`) makes a few
-decisions that are not about one chunk or one upload slot but about the
-shape of the swarm: which of the peers the tracker named to dial, when to
-ask the tracker again, how long to leave a peer alone after it refused a
-chunk. They live here as small pure functions (no clock, no I/O; callers
-pass ``now`` and a ``random.Random``) so the simulator (the ``sim`` package)
-runs the very decisions the node makes, on a thousand peers.
+Besides chunk choice (:mod:`peerd.picker`) and upload order
+(:mod:`peerd.choker`), the node decides things about the shape of the swarm.
+They live here as small pure functions and classes (no clock, no I/O; callers
+pass ``now`` and a ``random.Random``), so the node and the simulator (the
+``sim`` package) run the very same decisions:
 
-Why each rule exists (measured in the simulator, docs/BENCHMARKS.md):
+* dial a random subset of a tracker answer a few times wider than the free
+  room (:func:`tracker_want`, :func:`choose_dials`), so a flash crowd does not
+  all dial the same first peers;
+* re-announce soon while under-connected (:func:`next_announce_delay`);
+* constants for the picker and choker: back off after ``busy``
+  (:data:`BUSY_BACKOFF`), refuse what waited too long (:data:`QUEUE_WAIT`),
+  serve the furthest behind first (:data:`NEEDY_WINDOW`, :class:`RemoteProgress`);
+* one upload at a time per node (:class:`UploadTurns`): a chunk crosses at the
+  link's full rate and a control frame waits at most one chunk.
 
-* **Random choice among the tracker's peers.** In a flash crowd every
-  newcomer has the same (empty) bitmap, so the tracker ranks everyone the
-  same way and names the same first peers to all of them: those fill up,
-  everyone else is connected only to them, and most upload links sit idle.
-  Asking the tracker for a few times more peers than there is room for and
-  dialling a random subset spreads the connection graph.
-* **Re-announce while under-connected.** A leecher whose dials were refused
-  (the remote was full) would otherwise wait a whole tracker interval with
-  too few peers; it asks again after :data:`UNDERCONNECTED_RETRY` seconds.
-* **Back off after ``busy``.** A REJECT ``busy`` means "retry later or
-  elsewhere"; asking the same peer for the same chunk at once just repeats
-  the refusal. The picker keeps that pair apart for :data:`BUSY_BACKOFF`.
-* **Refuse what waited too long.** A leecher that gets a new chunk first is
-  asked for it by all its neighbours; they wait in its queue for seconds
-  while the neighbours it already served hold the chunk and sit idle (the
-  requesters do not ask them: the chunk is in flight). A request queued at a
-  leecher for :data:`QUEUE_WAIT` seconds is refused ``busy``
-  (``Choker(max_wait=...)``) and the requester asks another holder. Not at
-  the origin seeder, where nobody else has the chunk. Simulator, N = 1000:
-  T/T_min 1.20 -> 1.17.
-* **Serve the furthest behind first.** In fair round robin a leecher's
-  download is proportional to its connections and to how loaded its
-  neighbours are; the tracker names the most useful (most advanced) peers,
-  so a leecher that fell behind is connected only to advanced peers that
-  forty others also ask, its requests wait out :data:`QUEUE_WAIT` and are
-  refused, and it falls further behind (N = 300 heterogeneous, t = 75 s:
-  31 to 251 chunks held). A leecher's upload therefore goes first to the
-  requesters whose known progress (their BITFIELD, HAVEs, and what we sent
-  them) is within :data:`NEEDY_WINDOW` of the least advanced one's (a share
-  of the chunks: 16 of 256), in the simulator's choker
-  (``Choker(needy_window=...)``) and the node's :class:`UploadTurns`
-  (which connection uploads next); the advanced ones are refused after
-  ``QUEUE_WAIT`` and fetch from less loaded peers. Not at the origin seeder
-  (super-seeding decides there). Simulator, heterogeneous: T/T_min
-  1.17-1.21 -> 1.12-1.13 (N = 1000), 1.23-1.27 -> 1.13 (N = 300).
-* **One upload at a time per node.** A node's connections share one upload
-  link. With a writer per connection sending at will, a node serving k
-  peers sends each chunk at 1/k of its rate, and a REQUEST or HAVE it sends
-  on a connection waits behind the whole chunk being sent there (the wire
-  cannot interleave a frame into a DATA payload): in the emulated swarm a
-  quarter-rate leecher's requests took 2.5-3 s to arrive (median, mid
-  download) and its chunks 2.8 s to cross. :class:`UploadTurns` gives the
-  link to one connection at a time (a *turn*: the DATA header until the
-  kernel has taken the chunk's last byte off the socket), in FIFO order, as
-  the simulator's link does: each chunk crosses at the node's full rate and
-  control frames wait at most one chunk. Emulated heterogeneous swarms:
-  T/T_min 1.22-1.25 -> ~1.07 (N = 8), 1.42-1.50 -> ~1.14-1.19 (N = 16).
+Why each rule exists, and what it measured in the simulator and the emulated
+swarm: docs/ARCHITECTURE.md, "Swarm-scale rules" and "How the real node uses
+them"; docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations

@@ -1,22 +1,19 @@
 """What clients make the tracker hold, counted: byte budgets and the input gate.
 
-Theory of operation
--------------------
 The tracker has one memory budget and one disk budget (``TrackerLimits``).
 The memory budget is split between the kinds of state a client can cause,
 each a ``Budget`` with a cap for the whole tracker and one per owner (an
 address): request frames being received (``Intake``), replies queued for
 clients that do not read them, the swarm index, and the cache of encoded
-manifests. Fixed costs that no client controls (code, the answer cache,
-one connection's small buffers) are outside it.
+manifests. Fixed costs no client controls (code, the answer cache, one
+connection's small buffers) are outside it.
 
-``Intake`` reads each frame's 5-byte header out of a connection's input
-*before* the bytes go to the sans-IO parser (which buffers a frame whole
-until it can decode it), and charges the frame's length from that header.
-A frame that would not fit is refused there: not one byte of its body is
-buffered. Charges are given back when the request has been answered (its
-decoded copy lives that long; a PUBLISH's verification makes its own copies
-in one worker thread, one manifest at a time).
+``Intake`` reads each frame's 5-byte header *before* the bytes reach the
+sans-IO parser (which buffers a frame whole) and charges the frame's length
+from it: a frame that would not fit is refused there, with not one byte of
+its body buffered. The charge is given back once the request is answered
+(its decoded copy lives that long; a PUBLISH's verification makes its own
+copies in one worker thread, one manifest at a time).
 """
 
 from __future__ import annotations

@@ -1,31 +1,20 @@
 """One content's peers as packed arrays (the tracker index's storage).
 
 Memory is the constraint (hundreds of thousands of entries), so a swarm is not
-a dict of peer objects but a handful of parallel packed arrays indexed by a
-*slot* number: ``bits`` (a list of each slot's bitmap as an int, so scoring
-candidates needs no conversion; every seeder shares the one "all chunks"
-int), ``heads`` (per slot, the peer's address and port already
-msgpack-encoded as the start of its PEERS entry, ``[ip, port,``),
-``expires`` (an ``array('d')``), and ``keys`` (a list of the 32-byte public
-keys, shared with the ``slots`` dict that maps a key to its slot). Freed slots
-go on a free list and are reused, so a swarm's arrays never outgrow its peak
-population. A head is built once per (ip, port) and the same object is shared
-by every slot with that address while it stays in a small memo (a peer
-announces all its contents in one burst), so a peer in many swarms pays for
-its head once.
+a dict of peer objects but parallel arrays indexed by a *slot* number (freed
+slots go on a free list and are reused):
 
-An encoded answer is therefore a concatenation: per chosen peer its head, its
-key, its bitmap's bytes and two bin headers -- no per-peer objects, no per-peer
-validation (the wire's trusted ``peers_body_head`` / ``peers_body_tail``
-framing; every field is valid by construction: text from ``inet_ntop``, a
-u16 port, an authenticated key, a bitmap checked on the way in).
+* ``bits``: each slot's bitmap as an int (every seeder shares one "all" int);
+* ``heads``: the peer's address and port, msgpack-encoded as the start of its
+  PEERS entry (one object per (ip, port), shared through a small memo);
+* ``expires`` (an ``array('d')``) and ``keys`` (``slots`` maps key -> slot).
 
-Per-chunk availability is one big Python int with a 16-bit lane per chunk.
-A bitmap is widened to lanes with a 256-entry table (a C-level ``join``), so an
-announce that changes a peer's bits updates every chunk's count with one
-big-int subtraction and one addition, whatever the chunk count; the wire form
-of availability (u16 big-endian per chunk) is then just ``to_bytes``. A lane
-never carries into its neighbour because a swarm holds at most 65,535 peers.
+An encoded answer is a concatenation per chosen peer (head, key, bitmap, two
+bin headers), valid by construction. Availability is one big int with a
+16-bit lane per chunk: an announce updates every count with one subtraction
+and one addition, and the wire form is ``to_bytes``; a lane never carries
+because a swarm holds at most 65,535 peers. The layout in full:
+docs/ARCHITECTURE.md, "The tracker's index".
 """
 
 from __future__ import annotations

@@ -1,52 +1,23 @@
 """The tracker's swarm index: who holds which chunks of which content.
 
-Theory of operation
--------------------
 Pure bookkeeping: no sockets, no trio, and every method takes ``now`` (seconds
-from any monotonic clock) so expiry is deterministic in tests. Each content's
-peers live in a ``Swarm`` of packed arrays (``_swarm.py``, which explains the
-memory layout, the pre-encoded PEERS entries and the availability lanes).
+from any monotonic clock), so expiry is deterministic in tests. Each content's
+peers live in a ``Swarm`` of packed arrays (``_swarm.py``).
 
-Choosing peers for an asker scores at most ``sample`` candidates: chunks the
-candidate has that the asker lacks, with chunks in the rarest quarter of the
-availability range counted first; candidates with nothing to offer come last,
-those that lack something the asker has before the rest (they will want to
-download from it). Seeders have everything an asker lacks, so when the
-sampled window holds enough of them nothing else is scored.
+* Choosing peers: at most ``sample`` candidates are scored by the chunks they
+  have that the asker lacks (the rarest first); those with nothing to offer
+  come last. Seeders are scored once, and when the sample holds enough of
+  them nothing else is.
+* Rankings are cached per (content, asker bits, want) for 1.5-2 s, and most
+  askers share the *generic* one (for an asker that has nothing yet), whose
+  PEERS frame is encoded once and kept. A peer joining or leaving always ends
+  a ranking (a fresh one rotates where ties start, so newcomers spread); a
+  full one outlives bitmap changes. The cache is one FIFO, bounded in entries
+  and bytes, and a ranking is never used past its first listed peer's expiry.
+* Expiry is lazy (expired slots are skipped) plus a sweep, ``expire(now)``,
+  that the server calls every few seconds.
 
-Most askers are answered by one *generic* ranking per swarm state: the
-ranking for an asker that has nothing yet (holders of the swarm's rarest
-chunks first). An asker for whom every peer in it has something useful gets
-that ranking; only the others (seeders, nearly complete leechers) get one
-computed for their bitmap. So a swarm's ranking is scored once per state,
-not once per asker, and its PEERS entries are encoded once: answering is
-then a usefulness check over ~50 ints. A ranking asked a second time keeps
-the whole PEERS frame for an asker it does not list (most askers): that
-asker gets the very same bytes while the swarm's availability is unchanged,
-and the frame is rebuilt once when it moves; a listed asker gets one join of
-the frame's entries around its own plus the next ranked peer. Rankings are
-cached per (content, asker bits, want) for 1.5-2 s (each recomputation
-rotates where ties start, so askers are not all sent to the same first
-peers; the spread keeps rankings made together, such as a tracker's first
-second, from coming due together as a wave of rescoring). A change
-in the swarm ends a ranking early, except that a full ranking (it lists
-``want + 1`` peers) outlives changes of bitmaps: then the bitmaps in its
-encoded entries may be up to 2 s old. In a live swarm, where progress
-announces change the state many times a second, this is what keeps rankings
-shared; a peer learns a neighbour's exact bitmap from the neighbour anyway.
-A peer joining or leaving always ends it: in a flash crowd every newcomer
-gets a freshly ranked, rotated answer, so a thousand newcomers do not all
-dial the same fifty peers (the simulator measured what that does: N = 1000
-went from 1.17 to 1.6-2.2 x the bound). The cache is one FIFO for
-the whole index, bounded in entries and in encoded bytes (a few MiB: it
-must not undo the memory budget per entry), and entries carry their swarm's
-serial number and version, so a stale one is recognised on sight. An
-answer never lists a peer that has expired: a ranking is not used past the
-earliest expiry among the peers it lists.
-
-Expiry is lazy (expired slots are skipped when answering) plus a sweep,
-``expire(now)``, that the server calls every few seconds; a swarm is only
-walked when the lower bound it keeps on its earliest expiry has passed.
+In full, and why each rule: docs/ARCHITECTURE.md, "The tracker's index".
 """
 
 from __future__ import annotations
@@ -198,7 +169,7 @@ class SwarmIndex:
         self._swarms: dict[bytes, Swarm] = {}
         self._peer_contents: dict[bytes, int] = {}  # key -> number of swarms it is in
         self._entries = 0
-        self._heads: dict[tuple[str, int], bytes] = {}  # see module doc
+        self._heads: dict[tuple[str, int], bytes] = {}  # see _swarm.py, heads
         # FIFO (see module doc). An OrderedDict because popping a plain dict's
         # first item scans the deleted entries before it: ~2 us at 2,048.
         self._answers: OrderedDict[tuple[bytes, bytes, int], _Answer] = OrderedDict()

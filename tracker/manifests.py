@@ -1,22 +1,19 @@
 """Published manifests, persisted in SQLite (``manifests.sqlite3`` under the data dir).
 
-The store keeps bytes exactly as published; verifying them is the server's
-job before ``put``. Content ids are stored as 64-character lowercase hex text
-(the primary key, so a B-tree index), which makes a prefix lookup a range
-scan: every id starting with ``p`` lies in ``[p, p + "g")`` because ``g``
-sorts after every hex digit.
+The store keeps bytes exactly as published (the server verifies them before
+``put``); the first publish of a content id wins, a re-publish changes nothing.
+Content ids are the primary key as 64-character lowercase hex, so a prefix
+lookup is a range scan: every id starting with ``p`` lies in ``[p, p + "g")``
+(``g`` sorts after every hex digit).
 
-The methods are synchronous and short; the tracker server calls them through
-one worker thread (``trio.to_thread.run_sync`` with a limiter of 1), so the
-connection is opened with ``check_same_thread=False`` and is never used by
-two threads at once.
+The methods are synchronous and short; the server calls them through one
+worker thread (a limiter of 1), so the connection is opened with
+``check_same_thread=False`` and is never used by two threads at once.
 
-Disk is a budget: every stored manifest is charged its size plus a fixed
-row overhead (``ROW_BYTES``) to the whole store, to the key that published it
-and to the address it came from (all three remembered in the row, so the
-totals survive a restart); ``put`` refuses with ``limit`` what would not fit.
-A content id is stored once: the first publish wins (a re-publish, even
-with other signatures, changes nothing and costs nothing).
+Disk is a budget: each manifest is charged its size plus ``ROW_BYTES`` to the
+whole store, to the key that published it and to the address it came from
+(remembered in the row, so the totals survive a restart); ``put`` refuses with
+``limit`` what would not fit.
 """
 
 from __future__ import annotations
