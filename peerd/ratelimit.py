@@ -61,7 +61,12 @@ def parse_rate(text: str | None) -> int | None:
 
 
 class TokenBucket:
-    """Pure token bucket: ``rate`` tokens per second, up to ``burst`` banked."""
+    """Pure token bucket: ``rate`` tokens per second, up to ``burst`` banked.
+
+    Also the tracker's per-connection and per-address message limits.
+    """
+
+    __slots__ = ("burst", "rate", "stamp", "tokens")
 
     def __init__(self, rate: float, burst: float, now: float) -> None:
         if rate <= 0:
@@ -71,14 +76,11 @@ class TokenBucket:
         self.tokens = burst
         self.stamp = now
 
-    def _refill(self, now: float) -> None:
+    def take(self, amount: float, now: float) -> float:
+        """Take ``amount`` tokens (may go into debt); return seconds to wait before going on."""
         if now > self.stamp:
             self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
             self.stamp = now
-
-    def take(self, amount: float, now: float) -> float:
-        """Take ``amount`` tokens (may go into debt); return seconds to wait before going on."""
-        self._refill(now)
         self.tokens -= amount
         return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
 

@@ -91,6 +91,7 @@ from peerd.errors import (
 )
 from peerd.identity import peer_home, verify_signature
 from peerd.manifest import Manifest
+from peerd.ratelimit import TokenBucket
 from peerd.transport import Mux, Stream, Transport, get_transport
 from peerd.wire import (
     MAX_BODY,
@@ -181,23 +182,6 @@ class TrackerLimits:
             raise ValueError("max_disk must be at least 1 MiB")
 
 
-class _Bucket:
-    """Token bucket on the server clock; ``take`` returns seconds to wait (0 = go)."""
-
-    __slots__ = ("rate", "stamp", "tokens")
-
-    def __init__(self, rate: float, now: float) -> None:
-        self.rate = rate
-        self.tokens = rate
-        self.stamp = now
-
-    def take(self, now: float) -> float:
-        self.tokens = min(self.rate, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        self.tokens -= 1.0
-        return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
-
-
 class _Slot:
     """One admitted connection's place in the per-address count."""
 
@@ -236,8 +220,8 @@ class _Client:
         conn: TrackerServerConnection,
         address: str,
         key: bytes,
-        bucket: _Bucket,
-        area: _Bucket,
+        bucket: TokenBucket,
+        area: TokenBucket,
         intake: Intake,
     ) -> None:
         self.stream = stream
@@ -330,7 +314,7 @@ class _Tracker:
         self.verify_limiter = trio.CapacityLimiter(1)
         self.connections = 0
         self.per_address: defaultdict[str, list[_Slot]] = defaultdict(list)
-        self.address_buckets: dict[str, _Bucket] = {}
+        self.address_buckets: dict[str, TokenBucket] = {}
         self.mux: Mux | None = None  # set by serve_tracker
         self.nursery: trio.Nursery | None = None  # where off-hot-path answers run
         self.clients: dict[Stream, _Client] = {}
@@ -359,9 +343,8 @@ class _Tracker:
         self.connections += 1
         self.per_address[address].append(slot)
         if address not in self.address_buckets:
-            self.address_buckets[address] = _Bucket(
-                limits.address_messages_per_second, self.clock()
-            )
+            rate = limits.address_messages_per_second
+            self.address_buckets[address] = TokenBucket(rate, rate, self.clock())
         intake = Intake(self.intake, address)
         try:
             await self._converse(stream, conn, slot, intake)
@@ -467,12 +450,13 @@ class _Tracker:
         # reply type is allowed, so PEERS frames built by the dispatcher need
         # no state-machine step.
         assert conn.state is TrackerState.READY
+        rate = self.limits.messages_per_second  # burst: one second's worth
         client = _Client(
             stream,
             conn,
             address,
             key,
-            _Bucket(self.limits.messages_per_second, self.clock()),
+            TokenBucket(rate, rate, self.clock()),
             self.address_buckets[address],
             intake,
         )
@@ -594,7 +578,7 @@ class _Tracker:
                 c.done.set()
                 break
             charge = c.intake.consumed()
-            wait = max(c.bucket.take(now), c.area.take(now))
+            wait = max(c.bucket.take(1.0, now), c.area.take(1.0, now))
             reply = None if wait > 0 else self._answer_now(event, c, now)
             if reply is None:  # rate-limited, or a request that needs an await
                 c.busy = True
