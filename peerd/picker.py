@@ -75,8 +75,6 @@ from itertools import islice
 __all__ = [
     "MAX_DEPTH",
     "PiecePicker",
-    "bits_from_flags",
-    "flags_from_bits",
     "pipeline_depth",
     "swarm_counts",
 ]
@@ -103,9 +101,6 @@ def pipeline_depth(rate: float, chunk_size: int) -> int:
 
 PeerKey = Hashable
 
-_TO_FLAGS = bytes.maketrans(b"01", b"\x00\x01")
-_TO_CHARS = bytes.maketrans(b"\x00\x01", b"01")
-
 
 def swarm_counts(avail: bytes) -> tuple[int, ...]:
     """The tracker's availability field (2-byte big-endian holder counts) as ints."""
@@ -114,24 +109,6 @@ def swarm_counts(avail: bytes) -> tuple[int, ...]:
     if len(avail) % 2:  # not from a valid PEERS frame; read the odd byte as a count
         counts += (avail[-1],)
     return counts
-
-
-def flags_from_bits(bits: bytes, n: int) -> bytearray:
-    """Wire bitfield (MSB first) -> one byte (0/1) per chunk, length ``n``."""
-    if n == 0:
-        return bytearray()
-    text = format(int.from_bytes(bits, "big"), f"0{len(bits) * 8}b")[:n]
-    return bytearray(text.encode("ascii").translate(_TO_FLAGS))
-
-
-def bits_from_flags(flags: bytes | bytearray) -> bytes:
-    """One byte (0/1) per chunk -> wire bitfield (MSB first, zero padded)."""
-    n = len(flags)
-    if n == 0:
-        return b""
-    nbytes = (n + 7) // 8
-    text = bytes(flags).translate(_TO_CHARS) + b"0" * (nbytes * 8 - n)
-    return int(text, 2).to_bytes(nbytes, "big")
 
 
 @dataclass(slots=True)

@@ -60,7 +60,7 @@ import trio
 from .errors import StorageError
 from .hashing import hash_chunk
 from .manifest import Info
-from .picker import bits_from_flags, flags_from_bits
+from .wire import bits_from_flags, flags_from_bits
 
 __all__ = ["ChunkStore", "SourceFile", "aligned_buffer", "describe_os_error"]
 

@@ -40,13 +40,7 @@ from .choker import Choker
 from .errors import PeerError, RemoteProtocolError, TrackerError
 from .hashing import hash_chunk
 from .manifest import Manifest
-from .picker import (
-    PiecePicker,
-    bits_from_flags,
-    flags_from_bits,
-    pipeline_depth,
-    swarm_counts,
-)
+from .picker import PiecePicker, pipeline_depth, swarm_counts
 from .scheduling import (
     BUSY_BACKOFF,
     QUEUE_WAIT,
@@ -62,7 +56,9 @@ from .wire import (
     ManifestResponse,
     PeerConnection,
     Reject,
+    bits_from_flags,
     encode_message,
+    flags_from_bits,
     validate_bits,
 )
 

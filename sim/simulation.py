@@ -65,13 +65,7 @@ from peerd.choker import Choker
 from peerd.errors import RemoteProtocolError
 from peerd.identity import Identity, verify_signature
 from peerd.node import PROTOCOL_VERSION
-from peerd.picker import (
-    PiecePicker,
-    bits_from_flags,
-    flags_from_bits,
-    pipeline_depth,
-    swarm_counts,
-)
+from peerd.picker import PiecePicker, pipeline_depth, swarm_counts
 from peerd.scheduling import (
     BUSY_BACKOFF,
     NEEDY_WINDOW,
@@ -96,6 +90,8 @@ from peerd.wire import (
     Proof,
     Reject,
     Request,
+    bits_from_flags,
+    flags_from_bits,
 )
 from tracker.index import SwarmIndex
 

@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from peerd.picker import PiecePicker, bits_from_flags, flags_from_bits, swarm_counts
+from peerd.picker import PiecePicker, swarm_counts
+from peerd.wire import bits_from_flags, flags_from_bits
 
 
 @given(st.lists(st.integers(0, 1), max_size=300))

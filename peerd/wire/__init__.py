@@ -14,11 +14,13 @@ See docs/PROTOCOL.md for the byte-level specification.
 """
 
 from ._bits import (
+    bits_from_flags,
     bits_from_indices,
     bits_length,
     count_bits,
     decode_availability,
     encode_availability,
+    flags_from_bits,
     has_bit,
     indices_from_bits,
     validate_bits,
@@ -125,6 +127,7 @@ __all__ = [
     "TrackerManifest",
     "TrackerServerConnection",
     "TrackerState",
+    "bits_from_flags",
     "bits_from_indices",
     "bits_length",
     "count_bits",
@@ -133,6 +136,7 @@ __all__ = [
     "encode_message",
     "encode_peer_entry",
     "encode_peers_body",
+    "flags_from_bits",
     "has_bit",
     "indices_from_bits",
     "join_peers_body",

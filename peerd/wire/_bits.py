@@ -2,8 +2,8 @@
 
 Bitfield: ``ceil(n / 8)`` bytes; chunk ``i`` is bit ``0x80 >> (i % 8)`` of byte
 ``i // 8`` (most significant bit first); the pad bits after chunk ``n - 1``
-must be zero. Availability: one u16 big-endian count per chunk, saturating at
-65535.
+must be zero. Flags: the node's working form, one byte (0/1) per chunk.
+Availability: one u16 big-endian count per chunk, saturating at 65535.
 """
 
 from __future__ import annotations
@@ -15,17 +15,21 @@ from collections.abc import Iterable, Sequence
 from peerd.errors import RemoteProtocolError
 
 __all__ = [
+    "bits_from_flags",
     "bits_from_indices",
     "bits_length",
     "count_bits",
     "decode_availability",
     "encode_availability",
+    "flags_from_bits",
     "has_bit",
     "indices_from_bits",
     "validate_bits",
 ]
 
 _U16_MAX = 0xFFFF
+_TO_FLAGS = bytes.maketrans(b"01", b"\x00\x01")
+_TO_CHARS = bytes.maketrans(b"\x00\x01", b"01")
 
 
 def bits_length(n: int) -> int:
@@ -81,6 +85,24 @@ def has_bit(bits: bytes, i: int) -> bool:
     """Whether chunk ``i`` is set (False past the end of ``bits``)."""
     byte = i >> 3
     return 0 <= byte < len(bits) and bool(bits[byte] & (0x80 >> (i & 7)))
+
+
+def flags_from_bits(bits: bytes, n: int) -> bytearray:
+    """Wire bitfield (MSB first) -> one byte (0/1) per chunk, length ``n``."""
+    if n == 0:
+        return bytearray()
+    text = format(int.from_bytes(bits, "big"), f"0{len(bits) * 8}b")[:n]
+    return bytearray(text.encode("ascii").translate(_TO_FLAGS))
+
+
+def bits_from_flags(flags: bytes | bytearray) -> bytes:
+    """One byte (0/1) per chunk -> wire bitfield (MSB first, zero padded)."""
+    n = len(flags)
+    if n == 0:
+        return b""
+    nbytes = (n + 7) // 8
+    text = bytes(flags).translate(_TO_CHARS) + b"0" * (nbytes * 8 - n)
+    return int(text, 2).to_bytes(nbytes, "big")
 
 
 def count_bits(bits: bytes) -> int:
