@@ -88,13 +88,15 @@ def parse_tracker(text: str | None) -> tuple[str, int]:
 
 
 def parse_chunk_size(text: str | None) -> int | None:
+    from peerd.manifest import valid_chunk_size
+
     if text is None:
         return None
     try:
         size = parse_size(text)
     except ValueError as exc:
         raise PeerError(f"--chunk-size: {exc}") from None
-    if size < 16 * 1024 or size > 64 * 1024 * 1024 or size & (size - 1):
+    if not valid_chunk_size(size):
         raise PeerError(f"--chunk-size {text}: use a power of two from 16KiB to 64MiB")
     return size
 

@@ -72,6 +72,7 @@ __all__ = [
     "content_id_hex",
     "default_chunk_size",
     "parse_content_id",
+    "valid_chunk_size",
     "verify_chunk",
 ]
 
@@ -150,9 +151,14 @@ def default_chunk_size(size: int) -> int:
     return chunk_size
 
 
+def valid_chunk_size(chunk_size: int) -> bool:
+    """Whether ``chunk_size`` is a power of two in [16 KiB, 64 MiB] (the one rule)."""
+    return MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE and not chunk_size & (chunk_size - 1)
+
+
 def _check_chunk_size(chunk_size: object) -> int:
     chunk_size = _check_int(chunk_size, "chunk_size")
-    if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE or chunk_size & (chunk_size - 1):
+    if not valid_chunk_size(chunk_size):
         raise ManifestError(
             f"chunk size {chunk_size} is not a power of two between "
             f"{MIN_CHUNK_SIZE} (16 KiB) and {MAX_CHUNK_SIZE} (64 MiB)"
