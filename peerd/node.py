@@ -491,7 +491,7 @@ class Node:
                         )
                     # BITFIELD, HAVE, KEEPALIVE: not needed for the manifest.
                 with contextlib.suppress(PeerError):
-                    await stream.send_all(conn.send(Goodbye("got the manifest")))
+                    await stream.send_all(conn.send(Goodbye("done: got the manifest")))
         except trio.TooSlowError:
             raise TransportError(f"peer {ip}:{port} did not send the manifest in time") from None
         finally:

@@ -39,7 +39,6 @@ import fcntl
 import logging
 import socket
 import sys
-from collections import deque
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
@@ -167,8 +166,6 @@ class PeerSession:
         self.name = f"{hello.key.hex()[:12]}@{host}:{hello.port}"
         # requests we sent: (index, offset, length)
         self.requests: set[tuple[int, int, int]] = set()
-        # requests we cancelled; a late DATA for them is read and dropped
-        self.cancelled: deque[tuple[int, int, int]] = deque(maxlen=256)
         self.received_bytes = 0
         self.sent_bytes = 0
         now = trio.current_time()
@@ -239,7 +236,6 @@ class PeerSession:
         req = (index, offset, length)
         if req in self.requests:
             self.requests.discard(req)
-            self.cancelled.append(req)
             self.send_control(Cancel(index, offset, length))
 
     def announce_have(self, index: int) -> None:
@@ -394,11 +390,9 @@ class PeerSession:
 
     async def _receive_payload(self, header: DataHeader) -> None:
         req = (header.index, header.offset, header.length)
+        # The wire let it through: it answers a request of ours, outstanding
+        # or cancelled (then it is read and dropped).
         wanted = req in self.requests
-        if not wanted and req not in self.cancelled:
-            raise RemoteProtocolError(
-                f"peer sent chunk {header.index} [{header.offset}+{header.length}] it was not asked for"
-            )
         self.requests.discard(req)
         pool = self.content.buffers
         buf = await pool.acquire()
