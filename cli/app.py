@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING, Annotated, Any
 import trio
 import typer
 
+from peerd.content.identity import Identity, parse_public_key, peer_home
 from peerd.errors import PeerError
-from peerd.identity import Identity, parse_public_key, peer_home
-from peerd.ratelimit import parse_rate, parse_size
+from peerd.node.ratelimit import parse_rate, parse_size
 
 if TYPE_CHECKING:
-    from peerd.node import Node
+    from peerd.node.node import Node
 
 app = typer.Typer(
     add_completion=False,
@@ -88,7 +88,7 @@ def parse_tracker(text: str | None) -> tuple[str, int]:
 
 
 def parse_chunk_size(text: str | None) -> int | None:
-    from peerd.manifest import valid_chunk_size
+    from peerd.content.manifest import valid_chunk_size
 
     if text is None:
         return None
@@ -202,7 +202,7 @@ def make_node(
     Raises:
         PeerError: a bad option, an unusable key file or transport.
     """
-    from peerd.node import Node
+    from peerd.node.node import Node
 
     return Node(
         _identity(),
@@ -249,8 +249,8 @@ def cmd_share(
 ) -> None:
     """Share a file: print its content id, then seed until Ctrl-C."""
     setup_logging(verbose)
-    from peerd.daemon import try_daemon_share
-    from peerd.share import share_file
+    from peerd.app.daemon import try_daemon_share
+    from peerd.app.share import share_file
 
     try:
         chunk = parse_chunk_size(chunk_size)
@@ -318,8 +318,8 @@ def cmd_get(
 ) -> None:
     """Download a file from every useful peer at once, verifying every chunk."""
     setup_logging(verbose)
-    from peerd.download import download
-    from peerd.progress import ProgressView
+    from peerd.app.download import download
+    from peerd.app.progress import ProgressView
 
     try:
         trust_key = parse_public_key(trust) if trust else None
@@ -414,7 +414,7 @@ def cmd_daemon(
 ) -> None:
     """Run a long-lived node for this $PEER_HOME (control it with status, ls, stop)."""
     setup_logging(verbose)
-    from peerd.daemon import run_daemon
+    from peerd.app.daemon import run_daemon
 
     try:
         node = make_node(tracker, host, port, transport, up_limit, down_limit)
@@ -434,7 +434,7 @@ def cmd_daemon(
 
 
 def _control(request: dict[str, Any]) -> dict[str, Any]:
-    from peerd.daemon import control_request
+    from peerd.app.daemon import control_request
 
     try:
         reply = control_request(peer_home(), request)

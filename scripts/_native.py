@@ -29,9 +29,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 MODULES = (
     "sim/simulation.py",
-    "peerd/picker.py",
-    "peerd/choker.py",
-    "peerd/scheduling.py",
+    "peerd/engine/picker.py",
+    "peerd/engine/upload_queue.py",
+    "peerd/engine/scheduling.py",
     "peerd/wire/_connection.py",
     "peerd/wire/_codec.py",
     "peerd/wire/_frames.py",

@@ -22,10 +22,10 @@ from cli.app import main as peer_main
 
 # The modules `peer get` imports lazily: loaded before the start signal too.
 LAZY_MODULES = (
-    "peerd.download",
-    "peerd.node",
-    "peerd.progress",
-    "peerd.tracker_client",
+    "peerd.app.download",
+    "peerd.node.node",
+    "peerd.app.progress",
+    "peerd.node.tracker_client",
     "peerd.transport.proactor",
     "peerd.transport.reactor",
 )

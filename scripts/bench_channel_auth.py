@@ -10,7 +10,7 @@ moves chunk bytes:
   from the page cache. The leecher ``recv_into``s a preallocated page-aligned
   buffer, hashes the chunk with blake3 (the node hashes every chunk anyway),
   checks it against the source's hash and ``pwrite``s it to the output file
-  (``O_DIRECT`` where the file system allows it, as ``peerd/store.py`` does).
+  (``O_DIRECT`` where the file system allows it, as ``peerd/content/store.py`` does).
 * ``aes-gcm``: AES-256-GCM (``cryptography``'s ``AESGCM``), 12-byte nonce =
   the frame counter, the 13-byte header as associated data (its length field
   counts the 16-byte tag). The seeder ``preadv``s the chunk into a buffer,
@@ -64,7 +64,7 @@ import blake3
 import cryptography
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
-from peerd.ratelimit import parse_size
+from peerd.node.ratelimit import parse_size
 
 MiB = 1 << 20
 TAG = 16
@@ -72,7 +72,7 @@ DATA = 5
 HEADER = struct.Struct(">BIII")  # type, length (of what follows the 5 bytes), index, offset
 assert HEADER.size == 13
 ALIGN = 4096
-BUFFER_BUDGET = 32 * MiB  # chunk buffers of a pipelined leecher (peerd/swarm.py)
+BUFFER_BUDGET = 32 * MiB  # chunk buffers of a pipelined leecher (peerd/node/driver.py)
 WORKERS = 4  # its hash + write threads
 MODES = ("pipelined", "sequential")
 VARIANTS: dict[str, Any] = {"plain": None, "aes-gcm": AESGCM, "chacha20": ChaCha20Poly1305}
@@ -208,7 +208,7 @@ def leecher(
         sealed = mmap.mmap(-1, chunk + TAG)
         sview = memoryview(sealed)
     # Page-aligned chunk buffers, like the store's: one (sequential), or a
-    # bounded pool (pipelined: BUFFER_BUDGET bytes, as peerd/swarm.py's pool).
+    # bounded pool (pipelined: BUFFER_BUDGET bytes, as peerd/node/driver.py's pool).
     nbuf = 1 if mode == "sequential" else max(2, BUFFER_BUDGET // chunk)
     free: queue.SimpleQueue[mmap.mmap] = queue.SimpleQueue()
     for _ in range(nbuf):

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import blake3
 
-from peerd.manifest import build_manifest
+from peerd.content.manifest import build_manifest
 
 MiB = 1024 * 1024
 

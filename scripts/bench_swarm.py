@@ -28,7 +28,7 @@ from pathlib import Path
 
 import blake3
 
-from peerd.ratelimit import parse_size
+from peerd.node.ratelimit import parse_size
 
 PY = sys.executable
 MiB = 1 << 20
@@ -68,7 +68,7 @@ def one_run(work: Path, src: Path, transport: str, seeders: int) -> tuple[float,
             home = work / f"seed{k}"
             home.mkdir(exist_ok=True)
             p = subprocess.Popen(
-                [PY, "-m", "peerd", "share", str(src)],
+                [PY, "-m", "cli", "share", str(src)],
                 env=dict(env, PEER_HOME=str(home)),
                 stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL,
@@ -81,7 +81,7 @@ def one_run(work: Path, src: Path, transport: str, seeders: int) -> tuple[float,
         out = work / "out.bin"
         out.unlink(missing_ok=True)
         leech = subprocess.Popen(
-            [PY, "-m", "peerd", "get", cid, "-o", str(out), "--json"],
+            [PY, "-m", "cli", "get", cid, "-o", str(out), "--json"],
             env=dict(env, PEER_HOME=str(home)),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

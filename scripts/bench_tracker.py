@@ -58,10 +58,10 @@ from pathlib import Path
 
 import trio
 
-from peerd.hashing import DIGEST_SIZE, merkle_root
-from peerd.identity import Identity
-from peerd.manifest import Info, Manifest
-from peerd.tracker_client import AUTH_CONTEXT
+from peerd.content.hashing import DIGEST_SIZE, merkle_root
+from peerd.content.identity import Identity
+from peerd.content.manifest import Info, Manifest
+from peerd.node.tracker_client import AUTH_CONTEXT
 from peerd.transport import Stream, get_transport
 from peerd.wire import (
     NEED_DATA,

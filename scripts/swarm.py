@@ -36,8 +36,8 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 from rich.table import Table
 
-from peerd.manifest import default_chunk_size
-from peerd.ratelimit import parse_size
+from peerd.content.manifest import default_chunk_size
+from peerd.node.ratelimit import parse_size
 
 PY = sys.executable
 
@@ -234,7 +234,7 @@ def run_swarm(
                     if p.up_rate:
                         net.cap_upload(p.host, p.up_rate, 0x10 + k)
                 p.key = subprocess.run(
-                    [PY, "-m", "peerd", "id"],
+                    [PY, "-m", "cli", "id"],
                     env={**env, "PEER_HOME": str(p.home)},
                     capture_output=True,
                     check=True,
@@ -258,7 +258,7 @@ def run_swarm(
             for p in seeds:
                 host = ["--host", p.host] if emulate else common
                 p.proc = subprocess.Popen(
-                    [*net.prefix(), PY, "-m", "peerd", "share", str(src), *host, *limit, *chunking],
+                    [*net.prefix(), PY, "-m", "cli", "share", str(src), *host, *limit, *chunking],
                     env={**env, "PEER_HOME": str(p.home)},
                     stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE,

@@ -6,10 +6,10 @@ Real processes stop at a few dozen peers on one machine, but everything that
 decides is pure code, so ``N`` peers can run here in memory through the very
 same objects the node uses: a :class:`~peerd.wire.PeerConnection` per
 connection end (every message is encoded, fed as bytes and parsed back), a
-:class:`~peerd.picker.PiecePicker` per leecher, a :class:`~peerd.choker.Choker`
+:class:`~peerd.engine.picker.PiecePicker` per leecher, a :class:`~peerd.engine.upload_queue.Choker`
 per upload link, one :class:`tracker.index.SwarmIndex` for the tracker, and
 real Ed25519 identities that sign and verify every handshake PROOF. The
-Trio glue (``peerd.swarm`` / ``peerd.session``) is mirrored decision by
+Trio glue (``peerd.node.driver`` / ``peerd.node.session``) is mirrored decision by
 decision -- top-up to ``pipeline_depth``, HAVE to every session on every
 chunk, endgame cancels, the 0.5 s ticker, the tracker's progress batching --
 reusing their constants; the few decisions that live inline there are marked
@@ -61,12 +61,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from peerd.choker import Choker
-from peerd.errors import RemoteProtocolError
-from peerd.identity import Identity, verify_signature
-from peerd.node import PROTOCOL_VERSION
-from peerd.picker import PiecePicker, pipeline_depth, swarm_counts
-from peerd.scheduling import (
+from peerd.content.identity import Identity, verify_signature
+from peerd.engine.picker import PiecePicker, pipeline_depth, swarm_counts
+from peerd.engine.scheduling import (
     BUSY_BACKOFF,
     NEEDY_WINDOW,
     QUEUE_WAIT,
@@ -75,8 +72,11 @@ from peerd.scheduling import (
     next_announce_delay,
     tracker_want,
 )
-from peerd.session import MAX_HAVE_PER_FRAME, MAX_QUEUED_UPLOADS
-from peerd.swarm import PROGRESS_EVERY, REQUEST_TIMEOUT, STALL_TIMEOUT
+from peerd.engine.upload_queue import Choker
+from peerd.errors import RemoteProtocolError
+from peerd.node.driver import PROGRESS_EVERY, REQUEST_TIMEOUT, STALL_TIMEOUT
+from peerd.node.node import PROTOCOL_VERSION
+from peerd.node.session import MAX_HAVE_PER_FRAME, MAX_QUEUED_UPLOADS
 from peerd.wire import (
     NEED_DATA,
     Bitfield,
@@ -142,7 +142,7 @@ class SimConfig:
             (``Choker(super_seed=chunks)``; refusals answer REJECT ``busy``).
         suppress_haves: a HAVE goes only to peers not known to hold the chunk.
         spread: dial a random subset of a larger tracker answer
-            (:func:`peerd.scheduling.choose_dials`) instead of its first peers.
+            (:func:`peerd.engine.scheduling.choose_dials`) instead of its first peers.
         busy_backoff: seconds a refused (peer, chunk) pair is not asked again
             (0: asked again at once, as before).
         needy_window: a leecher serves first the requesters within this

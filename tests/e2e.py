@@ -94,14 +94,14 @@ class Swarm:
         self, name: str, *args: str, stdout: Any = subprocess.PIPE, stderr: Any = subprocess.PIPE
     ) -> subprocess.Popen[bytes]:
         proc = subprocess.Popen(
-            [PY, "-m", "peerd", *args], env=self.env(self.home(name)), stdout=stdout, stderr=stderr
+            [PY, "-m", "cli", *args], env=self.env(self.home(name)), stdout=stdout, stderr=stderr
         )
         self.procs.append(proc)
         return proc
 
     def run(self, name: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [PY, "-m", "peerd", *args],
+            [PY, "-m", "cli", *args],
             env=self.env(self.home(name)),
             capture_output=True,
             text=True,

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from peerd.choker import Choker, neediest
+from peerd.engine.upload_queue import Choker, neediest
 
 
 def _drain(ch: Choker, now: float = 0.0) -> list[tuple[object, int]]:

@@ -23,8 +23,8 @@ import trio
 from rich.console import Console
 
 from cli.app import status_table
-from peerd.daemon import Daemon, control_request
-from peerd.identity import Identity
+from peerd.app.daemon import Daemon, control_request
+from peerd.content.identity import Identity
 
 from .e2e import Swarm, random_file, swarm
 
@@ -134,7 +134,7 @@ async def test_daemon_binds_its_socket_without_touching_the_umask(
 
 
 def _ask(sock: Path, request: dict[str, Any]) -> dict[str, Any]:
-    from peerd.daemon import control_request
+    from peerd.app.daemon import control_request
 
     reply = control_request(sock.parent, request, timeout=5)
     assert reply is not None

@@ -14,11 +14,11 @@ from types import SimpleNamespace
 
 import trio
 
-from peerd.identity import Identity
-from peerd.manifest import Manifest, build_manifest
-from peerd.node import Node
-from peerd.store import ChunkStore
-from peerd.swarm import Content
+from peerd.content.identity import Identity
+from peerd.content.manifest import Manifest, build_manifest
+from peerd.content.store import ChunkStore
+from peerd.node.driver import Content
+from peerd.node.node import Node
 from peerd.transport import get_transport
 
 CHUNK = 256 * 1024

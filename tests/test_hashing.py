@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from peerd.content.hashing import ALGORITHMS, DIGEST_SIZE, hash_chunk, merkle_root, new_hasher
 from peerd.errors import ManifestError
-from peerd.hashing import ALGORITHMS, DIGEST_SIZE, hash_chunk, merkle_root, new_hasher
 
 
 def H(algo: str, data: bytes) -> bytes:

@@ -21,9 +21,9 @@ import msgpack
 import pytest
 import trio
 
+from peerd.content.identity import Identity
 from peerd.errors import TrackerError
-from peerd.identity import Identity
-from peerd.tracker_client import TrackerClient
+from peerd.node.tracker_client import TrackerClient
 from peerd.transport import Transport
 from peerd.wire import Auth, Challenge, ScrapeResult, TrackerClientConnection
 from tracker._budget import LARGE_FRAME, Budget, Intake

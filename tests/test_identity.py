@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from peerd.content.identity import Identity, parse_public_key, peer_home, verify_signature
 from peerd.errors import IdentityError
-from peerd.identity import Identity, parse_public_key, peer_home, verify_signature
 
 
 def mode(path: Path) -> int:

@@ -19,13 +19,13 @@ import pytest
 import trio
 from rich.console import Console
 
-from peerd import progress
-from peerd.download import DownloadError, download
-from peerd.identity import Identity
-from peerd.manifest import Manifest
-from peerd.node import Node
-from peerd.progress import ProgressView
-from peerd.store import ALLOC_STEP
+from peerd.app import progress
+from peerd.app.download import DownloadError, download
+from peerd.app.progress import ProgressView
+from peerd.content.identity import Identity
+from peerd.content.manifest import Manifest
+from peerd.content.store import ALLOC_STEP
+from peerd.node.node import Node
 from peerd.transport import get_transport
 
 from .hostile import HostileTracker
@@ -48,7 +48,7 @@ def test_huge_manifest_from_nowhere_takes_no_disk(tmp_path: Path) -> None:
             [
                 sys.executable,
                 "-m",
-                "peerd",
+                "cli",
                 "get",
                 manifest.content_id.hex(),
                 "-o",

@@ -11,18 +11,9 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from peerd.errors import (
-    ChunkHashMismatch,
-    ContentIdMismatch,
-    IntegrityError,
-    ManifestError,
-    SignatureError,
-    StorageError,
-    UntrustedManifest,
-)
-from peerd.hashing import ALGORITHMS, hash_chunk, merkle_root
-from peerd.identity import Identity
-from peerd.manifest import (
+from peerd.content.hashing import ALGORITHMS, hash_chunk, merkle_root
+from peerd.content.identity import Identity
+from peerd.content.manifest import (
     MAX_SIGNATURES,
     Info,
     Manifest,
@@ -31,6 +22,15 @@ from peerd.manifest import (
     default_chunk_size,
     parse_content_id,
     verify_chunk,
+)
+from peerd.errors import (
+    ChunkHashMismatch,
+    ContentIdMismatch,
+    IntegrityError,
+    ManifestError,
+    SignatureError,
+    StorageError,
+    UntrustedManifest,
 )
 
 KiB = 1024

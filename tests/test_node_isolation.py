@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from peerd.identity import Identity
-from peerd.manifest import Manifest, build_manifest
-from peerd.node import Node
-from peerd.store import ChunkStore, SourceFile
+from peerd.content.identity import Identity
+from peerd.content.manifest import Manifest, build_manifest
+from peerd.content.store import ChunkStore, SourceFile
+from peerd.node.node import Node
 from peerd.transport import Transport
 
 MiB = 1 << 20

@@ -1,6 +1,6 @@
 """Upload turns in a real node: a connection that stops moving cannot hold the link.
 
-A node uploads on one connection at a time (``peerd.scheduling.UploadTurns``).
+A node uploads on one connection at a time (``peerd.engine.scheduling.UploadTurns``).
 A remote that asks for chunks and then never reads leaves that connection's
 writer blocked in ``sendfile`` while it holds the turn; the turn must stop
 counting after ``TURN_STALL`` without progress so the node keeps serving

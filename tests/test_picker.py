@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from peerd.picker import PiecePicker, swarm_counts
+from peerd.engine.picker import PiecePicker, swarm_counts
 from peerd.wire import bits_from_flags, flags_from_bits
 
 
@@ -319,7 +319,7 @@ def test_picker_rejects_bad_parameters() -> None:
 
 
 def test_pipeline_depth_covers_a_quarter_second_plus_one() -> None:
-    from peerd.picker import MAX_DEPTH, pipeline_depth
+    from peerd.engine.picker import MAX_DEPTH, pipeline_depth
 
     chunk = 256 * 1024
     assert pipeline_depth(0.0, chunk) == 1  # nothing measured yet: one request

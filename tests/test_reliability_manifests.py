@@ -51,7 +51,7 @@ def _get(
         [
             sys.executable,
             "-m",
-            "peerd",
+            "cli",
             "get",
             cid,
             "-o",
@@ -90,8 +90,8 @@ def test_hostile_manifest_refused_before_anything_is_written(tmp_path: Path, cas
 
 
 def test_every_hostile_manifest_has_its_own_message(tmp_path: Path) -> None:
+    from peerd.content.manifest import Manifest
     from peerd.errors import ManifestError
-    from peerd.manifest import Manifest
 
     messages = set()
     for info, _ in CASES.values():

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from peerd.scheduling import (
+from peerd.engine.scheduling import (
     UNDERCONNECTED_RETRY,
     RemoteProgress,
     UploadTurns,

@@ -18,11 +18,11 @@ import msgpack
 import pytest
 import trio
 
-from peerd import session as session_module
-from peerd.identity import Identity
-from peerd.manifest import Manifest, build_manifest
-from peerd.node import Node
-from peerd.store import SourceFile
+from peerd.content.identity import Identity
+from peerd.content.manifest import Manifest, build_manifest
+from peerd.content.store import SourceFile
+from peerd.node import session as session_module
+from peerd.node.node import Node
 from peerd.transport import Transport
 
 from .hostile import GOODBYE, KEEPALIVE, handshake, message, read_frame

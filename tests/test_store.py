@@ -13,11 +13,11 @@ from pathlib import Path
 import msgpack
 import pytest
 
+from peerd.content.hashing import hash_chunk, merkle_root
+from peerd.content.identity import Identity
+from peerd.content.manifest import Info, Manifest
+from peerd.content.store import ALLOC_STEP, ChunkStore
 from peerd.errors import StorageError
-from peerd.hashing import hash_chunk, merkle_root
-from peerd.identity import Identity
-from peerd.manifest import Info, Manifest
-from peerd.store import ALLOC_STEP, ChunkStore
 
 MiB = 1 << 20
 

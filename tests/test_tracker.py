@@ -21,11 +21,11 @@ from typing import Any
 import pytest
 import trio
 
+from peerd.content.hashing import hash_chunk, merkle_root
+from peerd.content.identity import Identity
+from peerd.content.manifest import Info, Manifest
 from peerd.errors import TrackerError
-from peerd.hashing import hash_chunk, merkle_root
-from peerd.identity import Identity
-from peerd.manifest import Info, Manifest
-from peerd.tracker_client import AUTH_CONTEXT, TrackerClient
+from peerd.node.tracker_client import AUTH_CONTEXT, TrackerClient
 from peerd.transport import Stream, Transport
 from peerd.wire import (
     NEED_DATA,
@@ -622,7 +622,7 @@ async def test_peer_tracker_passes_its_disk_budget(transport: Transport, tmp_pat
             "128MiB",
             "--max-disk",
             "1MiB",
-            command=("peerd", "tracker"),
+            command=("cli", "tracker"),
         )
         try:
             async with await TrackerClient.connect(transport, "127.0.0.1", port, alice) as client:
@@ -644,7 +644,7 @@ async def test_peer_tracker_passes_its_disk_budget(transport: Transport, tmp_pat
 )
 def test_peer_tracker_refuses_a_bad_budget(args: tuple[str, ...], message: str) -> None:
     run = subprocess.run(
-        [sys.executable, "-m", "peerd", "tracker", "--port", "0", *args],
+        [sys.executable, "-m", "cli", "tracker", "--port", "0", *args],
         capture_output=True,
         text=True,
         timeout=30,

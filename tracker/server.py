@@ -80,6 +80,8 @@ from pathlib import Path
 
 import trio
 
+from peerd.content.identity import peer_home, verify_signature
+from peerd.content.manifest import Manifest
 from peerd.errors import (
     ContentError,
     PeerError,
@@ -89,9 +91,7 @@ from peerd.errors import (
     TrackerError,
     TransportError,
 )
-from peerd.identity import peer_home, verify_signature
-from peerd.manifest import Manifest
-from peerd.ratelimit import TokenBucket
+from peerd.node.ratelimit import TokenBucket
 from peerd.transport import Mux, Stream, Transport, get_transport
 from peerd.wire import (
     MAX_BODY,
@@ -273,7 +273,7 @@ class _ManifestFrames:
 
 
 def default_data_dir() -> Path:
-    """``tracker`` in the peer state directory (:func:`peerd.identity.peer_home`)."""
+    """``tracker`` in the peer state directory (:func:`peerd.content.identity.peer_home`)."""
     return peer_home() / "tracker"
 
 

@@ -57,10 +57,10 @@ from pathlib import Path
 import msgpack
 import trio
 
-from .errors import StorageError
-from .hashing import hash_chunk
-from .manifest import Info
-from .wire import bits_from_flags, flags_from_bits
+from peerd.content.hashing import hash_chunk
+from peerd.content.manifest import Info
+from peerd.errors import StorageError
+from peerd.wire import bits_from_flags, flags_from_bits
 
 __all__ = ["ChunkStore", "SourceFile", "aligned_buffer", "describe_os_error"]
 

@@ -23,20 +23,20 @@ from typing import Any
 
 import trio
 
-from .download import (
+from peerd.app.download import (
     close_store,
     ended_error,
     fetch_manifest,
     output_path,
     resolve_id,
 )
-from .errors import PeerError
-from .identity import Identity, parse_public_key
-from .manifest import Manifest
-from .node import Node
-from .share import share_file
-from .store import ChunkStore, describe_os_error
-from .swarm import Content
+from peerd.app.share import share_file
+from peerd.content.identity import Identity, parse_public_key
+from peerd.content.manifest import Manifest
+from peerd.content.store import ChunkStore, describe_os_error
+from peerd.errors import PeerError
+from peerd.node.driver import Content
+from peerd.node.node import Node
 
 __all__ = [
     "Daemon",
@@ -47,7 +47,7 @@ __all__ = [
     "try_daemon_share",
 ]
 
-log = logging.getLogger("peerd.daemon")
+log = logging.getLogger("peerd.app.daemon")
 
 SOCKET_NAME = "control.sock"
 LOCK_NAME = "daemon.lock"

@@ -1,7 +1,7 @@
 """Swarm-level scheduling decisions, pure: whom to dial, when to re-announce.
 
-Besides chunk choice (:mod:`peerd.picker`) and upload order
-(:mod:`peerd.choker`), the node decides things about the shape of the swarm.
+Besides chunk choice (:mod:`peerd.engine.picker`) and upload order
+(:mod:`peerd.engine.upload_queue`), the node decides things about the shape of the swarm.
 They live here as small pure functions and classes (no clock, no I/O; callers
 pass ``now`` and a ``random.Random``), so the node and the simulator (the
 ``sim`` package) run the very same decisions:
@@ -28,7 +28,7 @@ from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import TypeVar
 
-from .choker import neediest
+from peerd.engine.upload_queue import neediest
 
 __all__ = [
     "ASK_FACTOR",
@@ -155,7 +155,7 @@ class UploadTurns:
     Order: first come, first served; with ``needy_window`` > 0, the next
     turn goes to the first waiting writer whose remote is within that share
     of the chunks of the least advanced waiting remote (``progress(who)``;
-    see :func:`peerd.choker.neediest`).
+    see :func:`peerd.engine.upload_queue.neediest`).
     """
 
     def __init__(

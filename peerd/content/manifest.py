@@ -44,6 +44,8 @@ from typing import Any
 
 import msgpack
 
+from peerd.content.hashing import ALGORITHMS, DIGEST_SIZE, hash_chunk, merkle_root
+from peerd.content.identity import PUBLIC_KEY_SIZE, SIGNATURE_SIZE, Identity, verify_signature
 from peerd.errors import (
     ChunkHashMismatch,
     ContentIdMismatch,
@@ -52,8 +54,6 @@ from peerd.errors import (
     StorageError,
     UntrustedManifest,
 )
-from peerd.hashing import ALGORITHMS, DIGEST_SIZE, hash_chunk, merkle_root
-from peerd.identity import PUBLIC_KEY_SIZE, SIGNATURE_SIZE, Identity, verify_signature
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",

@@ -16,7 +16,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from .swarm import Content
+from peerd.node.driver import Content
 
 __all__ = ["ProgressView"]
 

@@ -4,7 +4,7 @@ The node owns the nursery every other task lives in. It accepts connections
 (the seed's framework: socket, SO_REUSEADDR, bind, listen, accept, handle,
 release — the transport does the first steps), reads the remote HELLO to
 learn which content the connection is about, runs the handshake and hands
-the connection to that :class:`~peerd.swarm.Content`. Outgoing connections
+the connection to that :class:`~peerd.node.driver.Content`. Outgoing connections
 do the same in the other order. The handshake (HELLO each way, then a PROOF
 each way that signs both HELLOs and the signer's role, so it is good for one
 connection between two keys): docs/PROTOCOL.md, "Handshake".
@@ -26,16 +26,16 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from .errors import PeerError, RemoteProtocolError, TrackerError, TransportError
-from .identity import Identity, verify_signature
-from .manifest import Manifest
-from .ratelimit import RateLimiter
-from .scheduling import NEEDY_WINDOW, UploadTurns
-from .session import PeerSession, turn_blocked
-from .store import ChunkStore, SourceFile
-from .swarm import EVICTABLE_AFTER, Content
-from .transport import Stream, Transport
-from .wire import (
+from peerd.content.identity import Identity, verify_signature
+from peerd.content.manifest import Manifest
+from peerd.content.store import ChunkStore, SourceFile
+from peerd.engine.scheduling import NEEDY_WINDOW, UploadTurns
+from peerd.errors import PeerError, RemoteProtocolError, TrackerError, TransportError
+from peerd.node.driver import EVICTABLE_AFTER, Content
+from peerd.node.ratelimit import RateLimiter
+from peerd.node.session import PeerSession, turn_blocked
+from peerd.transport import Stream, Transport
+from peerd.wire import (
     NEED_DATA,
     PROTOCOL_VERSION,
     Closed,
@@ -49,11 +49,11 @@ from .wire import (
 )
 
 if TYPE_CHECKING:
-    from .tracker_client import TrackerClient
+    from peerd.node.tracker_client import TrackerClient
 
 __all__ = ["Node"]
 
-log = logging.getLogger("peerd.node")
+log = logging.getLogger("peerd.node.node")
 
 HANDSHAKE_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 10.0
@@ -276,7 +276,7 @@ class Node:
         """Run ``await fn(client)`` on a live tracker connection (reconnecting)."""
         async with self._tracker_lock:
             if self._tracker is None:
-                from .tracker_client import TrackerClient
+                from peerd.node.tracker_client import TrackerClient
 
                 host, port = self.tracker_address
                 # From our own address, so the tracker records where we listen.

@@ -3,10 +3,10 @@
 Theory of operation
 -------------------
 A :class:`Content` is what a node knows and does about one content id: the
-signed manifest, where the bytes live (a :class:`~peerd.store.SourceFile`
-when sharing a complete file, a :class:`~peerd.store.ChunkStore` while
-downloading), the :class:`~peerd.picker.PiecePicker` while chunks are
-missing, and one :class:`~peerd.session.PeerSession` per connected peer.
+signed manifest, where the bytes live (a :class:`~peerd.content.store.SourceFile`
+when sharing a complete file, a :class:`~peerd.content.store.ChunkStore` while
+downloading), the :class:`~peerd.engine.picker.PiecePicker` while chunks are
+missing, and one :class:`~peerd.node.session.PeerSession` per connected peer.
 
 Downloading is event driven: whenever something changes (a bitfield or HAVE
 arrives, a chunk is stored, a request is rejected or times out), the picker
@@ -36,21 +36,21 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from .choker import Choker
-from .errors import PeerError, RemoteProtocolError, TrackerError
-from .hashing import hash_chunk
-from .manifest import Manifest
-from .picker import PiecePicker, pipeline_depth, swarm_counts
-from .scheduling import (
+from peerd.content.hashing import hash_chunk
+from peerd.content.manifest import Manifest
+from peerd.content.store import ChunkStore, SourceFile, aligned_buffer
+from peerd.engine.picker import PiecePicker, pipeline_depth, swarm_counts
+from peerd.engine.scheduling import (
     BUSY_BACKOFF,
     QUEUE_WAIT,
     choose_dials,
     next_announce_delay,
     tracker_want,
 )
-from .session import MAX_QUEUED_UPLOADS, PeerSession
-from .store import ChunkStore, SourceFile, aligned_buffer
-from .wire import (
+from peerd.engine.upload_queue import Choker
+from peerd.errors import PeerError, RemoteProtocolError, TrackerError
+from peerd.node.session import MAX_QUEUED_UPLOADS, PeerSession
+from peerd.wire import (
     Bitfield,
     Hello,
     ManifestResponse,
@@ -63,12 +63,12 @@ from .wire import (
 )
 
 if TYPE_CHECKING:
-    from .node import Node
-    from .transport import Stream
+    from peerd.node.node import Node
+    from peerd.transport import Stream
 
 __all__ = ["BufferPool", "Content"]
 
-log = logging.getLogger("peerd.swarm")
+log = logging.getLogger("peerd.node.driver")
 
 PROGRESS_EVERY = 2.0
 STATE_FLUSH_EVERY = 1.0

@@ -1,7 +1,7 @@
 """``peer get``: resolve an id, fetch and verify the manifest, download, finish.
 
-The download itself is a :class:`~peerd.swarm.Content` with a
-:class:`~peerd.store.ChunkStore` in a running :class:`~peerd.node.Node`; this
+The download itself is a :class:`~peerd.node.driver.Content` with a
+:class:`~peerd.content.store.ChunkStore` in a running :class:`~peerd.node.node.Node`; this
 module wires the steps together and decides when to give up: when no new
 verified byte arrived for ``stall_timeout`` seconds (peers gone, none found),
 the download stops with a clear error and keeps its verified chunks for a
@@ -22,13 +22,13 @@ from pathlib import Path
 
 import trio
 
-from .errors import PeerError, TrackerError
-from .manifest import Manifest, parse_content_id
-from .node import Node
-from .store import ChunkStore
-from .swarm import Content
+from peerd.content.manifest import Manifest, parse_content_id
+from peerd.content.store import ChunkStore
+from peerd.errors import PeerError, TrackerError
+from peerd.node.driver import Content
+from peerd.node.node import Node
 
-log = logging.getLogger("peerd.download")
+log = logging.getLogger("peerd.app.download")
 
 __all__ = [
     "DownloadError",

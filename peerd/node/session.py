@@ -6,7 +6,7 @@ A :class:`PeerSession` pumps bytes between a transport stream and a sans-IO
 :class:`~peerd.wire.PeerConnection`, in two tasks:
 
 * the **reader** turns received bytes into events and hands them to the
-  session's :class:`~peerd.swarm.Content` (the swarm logic). A DATA payload is
+  session's :class:`~peerd.node.driver.Content` (the swarm logic). A DATA payload is
   not parsed: the bytes the protocol object already buffered are copied into
   a preallocated chunk buffer and the rest is received straight into it;
   hashing and the positional write then run beside the reader, so the next
@@ -14,7 +14,7 @@ A :class:`PeerSession` pumps bytes between a transport stream and a sans-IO
 * the **writer** owns the send side: small control frames (requests, haves,
   cancels) are coalesced into one send and always go before queued uploads;
   an upload is the 13-byte DATA header then ``sendfile`` straight from disk.
-  The node's writers take turns (:class:`~peerd.scheduling.UploadTurns`):
+  The node's writers take turns (:class:`~peerd.engine.scheduling.UploadTurns`):
   one uploads a chunk at a time, and its turn lasts until the kernel has
   sent the chunk's last byte (``SIOCOUTQNSD``), so every chunk crosses the
   link at the node's full rate and a control frame on another connection
@@ -44,9 +44,9 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from .errors import PeerError, RemoteProtocolError
-from .scheduling import RemoteProgress
-from .wire import (
+from peerd.engine.scheduling import RemoteProgress
+from peerd.errors import PeerError, RemoteProtocolError
+from peerd.wire import (
     NEED_DATA,
     Bitfield,
     Cancel,
@@ -66,12 +66,12 @@ from .wire import (
 )
 
 if TYPE_CHECKING:
-    from .swarm import Content
-    from .transport import Stream
+    from peerd.node.driver import Content
+    from peerd.transport import Stream
 
 __all__ = ["MAX_QUEUED_UPLOADS", "PeerSession"]
 
-log = logging.getLogger("peerd.session")
+log = logging.getLogger("peerd.node.session")
 
 MAX_QUEUED_UPLOADS = 64  # requests a remote may have queued with us
 RECV_SIZE = 64 * 1024  # control reads; payloads bypass this

@@ -23,14 +23,14 @@ from typing import Any, TypeVar
 
 import trio
 
+from peerd.content.identity import Identity
+from peerd.content.manifest import Manifest
 from peerd.errors import (
     LocalProtocolError,
     RemoteProtocolError,
     TrackerError,
     TransportError,
 )
-from peerd.identity import Identity
-from peerd.manifest import Manifest
 from peerd.transport import Stream, Transport
 from peerd.wire import (
     NEED_DATA,

@@ -13,16 +13,16 @@ from pathlib import Path
 
 import trio
 
-from .errors import ManifestError, StorageError, TrackerError
-from .identity import Identity, peer_home
-from .manifest import Info, Manifest, build_manifest
-from .node import Node
-from .store import SourceFile
-from .swarm import Content
+from peerd.content.identity import Identity, peer_home
+from peerd.content.manifest import Info, Manifest, build_manifest
+from peerd.content.store import SourceFile
+from peerd.errors import ManifestError, StorageError, TrackerError
+from peerd.node.driver import Content
+from peerd.node.node import Node
 
 __all__ = ["load_or_build_info", "share_file"]
 
-log = logging.getLogger("peerd.share")
+log = logging.getLogger("peerd.app.share")
 
 # A tracker short of memory for a large PUBLISH right now answers ``limit``;
 # so does one whose disk quota is used up, which no wait cures: a few tries.

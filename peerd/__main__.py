@@ -1,5 +1,0 @@
-"""``python -m peerd`` is the ``peer`` command."""
-
-from cli.app import main
-
-main()
