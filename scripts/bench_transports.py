@@ -126,12 +126,17 @@ def send_blocking(port: int, conns: int, per_conn: int, path: str | None) -> Non
 
 
 async def sendfile_copy(s: Stream, fd: int, offset: int, count: int) -> None:
-    """Alternative file->socket path, for comparison: ring READ into memory, then ring SEND."""
+    """Alternative file->socket path, for comparison: ring READV into memory, then ring SEND."""
+    from peerd.transport import _ring
+
     buf = COPY_BUFS.setdefault(id(s), bytearray(count))
     view = memoryview(buf)[:count]
-    got = await TRANSPORT.pread_into(fd, view, offset)
+    iov = _ring.L.Iovec([view])
+    got = await _ring.current_ring().perform1(
+        _ring.L.io_uring_prep_readv, (fd, iov, offset), (view, iov)
+    )
     if got != count:
-        raise RuntimeError("short file")
+        raise RuntimeError(f"short read: {got}")
     await s.send_all(buf if count == len(buf) else view)
 
 
@@ -163,14 +168,12 @@ async def sendfile_splice(s: Any, fd: int, offset: int, count: int) -> None:
 
 COPY_BUFS: dict[int, bytearray] = {}
 PIPES: dict[int, tuple[int, int, int]] = {}
-TRANSPORT: Any = None
 SENDFILE_VARIANTS = {"proactor-copy": sendfile_copy, "proactor-splice": sendfile_splice}
 
 
 async def send_trio(model: str, port: int, conns: int, per_conn: int, path: str | None) -> None:
-    global TRANSPORT
     variant = SENDFILE_VARIANTS.get(model)
-    transport = TRANSPORT = get_transport("proactor" if variant else model)
+    transport = get_transport("proactor" if variant else model)
     block = bytearray(os.urandom(MSG))
     streams = [await transport.connect("127.0.0.1", port) for _ in range(conns)]
 
@@ -333,48 +336,6 @@ def measure(
     return moved / elapsed / 1e6, cpu / (moved / 1e9)
 
 
-async def disk_trio(model: str, path: str, tasks: int, total: int, write: bool) -> float:
-    """``pread_into`` (or ``pwrite``) of 4 MiB blocks from ``tasks`` tasks; returns seconds."""
-    transport = get_transport(model)
-    fd = os.open(path, os.O_RDWR)
-    per_task = total // tasks
-
-    async def run(i: int) -> None:
-        buf = bytearray(MSG)
-        offset = (i * 64 * MiB) % FILE_SIZE
-        for _ in range(per_task // MSG):
-            if write:
-                await transport.pwrite(fd, buf, offset)
-            else:
-                await transport.pread_into(fd, buf, offset)
-            offset = (offset + MSG) % FILE_SIZE
-
-    start = time.perf_counter()
-    try:
-        async with trio.open_nursery() as nursery:
-            for i in range(tasks):
-                nursery.start_soon(run, i)
-    finally:
-        os.close(fd)
-    return time.perf_counter() - start
-
-
-def disk_case(path: str, total: int, repeat: int) -> None:
-    """Page-cache reads and writes: ring (proactor) against worker threads (reactor)."""
-    for write in (False, True):
-        for tasks in (1, 4):
-            rate: dict[str, list[float]] = {"reactor": [], "proactor": []}
-            cpu: dict[str, list[float]] = {"reactor": [], "proactor": []}
-            for r in range(repeat):
-                for model in ("reactor", "proactor")[:: 1 if r % 2 == 0 else -1]:
-                    cpu0 = _cpu(resource.RUSAGE_SELF)
-                    elapsed = trio.run(disk_trio, model, path, tasks, total, write)
-                    cpu[model].append((_cpu(resource.RUSAGE_SELF) - cpu0) / (total / 1e9))
-                    rate[model].append(total / elapsed / 1e6)
-            name = f"{'pwrite' if write else 'pread'}, {tasks} task{'s' if tasks > 1 else ''}"
-            print_row(name, ["reactor", "proactor"], rate, cpu)
-
-
 def spread(values: list[float]) -> str:
     med = statistics.median(values)
     return f"{100 * (max(values) - min(values)) / med:.0f}%"
@@ -387,7 +348,7 @@ def main() -> None:
     parser.add_argument(
         "--cases",
         default="plain,blake3,sha256,file",
-        help="comma list; also 'disk' (page-cache pread/pwrite, ring vs threads; printed only)",
+        help="comma list",
     )
     parser.add_argument("--conns", default="1,4", help="comma list of connection counts")
     parser.add_argument(
@@ -421,7 +382,7 @@ def main() -> None:
     load0 = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         path = None
-        if "file" in kinds or "disk" in kinds:
+        if "file" in kinds:
             path = os.path.join(tmp, "serve.bin")
             with open(path, "wb") as f:
                 for _ in range(FILE_SIZE // MSG):
@@ -430,10 +391,6 @@ def main() -> None:
                 while f.read(MSG):
                     pass
         for kind in kinds:
-            if kind == "disk":
-                assert path is not None
-                disk_case(path, total, args.repeat)
-                continue
             for conns in map(int, args.conns.split(",")):
                 rate: dict[str, list[float]] = {m: [] for m in models}
                 cpu: dict[str, list[float]] = {m: [] for m in models}

@@ -1,6 +1,8 @@
 """One stream contract, two backends: ``reactor`` (epoll) and ``proactor`` (io_uring).
 
-:func:`get_transport` is the one place a backend is chosen.
+A ``Stream`` is a ``trio.abc.HalfCloseableStream`` plus ``peer_address``,
+``fileno``, ``recv_exactly_into`` and ``sendfile``. :func:`get_transport` is
+the one place a backend is chosen.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ import os
 
 from peerd.errors import TransportUnavailable
 
-from ._base import DEFAULT_BACKLOG, Listener, Mux, Stream, Transport
+from ._base import DEFAULT_BACKLOG, Listener, Mux, Stream, StreamBroken, StreamClosed, Transport
 
 __all__ = [
     "DEFAULT_BACKLOG",
@@ -17,6 +19,8 @@ __all__ = [
     "Listener",
     "Mux",
     "Stream",
+    "StreamBroken",
+    "StreamClosed",
     "Transport",
     "get_transport",
 ]

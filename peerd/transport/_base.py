@@ -1,15 +1,9 @@
-"""The stream contract shared by both backends, and the error translation.
+"""The stream contract shared by the backends, and the error translation.
 
-A backend provides a ``Transport`` (opens listeners and connections, does
-positional disk I/O, opens a ``Mux``), a ``Listener``, a ``Stream`` and a
-``Mux``. Everything that does not depend on how bytes move lives here: the
-byte counters, ``recv_exactly_into``/``receive_some`` on top of ``recv_into``,
-the ``serve`` loop, address resolution and the translation of ``OSError``
-into the transport exceptions of :mod:`peerd.errors`.
-
-Trio's ``Cancelled`` (and therefore deadlines set with ``trio.move_on_after``
-/ ``trio.fail_after`` by the caller) is never translated: it passes through
-every method unchanged.
+A ``Stream`` is a ``trio.abc.HalfCloseableStream`` plus what the data path
+needs (``peer_address``, ``fileno``, ``recv_exactly_into``, ``sendfile``); a
+``Transport`` connects, listens, serves and opens a ``Mux``. Trio's
+``Cancelled`` passes through every method unchanged.
 """
 
 from __future__ import annotations
@@ -36,6 +30,8 @@ __all__ = [
     "Listener",
     "Mux",
     "Stream",
+    "StreamBroken",
+    "StreamClosed",
     "Transport",
 ]
 
@@ -43,6 +39,15 @@ log = logging.getLogger("peerd.transport")
 
 DEFAULT_BACKLOG = 128
 MIN_BACKLOG = 128
+
+
+class StreamClosed(ConnectionClosed, trio.ClosedResourceError):
+    """This end was closed (or, for sending, half-closed) before or during the call."""
+
+
+class StreamBroken(ConnectionReset, trio.BrokenResourceError):
+    """The connection broke: reset by the peer, or the peer stopped receiving."""
+
 
 # errno values that mean "the connection is gone" on an established stream.
 _RESET_ERRNOS = frozenset(
@@ -87,9 +92,9 @@ def _reason(exc: BaseException) -> str:
 def stream_error(exc: OSError, what: str) -> TransportError:
     """Map an OSError raised on an established stream to a transport error."""
     if exc.errno in _RESET_ERRNOS:
-        return ConnectionReset(f"{what}: connection reset by peer ({_reason(exc)})")
+        return StreamBroken(f"{what}: connection reset by peer ({_reason(exc)})")
     if exc.errno == errno.EBADF:
-        return ConnectionClosed(f"{what}: stream is closed")
+        return StreamClosed(f"{what}: stream is closed")
     return TransportError(f"{what}: {_reason(exc)}")
 
 
@@ -103,8 +108,10 @@ def translating(what: str) -> Iterator[None]:
     """Translate OSError / trio.ClosedResourceError raised by a stream op."""
     try:
         yield
+    except StreamClosed:
+        raise
     except trio.ClosedResourceError:
-        raise ConnectionClosed(f"{what}: stream is closed") from None
+        raise StreamClosed(f"{what}: stream is closed") from None
     except OSError as exc:
         raise stream_error(exc, what) from exc
 
@@ -140,91 +147,100 @@ def addr2(sockaddr: Any) -> tuple[str, int]:
     return (str(sockaddr[0]), int(sockaddr[1]))
 
 
-class Stream:
-    """A connected TCP byte stream (one task sends, one task receives at a time)."""
+class Stream(trio.abc.HalfCloseableStream):
+    """A connected byte stream: Trio's ``HalfCloseableStream`` plus the data path's needs.
 
-    backend: str = ""
-    # Bytes moved so far; kept for tests (how far a mux reads ahead, how much of
-    # a cancelled send went out), read by nothing in the product.
+    Trio's part (``send_all``, ``wait_send_all_might_not_block``,
+    ``receive_some``, ``send_eof``, ``aclose``) keeps Trio's rules: one task
+    sends and one receives at a time (else ``trio.BusyResourceError``); use
+    after ``aclose`` (or sending after ``send_eof``) raises ``StreamClosed``,
+    a broken connection ``StreamBroken``. Both are Trio's exceptions and
+    peer's ``TransportError`` at once, so either ``except`` works.
+    """
+
+    peer_address: tuple[str, int]
+    # Bytes moved so far; read by tests (how far a mux reads ahead, how much
+    # of a cancelled send went out), by nothing in the product.
     bytes_sent: int
     bytes_received: int
-    peer_address: tuple[str, int]
-    local_address: tuple[str, int]
+    # Conflict detection (Trio's "one sender, one receiver"), and half-close.
+    _sending: bool
+    _receiving: bool
+    _eof_sent: bool
 
     def fileno(self) -> int:
-        """The socket's file descriptor (-1 once closed)."""
+        """The socket's file descriptor; -1 once closed, or if there is none."""
         raise NotImplementedError
 
-    async def recv_into(self, buf: Any, nbytes: int = 0) -> int:
-        """Receive up to ``nbytes`` (0 = ``len(buf)``) bytes into ``buf``.
-
-        Returns:
-            The number of bytes received; 0 means the peer closed (EOF).
-        Raises:
-            ConnectionReset, ConnectionClosed (stream closed locally).
-        """
+    async def _recv_into(self, buf: Any) -> int:
+        """Receive up to ``len(buf)`` bytes; 0 means EOF (the backend's primitive)."""
         raise NotImplementedError
+
+    def _begin(self, sending: bool) -> None:
+        if sending:
+            if self._sending:
+                raise trio.BusyResourceError("another task is sending on this stream")
+            self._sending = True
+        else:
+            if self._receiving:
+                raise trio.BusyResourceError("another task is receiving on this stream")
+            self._receiving = True
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        """Receive at most ``max_bytes`` (default 64 KiB) bytes; ``b""`` means EOF."""
+        if max_bytes is None:
+            max_bytes = 65536
+        elif not isinstance(max_bytes, int):
+            raise TypeError("max_bytes must be an int or None")
+        elif max_bytes < 1:
+            raise ValueError("max_bytes must be >= 1")
+        self._begin(False)
+        try:
+            buf = bytearray(max_bytes)
+            n = await self._recv_into(buf)
+        finally:
+            self._receiving = False
+        del buf[n:]
+        return bytes(buf)
 
     async def recv_exactly_into(self, buf: Any) -> None:
         """Fill all of ``buf``.
 
         Raises:
             ConnectionClosed: EOF before ``buf`` was full.
-            ConnectionReset: the connection broke.
+            StreamBroken: the connection broke.
         """
-        view = memoryview(buf).cast("B")
-        total = len(view)
-        got = 0
-        while got < total:
-            n = await self.recv_into(view[got:])
-            if n == 0:
-                raise ConnectionClosed(
-                    f"connection closed by peer after {got} of {total} expected bytes"
-                )
-            got += n
-
-    async def receive_some(self, max_bytes: int = 65536) -> bytes:
-        """Receive at most ``max_bytes`` bytes; ``b""`` means EOF."""
-        if max_bytes < 1:
-            raise ValueError("max_bytes must be >= 1")
-        buf = bytearray(max_bytes)
-        n = await self.recv_into(buf)
-        del buf[n:]
-        return bytes(buf)
-
-    async def send_all(self, data: Any) -> None:
-        """Send every byte of the bytes-like ``data``.
-
-        Raises:
-            ConnectionReset: the peer reset or closed its receiving side.
-        """
-        raise NotImplementedError
+        self._begin(False)
+        try:
+            view = memoryview(buf).cast("B")
+            total = len(view)
+            got = 0
+            while got < total:
+                n = await self._recv_into(view[got:])
+                if n == 0:
+                    raise eof_error(got, total)
+                got += n
+            if total == 0:
+                await trio.lowlevel.checkpoint()
+        finally:
+            self._receiving = False
 
     async def sendfile(self, fd: int, offset: int, count: int) -> None:
-        """Send ``count`` bytes of file ``fd`` from ``offset``, not through Python.
+        """Send ``count`` bytes of file ``fd`` from ``offset`` (sockets: not through Python).
 
         Raises:
-            ConnectionReset: the connection broke.
+            StreamBroken: the connection broke.
             StorageError: the file ended before ``offset + count``.
         """
         raise NotImplementedError
 
-    async def send_eof(self) -> None:
-        """Half-close: the peer sees EOF; receiving still works."""
-        raise NotImplementedError
-
-    async def aclose(self) -> None:
-        """Close the stream (idempotent); the socket is released even if cancelled."""
-        raise NotImplementedError
-
-    async def __aenter__(self) -> Stream:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
-
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.local_address} -> {self.peer_address}>"
+        return f"<{type(self).__name__} to {self.peer_address}>"
+
+
+def eof_error(got: int, total: int) -> ConnectionClosed:
+    """What ``recv_exactly_into`` raises when the peer closes too early."""
+    return ConnectionClosed(f"connection closed by peer after {got} of {total} expected bytes")
 
 
 class Listener:
@@ -364,14 +380,6 @@ class Transport:
         Raises:
             TransportError: the address cannot be bound.
         """
-        raise NotImplementedError
-
-    async def pread_into(self, fd: int, buf: Any, offset: int) -> int:
-        """Read file ``fd`` at ``offset`` into ``buf``; returns bytes read (short only at EOF)."""
-        raise NotImplementedError
-
-    async def pwrite(self, fd: int, data: Any, offset: int) -> int:
-        """Write all of ``data`` to file ``fd`` at ``offset``; returns ``len(data)``."""
         raise NotImplementedError
 
     def open_mux(self) -> Mux:

@@ -8,7 +8,7 @@ this module maps the stream contract onto ring operations.
   is retried. Non-blocking is what lets ``sendfile`` run on the Trio thread.
 * Receiving: ``recv_exactly_into`` (the bulk path) sets SO_RCVLOWAT to the
   bytes still missing (at most ``LOWAT_CAP``) and issues one READV per step,
-  so the Trio thread wakes once per step, not per few segments. ``recv_into``
+  so the Trio thread wakes once per step, not per few segments. ``receive_some``
   puts the mark back to 1 byte and uses RECV for a whole bytearray, READV
   with an ``Iovec`` otherwise (liburing's recv/send take only whole objects).
 * Sending: SEND + ``MSG_WAITALL`` for bytes/bytearray, WRITEV otherwise;
@@ -45,8 +45,10 @@ from ._base import (
     Mux,
     MuxResult,
     Stream,
+    StreamClosed,
     Transport,
     addr2,
+    eof_error,
     stream_error,
 )
 from ._ring import current_ring, probe
@@ -54,7 +56,6 @@ from .reactor import LOWAT_CAP, ReactorListener, ReactorStream, ReactorTransport
 
 __all__ = ["ProactorListener", "ProactorStream", "ProactorTransport", "RingMux", "probe"]
 
-BACKEND = "proactor"
 _POLLIN = select.POLLIN
 _POLLOUT = select.POLLOUT
 _MSG_WAITALL = socket.MSG_WAITALL
@@ -79,8 +80,6 @@ def _whole_bytearray(buf: Any) -> bytearray | None:
 class ProactorStream(Stream):
     """A connected socket whose I/O runs as io_uring operations."""
 
-    backend = BACKEND
-
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(False)  # io_uring polls internally; os.sendfile must not block
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -90,9 +89,9 @@ class ProactorStream(Stream):
         self._inflight = 0
         self._closed = False
         self._lowat = 1  # the socket's current SO_RCVLOWAT
+        self._sending = self._receiving = self._eof_sent = False
         self.bytes_sent = 0
         self.bytes_received = 0
-        self.local_address = addr2(sock.getsockname())
         try:
             self.peer_address = addr2(sock.getpeername())
         except OSError:
@@ -111,13 +110,13 @@ class ProactorStream(Stream):
     # -- plumbing ------------------------------------------------------------------
     def _failure(self, res: int, what: str) -> Exception:
         if self._closed:
-            return ConnectionClosed(f"{what}: stream is closed")
+            return StreamClosed(f"{what}: stream is closed")
         return stream_error(OSError(-res, os.strerror(-res)), what)
 
     async def _run(self, steps: list[_ring.Step], keep: object, what: str) -> list[int]:
         if self._closed:
             await trio.lowlevel.checkpoint()
-            raise ConnectionClosed(f"{what}: stream is closed")
+            raise StreamClosed(f"{what}: stream is closed")
         self._inflight += 1
         try:
             return await self._ring.perform(steps, keep)
@@ -146,12 +145,8 @@ class ProactorStream(Stream):
             raise self._failure(res, what)
 
     # -- receiving -----------------------------------------------------------------
-    async def recv_into(self, buf: Any, nbytes: int = 0) -> int:
+    async def _recv_into(self, buf: Any) -> int:
         view = memoryview(buf).cast("B")
-        if nbytes < 0 or nbytes > len(view):
-            raise ValueError("nbytes out of range for the buffer")
-        if nbytes:
-            view = view[:nbytes]
         self._set_lowat(1)  # a plain receive takes whatever is there
         if not view:
             await trio.lowlevel.checkpoint()
@@ -176,90 +171,122 @@ class ProactorStream(Stream):
 
     async def recv_exactly_into(self, buf: Any) -> None:
         # SO_RCVLOWAT + one READV per step; see "Receiving" in the module doc.
-        view = memoryview(buf).cast("B")
-        total = len(view)
-        got = 0
-        L = _ring.L
-        while got < total:
-            self._set_lowat(min(total - got, LOWAT_CAP))
-            rest = view[got:]
-            iov = L.Iovec([rest])
-            n = await self._one(
-                L.io_uring_prep_readv, (self._fd, iov), (rest, iov), "recv", _POLLIN
-            )
-            self.bytes_received += n
-            if n == 0:
-                raise ConnectionClosed(
-                    f"connection closed by peer after {got} of {total} expected bytes"
+        self._begin(False)
+        try:
+            view = memoryview(buf).cast("B")
+            total = len(view)
+            got = 0
+            L = _ring.L
+            while got < total:
+                self._set_lowat(min(total - got, LOWAT_CAP))
+                rest = view[got:]
+                iov = L.Iovec([rest])
+                n = await self._one(
+                    L.io_uring_prep_readv, (self._fd, iov), (rest, iov), "recv", _POLLIN
                 )
-            got += n
-        if total == 0:
-            await trio.lowlevel.checkpoint()
+                self.bytes_received += n
+                if n == 0:
+                    raise eof_error(got, total)
+                got += n
+            if total == 0:
+                await trio.lowlevel.checkpoint()
+        finally:
+            self._receiving = False
 
     # -- sending ---------------------------------------------------------------------
+    async def _closed_for_sending(self, what: str) -> None:
+        await trio.lowlevel.checkpoint()
+        if self._closed:
+            raise StreamClosed(f"{what}: stream is closed")
+        raise StreamClosed(f"{what}: this side was shut (send_eof)")
+
     async def send_all(self, data: Any) -> None:
-        view = memoryview(data).cast("B")
-        total = len(view)
-        if total == 0:
-            if self._closed:
+        self._begin(True)
+        try:
+            if self._eof_sent or self._closed:
+                await self._closed_for_sending("send")
+            view = memoryview(data).cast("B")
+            total = len(view)
+            if total == 0:
                 await trio.lowlevel.checkpoint()
-                raise ConnectionClosed("send: stream is closed")
-            await trio.lowlevel.checkpoint()
-            return
-        sent = 0
-        if type(data) in (bytes, bytearray):
-            flags = _MSG_WAITALL | _MSG_NOSIGNAL
-            sent = await self._one(
-                _ring.L.io_uring_prep_send, (self._fd, data, flags), view, "send", _POLLOUT
-            )
-            self.bytes_sent += sent
-        while sent < total:
-            rest = view[sent:]
-            iov = _ring.L.Iovec([rest])
-            n = await self._one(
-                _ring.L.io_uring_prep_writev, (self._fd, iov), (rest, iov), "send", _POLLOUT
-            )
-            sent += n
-            self.bytes_sent += n
+                return
+            sent = 0
+            if type(data) in (bytes, bytearray):
+                flags = _MSG_WAITALL | _MSG_NOSIGNAL
+                sent = await self._one(
+                    _ring.L.io_uring_prep_send, (self._fd, data, flags), view, "send", _POLLOUT
+                )
+                self.bytes_sent += sent
+            while sent < total:
+                rest = view[sent:]
+                iov = _ring.L.Iovec([rest])
+                n = await self._one(
+                    _ring.L.io_uring_prep_writev, (self._fd, iov), (rest, iov), "send", _POLLOUT
+                )
+                sent += n
+                self.bytes_sent += n
+        finally:
+            self._sending = False
+
+    async def wait_send_all_might_not_block(self) -> None:
+        self._begin(True)
+        try:
+            if self._closed:
+                await self._closed_for_sending("send")
+            await self._wait(_POLLOUT, "send")
+        finally:
+            self._sending = False
 
     async def sendfile(self, fd: int, offset: int, count: int) -> None:
         if offset < 0 or count < 0:
             raise ValueError("offset and count must be >= 0")
-        await trio.lowlevel.checkpoint_if_cancelled()
-        end = offset + count
-        waited = False
-        while offset < end:
-            if self._closed:
-                raise ConnectionClosed("sendfile: stream is closed")
-            try:
-                n = os.sendfile(self._fd, fd, offset, end - offset)
-            except BlockingIOError:
-                waited = True
-                await self._wait(_POLLOUT, "sendfile")
-                continue
-            except OSError as exc:
-                if exc.errno in (errno.EBADF, errno.EINVAL):
-                    raise StorageError(f"sendfile: cannot read file: {exc.strerror}") from exc
-                raise stream_error(exc, "sendfile") from exc
-            if n == 0:
-                raise StorageError(
-                    f"sendfile: file ended at offset {offset}, {end - offset} bytes short"
-                )
-            offset += n
-            self.bytes_sent += n
-        if not waited:
-            await trio.lowlevel.cancel_shielded_checkpoint()
+        self._begin(True)
+        try:
+            if self._eof_sent or self._closed:
+                await self._closed_for_sending("sendfile")
+            await trio.lowlevel.checkpoint_if_cancelled()
+            end = offset + count
+            waited = False
+            while offset < end:
+                if self._closed:
+                    raise StreamClosed("sendfile: stream is closed")
+                try:
+                    n = os.sendfile(self._fd, fd, offset, end - offset)
+                except BlockingIOError:
+                    waited = True
+                    await self._wait(_POLLOUT, "sendfile")
+                    continue
+                except OSError as exc:
+                    if exc.errno in (errno.EBADF, errno.EINVAL):
+                        raise StorageError(f"sendfile: cannot read file: {exc.strerror}") from exc
+                    raise stream_error(exc, "sendfile") from exc
+                if n == 0:
+                    raise StorageError(
+                        f"sendfile: file ended at offset {offset}, {end - offset} bytes short"
+                    )
+                offset += n
+                self.bytes_sent += n
+            if not waited:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+        finally:
+            self._sending = False
 
     async def send_eof(self) -> None:
-        await trio.lowlevel.checkpoint_if_cancelled()
-        if self._closed:
-            raise ConnectionClosed("send_eof: stream is closed")
+        self._begin(True)
         try:
-            self._sock.shutdown(socket.SHUT_WR)
-        except OSError as exc:
-            if exc.errno != errno.ENOTCONN:
-                raise stream_error(exc, "send_eof") from exc
-        await trio.lowlevel.cancel_shielded_checkpoint()
+            await trio.lowlevel.checkpoint_if_cancelled()
+            if self._closed:
+                raise StreamClosed("send_eof: stream is closed")
+            if not self._eof_sent:
+                self._eof_sent = True
+                try:
+                    self._sock.shutdown(socket.SHUT_WR)
+                except OSError as exc:
+                    if exc.errno != errno.ENOTCONN:
+                        raise stream_error(exc, "send_eof") from exc
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        finally:
+            self._sending = False
 
     async def aclose(self) -> None:
         if not self._closed:
@@ -293,7 +320,7 @@ class ProactorListener(Listener):
 class ProactorTransport(Transport):
     """io_uring for stream and disk I/O; Trio sockets for connection setup."""
 
-    name = BACKEND
+    name = "proactor"
 
     def __init__(self) -> None:
         self._setup = ReactorTransport()
@@ -323,40 +350,6 @@ class ProactorTransport(Transport):
 
     def open_mux(self) -> Mux:
         return RingMux()
-
-    async def pread_into(self, fd: int, buf: Any, offset: int) -> int:
-        view = memoryview(buf).cast("B")
-        ring = current_ring()
-        got = 0
-        while got < len(view):
-            rest = view[got:]
-            iov = _ring.L.Iovec([rest])
-            res = await ring.perform1(
-                _ring.L.io_uring_prep_readv, (fd, iov, offset + got), (rest, iov)
-            )
-            if res < 0:
-                raise StorageError(f"read at offset {offset + got}: {os.strerror(-res)}")
-            if res == 0:
-                break
-            got += res
-        return got
-
-    async def pwrite(self, fd: int, data: Any, offset: int) -> int:
-        view = memoryview(data).cast("B")
-        ring = current_ring()
-        done = 0
-        while done < len(view):
-            rest = view[done:]
-            iov = _ring.L.Iovec([rest])
-            res = await ring.perform1(
-                _ring.L.io_uring_prep_writev, (fd, iov, offset + done), (rest, iov)
-            )
-            if res < 0:
-                raise StorageError(f"write at offset {offset + done}: {os.strerror(-res)}")
-            if res == 0:
-                raise StorageError(f"write at offset {offset + done}: no progress")
-            done += res
-        return done
 
 
 _MUX_RECV = 16384  # per lent stream: one receive buffer (and at most one untaken result)

@@ -3,14 +3,13 @@
 Trio's I/O manager waits on epoll until a socket is readable or writable,
 then the non-blocking system call runs in the Trio thread. ``sendfile`` is
 ``os.sendfile``, retried after ``wait_writable`` whenever the socket buffer is
-full, so file bytes never pass through Python. Positional disk I/O runs in
-Trio's worker threads (``os.preadv`` / ``os.pwrite`` release the GIL).
+full, so file bytes never pass through Python.
 
 ``recv_exactly_into`` raises ``SO_RCVLOWAT`` to the bytes still missing (at
 most ``LOWAT_CAP``), so epoll reports the socket readable only once that much
 is queued: a receiver slower than its sender (one that hashes every chunk)
-is not woken, through Trio's scheduler, for every few segments. ``recv_into``
-puts the mark back to 1 byte. ``EpollMux`` serves many small conversations
+is not woken, through Trio's scheduler, for every few segments.
+``receive_some`` puts the mark back to 1 byte. ``EpollMux`` serves many small conversations
 from one task (docs/ARCHITECTURE.md, "Many small conversations: the Mux").
 """
 
@@ -35,10 +34,12 @@ from ._base import (
     Mux,
     MuxResult,
     Stream,
+    StreamClosed,
     Transport,
     addr2,
     check_backlog,
     connect_error,
+    eof_error,
     resolve,
     stream_error,
     translating,
@@ -46,7 +47,6 @@ from ._base import (
 
 __all__ = ["EpollMux", "ReactorListener", "ReactorStream", "ReactorTransport"]
 
-BACKEND = "reactor"
 # recv_exactly_into raises SO_RCVLOWAT up to this many bytes, so epoll reports
 # the socket readable (and the kernel wakes us) only once that much is queued.
 LOWAT_CAP = 512 * 1024
@@ -55,15 +55,13 @@ LOWAT_CAP = 512 * 1024
 class ReactorStream(Stream):
     """A connected Trio socket."""
 
-    backend = BACKEND
-
     def __init__(self, sock: trio.socket.SocketType) -> None:
         self._sock = sock
         self.bytes_sent = 0
         self.bytes_received = 0
+        self._sending = self._receiving = self._eof_sent = False
         self._lowat = 1  # the socket's current SO_RCVLOWAT
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.local_address = addr2(sock.getsockname())
         try:
             self.peer_address = addr2(sock.getpeername())
         except OSError:  # already reset by the peer: keep an honest placeholder
@@ -82,10 +80,10 @@ class ReactorStream(Stream):
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, lowat)
             self._lowat = lowat
 
-    async def recv_into(self, buf: Any, nbytes: int = 0) -> int:
+    async def _recv_into(self, buf: Any) -> int:
         with translating("recv"):
             self._set_lowat(1)
-            n = await self._sock.recv_into(buf, nbytes)
+            n = await self._sock.recv_into(buf)
         self.bytes_received += n
         return n
 
@@ -98,79 +96,114 @@ class ReactorStream(Stream):
         # the peer will not send; the kernel also wakes us early when the
         # receive window is nearly shut, so a lowat larger than the window
         # cannot stall the sender.
-        view = memoryview(buf).cast("B")
-        total = len(view)
-        got = 0
-        with translating("recv"):
-            while got < total:
-                self._set_lowat(min(total - got, LOWAT_CAP))
-                n = await self._sock.recv_into(view[got:])
-                self.bytes_received += n
-                if n == 0:
-                    raise ConnectionClosed(
-                        f"connection closed by peer after {got} of {total} expected bytes"
-                    )
-                got += n
-        if total == 0:
-            await trio.lowlevel.checkpoint()
+        self._begin(False)
+        try:
+            view = memoryview(buf).cast("B")
+            total = len(view)
+            got = 0
+            with translating("recv"):
+                while got < total:
+                    self._set_lowat(min(total - got, LOWAT_CAP))
+                    n = await self._sock.recv_into(view[got:])
+                    self.bytes_received += n
+                    if n == 0:
+                        raise eof_error(got, total)
+                    got += n
+            if total == 0:
+                await trio.lowlevel.checkpoint()
+        finally:
+            self._receiving = False
+
+    async def _closed_for_sending(self, what: str) -> None:
+        await trio.lowlevel.checkpoint()
+        if self._sock.fileno() < 0:
+            raise StreamClosed(f"{what}: stream is closed")
+        raise StreamClosed(f"{what}: this side was shut (send_eof)")
 
     async def send_all(self, data: Any) -> None:
-        with memoryview(data) as view, view.cast("B") as flat:
-            total = len(flat)
-            sent = 0
-            with translating("send"):
+        self._begin(True)
+        try:
+            if self._eof_sent or self._sock.fileno() < 0:
+                await self._closed_for_sending("send")
+            with memoryview(data) as view, view.cast("B") as flat:
+                total = len(flat)
+                sent = 0
                 if total == 0:
-                    await trio.lowlevel.checkpoint_if_cancelled()
-                    if self._sock.fileno() < 0:
-                        raise trio.ClosedResourceError
-                    await trio.lowlevel.cancel_shielded_checkpoint()
+                    await trio.lowlevel.checkpoint()
                     return
-                while sent < total:
-                    n = await self._sock.send(flat[sent:])
-                    sent += n
-                    self.bytes_sent += n
+                with translating("send"):
+                    while sent < total:
+                        n = await self._sock.send(flat[sent:])
+                        sent += n
+                        self.bytes_sent += n
+        finally:
+            self._sending = False
+
+    async def wait_send_all_might_not_block(self) -> None:
+        self._begin(True)
+        try:
+            if self._sock.fileno() < 0:
+                await self._closed_for_sending("send")
+            with translating("send"):
+                await self._sock.wait_writable()
+        finally:
+            self._sending = False
 
     async def sendfile(self, fd: int, offset: int, count: int) -> None:
         if offset < 0 or count < 0:
             raise ValueError("offset and count must be >= 0")
-        await trio.lowlevel.checkpoint_if_cancelled()
-        waited = False
-        end = offset + count
-        with translating("sendfile"):
-            while offset < end:
-                sockfd = self._sock.fileno()
-                if sockfd < 0:
-                    raise trio.ClosedResourceError
-                try:
-                    n = os.sendfile(sockfd, fd, offset, end - offset)
-                except BlockingIOError:
-                    waited = True
-                    await trio.lowlevel.wait_writable(self._sock)
-                    continue
-                except OSError as exc:
-                    if exc.errno in (errno.EBADF, errno.EINVAL) and self._sock.fileno() >= 0:
-                        raise StorageError(f"sendfile: cannot read file: {exc.strerror}") from exc
-                    raise
-                if n == 0:
-                    raise StorageError(
-                        f"sendfile: file ended at offset {offset}, {end - offset} bytes short"
-                    )
-                offset += n
-                self.bytes_sent += n
-        if not waited:
-            await trio.lowlevel.cancel_shielded_checkpoint()
+        self._begin(True)
+        try:
+            if self._eof_sent or self._sock.fileno() < 0:
+                await self._closed_for_sending("sendfile")
+            await trio.lowlevel.checkpoint_if_cancelled()
+            waited = False
+            end = offset + count
+            with translating("sendfile"):
+                while offset < end:
+                    sockfd = self._sock.fileno()
+                    if sockfd < 0:
+                        raise trio.ClosedResourceError
+                    try:
+                        n = os.sendfile(sockfd, fd, offset, end - offset)
+                    except BlockingIOError:
+                        waited = True
+                        await trio.lowlevel.wait_writable(self._sock)
+                        continue
+                    except OSError as exc:
+                        if exc.errno in (errno.EBADF, errno.EINVAL) and self._sock.fileno() >= 0:
+                            raise StorageError(
+                                f"sendfile: cannot read file: {exc.strerror}"
+                            ) from exc
+                        raise
+                    if n == 0:
+                        raise StorageError(
+                            f"sendfile: file ended at offset {offset}, {end - offset} bytes short"
+                        )
+                    offset += n
+                    self.bytes_sent += n
+            if not waited:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+        finally:
+            self._sending = False
 
     async def send_eof(self) -> None:
-        await trio.lowlevel.checkpoint_if_cancelled()
-        with translating("send_eof"):
-            if self._sock.fileno() < 0:
-                raise trio.ClosedResourceError
-            try:
-                self._sock.shutdown(socket.SHUT_WR)
-            except OSError as exc:
-                if exc.errno != errno.ENOTCONN:  # peer already gone: EOF is moot
-                    raise
-        await trio.lowlevel.cancel_shielded_checkpoint()
+        self._begin(True)
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            with translating("send_eof"):
+                if self._sock.fileno() < 0:
+                    raise trio.ClosedResourceError
+                if not self._eof_sent:
+                    self._eof_sent = True
+                    try:
+                        self._sock.shutdown(socket.SHUT_WR)
+                    except OSError as exc:
+                        if exc.errno != errno.ENOTCONN:  # peer already gone: EOF is moot
+                            raise
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        finally:
+            self._sending = False
 
     async def aclose(self) -> None:
         self._sock.close()  # wakes tasks blocked on it with ClosedResourceError
@@ -205,9 +238,9 @@ class ReactorListener(Listener):
 
 
 class ReactorTransport(Transport):
-    """Trio sockets; disk I/O in worker threads."""
+    """Trio sockets."""
 
-    name = BACKEND
+    name = "reactor"
 
     async def connect(
         self,
@@ -260,14 +293,8 @@ class ReactorTransport(Transport):
             raise TransportError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
         return ReactorListener(sock)
 
-    async def pread_into(self, fd: int, buf: Any, offset: int) -> int:
-        return await trio.to_thread.run_sync(pread_fill, fd, buf, offset)
-
     def open_mux(self) -> Mux:
         return EpollMux()
-
-    async def pwrite(self, fd: int, data: Any, offset: int) -> int:
-        return await trio.to_thread.run_sync(pwrite_all, fd, data, offset)
 
 
 _EPOLLIN = select.EPOLLIN
@@ -491,31 +518,3 @@ class EpollMux(Mux):
             self._ep.close()
             os.close(self._wakeup)
         await trio.lowlevel.checkpoint()
-
-
-def pread_fill(fd: int, buf: Any, offset: int) -> int:
-    """Blocking: fill ``buf`` from ``fd`` at ``offset`` until full or EOF."""
-    with memoryview(buf) as view, view.cast("B") as flat:
-        got = 0
-        while got < len(flat):
-            try:
-                n = os.preadv(fd, [flat[got:]], offset + got)
-            except OSError as exc:
-                raise StorageError(f"read at offset {offset + got}: {exc.strerror}") from exc
-            if n == 0:
-                break
-            got += n
-        return got
-
-
-def pwrite_all(fd: int, data: Any, offset: int) -> int:
-    """Blocking: write all of ``data`` to ``fd`` at ``offset``."""
-    with memoryview(data) as view, view.cast("B") as flat:
-        done = 0
-        while done < len(flat):
-            try:
-                n = os.pwrite(fd, flat[done:], offset + done)
-            except OSError as exc:
-                raise StorageError(f"write at offset {offset + done}: {exc.strerror}") from exc
-            done += n
-        return done
