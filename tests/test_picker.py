@@ -150,36 +150,47 @@ def test_refused_chunk_is_not_asked_of_that_peer_again_until_its_time() -> None:
         assert p.pick("seed", 1, now=5, timeout=10) == [1]  # its time has come
 
 
-def test_top_up_due_only_when_a_refusal_ends_or_in_the_tail() -> None:
-    p = PiecePicker(8, rng=random.Random(7))
-    p.add_peer("seed", bytearray([1] * 8))
-    (got,) = p.pick("seed", 1, now=0, timeout=10)
-    assert not p.top_up_due(1.0)  # nothing changed that an event did not report
-    p.refuse("seed", got, until=5.0)
-    assert not p.top_up_due(4.9)
-    assert p.top_up_due(5.0)  # the refused chunk may be asked of the seed again
-    assert not p.top_up_due(5.5)  # said once
-    assert len(p.pick("seed", 3, now=6, timeout=10)) == 3
-    assert not p.top_up_due(6.0)  # 3 of 8 in flight
-    assert len(p.pick("seed", 1, now=6, timeout=10)) == 1
-    assert p.top_up_due(6.0)  # half in flight: the tail (rescue, endgame)
+def test_a_refusal_also_holds_in_endgame_and_in_the_tail_rescue() -> None:
+    # Endgame: chunk 0 is in flight at a; b refused it, so b gets no copy.
+    p = PiecePicker(1, rng=random.Random(1))
+    p.add_peer("a", bytearray([1]))
+    p.add_peer("b", bytearray([1]))
+    assert p.pick("b", 1, now=0, timeout=10) == [0]
+    p.refuse("b", 0, until=5.0)
+    assert p.pick("a", 1, now=0, timeout=10) == [0]
+    assert p.endgame
+    assert p.pick("b", 1, now=4.9, timeout=10) == []
+    assert p.pick("b", 1, now=5.0, timeout=10) == [0]  # the back-off is over
+    # Tail rescue: fast refused chunk 0, so it may not rescue it from slow.
+    q = _tail_picker(2.0)
+    q.set_rate("slow", 10_000)
+    q.set_rate("fast", 1_000_000)
+    q.refuse("fast", 0, until=5.0)
+    assert q.pick("fast", 2, now=1, timeout=10) == []
+    assert q.pick("fast", 2, now=5, timeout=10) == [0]
 
 
-def test_refusals_are_forgotten_once_over_without_a_periodic_top_up() -> None:
-    # The node never calls top_up_due: what a long download's refusals leave
-    # behind must still be bounded by those of one back-off (no peer kept alive).
+def test_refusals_are_forgotten_once_the_chunk_is_stored_or_the_back_off_is_over() -> None:
+    # What a long download's refusals leave behind stays bounded by the
+    # chunks still missing: each busy REJECT must not cost memory for good.
     p = PiecePicker(64, rng=random.Random(3))
-    for k in range(40):
-        peer = f"p{k}"
-        p.add_peer(peer, bytearray([1] * 64))
-        (got,) = p.pick(peer, 1, now=float(k), timeout=10)
-        p.refuse(peer, got, until=k + 5.0)
-        p.remove_peer(peer)
-    assert len(p._refusal_q) <= 6  # the last back-off's refusals
     p.add_peer("x", bytearray([1] * 64))
-    assert p.pick("x", 1, now=100.0, timeout=10)  # and nothing else broke
-    p.refuse("x", 0, until=105.0)
-    assert 0 not in p.pick("x", 64, now=101.0, timeout=10)
+    p.add_peer("y", bytearray([1] * 64))
+    refused = p._peers["x"].refused
+    for t in range(40):
+        (got,) = p.pick("x", 1, now=float(t), timeout=10)
+        p.refuse("x", got, until=t + 5.0)
+        assert got in refused
+        assert p.chunk_received("y", got) == []  # stored: refusal moot
+        assert got not in refused
+    assert not refused
+    a, b = [i for i in range(64) if not p.have[i]][:2]
+    p.refuse("x", a, until=50.0)  # not in flight at x: still noted
+    assert a not in p.pick("x", 64, now=49.0, timeout=10)
+    assert refused == {a: 50.0}
+    p.cancel("x", b)
+    assert sorted(p.pick("x", 2, now=50.0, timeout=10)) == [a, b]  # over: forgotten
+    assert not refused
 
 
 def test_peer_lacks_follows_bitfield_and_have() -> None:
@@ -199,19 +210,7 @@ def test_peer_lacks_follows_bitfield_and_have() -> None:
     assert p.holding(["a", "b", "unknown"], 2) == []
 
 
-def test_stale_request_may_be_asked_of_a_second_peer() -> None:
-    # Chunk 2 is held by nobody yet, so this is not endgame.
-    p = PiecePicker(3, rng=random.Random(8), stale_after=1.0)
-    p.add_peer("slow", bytearray([1, 1, 0]))
-    assert sorted(p.pick("slow", 2, now=0, timeout=30)) == [0, 1]
-    assert not p.endgame
-    p.add_peer("idle", bytearray([1, 0, 0]))
-    assert p.pick("idle", 1, now=0.5, timeout=30) == []  # not stale yet
-    assert p.pick("idle", 1, now=1.0, timeout=30) == [0]
-    assert p.chunk_received("idle", 0) == ["slow"]  # cancel the pinned copy
-
-
-def test_expired_skips_the_walk_until_the_earliest_deadline() -> None:
+def test_expired_returns_each_request_once_its_deadline_passed() -> None:
     p = PiecePicker(3, rng=random.Random(9))
     p.add_peer("a", bytearray([1, 1, 1]))
     p.pick("a", 1, now=0, timeout=5)
@@ -344,3 +343,106 @@ def test_swarm_availability_breaks_ties_before_peers_connect_and_follows_changes
         picker.set_swarm_availability(counts)  # the same counts again: no change
         assert picker.pick("seed", 1, 0.0, 10.0) == [rare]  # fewest holders swarm-wide
         counts[rare] = 9
+
+
+# --- invariants under any sequence of events ----------------------------------
+_N = 6
+_PEERS = ("a", "b", "c")
+
+_event = st.one_of(
+    st.tuples(
+        st.just("add"), st.sampled_from(_PEERS), st.lists(st.booleans(), min_size=_N, max_size=_N)
+    ),
+    st.tuples(st.just("have"), st.sampled_from(_PEERS), st.integers(0, _N - 1)),
+    st.tuples(st.just("pick"), st.sampled_from(_PEERS), st.integers(1, 4)),
+    st.tuples(st.just("refuse"), st.sampled_from(_PEERS), st.integers(0, 3)),
+    st.tuples(st.just("cancel"), st.sampled_from(_PEERS), st.integers(0, _N - 1)),
+    st.tuples(st.just("receive"), st.sampled_from(_PEERS), st.integers(0, _N - 1)),
+    st.tuples(st.just("rate"), st.sampled_from(_PEERS), st.sampled_from([0, 1_000, 1_000_000])),
+    st.tuples(st.just("leave"), st.sampled_from(_PEERS), st.just(0)),
+    st.tuples(st.just("tick"), st.just(""), st.integers(1, 4)),
+)
+
+
+@given(
+    st.lists(_event, max_size=80),
+    st.integers(0, 2**16),
+    st.lists(st.booleans(), min_size=_N, max_size=_N),
+)
+def test_pick_never_returns_what_it_must_not(
+    events: list[tuple[str, str, object]], seed: int, have: list[bool]
+) -> None:
+    """Whatever happens: a pick is only of chunks the peer holds, we lack, it
+    has not refused within its back-off and is not already fetching; no chunk
+    has more than one copy beyond endgame_copies in flight; and the picker's
+    own books (open chunks, useful counts, availability) add up."""
+    p = PiecePicker(_N, bytearray(have), rng=random.Random(seed))
+    held: dict[str, bytearray] = {}
+    refused: dict[tuple[str, int], float] = {}
+    now = 0.0
+    for kind, peer, arg in events:
+        if kind == "add":
+            assert isinstance(arg, list)
+            held[peer] = bytearray(arg)
+            p.add_peer(peer, held[peer])
+            refused = {k: v for k, v in refused.items() if k[0] != peer}
+        elif kind == "have" and peer in held:
+            assert isinstance(arg, int)
+            held[peer][arg] = 1
+            p.peer_has(peer, arg)
+        elif kind == "pick":
+            assert isinstance(arg, int)
+            before = {i for i in range(_N) if p.is_requested(peer, i)}
+            got = p.pick(peer, arg, now, timeout=3.0)
+            assert len(got) <= arg and len(set(got)) == len(got)
+            for i in got:
+                assert peer in held and held[peer][i], "the peer lacks it"
+                assert not p.have[i], "we hold it"
+                assert refused.get((peer, i), now) <= now, "refused until later"
+                assert i not in before, "already asked of it"
+                assert p.is_requested(peer, i)
+        elif kind == "refuse":
+            assert isinstance(arg, int)
+            mine = [i for i in range(_N) if p.is_requested(peer, i)]
+            if mine:
+                i = mine[0]
+                p.refuse(peer, i, now + arg)
+                refused[(peer, i)] = now + arg
+                assert not p.is_requested(peer, i)
+        elif kind == "cancel":
+            assert isinstance(arg, int)
+            p.cancel(peer, arg)
+            assert not p.is_requested(peer, arg)
+        elif kind == "receive":
+            assert isinstance(arg, int)
+            if p.is_requested(peer, arg):
+                others = p.chunk_received(peer, arg)
+                assert peer not in others and p.have[arg]
+        elif kind == "rate":
+            assert isinstance(arg, int)
+            p.set_rate(peer, arg)
+        elif kind == "leave":
+            released = p.remove_peer(peer)
+            assert all(not p.is_requested(peer, i) for i in released)
+            held.pop(peer, None)
+            refused = {k: v for k, v in refused.items() if k[0] != peer}
+        elif kind == "tick":
+            assert isinstance(arg, int)
+            now += arg
+            for q, i in p.expired(now):
+                p.cancel(q, i)
+        _check_books(p, held)
+
+
+def _check_books(p: PiecePicker, held: dict[str, bytearray]) -> None:
+    inflight = {i: [q for q in held if p.is_requested(q, i)] for i in range(_N)}
+    open_chunks = {i for i in range(_N) if not p.have[i] and not inflight[i]}
+    assert sorted(i for b in p._buckets.values() for i in b) == sorted(open_chunks)
+    assert p.missing == p.have.count(0)
+    assert p.endgame == (not open_chunks and p.missing > 0)
+    for i in range(_N):
+        assert p.avail[i] == sum(f[i] for f in held.values())
+        assert len(inflight[i]) <= p.endgame_copies + 1
+        assert not (p.have[i] and inflight[i])
+    for q, f in held.items():
+        assert p._peers[q].useful == sum(1 for i in open_chunks if f[i])
