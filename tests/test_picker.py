@@ -1,4 +1,4 @@
-"""The pure chunk picker: rarest first, endgame, timeouts, bitfield helpers."""
+"""The chunk picker: rarest first, refusals, tail rescue, endgame, timeouts, invariants."""
 
 from __future__ import annotations
 

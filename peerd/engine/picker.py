@@ -6,7 +6,8 @@ peer may duplicate a chunk stuck at slow holders, and in endgame any chunk in
 flight may be asked of a second holder. A refused (REJECT ``busy``) chunk is
 not asked of that peer again before its back-off ends; a late request is
 returned by :meth:`PiecePicker.expired`. It does no I/O and reads no clock
-(callers pass ``now``). Why each rule: docs/ARCHITECTURE.md, "The picker".
+(callers pass ``now``). Why each rule: docs/ARCHITECTURE.md, "Chunk
+selection and request pipelining".
 """
 
 from __future__ import annotations
