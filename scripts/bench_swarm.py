@@ -57,7 +57,7 @@ def one_run(work: Path, src: Path, transport: str, seeders: int) -> tuple[float,
     try:
         procs.append(
             subprocess.Popen(
-                [PY, "-m", "tracker", "--port", str(port), "--data", str(work / "tracker")],
+                [PY, "-m", "cli", "tracker", "--port", str(port), "--data", str(work / "tracker")],
                 env=env,
                 stderr=subprocess.DEVNULL,
             )

@@ -119,6 +119,7 @@ class Soak:
             [
                 PY,
                 "-m",
+                "cli",
                 "tracker",
                 "--port",
                 str(s.tracker_port),

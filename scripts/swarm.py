@@ -209,6 +209,7 @@ def run_swarm(
                     *net.prefix(),
                     PY,
                     "-m",
+                    "cli",
                     "tracker",
                     "--host",
                     tracker_host,

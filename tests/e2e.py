@@ -75,6 +75,7 @@ class Swarm:
             [
                 PY,
                 "-m",
+                "cli",
                 "tracker",
                 "--port",
                 str(self.tracker_port),

@@ -1,8 +1,8 @@
 """The tracker over real sockets on loopback, with both transports.
 
 In-process servers (``nursery.start(serve_tracker, ...)``) and real
-``TrackerClient`` connections; one test runs ``python -m tracker`` as a real
-process to check that manifests survive a restart.
+``TrackerClient`` connections; a few run ``peer tracker`` (``python -m cli
+tracker``) as a real process, e.g. to check that manifests survive a restart.
 """
 
 from __future__ import annotations
@@ -519,14 +519,14 @@ async def test_unreachable_tracker(transport: Transport) -> None:
     assert info.value.code == "unreachable" and f"127.0.0.1:{port}" in str(info.value)
 
 
-async def _start_process(
-    data: Path, transport_name: str, *extra: str, command: tuple[str, ...] = ("tracker",)
-) -> tuple[trio.Process, int]:
+async def _start_process(data: Path, transport_name: str, *extra: str) -> tuple[trio.Process, int]:
+    """``peer tracker --port 0 ...``; returns the process and the port it reports."""
     proc = await trio.lowlevel.open_process(
         [
             sys.executable,
             "-m",
-            *command,
+            "cli",
+            "tracker",
             "--port",
             "0",
             "--data",
@@ -622,7 +622,6 @@ async def test_peer_tracker_passes_its_disk_budget(transport: Transport, tmp_pat
             "128MiB",
             "--max-disk",
             "1MiB",
-            command=("cli", "tracker"),
         )
         try:
             async with await TrackerClient.connect(transport, "127.0.0.1", port, alice) as client:

@@ -1,2 +1,2 @@
 """The peer tracker: a swarm index (``index``), manifest storage (``manifests``)
-and the serve loop (``server``); ``python -m tracker`` runs one."""
+and the serve loop (``server``); ``peer tracker`` (``cli``) runs one."""
