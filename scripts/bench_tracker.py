@@ -350,12 +350,11 @@ def serve(args: argparse.Namespace) -> None:
     )
 
     if args.floor:
-        from peerd.wire import FRAME_HEADER, FrameType, encode_peers_body
+        from peerd.wire import PeerEntry, Peers, encode_message
         from tracker import index
 
-        peer = ("127.0.1.1", 7000, bytes(32), bytes(args.chunks // 8))
-        body = encode_peers_body(bytes(32), 60, [peer] * 50, bytes(2 * args.chunks))
-        frame = FRAME_HEADER.pack(FrameType.PEERS, len(body)) + body
+        peer = PeerEntry("127.0.1.1", 7000, bytes(32), bytes(args.chunks // 8))
+        frame = encode_message(Peers(bytes(32), 60, (peer,) * 50, bytes(2 * args.chunks)))
         index.SwarmIndex.num_chunks = lambda self, cid: args.chunks  # type: ignore[method-assign,assignment]
         index.SwarmIndex.announce_frame = lambda self, *a: frame  # type: ignore[method-assign,assignment]
 

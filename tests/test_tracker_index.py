@@ -7,18 +7,12 @@ import random
 
 import pytest
 
-from peerd.errors import LocalProtocolError, TrackerError
-from peerd.wire import MAX_BODY, FrameType, PeerEntry, Peers
-from peerd.wire._codec import (
-    decode_body,
-    encode_body,
-    encode_peer_entry,
-    encode_peers_body,
-    join_peers_body,
-)
-from peerd.wire._frames import encode_frame
+from peerd.errors import TrackerError
+from peerd.wire import FRAME_HEADER, MAX_BODY, FrameType, PeerEntry, Peers, encode_message
+from peerd.wire._codec import decode_body
+from tracker import _peers_frame
 from tracker import index as index_module
-from tracker._swarm import Swarm
+from tracker._peer_table import PeerTable
 from tracker.index import PeerInfo, SwarmIndex, SwarmStat
 
 CID = bytes(range(32))
@@ -235,16 +229,9 @@ def test_random_workload_keeps_counts_consistent() -> None:
         assert len(peers) == min(10, len(live) - 1)
 
 
-def _slow_body(cid: bytes, interval: int, peers: list, avail: bytes) -> bytes:
-    """The PEERS body the validated event path gives for ``announce``'s answer."""
-    return encode_body(
-        FrameType.PEERS, Peers(cid, interval, tuple(PeerEntry(*p) for p in peers), avail)
-    )
-
-
 def _slow_frame(cid: bytes, interval: int, peers: list, avail: bytes) -> bytes:
-    """The PEERS frame (header and body) the validated event path gives."""
-    return encode_frame(FrameType.PEERS, _slow_body(cid, interval, peers, avail))
+    """The PEERS frame the wire's validated event path gives for ``announce``'s answer."""
+    return encode_message(Peers(cid, interval, tuple(PeerEntry(*p) for p in peers), avail))
 
 
 @pytest.mark.parametrize("budget", ["default", "tiny"])
@@ -268,13 +255,13 @@ def test_encoded_answers_match_the_event_path(budget: str, monkeypatch: pytest.M
     now = 0.0
     hits = 0
     built = [0]  # PEERS entries encoded by `fast` (a cached answer encodes none)
-    real_entry = Swarm.entry
+    real_entry = PeerTable.entry
 
-    def counting_entry(self: Swarm, slot: int) -> bytes:
+    def counting_entry(self: PeerTable, slot: int) -> bytes:
         built[0] += 1
         return real_entry(self, slot)
 
-    monkeypatch.setattr(Swarm, "entry", counting_entry)
+    monkeypatch.setattr(PeerTable, "entry", counting_entry)
     for step in range(3000):
         now += rng.random() * 0.05
         cid = rng.choice((CID, CID2))
@@ -334,41 +321,44 @@ def test_huge_bitmaps_are_trimmed_to_one_peers_body() -> None:
     frame = idx.announce_frame(CID, key(0), "10.0.0.1", 1, "periodic", empty, n, 200, 1, 60)
     assert frame is not None
     body = frame[5:]
-    assert frame[:5] == encode_frame(FrameType.PEERS, body)[:5]
+    assert frame[:5] == FRAME_HEADER.pack(FrameType.PEERS, len(body))
     assert len(body) <= MAX_BODY[FrameType.PEERS]
     event = decode_body(FrameType.PEERS, body)
     assert isinstance(event, Peers) and 100 < len(event.peers) < 130
 
 
-def test_trusted_peers_encoder_checks_message_fields() -> None:
-    entry = ("10.0.0.1", 1, key(1), b"\x80")
-    good = encode_peers_body(CID, 60, [entry], b"\x00\x01")
-    assert good == _slow_body(CID, 60, [entry], b"\x00\x01")
-    rng = random.Random(3)
-    for n in (0, 1, 15, 16, 200):
-        peers = [
-            (rng.choice(("10.0.0.1", "::1", "fe80::1:2:3:4")), rng.randrange(65536), key(i), b"")
-            for i in range(n)
-        ]
-        peers = [
-            (ip, port, k, rng.randbytes(rng.choice((0, 3, 300, 70_000))))
-            for ip, port, k, _ in peers[:3]
-        ] + peers[3:]
-        avail = rng.randbytes(2 * rng.randrange(40_000))
-        encoded = [encode_peer_entry(*p) for p in peers]
-        pieces = [piece for e in encoded for piece in (e[:5], e[5:])]  # split anywhere
-        joined = join_peers_body(CID, 86400, n, pieces, avail)
-        assert joined == encode_peers_body(CID, 86400, peers, avail)
-        assert joined == _slow_body(CID, 86400, peers, avail)
-    for bad in (
-        (CID[:31], 60, [entry], b""),
-        (CID, 0, [entry], b""),
-        (CID, True, [entry], b""),
-        (CID, 60, [entry] * 201, b""),
-        (CID, 60, [entry], b"\x00"),
-    ):
-        with pytest.raises(LocalProtocolError):
-            encode_peers_body(*bad)
+def _joined_frame(cid: bytes, interval: int, peers: list, avail: bytes, split: int) -> bytes:
+    """A PEERS frame from ``_peers_frame``'s pieces, each entry cut at ``split``."""
+    pf = _peers_frame
+    entries = [
+        pf.entry_head(ip, port) + pf.KEY_HEADER + k + pf.bin_header(len(bits)) + bits
+        for ip, port, k, bits in peers
+    ]
+    pieces = [piece for e in entries for piece in (e[:split], e[split:])]
+    head, tail = pf.body_head(cid, interval, len(peers)), pf.avail_field(avail)
+    size = len(head) + sum(map(len, pieces)) + len(tail)
+    return b"".join((pf.frame_header(size), head, *pieces, tail))
+
+
+@pytest.mark.parametrize("avail_len", [0, 2, 254, 256, 65534, 65536, 2 * 2**20])
+@pytest.mark.parametrize("count", [0, 1, 15, 16, 200])
+def test_joined_peers_frames_are_byte_identical_to_the_wire(avail_len: int, count: int) -> None:
+    rng = random.Random(avail_len * 1000 + count)
+    ips = ("10.0.0.1", "::1", "fe80::1:2:3:4", "255.255.255.255", "1:2:3:4:5:6:7:8")
+    peers = [
+        (rng.choice(ips), rng.choice((0, 1, 127, 128, 255, 256, 65535)), key(i), b"\xf0")
+        for i in range(count)
+    ]
+    peers[:3] = [
+        (ip, port, k, rng.randbytes(rng.choice((0, 3, 300, 70_000))))
+        for ip, port, k, _ in peers[:3]
+    ]
+    avail = bytes(range(256)) * (avail_len // 256) + bytes(avail_len % 256)
+    for interval in (1, 60, 127, 128, 65536, 86400):
+        expect = _slow_frame(CID, interval, peers, avail)
+        assert _joined_frame(CID, interval, peers, avail, rng.randrange(40)) == expect
+    with pytest.raises(ValueError):
+        _peers_frame.body_head(CID[:31], 60, 0)
 
 
 def test_full_answer_reused_for_2s_but_never_lists_a_departed_peer() -> None:
@@ -433,10 +423,10 @@ def test_rankings_made_together_are_not_all_rescored_together(
 
 def test_memory_budget_charges_swarms_and_entries_per_address() -> None:
     from tracker._budget import Budget
-    from tracker._swarm import entry_cost, swarm_cost
+    from tracker._peer_table import entry_cost, table_cost
 
     n = 8 * 1024  # chunks: a 1 KiB bitmap
-    per_entry, per_swarm = entry_cost(n // 8), swarm_cost(n)
+    per_entry, per_swarm = entry_cost(n // 8), table_cost(n)
     memory = Budget(per_swarm + 20 * per_entry, per_swarm + 10 * per_entry)
     idx = SwarmIndex(memory=memory)
     empty = bytes(n // 8)
@@ -640,7 +630,7 @@ def _ask(
     if frame is None:
         return [], b""
     body = frame[5:]
-    assert frame[:5] == encode_frame(FrameType.PEERS, body)[:5]
+    assert frame[:5] == FRAME_HEADER.pack(FrameType.PEERS, len(body))
     answer = decode_body(FrameType.PEERS, body)
     assert isinstance(answer, Peers) and answer.content_id == cid and answer.interval == 30
     return [(p.ip, p.port, p.key, p.bits) for p in answer.peers], answer.availability

@@ -826,24 +826,6 @@ def test_repeated_have_bodies_decode_alike_and_bad_ones_always_fail() -> None:
                 decode_body(w.FrameType.HAVE, bad)
 
 
-@pytest.mark.parametrize("avail_len", [0, 2, 254, 256, 65534, 65536, 2 * 2**20])
-@pytest.mark.parametrize("count", [0, 1, 15, 16, 200])
-def test_join_peers_body_is_byte_identical_to_the_event_path(avail_len: int, count: int) -> None:
-    from peerd.wire._codec import encode_body, encode_peer_entry, join_peers_body
-
-    cid = bytes(range(32))
-    peers = [
-        (f"10.0.{i // 256}.{i % 256}", 1000 + i, bytes([i % 256]) * 32, b"\xf0")
-        for i in range(count)
-    ]
-    avail = bytes(range(256)) * (avail_len // 256) + bytes(avail_len % 256)
-    parts = [encode_peer_entry(*p) for p in peers]
-    expect = encode_body(
-        w.FrameType.PEERS, w.Peers(cid, 60, tuple(w.PeerEntry(*p) for p in peers), avail)
-    )
-    assert join_peers_body(cid, 60, count, parts, avail) == expect
-
-
 def test_drained_means_next_event_needs_data() -> None:
     client, server = tracker_pair()
     assert server.drained

@@ -360,9 +360,9 @@ _announce_values = st.one_of(
         st.sampled_from(("id", "port", "event", "bits", "want")), _announce_values, max_size=2
     )
 )
-def test_announce_fast_decode_agrees_with_the_checked_constructor(changes: dict) -> None:
-    # The decoder validates ANNOUNCE in one pass of its own; it must accept
-    # exactly what the event's own checks accept, and build the same event.
+def test_announce_decode_agrees_with_the_checked_constructor(changes: dict) -> None:
+    # Around every ANNOUNCE limit, the decoder must accept exactly what the
+    # event's own checks accept, and build the same event.
     import msgpack
 
     from peerd.wire._codec import decode_body

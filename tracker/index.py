@@ -2,7 +2,8 @@
 
 Pure bookkeeping: no sockets, no trio, and every method takes ``now`` (seconds
 from any monotonic clock), so expiry is deterministic in tests. Each content's
-peers live in a ``Swarm`` of packed arrays (``_swarm.py``).
+peers live in a ``PeerTable`` (``_peer_table.py``); answers are PEERS frames
+joined from pieces kept encoded (``_peers_frame.py``).
 
 * Choosing peers: at most ``sample`` candidates are scored by the chunks they
   have that the asker lacks (the rarest first); those with nothing to offer
@@ -30,16 +31,11 @@ from random import Random
 import msgpack
 
 from peerd.errors import TrackerError
-from peerd.wire import (
-    FRAME_HEADER,
-    MAX_BODY,
-    FrameType,
-    encode_peer_entry,
-    peers_body_head,
-)
+from peerd.wire import FRAME_HEADER, MAX_BODY, FrameType
 
 from ._budget import Budget
-from ._swarm import MAX_LANES_PEERS, Swarm, entry_cost, pack_ip, unpack_ip
+from ._peer_table import MAX_LANES_PEERS, PeerTable, entry_cost, pack_ip, unpack_ip
+from ._peers_frame import body_head, entry_head, frame_header
 
 __all__ = ["EVENTS", "PeerInfo", "SwarmIndex", "SwarmStat"]
 
@@ -54,8 +50,6 @@ _ANSWER_ENTRIES = 4096  # cached rankings, whole index
 _ANSWER_BYTES = 8 * 2**20  # encoded PEERS entries kept, whole index
 _HEAD_MEMO = 4096  # (ip, port) -> head, for sharing heads between slots
 _PEERS_LIMIT = MAX_BODY[FrameType.PEERS]
-_PEERS = int(FrameType.PEERS)
-_PEERS_HEADER = FRAME_HEADER.pack  # (type, body length): PROTOCOL.md "Frames"
 _HEADER = FRAME_HEADER.size
 # Upper bound of one encoded PEERS entry beyond its bitmap: array header,
 # str8 of up to 45 characters, uint16 port, bin8 key, bin32 header.
@@ -91,16 +85,16 @@ class _Answer:
         "version",
     )
 
-    def __init__(self, swarm: Swarm, until: float, ranked: list[int]) -> None:
-        self.serial = swarm.serial
-        self.version = swarm.version
-        self.members = swarm.members
+    def __init__(self, table: PeerTable, until: float, ranked: list[int]) -> None:
+        self.serial = table.serial
+        self.version = table.version
+        self.members = table.members
         self.until = until
         self.ranked = ranked
         self.asked = 1
         # Built on the second ask (see _cached_frame): the PEERS frame that
         # answers an asker it does not list (its first `m` ranked peers), the
-        # swarm version whose availability that frame carries, where each
+        # table version whose availability that frame carries, where each
         # entry starts in it (and where the last ends), and the encoded entry
         # of ranked peer `m`, if any (a listed asker gets it instead of its own).
         self.frame = b""
@@ -138,7 +132,7 @@ class SwarmIndex:
         max_peers_per_content: peers per content id (at most 65,535).
         sample: candidates scored per answer (bounds the work of one announce).
         memory: the bytes swarms and entries may hold, in all and per address
-            (the address whose announce created a swarm pays for it; an entry
+            (the address whose announce created a table pays for it; an entry
             is paid by the address it announced from). None: unbounded.
     """
 
@@ -166,12 +160,12 @@ class SwarmIndex:
         self.max_peers_per_content = max_peers_per_content
         self.sample = sample
         self.memory = memory if memory is not None else Budget(1 << 62, 1 << 62)
-        self._swarms: dict[bytes, Swarm] = {}
-        self._peer_contents: dict[bytes, int] = {}  # key -> number of swarms it is in
+        self._tables: dict[bytes, PeerTable] = {}
+        self._peer_contents: dict[bytes, int] = {}  # key -> number of contents it is in
         self._entries = 0
-        self._heads: dict[tuple[str, int], bytes] = {}  # see _swarm.py, heads
+        self._heads: dict[tuple[str, int], bytes] = {}  # (ip, port) -> entry head
         # FIFO (see module doc). An OrderedDict because popping a plain dict's
-        # first item scans the deleted entries before it: ~2 us at 2,048.
+        # first item scans the deleted entries before it.
         self._answers: OrderedDict[tuple[bytes, bytes, int], _Answer] = OrderedDict()
         self._answer_bytes = 0
         # Spreads ranking lifetimes (see _ranking); seeded, so that two indexes
@@ -186,12 +180,12 @@ class SwarmIndex:
     @property
     def num_contents(self) -> int:
         """Number of content ids with at least one peer."""
-        return len(self._swarms)
+        return len(self._tables)
 
     def num_chunks(self, content_id: bytes) -> int | None:
         """The bitmap size in chunks of a tracked content, or None if untracked."""
-        swarm = self._swarms.get(content_id)
-        return None if swarm is None else swarm.num_chunks
+        table = self._tables.get(content_id)
+        return None if table is None else table.num_chunks
 
     def scrape(self, content_ids: list[bytes], now: float) -> list[SwarmStat]:
         """Seeders, leechers and completed count of each id that has a live peer.
@@ -202,10 +196,10 @@ class SwarmIndex:
         self.expire_some(content_ids, now)
         out = []
         for cid in content_ids:
-            swarm = self._swarms.get(cid)
-            if swarm is not None:
+            table = self._tables.get(cid)
+            if table is not None:
                 out.append(
-                    SwarmStat(cid, swarm.seeders, len(swarm) - swarm.seeders, swarm.completed)
+                    SwarmStat(cid, table.seeders, len(table) - table.seeders, table.completed)
                 )
         return out
 
@@ -250,16 +244,16 @@ class SwarmIndex:
         recorded = self._record(content_id, key, ip, port, event, bits, num_chunks, now)
         if recorded is None:
             return [], b""
-        swarm, slot = recorded
+        table, slot = recorded
         if want <= 0:
-            return [], swarm.avail()
-        answer = self._answer_for(content_id, swarm, slot, bits, want, now)
-        frame = self._cached_frame(content_id, 1, swarm, answer, slot, want)
+            return [], table.avail()
+        answer = self._answer_for(content_id, table, slot, bits, want, now)
+        frame = self._cached_frame(content_id, 1, table, answer, slot, want)
         if frame is not None:  # what the encoded path answers, as tuples
             peers = msgpack.unpackb(frame[_HEADER:])["peers"]
-            return [(ip, port, key, bits) for ip, port, key, bits in peers], swarm.avail()
-        entries = [swarm.entry(s) for s in self._pick(swarm, answer.ranked, slot, want)]
-        return [_info(e) for e in entries], swarm.avail()
+            return [(ip, port, key, bits) for ip, port, key, bits in peers], table.avail()
+        entries = [table.entry(s) for s in self._pick(table, answer.ranked, slot, want)]
+        return [_info(e) for e in entries], table.avail()
 
     def announce_frame(
         self,
@@ -286,18 +280,18 @@ class SwarmIndex:
         recorded = self._record(content_id, key, ip, port, event, bits, num_chunks, now)
         if recorded is None:
             return None
-        swarm, slot = recorded
+        table, slot = recorded
         chosen: list[int] = []
         if want > 0:
-            answer = self._answer_for(content_id, swarm, slot, bits, want, now)
-            frame = self._cached_frame(content_id, interval, swarm, answer, slot, want)
+            answer = self._answer_for(content_id, table, slot, bits, want, now)
+            frame = self._cached_frame(content_id, interval, table, answer, slot, want)
             if frame is not None:
                 return frame
-            chosen = self._pick(swarm, answer.ranked, slot, want)
-        start = peers_body_head(content_id, interval, len(chosen))
-        tail = swarm.avail_tail()
-        size = len(start) + sum(swarm.entry_sizes(chosen)) + len(tail)
-        return b"".join((_PEERS_HEADER(_PEERS, size), start, *swarm.entry_parts(chosen), tail))
+            chosen = self._pick(table, answer.ranked, slot, want)
+        start = body_head(content_id, interval, len(chosen))
+        tail = table.avail_tail()
+        size = len(start) + sum(table.entry_sizes(chosen)) + len(tail)
+        return b"".join((frame_header(size), start, *table.entry_parts(chosen), tail))
 
     def _record(
         self,
@@ -309,46 +303,46 @@ class SwarmIndex:
         bits: bytes,
         num_chunks: int | None,
         now: float,
-    ) -> tuple[Swarm, int] | None:
-        """The bookkeeping half of an announce: (swarm, asker's slot), None if stopped."""
+    ) -> tuple[PeerTable, int] | None:
+        """The bookkeeping half of an announce: (table, asker's slot), None if stopped."""
         if event not in _EVENT_SET:
             raise TrackerError("bad-request", f"unknown announce event {event!r}")
         if len(key) != 32:  # encoded answers carry it behind a fixed bin-8 header
             raise TrackerError("bad-request", f"a public key is 32 bytes, not {len(key)}")
-        swarm = self._swarms.get(content_id)
+        table = self._tables.get(content_id)
         if event == "stopped":
-            if swarm is not None:
-                slot = swarm.slots.get(key)
+            if table is not None:
+                slot = table.slots.get(key)
                 if slot is not None:
-                    self._remove(content_id, swarm, slot)
+                    self._remove(content_id, table, slot)
             return None
-        if swarm is not None and num_chunks is not None and swarm.num_chunks != num_chunks:
-            # The swarm was sized from bitmaps before the manifest was known.
+        if table is not None and num_chunks is not None and table.num_chunks != num_chunks:
+            # The table was sized from bitmaps before the manifest was known.
             self.set_num_chunks(content_id, num_chunks)
-            swarm = self._swarms.get(content_id)
-        if swarm is None:
+            table = self._tables.get(content_id)
+        if table is None:
             n = num_chunks if num_chunks is not None else 8 * len(bits)
             self._check_bits(n, bits)
-            if len(self._swarms) >= self.max_contents:
+            if len(self._tables) >= self.max_contents:
                 self.expire(now)
-                if len(self._swarms) >= self.max_contents:
+                if len(self._tables) >= self.max_contents:
                     raise TrackerError("too-many", "the tracker tracks too many contents")
-            swarm = Swarm(n)
-            if not self.memory.take(swarm.cost, ip):
+            table = PeerTable(n)
+            if not self.memory.take(table.cost, ip):
                 raise TrackerError(
                     "limit", "the tracker's memory for swarms is full (in all or for this address)"
                 )
-            swarm.owner = ip
-            self._swarms[content_id] = swarm
+            table.owner = ip
+            self._tables[content_id] = table
         else:
-            self._check_bits(swarm.num_chunks, bits)
+            self._check_bits(table.num_chunks, bits)
         expiry = now + self.ttl
-        slot = swarm.slots.get(key)
-        if slot is not None and swarm.expires[slot] <= now:
-            self._remove(content_id, swarm, slot)  # expired: starts afresh
-            if content_id not in self._swarms:  # that was its last entry: back in
-                self.memory.force(swarm.cost, swarm.owner)
-                self._swarms[content_id] = swarm
+        slot = table.slots.get(key)
+        if slot is not None and table.expires[slot] <= now:
+            self._remove(content_id, table, slot)  # expired: starts afresh
+            if content_id not in self._tables:  # that was its last entry: back in
+                self.memory.force(table.cost, table.owner)
+                self._tables[content_id] = table
             slot = None
         head = self._heads.get((ip, port))
         if head is None:
@@ -357,69 +351,69 @@ class SwarmIndex:
             # Canonical text (e.g. "::FFFF:1.2.3.4" -> "1.2.3.4"); the PEERS
             # entry minus its key and bitmap (and their bin headers).
             text = unpack_ip(pack_ip(ip))
-            head = encode_peer_entry(text, port, b"", b"")[:-4]
+            head = entry_head(text, port)
             self._heads[(ip, port)] = head
         try:
             if slot is None:
-                self._admit(swarm, key, ip)
-                slot = swarm.add(key, head, bits, expiry, ip)
+                self._admit(table, key, ip)
+                slot = table.add(key, head, bits, expiry, ip)
                 self._peer_contents[key] = self._peer_contents.get(key, 0) + 1
                 self._entries += 1
             else:
-                if swarm.heads[slot] != head:
-                    swarm.heads[slot] = head
-                    swarm.version += 1
-                swarm.expires[slot] = expiry
-                swarm.set_bits(slot, bits)
+                if table.heads[slot] != head:
+                    table.heads[slot] = head
+                    table.version += 1
+                table.expires[slot] = expiry
+                table.set_bits(slot, bits)
         finally:
-            if not swarm.slots:
-                self._drop_swarm(content_id, swarm)
-        if event == "completed" and key not in swarm.completed_keys:
-            swarm.completed += 1
-            if len(swarm.completed_keys) < self.max_peers_per_content:
-                swarm.completed_keys.add(key)
-        return swarm, slot
+            if not table.slots:
+                self._drop_table(content_id, table)
+        if event == "completed" and key not in table.completed_keys:
+            table.completed += 1
+            if len(table.completed_keys) < self.max_peers_per_content:
+                table.completed_keys.add(key)
+        return table, slot
 
     def set_num_chunks(self, content_id: bytes, num_chunks: int) -> None:
         """Tell the index a content's real chunk count (its manifest arrived).
 
-        A swarm sized differently from its first bitmaps is dropped; its peers
+        A table sized differently from its first bitmaps is dropped; its peers
         come back with their next announce.
         """
-        swarm = self._swarms.get(content_id)
-        if swarm is not None and swarm.num_chunks != num_chunks:
-            for key in swarm.keys:
+        table = self._tables.get(content_id)
+        if table is not None and table.num_chunks != num_chunks:
+            for key in table.keys:
                 if key is not None:
                     self._forget_key(key)
-            cost = entry_cost(swarm.nbytes)
-            for addr in swarm.addrs:
+            cost = entry_cost(table.nbytes)
+            for addr in table.addrs:
                 if addr is not None:
                     self.memory.give(cost, addr)
-            self._entries -= len(swarm)
-            self._drop_swarm(content_id, swarm)
+            self._entries -= len(table)
+            self._drop_table(content_id, table)
 
     def expire(self, now: float) -> int:
         """Remove every entry whose TTL has passed; returns how many went."""
-        return self.expire_some(list(self._swarms), now)
+        return self.expire_some(list(self._tables), now)
 
     def expire_some(self, content_ids: list[bytes], now: float) -> int:
         """Like ``expire`` but only for the given content ids."""
         removed = 0
         for cid in content_ids:
-            swarm = self._swarms.get(cid)
-            if swarm is None or swarm.min_expiry > now:
+            table = self._tables.get(cid)
+            if table is None or table.min_expiry > now:
                 continue
             earliest = float("inf")
-            for slot, key in enumerate(swarm.keys):
+            for slot, key in enumerate(table.keys):
                 if key is None:
                     continue
-                exp = swarm.expires[slot]
+                exp = table.expires[slot]
                 if exp <= now:
-                    self._remove(cid, swarm, slot)
+                    self._remove(cid, table, slot)
                     removed += 1
                 elif exp < earliest:
                     earliest = exp
-            swarm.min_expiry = earliest
+            table.min_expiry = earliest
         return removed
 
     # -- internals -----------------------------------------------------------
@@ -434,14 +428,14 @@ class SwarmIndex:
         if spare and bits[-1] & ((1 << spare) - 1):
             raise TrackerError("bad-request", "bitmap has bits set beyond the last chunk")
 
-    def _admit(self, swarm: Swarm, key: bytes, ip: str) -> None:
-        if len(swarm) >= self.max_peers_per_content:
+    def _admit(self, table: PeerTable, key: bytes, ip: str) -> None:
+        if len(table) >= self.max_peers_per_content:
             raise TrackerError("too-many", "this content has too many peers")
         if self._peer_contents.get(key, 0) >= self.max_contents_per_peer:
             raise TrackerError(
                 "too-many", f"a peer may announce at most {self.max_contents_per_peer} contents"
             )
-        if not self.memory.take(entry_cost(swarm.nbytes), ip):
+        if not self.memory.take(entry_cost(table.nbytes), ip):
             raise TrackerError(
                 "limit", "the tracker's memory for peers is full (in all or for this address)"
             )
@@ -453,34 +447,34 @@ class SwarmIndex:
         else:
             del self._peer_contents[key]
 
-    def _remove(self, content_id: bytes, swarm: Swarm, slot: int) -> None:
-        addr = swarm.addrs[slot]
+    def _remove(self, content_id: bytes, table: PeerTable, slot: int) -> None:
+        addr = table.addrs[slot]
         if addr is not None:
-            self.memory.give(entry_cost(swarm.nbytes), addr)
-        self._forget_key(swarm.remove(slot))
+            self.memory.give(entry_cost(table.nbytes), addr)
+        self._forget_key(table.remove(slot))
         self._entries -= 1
-        if not swarm.slots:
+        if not table.slots:
             # Nothing of a content survives its last peer: memory stays bounded
             # by live entries (completed counts are soft state, like the peers).
-            self._drop_swarm(content_id, swarm)
+            self._drop_table(content_id, table)
 
-    def _drop_swarm(self, content_id: bytes, swarm: Swarm) -> None:
-        if self._swarms.get(content_id) is swarm:
-            del self._swarms[content_id]
-            self.memory.give(swarm.cost, swarm.owner)
+    def _drop_table(self, content_id: bytes, table: PeerTable) -> None:
+        if self._tables.get(content_id) is table:
+            del self._tables[content_id]
+            self.memory.give(table.cost, table.owner)
 
     def _evict_answer(self) -> None:
         _, gone = self._answers.popitem(last=False)
         self._answer_bytes -= gone.nbytes
 
     def _answer_for(
-        self, content_id: bytes, swarm: Swarm, slot: int, bits: bytes, want: int, now: float
+        self, content_id: bytes, table: PeerTable, slot: int, bits: bytes, want: int, now: float
     ) -> _Answer:
         """The ranking that answers the asker in ``slot`` (see "Choosing peers")."""
-        generic = self._ranking(content_id, swarm, swarm.nothing, want, now)
-        if bits == swarm.nothing:
+        generic = self._ranking(content_id, table, table.nothing, want, now)
+        if bits == table.nothing:
             return generic
-        full = swarm.full_int
+        full = table.full_int
         lacks = full & ~int.from_bytes(bits, "big")
         if lacks:
             # Seeders always have something the asker lacks; check the others
@@ -488,14 +482,14 @@ class SwarmIndex:
             # expected miss: it never has what it lacks.
             leech = generic.leech
             if leech is None:
-                packed = swarm.bits
+                packed = table.bits
                 leech = generic.leech = [b for s in generic.ranked if (b := packed[s]) is not full]
             if list(map(lacks.__and__, leech)).count(0) == (generic.place(slot) >= 0):
                 return generic
-        return self._ranking(content_id, swarm, bits, want, now)
+        return self._ranking(content_id, table, bits, want, now)
 
     def _ranking(
-        self, content_id: bytes, swarm: Swarm, asker_bits: bytes, want: int, now: float
+        self, content_id: bytes, table: PeerTable, asker_bits: bytes, want: int, now: float
     ) -> _Answer:
         """The cached ranking for this question, recomputed if stale or missing."""
         cache_key = (content_id, asker_bits, want)
@@ -505,68 +499,68 @@ class SwarmIndex:
             # (``want + 1`` peers), also while bitmaps move (see "Choosing peers").
             if (
                 answer.until > now
-                and answer.serial == swarm.serial
-                and answer.members == swarm.members
-                and (answer.version == swarm.version or len(answer.ranked) > want)
+                and answer.serial == table.serial
+                and answer.members == table.members
+                and (answer.version == table.version or len(answer.ranked) > want)
             ):
                 answer.asked += 1
                 return answer
             del self._answers[cache_key]
             self._answer_bytes -= answer.nbytes
-        ranked = self._rank(swarm, asker_bits, want, now)
+        ranked = self._rank(table, asker_bits, want, now)
         # Valid until the first listed peer expires: until then every slot in
         # it is live, so answering from it needs no per-peer liveness check.
-        # (The swarm's earliest expiry is a cheaper bound while it is ahead.)
+        # (The table's earliest expiry is a cheaper bound while it is ahead.)
         # Lifetimes are spread over the last quarter of the 2 s: rankings made
         # together (a tracker's first second, a burst of joins) would
         # otherwise all be rescored together, every 2 s, in a wave of work
         # that delays every reply queued behind it.
         until = now + _RANK_CACHE_SECONDS * (1.0 - 0.25 * self._jitter())
-        first_expiry = swarm.min_expiry
+        first_expiry = table.min_expiry
         if first_expiry <= until:
-            first_expiry = min(map(swarm.expires.__getitem__, ranked), default=float("inf"))
-        answer = _Answer(swarm, min(until, first_expiry), ranked)
+            first_expiry = min(map(table.expires.__getitem__, ranked), default=float("inf"))
+        answer = _Answer(table, min(until, first_expiry), ranked)
         while len(self._answers) >= _ANSWER_ENTRIES:
             self._evict_answer()
         self._answers[cache_key] = answer
         return answer
 
-    def _rank(self, swarm: Swarm, asker_bits: bytes, want: int, now: float) -> list[int]:
+    def _rank(self, table: PeerTable, asker_bits: bytes, want: int, now: float) -> list[int]:
         mine = int.from_bytes(asker_bits, "big")
-        lacks = swarm.full_int & ~mine
-        rare = swarm.rare_mask() & lacks
-        keys = swarm.keys
-        expires = swarm.expires
+        lacks = table.full_int & ~mine
+        rare = table.rare_mask() & lacks
+        keys = table.keys
+        expires = table.expires
         total = len(keys)
         if total <= self.sample:
             # Everyone fits: still rotate where ties start, so that askers with
             # the same bitmap (a flash crowd) are not all sent to the same peers.
-            start, count = (swarm.start % total if total else 0), total
-            swarm.start = start + 1
-            ints = swarm.bits[start:] + swarm.bits[:start] if start else swarm.bits
+            start, count = (table.start % total if total else 0), total
+            table.start = start + 1
+            ints = table.bits[start:] + table.bits[:start] if start else table.bits
         else:
             # Rotate a window of `sample` slots so big swarms are sampled fairly.
-            start, count = swarm.start % total, self.sample
-            swarm.start = start + count
+            start, count = table.start % total, self.sample
+            table.start = start + count
             end = start + count
-            ints = swarm.bits[start:end]
+            ints = table.bits[start:end]
             if end > total:
-                ints += swarm.bits[: end - total]
+                ints += table.bits[: end - total]
         # useful = chunks it has that the asker lacks (rare ones weigh most);
         # a peer with nothing useful still ranks above one that lacks nothing
         # the asker has, since it will want to download from the asker.
-        # Seeders all share swarm.full_int (see set_bits): score them once.
+        # Seeders all share table.full_int (see set_bits): score them once.
         # Each key is the score with the window position below it (inverted,
         # so that a descending sort of plain ints keeps ties in window order,
         # which rotates between calls).
-        full = swarm.full_int
-        all_live = not swarm.free and swarm.min_expiry > now
+        full = table.full_int
+        all_live = not table.free and table.min_expiry > now
         if lacks and all_live and ints.count(full) > want:
             # Seeders have everything the asker lacks, so nobody outranks
             # them, and there are enough of them: no need to score the rest.
             pos = [i for i, t in enumerate(ints) if t is full]
             return [(start + i) % total for i in pos[: want + 1]]
-        w = swarm.num_chunks.bit_length()
+        w = table.num_chunks.bit_length()
         seeder = (((rare.bit_count() << w | lacks.bit_count()) << 1 | 1) << 16) if lacks else 0
         asker_has = 1 << 16 if mine else 0
         keyed = [
@@ -590,12 +584,18 @@ class SwarmIndex:
         return ranked
 
     def _cached_frame(
-        self, content_id: bytes, interval: int, swarm: Swarm, answer: _Answer, asker: int, want: int
+        self,
+        content_id: bytes,
+        interval: int,
+        table: PeerTable,
+        answer: _Answer,
+        asker: int,
+        want: int,
     ) -> bytes | None:
         """The PEERS frame answering ``asker`` from a ranking asked more than once.
 
         The ranking keeps the frame for an asker it does not list: such an
-        asker gets it as it is while the swarm's availability is unchanged,
+        asker gets it as it is while the table's availability is unchanged,
         else it is rebuilt once around the new availability. A listed asker
         gets the same entries without its own, plus the next ranked one (one
         join). None for a ranking asked once (most are): building and keeping
@@ -607,34 +607,34 @@ class SwarmIndex:
                 return None
             self._answer_bytes -= answer.nbytes
             ranked = answer.ranked
-            m = min(len(ranked), self._fit(swarm, want))
+            m = min(len(ranked), self._fit(table, want))
             listed = ranked[:m]
-            start = peers_body_head(content_id, interval, m)
-            offsets = list(accumulate(swarm.entry_sizes(listed), initial=_HEADER + len(start)))
-            tail = swarm.avail_tail()
+            start = body_head(content_id, interval, m)
+            offsets = list(accumulate(table.entry_sizes(listed), initial=_HEADER + len(start)))
+            tail = table.avail_tail()
             size = offsets[-1] - _HEADER + len(tail)
-            frame = b"".join((_PEERS_HEADER(_PEERS, size), start, *swarm.entry_parts(listed), tail))
-            answer.frame, answer.frame_version = frame, swarm.version
+            frame = b"".join((frame_header(size), start, *table.entry_parts(listed), tail))
+            answer.frame, answer.frame_version = frame, table.version
             answer.offsets = offsets
-            answer.extra = swarm.entry(ranked[m]) if m < len(ranked) else b""
+            answer.extra = table.entry(ranked[m]) if m < len(ranked) else b""
             answer.interval = interval
             self._answer_bytes += answer.nbytes
             while self._answer_bytes > _ANSWER_BYTES and len(self._answers) > 1:
                 self._evict_answer()
         # Every frame stays within the PEERS limit: `_fit` sized `m` for the
-        # biggest availability this swarm can have.
+        # biggest availability this table can have.
         offsets = answer.offsets
         end = offsets[-1]
         if 0 <= (i := answer.place(asker)) < len(offsets) - 1:
-            view, extra, tail = memoryview(frame), answer.extra, swarm.avail_tail()
+            view, extra, tail = memoryview(frame), answer.extra, table.avail_tail()
             count = len(offsets) - 1 if extra else len(offsets) - 2
-            start = peers_body_head(content_id, interval, count)
+            start = body_head(content_id, interval, count)
             size = (
                 len(start) + end - offsets[0] - offsets[i + 1] + offsets[i] + len(extra) + len(tail)
             )
             return b"".join(
                 (
-                    _PEERS_HEADER(_PEERS, size),
+                    frame_header(size),
                     start,
                     view[offsets[0] : offsets[i]],
                     view[offsets[i + 1] : end],
@@ -642,30 +642,28 @@ class SwarmIndex:
                     tail,
                 )
             )
-        if answer.frame_version != swarm.version:  # the availability moved
-            tail = swarm.avail_tail()
+        if answer.frame_version != table.version:  # the availability moved
+            tail = table.avail_tail()
             before = len(frame)
             with memoryview(frame) as view:
-                frame = b"".join(
-                    (_PEERS_HEADER(_PEERS, end - _HEADER + len(tail)), view[_HEADER:end], tail)
-                )
-            answer.frame, answer.frame_version = frame, swarm.version
+                frame = b"".join((frame_header(end - _HEADER + len(tail)), view[_HEADER:end], tail))
+            answer.frame, answer.frame_version = frame, table.version
             self._answer_bytes += len(frame) - before
         return frame
 
-    def _pick(self, swarm: Swarm, ranked: list[int], asker: int, want: int) -> list[int]:
+    def _pick(self, table: PeerTable, ranked: list[int], asker: int, want: int) -> list[int]:
         """Up to ``want`` slots of a valid ``ranked`` (all live) other than ``asker``.
 
         Fewer if their bitmaps would not fit one PEERS body.
         """
         chosen = [s for s in ranked if s != asker]
-        del chosen[self._fit(swarm, want) :]
+        del chosen[self._fit(table, want) :]
         return chosen
 
     @staticmethod
-    def _fit(swarm: Swarm, want: int) -> int:
+    def _fit(table: PeerTable, want: int) -> int:
         """How many of ``want`` entries one PEERS body can carry."""
-        fit = (_PEERS_LIMIT - 2 * swarm.num_chunks - 64) // (_ENTRY_OVERHEAD + swarm.nbytes)
+        fit = (_PEERS_LIMIT - 2 * table.num_chunks - 64) // (_ENTRY_OVERHEAD + table.nbytes)
         return min(want, fit)
 
 

@@ -25,13 +25,6 @@ from ._bits import (
     indices_from_bits,
     validate_bits,
 )
-from ._codec import (
-    encode_peer_entry,
-    encode_peers_body,
-    join_peers_body,
-    peers_body_head,
-    peers_body_tail,
-)
 from ._connection import (
     MAX_CANCELLED,
     MAX_OUTSTANDING,
@@ -134,13 +127,8 @@ __all__ = [
     "decode_availability",
     "encode_availability",
     "encode_message",
-    "encode_peer_entry",
-    "encode_peers_body",
     "flags_from_bits",
     "has_bit",
     "indices_from_bits",
-    "join_peers_body",
-    "peers_body_head",
-    "peers_body_tail",
     "validate_bits",
 ]

@@ -10,7 +10,7 @@ naming the message and the field.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,14 +21,7 @@ from peerd.errors import LocalProtocolError, RemoteProtocolError
 from . import _events as ev
 from ._frames import MAX_BODY, FrameType, frame_name
 
-__all__ = [
-    "EVENT_TYPES",
-    "decode_body",
-    "encode_body",
-    "encode_peer_entry",
-    "encode_peers_body",
-    "join_peers_body",
-]
+__all__ = ["EVENT_TYPES", "decode_body", "encode_body"]
 
 _TYPE_NAMES = {int: "int", bytes: "bin", str: "str", list: "array"}
 
@@ -312,156 +305,10 @@ def encode_body(ftype: int, event: ev.Event) -> bytes:
     return body
 
 
-def _check_peers_head(content_id: bytes, interval: int, count: int) -> None:
-    if (
-        type(content_id) is not bytes
-        or len(content_id) != ev.ID_SIZE
-        or type(interval) is not int
-        or not 1 <= interval <= ev.MAX_INTERVAL
-        or not 0 <= count <= ev.MAX_PEERS
-    ):
-        raise LocalProtocolError(
-            f"PEERS: invalid message fields (id {len(content_id)} bytes, interval {interval}, "
-            f"{count} peers)"
-        )
-
-
-def _check_avail(availability: bytes) -> None:
-    size = len(availability)
-    if type(availability) is not bytes or size % 2 or size > ev.MAX_AVAIL_LEN:
-        raise LocalProtocolError(f"PEERS: invalid avail ({size} bytes)")
-
-
-def _check_peers_size(body: bytes) -> bytes:
-    if len(body) > MAX_BODY[FrameType.PEERS]:
-        raise LocalProtocolError(
-            f"PEERS body of {len(body)} bytes exceeds the limit of "
-            f"{MAX_BODY[FrameType.PEERS]}; send fewer peers"
-        )
-    return body
-
-
-def encode_peers_body(
-    content_id: bytes,
-    interval: int,
-    peers: Sequence[tuple[str, int, bytes, bytes]],
-    availability: bytes,
-) -> bytes:
-    """Encode a PEERS body from plain ``(ip, port, key, bits)`` tuples: the trusted path.
-
-    Produces exactly the bytes ``encode_body(PEERS, Peers(...))`` would, without
-    building a ``PeerEntry`` per peer (that validation was most of a tracker's
-    time per announce). It is for a sender whose entries are valid by
-    construction -- the tracker's index: IPs are ``inet_ntop`` of packed
-    addresses, ports come from two bytes, keys are authenticated 32-byte keys,
-    bitmaps were checked on the way in. The message-level fields and the body
-    size are still checked here (cheap); per-entry fields are not. Receivers
-    validate everything as usual.
-
-    Raises:
-        LocalProtocolError: a message-level field is out of range, or the body
-            exceeds the PEERS limit (send fewer peers).
-    """
-    _check_peers_head(content_id, interval, len(peers))
-    _check_avail(availability)
-    # Same key order and the same packer as the PEERS spec above: tuples pack
-    # as msgpack arrays, so the bytes are identical to the event path.
-    body: bytes = msgpack.packb(
-        {"id": content_id, "interval": interval, "peers": peers, "avail": availability},
-        use_bin_type=True,
-    )
-    return _check_peers_size(body)
-
-
-def encode_peer_entry(ip: str, port: int, key: bytes, bits: bytes) -> bytes:
-    """One encoded element of PEERS ``peers``, for ``join_peers_body`` (trusted, unchecked)."""
-    entry: bytes = msgpack.packb((ip, port, key, bits), use_bin_type=True)
-    return entry
-
-
-_PEERS_ID = b"\x84" + msgpack.packb("id")  # map of 4, then the first key
-_PEERS_INTERVAL = msgpack.packb("interval")
-_PEERS_PEERS = msgpack.packb("peers")
-_PEERS_AVAIL = msgpack.packb("avail")
-_BIN_ID = b"\xc4" + bytes((ev.ID_SIZE,))  # msgpack bin 8 header of a content id
-
-
-def join_peers_body(
-    content_id: bytes,
-    interval: int,
-    count: int,
-    parts: Iterable[bytes | bytearray | memoryview],
-    availability: bytes,
-) -> bytes:
-    """``encode_peers_body`` from ``count`` entries already encoded, given as ``parts``.
-
-    ``parts`` concatenate to ``count`` entries as ``encode_peer_entry`` makes
-    them (an entry may come in several pieces). Lets a sender that keeps its
-    peers partly encoded only concatenate per answer. Same bytes, same trust
-    contract and the same checks as ``encode_peers_body``.
-    """
-    body = b"".join(
-        (
-            peers_body_head(content_id, interval, count),
-            *parts,
-            peers_body_tail(availability),
-        )
-    )
-    return _check_peers_size(body)
-
-
-def peers_body_head(content_id: bytes, interval: int, count: int) -> bytes:
-    """The bytes of a PEERS body before its ``count`` entries.
-
-    A PEERS body is ``peers_body_head(...)``, then ``count`` entries as
-    ``encode_peer_entry`` makes them, then ``peers_body_tail(availability)``
-    (``join_peers_body`` puts them together and checks the size). A sender
-    that keeps heads or tails may join the pieces itself; it must keep the
-    body within ``MAX_BODY[PEERS]``.
-
-    Raises:
-        LocalProtocolError: a field is out of range.
-    """
-    _check_peers_head(content_id, interval, count)
-    header = bytes((0x90 | count,)) if count < 16 else b"\xdc" + count.to_bytes(2, "big")
-    # A content id is exactly 32 bytes (checked above): a fixed bin 8 header.
-    return b"".join(
-        (
-            _PEERS_ID,
-            _BIN_ID,
-            content_id,
-            _PEERS_INTERVAL,
-            msgpack.packb(interval),
-            _PEERS_PEERS,
-            header,
-        )
-    )
-
-
-def peers_body_tail(availability: bytes) -> bytes:
-    """The bytes of a PEERS body after its entries: the ``avail`` field.
-
-    Raises:
-        LocalProtocolError: ``availability`` is not a valid u16 count array.
-    """
-    _check_avail(availability)
-    size = len(availability)
-    # msgpack's bin header, written here (the bytes are copied once, by the join).
-    head = (
-        b"\xc4" + bytes((size,))
-        if size < 0x100
-        else b"\xc5" + size.to_bytes(2, "big")
-        if size < 0x10000
-        else b"\xc6" + size.to_bytes(4, "big")
-    )
-    return b"".join((_PEERS_AVAIL, head, availability))
-
-
 # What msgpack can raise on hostile input: ValueError covers ExtraData,
 # FormatError, StackError, UnicodeDecodeError and the max_*_len checks;
 # TypeError covers unhashable map keys.
 _UNPACK_ERRORS = (ValueError, TypeError, OverflowError, msgpack.UnpackException)
-_ANNOUNCE = int(FrameType.ANNOUNCE)
 
 
 def decode_body(ftype: int, body: bytes | memoryview) -> ev.Event:
@@ -498,28 +345,6 @@ def decode_body(ftype: int, body: bytes | memoryview) -> ev.Event:
         raise RemoteProtocolError(
             f"{name}: body must have exactly the keys {list(spec.keys)}, got [{', '.join(got)}]"
         )
-    if ftype == _ANNOUNCE:  # the tracker's hot path: one validation pass
-        cid, port, event, bits, want = (
-            obj["id"],
-            obj["port"],
-            obj["event"],
-            obj["bits"],
-            obj["want"],
-        )
-        if (
-            type(cid) is bytes
-            and len(cid) == ev.ID_SIZE
-            and type(port) is int
-            and 0 <= port <= 0xFFFF
-            and type(event) is str
-            and event in ev.ANNOUNCE_EVENTS
-            and type(bits) is bytes
-            and len(bits) <= ev.MAX_BITS_LEN
-            and type(want) is int
-            and 0 <= want <= ev.MAX_WANT
-        ):
-            return ev.Announce.checked(cid, port, event, bits, want)
-        # else the general path below says what is wrong
     try:
         return spec.decode(_Fields(name, obj))
     except LocalProtocolError as exc:

@@ -1,19 +1,11 @@
-"""One content's peers as packed arrays (the tracker index's storage).
+"""``PeerTable``: the peers of one content id as the tracker knows them.
 
-Memory is the constraint (hundreds of thousands of entries), so a swarm is not
-a dict of peer objects but parallel arrays indexed by a *slot* number (freed
-slots go on a free list and are reused):
-
-* ``bits``: each slot's bitmap as an int (every seeder shares one "all" int);
-* ``heads``: the peer's address and port, msgpack-encoded as the start of its
-  PEERS entry (one object per (ip, port), shared through a small memo);
-* ``expires`` (an ``array('d')``) and ``keys`` (``slots`` maps key -> slot).
-
-An encoded answer is a concatenation per chosen peer (head, key, bitmap, two
-bin headers), valid by construction. Availability is one big int with a
-16-bit lane per chunk: an announce updates every count with one subtraction
-and one addition, and the wire form is ``to_bytes``; a lane never carries
-because a swarm holds at most 65,535 peers. The layout in full:
+Parallel packed arrays indexed by a *slot* (freed slots are reused), not a
+dict of peer objects, because memory is the tracker's constraint: per slot a
+bitmap int (seeders share one), the msgpack-encoded start of its PEERS entry
+(address and port, see ``_peers_frame``), an expiry and a key. Availability is
+one big int with a 16-bit lane per chunk (one subtraction and one addition
+per announce; a lane never carries: at most 65,535 peers). In full:
 docs/ARCHITECTURE.md, "The tracker's index".
 """
 
@@ -25,21 +17,19 @@ from array import array
 from typing import cast
 
 from peerd.errors import TrackerError
-from peerd.wire import peers_body_tail
+
+from ._peers_frame import KEY_HEADER, avail_field, bin_header
 
 __all__ = [
-    "KEY_HEADER",
     "MAX_LANES_PEERS",
-    "Swarm",
-    "bin_header",
+    "PeerTable",
     "entry_cost",
     "pack_ip",
-    "swarm_cost",
+    "table_cost",
     "unpack_ip",
 ]
 
 MAX_LANES_PEERS = 65_535  # a 16-bit availability lane must never overflow
-KEY_HEADER = b"\xc4\x20"  # msgpack bin 8 of a 32-byte key
 _V4_MAPPED = b"\x00" * 10 + b"\xff\xff"
 _serials = itertools.count(1)
 _AVAIL_KEPT = 32 * 1024  # availability kept encoded up to this size
@@ -61,23 +51,14 @@ def pack_ip(ip: str) -> bytes:
         raise TrackerError("bad-request", f"not an IP address: {ip!r}") from None
 
 
-def bin_header(n: int) -> bytes:
-    """msgpack bin header for ``n`` bytes (bin 8 / 16 / 32, as msgpack picks)."""
-    if n < 256:
-        return b"\xc4" + n.to_bytes(1, "big")
-    if n < 65536:
-        return b"\xc5" + n.to_bytes(2, "big")
-    return b"\xc6" + n.to_bytes(4, "big")
-
-
 def unpack_ip(packed: bytes) -> str:
     if packed[:12] == _V4_MAPPED:
         return socket.inet_ntop(socket.AF_INET, packed[12:])
     return socket.inet_ntop(socket.AF_INET6, packed)
 
 
-def swarm_cost(num_chunks: int) -> int:
-    """Bytes a swarm of ``num_chunks`` chunks holds before its first entry (an estimate
+def table_cost(num_chunks: int) -> int:
+    """Bytes a table of ``num_chunks`` chunks holds before its first entry (an estimate
     from above): the 16-bit availability lanes, the full/empty bitmaps and rarity
     mask, the encoded availability while it is kept, and the fixed arrays."""
     return 4096 + 5 * num_chunks // 2 + min(2 * num_chunks + 16, _AVAIL_KEPT)
@@ -97,8 +78,8 @@ def _lanes(bits: bytes) -> int:
     return int.from_bytes(buf, "big")
 
 
-class Swarm:
-    """The peers of one content id, as parallel packed arrays (see module doc)."""
+class PeerTable:
+    """The peers of one content id, as parallel packed arrays (see the module doc)."""
 
     __slots__ = (
         "addrs",
@@ -143,8 +124,8 @@ class Swarm:
         self.bits: list[int] = []  # bitmap per slot, as a big-endian int (0 when free)
         self.heads: list[bytes | None] = []
         self.addrs: list[str | None] = []  # per slot, the address its entry is charged to
-        self.owner = ""  # the address whose announce created the swarm (pays its cost)
-        self.cost = swarm_cost(num_chunks)
+        self.owner = ""  # the address whose announce created the table (pays its cost)
+        self.cost = table_cost(num_chunks)
         self.bin_header = bin_header(self.nbytes)
         self.expires = array("d")
         self.free: list[int] = []
@@ -155,7 +136,7 @@ class Swarm:
         self.min_expiry = float("inf")
         self.version = 0  # bumped by every change (bits, address, who is in)
         self.members = 0  # bumped only when a peer joins or leaves
-        self.serial = next(_serials)  # tells a recreated swarm from its predecessor
+        self.serial = next(_serials)  # tells a recreated table from its predecessor
         self.rare = 0
         self.rare_version = -1
         self.tail = b""  # the encoded PEERS avail field, while avail_version is current
@@ -251,15 +232,15 @@ class Swarm:
         return tail[len(tail) - 2 * self.num_chunks :]
 
     def avail_tail(self) -> bytes:
-        """The end of a PEERS body answering for this swarm: its ``avail`` field.
+        """The end of a PEERS body answering for this table: its ``avail`` field.
 
         Kept until the counts change when it is small (<= 32 KiB); a bigger
-        one would double the swarm's memory (its counts take as much).
+        one would double the table's memory (its counts take as much).
         """
         if self.avail_version == self.version:
             return self.tail
         avail = self.counts.to_bytes(self.nbytes * 16, "big")[: self.num_chunks * 2]
-        tail = peers_body_tail(avail)
+        tail = avail_field(avail)
         if len(avail) <= _AVAIL_KEPT:
             self.tail = tail
             self.avail_version = self.version
