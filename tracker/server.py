@@ -1,65 +1,15 @@
 """The tracker's serve loop: a per-connection owner task, one dispatcher for requests.
 
-Theory of operation
--------------------
-Each accepted connection gets a ``TrackerServerConnection`` (sans-IO) and a
-task that *owns* the stream:
-
-1. Admission: a connection over the total or per-address connection limit gets
-   ERROR ``too-many`` and is closed -- unless its address has an
-   authenticated connection idle for ``idle_grace`` seconds: the longest idle
-   one is closed instead (ERROR ``too-many``), so idle connections cannot
-   lock an address out.
-2. Handshake: the tracker sends CHALLENGE with 32 random bytes; the client
-   must answer AUTH, an Ed25519 signature over ``b"peer-tracker-auth-v1\\0" +
-   nonce``, within ``handshake_timeout``. A bad signature gets ERROR
-   ``auth-failed`` and the connection closes. From then on the connection
-   speaks for that one key: announces always use the authenticated key and
-   the IP address the connection comes from, never anything the client says.
-3. Requests: the owner lends the stream to the transport's ``Mux`` and
-   waits; it comes back to close the stream on EOF, error, refusal or the
-   idle timeout (letting queued replies drain for up to a second first).
-
-One *dispatcher* task answers the requests of every authenticated
-connection. ``Mux.next_batch`` hands it all the input that arrived (the
-reactor: one epoll wait for every socket; the proactor: one harvest of RECV
-completions), and for each connection it decodes every complete frame and
-answers in order, queueing the replies with ``Mux.send``, which writes at
-once when the socket has room. So an announce costs no task switch and no
-``await``: the index answers synchronously (``SwarmIndex.announce_frame``
-returns the PEERS body, usually built from cached entries) and the loop adds
-the 5-byte frame header. The per-connection ``recv``/``send`` awaits this
-replaced cost ~45 us of the tracker's ~120 us per announce.
-
-A request that must wait goes off the hot path, and its connection is paused
-(nothing more is read or answered) until it is done, so replies keep request
-order: a client over its token bucket (one per connection, one per address:
-an over-eager client is slowed down, not dropped) waits in a task of the
-server's nursery; so does a request that needs the manifest database (a
-content the index does not know yet, PUBLISH, a GET_MANIFEST whose frame is
-not cached, RESOLVE), which runs in one worker thread (manifest
-verification in another). SCRAPE, like ANNOUNCE, is answered on the spot.
-
-Memory and disk are budgets (``_budget.py``, ``TrackerLimits.max_memory``
-and ``max_disk``). Input: each frame is charged from its 5-byte header
-before it is buffered; one too large for what is left gets ERROR ``limit``
-and the connection closes. Replies: a client is paused -- it stalls only
-itself -- while its unsent replies exceed ``_UNSENT_LIMIT`` or everyone's
-exceed the reply budget, checked before each request is answered, whatever
-path answered the last one; it is resumed when it has drained, and closed if
-it takes in nothing for ``send_timeout`` seconds. A reply larger than
-``_PIECE`` is queued in pieces as the client drains, so no queue holds more
-than about a megabyte, and a manifest is encoded once (a cache of MANIFEST
-frames, shared by every reply). The swarm index charges its swarms and
-entries (ERROR ``limit``), the store its manifests (ERROR ``limit``), and an
-ANNOUNCE needs a published manifest (ERROR ``not-found``), so no swarm is
-ever sized from what a client claims.
-
-A malformed or oversized frame (``RemoteProtocolError``) gets ERROR
-``bad-frame`` and the connection closes; an unexpected exception while
-answering one client is logged and closes that client only.
-
-A background task sweeps expired peer entries every few seconds.
+Each connection's task owns its stream: admission (connection limits),
+the CHALLENGE/AUTH handshake, the idle timeout and the close. Once
+authenticated, the stream is lent to the transport's ``Mux``, and one
+dispatcher task answers every connection's requests in order without a task
+switch per request: ANNOUNCE, SCRAPE and cached GET_MANIFEST on the spot
+(``SwarmIndex.announce_frame`` gives a whole PEERS frame); a request over
+its rate limit or needing the manifest database waits in a task of its own
+while its connection is paused. Everything a client can make the tracker
+hold is charged to a budget (``_budget.py``). Why, and the limits in full:
+docs/ARCHITECTURE.md, "The tracker's serve loop".
 
 Error codes sent in ERROR frames: ``too-many``, ``auth-failed``,
 ``handshake-timeout``, ``bad-frame``, ``bad-request``, ``bad-manifest``,
