@@ -42,16 +42,18 @@ async def test_two_copies_hashed_together_count_once(tmp_path: Path) -> None:
             return verify(store, index, view)
 
         content._verify_and_write = verify_together  # type: ignore[method-assign]
-        peers = [SimpleNamespace(name=f"peer{k}") for k in range(2)]
+        peers = [
+            SimpleNamespace(name=f"peer{k}", route=(bytes(32), f"127.0.0.{k}")) for k in range(2)
+        ]
         with trio.fail_after(10):
             async with trio.open_nursery() as nursery:
                 for peer in peers:
                     buf = await content.buffers.acquire()
                     buf[:CHUNK] = data[:CHUNK]
-                    nursery.start_soon(content.store_chunk, peer, 0, buf, CHUNK)
+                    nursery.start_soon(content._store_chunk, peer, 0, buf, CHUNK)
         assert store.have[0] and not store.have[1]
         assert content.downloaded == CHUNK  # not twice
         assert sum(content.bytes_from.values()) == CHUNK
-        assert content.picker is not None and content.picker.missing == 1
+        assert content.engine.picker is not None and content.engine.picker.missing == 1
     finally:
         store.close()

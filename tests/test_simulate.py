@@ -76,10 +76,6 @@ def test_delay_and_loss() -> None:
     _check(SimConfig(n=8, chunks=40, delay=0.05, loss=0.02, seed=3))
 
 
-def test_tit_for_tat_slots_also_complete() -> None:
-    _check(SimConfig(n=8, chunks=40, slots=4, seed=5))
-
-
 def test_deterministic_for_a_seed() -> None:
     cfg = SimConfig(n=6, chunks=24, seed=11)
     assert run(cfg).T == run(cfg).T
@@ -125,22 +121,6 @@ def test_cli_rejects_bad_options() -> None:
     )
     assert proc.returncode == 2
     assert "simulate:" in proc.stderr and "Traceback" not in proc.stderr
-
-
-def test_native_mode_refuses_once_the_sources_are_loaded() -> None:
-    # --native must load the compiled modules before anything imports the
-    # Python ones (here sim.simulation is imported): it says so instead of
-    # silently running a mix. (The build itself takes ~40 s: not a unit
-    # test; docs/BENCHMARKS.md has its runs.)
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import _native
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
-    with pytest.raises(
-        _native.NativeBuildError, match=r"already imported from source: sim\.simulation"
-    ):
-        _native.activate()
 
 
 def test_the_product_never_imports_the_simulator() -> None:

@@ -10,7 +10,7 @@ pass ``now`` and a ``random.Random``), so the node and the simulator (the
   room (:func:`tracker_want`, :func:`choose_dials`), so a flash crowd does not
   all dial the same first peers;
 * re-announce soon while under-connected (:func:`next_announce_delay`);
-* constants for the picker and choker: back off after ``busy``
+* constants for the picker and upload queue: back off after ``busy``
   (:data:`BUSY_BACKOFF`), refuse what waited too long (:data:`QUEUE_WAIT`),
   serve the furthest behind first (:data:`NEEDY_WINDOW`, :class:`RemoteProgress`);
 * one upload at a time per node (:class:`UploadTurns`): a chunk crosses at the

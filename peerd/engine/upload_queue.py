@@ -226,6 +226,3 @@ class UploadQueue:
         self._sent[request[0]] = self._sent.get(request[0], 0) + 1
         self._dequeued(peer, request)
         return request
-
-
-Choker = UploadQueue  # temporary: removed when driver.py and the simulator move to UploadQueue

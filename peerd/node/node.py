@@ -29,9 +29,10 @@ import trio
 from peerd.content.identity import Identity, verify_signature
 from peerd.content.manifest import Manifest
 from peerd.content.store import ChunkStore, SourceFile
+from peerd.engine.content_engine import EVICTABLE_AFTER
 from peerd.engine.scheduling import NEEDY_WINDOW, UploadTurns
 from peerd.errors import PeerError, RemoteProtocolError, TrackerError, TransportError
-from peerd.node.driver import EVICTABLE_AFTER, Content
+from peerd.node.driver import Content
 from peerd.node.ratelimit import RateLimiter
 from peerd.node.session import PeerSession, turn_blocked
 from peerd.transport import Stream, Transport
@@ -207,9 +208,6 @@ class Node:
         self._scopes: dict[bytes, trio.CancelScope] = {}
         self._tracker: TrackerClient | None = None
         self._tracker_lock = trio.Lock()
-        # Counts tracker connections made; a content that announced on an older
-        # one announces again (a restarted tracker has forgotten every peer).
-        self.tracker_epoch = 0
         self.inbound = InboundSlots(MAX_INBOUND, MAX_INBOUND_PER_ADDRESS)
         self.nursery: trio.Nursery
 
@@ -288,9 +286,10 @@ class Node:
                     timeout=CONNECT_TIMEOUT,
                     source_host=self.source_host,
                 )
-                self.tracker_epoch += 1
+                # A new connection (maybe a restarted tracker that forgot
+                # every peer): every content announces again.
                 for content in self.contents.values():
-                    content.wake_tracker_loop()
+                    content.tracker_changed()
             client = self._tracker
         try:
             return await fn(client)  # type: ignore[misc]

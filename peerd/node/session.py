@@ -5,8 +5,8 @@ Theory of operation
 A :class:`PeerSession` pumps bytes between a transport stream and a sans-IO
 :class:`~peerd.wire.PeerConnection`, in two tasks:
 
-* the **reader** turns received bytes into events and hands them to the
-  session's :class:`~peerd.node.driver.Content` (the swarm logic). A DATA payload is
+* the **reader** turns received bytes into events and hands them to its
+  owner (:class:`~peerd.node.driver.Content`, which asks the engine). A DATA payload is
   not parsed: the bytes the protocol object already buffered are copied into
   a preallocated chunk buffer and the rest is received straight into it;
   hashing and the positional write then run beside the reader, so the next
@@ -37,15 +37,18 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
+import mmap
 import socket
 import sys
 from collections.abc import Awaitable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 
-from peerd.engine.scheduling import RemoteProgress
+from peerd.engine.content_engine import ContentEngine
+from peerd.engine.scheduling import UploadTurns
 from peerd.errors import PeerError, RemoteProtocolError
+from peerd.node.ratelimit import RateLimiter
 from peerd.wire import (
     NEED_DATA,
     Bitfield,
@@ -66,14 +69,12 @@ from peerd.wire import (
 )
 
 if TYPE_CHECKING:
-    from peerd.node.driver import Content
     from peerd.transport import Stream
 
-__all__ = ["MAX_QUEUED_UPLOADS", "PeerSession"]
+__all__ = ["PeerSession", "SessionOwner"]
 
 log = logging.getLogger("peerd.node.session")
 
-MAX_QUEUED_UPLOADS = 64  # requests a remote may have queued with us
 RECV_SIZE = 64 * 1024  # control reads; payloads bypass this
 MAX_HAVE_PER_FRAME = 4096
 # Control bytes (mostly REJECTs) queued for a remote that does not read: past
@@ -140,19 +141,48 @@ def unsent_bytes(fd: int) -> int:
         return 0
 
 
+class _Buffers(Protocol):
+    async def acquire(self) -> mmap.mmap: ...
+    def release(self, buf: mmap.mmap) -> None: ...
+
+
+class SessionOwner(Protocol):
+    """What a session needs from the content it belongs to (the driver)."""
+
+    @property
+    def engine(self) -> ContentEngine: ...
+    @property
+    def buffers(self) -> _Buffers: ...
+    @property
+    def manifest_frame(self) -> bytes: ...
+
+    def on_message(self, session: PeerSession, event: Event) -> None: ...
+    def on_payload(
+        self, session: PeerSession, req: tuple[int, int, int], buf: mmap.mmap
+    ) -> None: ...
+    def file_position(self, index: int, offset: int) -> tuple[int, int]: ...
+
+
 class PeerSession:
     """A live connection with a remote peer, after both HELLOs."""
 
     def __init__(
         self,
-        content: Content,
+        content: SessionOwner,
         stream: Stream,
         conn: PeerConnection,
         hello: Hello,
         *,
         initiated: bool,
+        turns: UploadTurns,
+        up_limiter: RateLimiter,
+        down_limiter: RateLimiter,
     ) -> None:
         self.content = content
+        self.engine = content.engine
+        self.turns = turns
+        self.up_limiter = up_limiter
+        self.down_limiter = down_limiter
         self.stream = stream
         self._fd = stream.fileno()
         self.conn = conn
@@ -164,20 +194,13 @@ class PeerSession:
         # The route: the proven key at this address (sessions and bans are per route).
         self.route: tuple[bytes, str] = (hello.key, host)
         self.name = f"{hello.key.hex()[:12]}@{host}:{hello.port}"
-        # requests we sent: (index, offset, length)
-        self.requests: set[tuple[int, int, int]] = set()
         self.received_bytes = 0
         self.sent_bytes = 0
         now = trio.current_time()
-        self.last_payload_at = now
-        # Last time the connection did something useful (payload either way,
-        # a request to serve): who makes room when slots are short.
-        self.last_useful_at = now
+        self._created_at = now
         self.last_received_at = now
         self.last_sent_at = now
         self._send_since: float | None = None  # a send is in progress since
-        self.depth = 4
-        self.timeouts = 0
         self._control: list[bytes] = []
         self._control_bytes = 0
         self._drained = trio.Event()
@@ -187,30 +210,27 @@ class PeerSession:
         self._local_close = False
         self._eof_sent = trio.Event()
         self._cancel_scope = trio.CancelScope()
-        # rate window for adaptive pipelining
-        self._window_start = trio.current_time()
-        self._window_bytes = 0
-        self.rate = 0.0
         self._draining = False  # our upload turn: waiting for the kernel to pass it on
         self._turn_left = 0  # unsent bytes of that chunk at the last look
-        # What the remote holds as far as we know (its BITFIELD, its HAVEs and
-        # the chunks we sent it): the furthest behind get upload turns first.
-        self.remote = RemoteProgress(content.info.num_chunks)
 
-    # --- the remote's progress (orders the node's upload turns) ---------------
     def turn_progress(self) -> float:
-        """How far the remote is, for the node's upload turns (furthest behind
-        first): the share of the chunks it holds, as far as we know. The
-        origin seeder does not order by need (super-seeding decides there)."""
-        return 0.0 if self.content.origin else self.remote.share
+        """How far the remote is, for the node's upload turns (furthest behind first)."""
+        return self.engine.remote_share(self)
+
+    @property
+    def last_useful_at(self) -> float:
+        """Last time the connection moved payload or got a request to serve."""
+        st = self.engine.peers.get(self)
+        return st.last_useful_at if st is not None else self._created_at
 
     @property
     def closing(self) -> bool:
         """True once the session is closing: it queues nothing more."""
         return self._closing
 
-    # --- queueing (called by Content, never blocks) ---------------------------
-    def _kick(self) -> None:
+    # --- queueing (called by the owner, never blocks) -------------------------
+    def kick(self) -> None:
+        """Wake the writer: there may be an upload to send."""
         self._wake.set()
 
     def send_control(self, event: Event) -> None:
@@ -219,29 +239,19 @@ class PeerSession:
         data = self.conn.send(event)
         self._control.append(data)
         self._control_bytes += len(data)
-        self._kick()
+        self.kick()
 
     def send_frame(self, data: bytes) -> None:
         """Queue an already encoded frame (the wire accepted it)."""
         if not self._closing:
             self._control.append(data)
             self._control_bytes += len(data)
-            self._kick()
-
-    def request(self, index: int, offset: int, length: int) -> None:
-        self.requests.add((index, offset, length))
-        self.send_control(Request(index, offset, length))
-
-    def cancel_request(self, index: int, offset: int, length: int) -> None:
-        req = (index, offset, length)
-        if req in self.requests:
-            self.requests.discard(req)
-            self.send_control(Cancel(index, offset, length))
+            self.kick()
 
     def announce_have(self, index: int) -> None:
         if not self._closing:
             self._haves.append(index)
-            self._kick()
+            self.kick()
 
     def close(self, reason: str = "") -> None:
         """Say goodbye (best effort) and stop both tasks."""
@@ -253,7 +263,7 @@ class PeerSession:
                     pass
             self._closing = True
             self._local_close = True
-            self._kick()
+            self.kick()
 
     # --- running ---------------------------------------------------------------
     async def run(self) -> None:
@@ -317,19 +327,8 @@ class PeerSession:
                 return
             if isinstance(event, DataHeader):
                 await self._receive_payload(event)
-            elif isinstance(event, Request):
-                self._on_request(event)
-            elif isinstance(event, Cancel):
-                content.choker.on_cancel(self, (event.index, event.offset, event.length))
-            elif isinstance(event, Have):
-                content.on_have(self, event.indices)
-            elif isinstance(event, Bitfield):
-                content.on_bitfield(self, event.bits)
-            elif isinstance(event, Reject):
-                req = (event.index, event.offset, event.length)
-                if req in self.requests:
-                    self.requests.discard(req)
-                    content.on_reject(self, event.index, event.reason)
+            elif isinstance(event, Request | Cancel | Have | Bitfield | Reject):
+                content.on_message(self, event)
             elif isinstance(event, ManifestRequest):
                 # Once per connection (the wire refuses a second), and the
                 # content's one encoded frame, shared by every connection.
@@ -389,11 +388,9 @@ class PeerSession:
                 self.last_sent_at = now
 
     async def _receive_payload(self, header: DataHeader) -> None:
-        req = (header.index, header.offset, header.length)
         # The wire let it through: it answers a request of ours, outstanding
-        # or cancelled (then it is read and dropped).
-        wanted = req in self.requests
-        self.requests.discard(req)
+        # or cancelled (the engine then drops it).
+        req = (header.index, header.offset, header.length)
         pool = self.content.buffers
         buf = await pool.acquire()
         try:
@@ -402,55 +399,21 @@ class PeerSession:
             if n < header.length:
                 await self.stream.recv_exactly_into(view[n:])
                 self.conn.payload_consumed_externally(header.length - n)
-            await self.content.node.down_limiter.consume(header.length)
+            await self.down_limiter.consume(header.length)
         except BaseException:
             pool.release(buf)
             raise
-        now = trio.current_time()
-        self.last_payload_at = now
-        self.last_useful_at = now
         self.received_bytes += header.length
-        self._account(header.length, now)
-        if not wanted:
-            pool.release(buf)
-            return
-        # Verification runs in the content's nursery: a session that ends
-        # meanwhile must not throw away a chunk that fully arrived.
-        self.content.nursery.start_soon(
-            self.content.store_chunk, self, header.index, buf, header.length
-        )
-
-    def _account(self, nbytes: int, now: float) -> None:
-        self._window_bytes += nbytes
-        span = now - self._window_start
-        if span >= 0.5:
-            self.rate = self._window_bytes / span
-            self._window_bytes = 0
-            self._window_start = now
-
-    def _on_request(self, req: Request) -> None:
-        content = self.content
-        self.last_useful_at = trio.current_time()
-        reason = content.check_request(self, req.index, req.offset, req.length)
-        # The choker refuses past MAX_QUEUED_UPLOADS, and while super-seeding a
-        # chunk that someone else already has or gets.
-        if reason is None and not content.choker.on_request(
-            self, (req.index, req.offset, req.length)
-        ):
-            reason = "busy"
-        if reason is not None:
-            self.send_control(Reject(req.index, req.offset, req.length, reason))
-            return
-        self._kick()
+        self.content.on_payload(self, req, buf)
 
     def _release_turn(self) -> None:
-        turns = self.content.node.upload_turns
+        turns = self.turns
         if turns.slots:
             for session in turns.release(self, trio.current_time()):
-                session._kick()  # type: ignore[attr-defined]
+                session.kick()  # type: ignore[attr-defined]
 
     async def _writer(self) -> None:
-        stream, content = self.stream, self.content
+        stream, engine = self.stream, self.engine
         while True:
             if self._haves:
                 haves, self._haves = self._haves, []
@@ -474,7 +437,7 @@ class PeerSession:
                 await trio.sleep(5)
                 self._cancel_scope.cancel()
                 return
-            turns = content.node.upload_turns
+            turns = self.turns
             if self._draining:
                 # Our turn lasts until the kernel has sent the chunk's last
                 # byte on (UploadTurns); control frames still go out meanwhile.
@@ -494,7 +457,7 @@ class PeerSession:
                 self._release_turn()
                 continue
             upload = None
-            if content.choker.queued(self) and unsent_bytes(self._fd) > 0:
+            if engine.queued(self) and unsent_bytes(self._fd) > 0:
                 # Our socket still holds bytes the remote has not taken: no
                 # turn until they leave, so a remote that stops reading cannot
                 # hold the node's uploads (the watchdog closes it eventually).
@@ -502,13 +465,13 @@ class PeerSession:
                 with trio.move_on_after(DRAIN_POLL):
                     await self._wake.wait()
                 continue
-            if content.choker.queued(self):
+            if engine.queued(self):
                 now = trio.current_time()
                 if not turns.request(self, now):
                     # The turn may have moved on (a holder whose receiver
                     # closed its window): wake whoever holds one now.
                     for holder in turns.holders():
-                        holder._kick()  # type: ignore[attr-defined]
+                        holder.kick()  # type: ignore[attr-defined]
                     # Wait for our turn, until the holder's turn counts as
                     # stalled, or for the next look at its receiver.
                     wait = min(turns.deadline() - now, BLOCKED_POLL)
@@ -516,32 +479,28 @@ class PeerSession:
                     with trio.move_on_after(max(wait, TURN_POLL)):
                         await self._wake.wait()
                     continue
-                upload = content.choker.next_request_for(self)
+                upload = engine.next_upload(self)
                 if upload is None:
                     self._release_turn()
             else:
                 self._release_turn()  # a turn granted after our request was cancelled
             if upload is not None:
                 index, offset, length = upload
-                source = content.source
-                await content.node.up_limiter.consume(length)
+                await self.up_limiter.consume(length)
                 if not self.conn.owes(index, offset, length):
                     self._release_turn()  # cancelled long ago (see MAX_CANCELLED)
                     continue
                 # Checked after the rate-limit wait, right before the bytes go out:
                 # the shared file may have changed while we waited.
-                if not content.can_serve(index):
+                if not engine.can_serve(index):
                     self.send_control(Reject(index, offset, length, "missing"))
                     self._release_turn()
                     continue
                 await self._send(stream.send_all(self.conn.send(DataHeader(index, offset, length))))
-                await self._send(
-                    stream.sendfile(source.fd, index * content.info.chunk_size + offset, length)
-                )
-                self.last_useful_at = trio.current_time()
+                fd, position = self.content.file_position(index, offset)
+                await self._send(stream.sendfile(fd, position, length))
                 self.sent_bytes += length
-                self.remote.add((index,))
-                content.on_uploaded(self, length)
+                engine.on_uploaded(self, upload, trio.current_time())
                 self._draining = turns.slots > 0
                 self._turn_left = length
                 turns.touch(self, trio.current_time())
