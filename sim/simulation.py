@@ -109,7 +109,8 @@ class SimConfig:
     Args:
         n: leechers.
         chunks: chunks in the file.
-        chunk_size: bytes per chunk (the file is ``chunks * chunk_size``).
+        chunk_size: bytes per chunk (the file is ``chunks * chunk_size``
+            unless ``size`` says otherwise).
         seed_rate: the seeder's upload rate, bytes/s.
         heterogeneous: half the leechers upload at a quarter of ``seed_rate``.
         delay: one-way access delay of every node, seconds.
@@ -123,6 +124,8 @@ class SimConfig:
         seed: randomness (identities are fresh; everything else is seeded).
         max_time: virtual seconds after which the run is abandoned
             (0 = 20 times the lower bound).
+        size: bytes in the file, if the last chunk is short (0: ``chunks *
+            chunk_size``); it must make ``chunks`` chunks.
     """
 
     n: int = 10
@@ -137,12 +140,15 @@ class SimConfig:
     verify: bool = True
     seed: int = 1
     max_time: float = 0.0
+    size: int = 0
 
     def __post_init__(self) -> None:
         if self.n < 1 or self.chunks < 1 or self.chunk_size < 1 or self.seed_rate <= 0:
             raise ValueError("n, chunks, chunk_size and seed_rate must be positive")
         if not 0 <= self.loss < 0.5 or self.delay < 0 or self.max_peers < 1:
             raise ValueError("need 0 <= loss < 0.5, delay >= 0 and max_peers >= 1")
+        if self.size and -(-self.size // self.chunk_size) != self.chunks:
+            raise ValueError("size must make exactly `chunks` chunks")
 
 
 @dataclass
@@ -250,7 +256,7 @@ class Simulation:
         self.events = 0
         self.handshakes = 0
         self.duplicates = 0
-        self.size = c.chunks * c.chunk_size
+        self.size = c.size or c.chunks * c.chunk_size
         self.content_id = self.rng.randbytes(32)
         self.index = SwarmIndex()
         self.rates = leecher_rates(c.n, c.seed_rate, c.heterogeneous)
