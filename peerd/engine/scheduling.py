@@ -134,7 +134,7 @@ class RemoteProgress:
 
 
 class UploadTurns:
-    """Which of a node's connections may start an upload: ``slots`` at a time.
+    """Which of a node's connections may start an upload: ``at_once`` at a time.
 
     Pure (callers pass ``now``). A writer with a queued upload calls
     :meth:`request`; True means it holds a turn and sends one chunk, then
@@ -145,7 +145,7 @@ class UploadTurns:
     seconds (a receiver that stopped reading, a peer gone silent) no longer
     counts: the next :meth:`request` at or after :meth:`deadline` lets the
     next writer go ahead, so one stuck connection cannot hold up the node's
-    other uploads. ``slots`` = 0: no turns, every request is granted.
+    other uploads. ``at_once`` = 0: no turns, every request is granted.
 
     ``blocked(who)``, if given, says that a holder's receiver has closed its
     window (it is not reading): such a turn ends at the next :meth:`request`
@@ -160,18 +160,18 @@ class UploadTurns:
 
     def __init__(
         self,
-        slots: int = 1,
+        at_once: int = 1,
         *,
         stall: float = TURN_STALL,
         needy_window: float = 0.0,
         progress: Callable[[Hashable], float] | None = None,
         blocked: Callable[[Hashable], bool] | None = None,
     ):
-        if slots < 0 or stall <= 0 or not 0 <= needy_window <= 1:
-            raise ValueError("need slots >= 0, stall > 0 and 0 <= needy_window <= 1")
+        if at_once < 0 or stall <= 0 or not 0 <= needy_window <= 1:
+            raise ValueError("need at_once >= 0, stall > 0 and 0 <= needy_window <= 1")
         if needy_window and progress is None:
             raise ValueError("needy_window needs progress(who)")
-        self.slots = slots
+        self.at_once = at_once
         self.stall = stall
         self.needy_window = needy_window
         self._progress = progress
@@ -187,7 +187,7 @@ class UploadTurns:
 
     def request(self, who: Hashable, now: float) -> bool:
         """May ``who`` start an upload now? If not, it waits in line."""
-        if self.slots == 0:
+        if self.at_once == 0:
             return True
         if who in self._active:
             return True
@@ -247,7 +247,7 @@ class UploadTurns:
 
     def _grant(self, now: float) -> list[Hashable]:
         granted = []
-        while self._waiting and len(self._active) < self.slots:
+        while self._waiting and len(self._active) < self.at_once:
             who = self._next()
             self._take(who, now)
             granted.append(who)

@@ -5,7 +5,7 @@ and the :class:`UploadQueue` only bounds what it accepts (per-connection
 queue, super-seeding) and orders what it serves (fresh first). A leecher
 also refuses what waited too long (:meth:`UploadQueue.overdue`), so the
 requester asks another holder. It does no I/O and reads no clock (callers
-pass ``now``). Why each rule: docs/ARCHITECTURE.md, "Upload slots".
+pass ``now``). Why each rule: docs/ARCHITECTURE.md, "Upload queue".
 """
 
 from __future__ import annotations

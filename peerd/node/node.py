@@ -60,7 +60,7 @@ HANDSHAKE_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 10.0
 MAX_INBOUND = 512
 MAX_INBOUND_PER_ADDRESS = 64
-UPLOAD_SLOTS = 1  # connections uploading at once (UploadTurns)
+UPLOADS_AT_ONCE = 1  # connections uploading at once (UploadTurns)
 TRACKER_PROBE_EVERY = 5.0  # how soon a restarted tracker hears from us again
 
 
@@ -200,7 +200,10 @@ class Node:
         self.down_limiter = RateLimiter(down_limit)
         # One upload link: one connection uploads at a time (scheduling.py).
         self.upload_turns = UploadTurns(
-            UPLOAD_SLOTS, needy_window=NEEDY_WINDOW, progress=_turn_progress, blocked=turn_blocked
+            UPLOADS_AT_ONCE,
+            needy_window=NEEDY_WINDOW,
+            progress=_turn_progress,
+            blocked=turn_blocked,
         )
         self.contents: dict[bytes, Content] = {}
         # Contents that ended with an error: content id -> one line saying why.

@@ -408,7 +408,7 @@ class PeerSession:
 
     def _release_turn(self) -> None:
         turns = self.turns
-        if turns.slots:
+        if turns.at_once:
             for session in turns.release(self, trio.current_time()):
                 session.kick()  # type: ignore[attr-defined]
 
@@ -501,7 +501,7 @@ class PeerSession:
                 await self._send(stream.sendfile(fd, position, length))
                 self.sent_bytes += length
                 engine.on_uploaded(self, upload, trio.current_time())
-                self._draining = turns.slots > 0
+                self._draining = turns.at_once > 0
                 self._turn_left = length
                 turns.touch(self, trio.current_time())
                 continue
