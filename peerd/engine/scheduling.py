@@ -1,24 +1,11 @@
-"""Swarm-level scheduling decisions, pure: whom to dial, when to re-announce.
+"""Swarm-level rules, pure (callers pass ``now`` and a ``random.Random``).
 
-Besides chunk choice (:mod:`peerd.engine.picker`) and upload order
-(:mod:`peerd.engine.upload_queue`), the node decides things about the shape of the swarm.
-They live here as small pure functions and classes (no clock, no I/O; callers
-pass ``now`` and a ``random.Random``), so the node and the simulator (the
-``sim`` package) run the very same decisions:
-
-* dial a random subset of a tracker answer a few times wider than the free
-  room (:func:`tracker_want`, :func:`choose_dials`), so a flash crowd does not
-  all dial the same first peers;
-* re-announce soon while under-connected (:func:`next_announce_delay`);
-* constants for the picker and upload queue: back off after ``busy``
-  (:data:`BUSY_BACKOFF`), refuse what waited too long (:data:`QUEUE_WAIT`),
-  serve the furthest behind first (:data:`NEEDY_WINDOW`, :class:`RemoteProgress`);
-* one upload at a time per node (:class:`UploadTurns`): a chunk crosses at the
-  link's full rate and a control frame waits at most one chunk.
-
-Why each rule exists, and what it measured in the simulator and the emulated
-swarm: docs/ARCHITECTURE.md, "Swarm-scale rules" and "How the real node uses
-them"; docs/BENCHMARKS.md.
+Dial a random subset of a tracker answer a few times wider than the free
+room (:func:`tracker_want`, :func:`choose_dials`); re-announce soon while
+under-connected (:func:`next_announce_delay`); one upload at a time per node,
+furthest behind first (:class:`UploadTurns`, :class:`RemoteProgress`); the
+back-off and queue-wait constants. Why each rule, and what it measured:
+docs/ARCHITECTURE.md, "Swarm-scale rules".
 """
 
 from __future__ import annotations

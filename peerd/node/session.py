@@ -1,35 +1,14 @@
-"""One connection to one remote peer about one content: the thin glue.
+"""One connection to one remote peer about one content: the thin I/O glue.
 
-Theory of operation
--------------------
 A :class:`PeerSession` pumps bytes between a transport stream and a sans-IO
-:class:`~peerd.wire.PeerConnection`, in two tasks:
-
-* the **reader** turns received bytes into events and hands them to its
-  owner (:class:`~peerd.node.driver.Content`, which asks the engine). A DATA payload is
-  not parsed: the bytes the protocol object already buffered are copied into
-  a preallocated chunk buffer and the rest is received straight into it;
-  hashing and the positional write then run beside the reader, so the next
-  payload is already arriving while the previous one is verified.
-* the **writer** owns the send side: small control frames (requests, haves,
-  cancels) are coalesced into one send and always go before queued uploads;
-  an upload is the 13-byte DATA header then ``sendfile`` straight from disk.
-  The node's writers take turns (:class:`~peerd.engine.scheduling.UploadTurns`):
-  one uploads a chunk at a time, and its turn lasts until the kernel has
-  sent the chunk's last byte (``SIOCOUTQNSD``), so every chunk crosses the
-  link at the node's full rate and a control frame on another connection
-  never waits behind a chunk being sent there at a fraction of the rate.
-
-Limits a remote controls are bounded here: queued upload requests per
-connection (excess gets REJECT ``busy``), request ranges, control bytes
-queued for a remote that does not read (the reader stops reading), time:
-a connection silent for ``IDLE_TIMEOUT`` is closed (we send KEEPALIVE when
-we have had nothing to say for ``KEEPALIVE_EVERY``), and a send that makes
-no progress for ``SEND_STALL_TIMEOUT`` closes the connection. A writer whose
-socket still holds unsent bytes does not ask for an upload turn, so a remote
-that stops reading loses its turns instead of slowing everyone's.
-The wire (:class:`~peerd.wire.PeerConnection`) refuses, from the header, any
-message the conversation does not allow now.
+:class:`~peerd.wire.PeerConnection` in two tasks. The reader hands messages
+to its owner (the content's driver, which asks the engine) and receives DATA
+payloads straight into pooled buffers. The writer coalesces control frames
+ahead of uploads and sends a chunk as its 13-byte header then ``sendfile``,
+one at a time across the node (:class:`~peerd.engine.scheduling.UploadTurns`).
+A watchdog sends KEEPALIVE, closes an idle connection and aborts a send that
+makes no progress. The limits and why: docs/ARCHITECTURE.md, "Limits a
+remote controls" and "How the real node uses them".
 """
 
 from __future__ import annotations

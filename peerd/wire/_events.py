@@ -376,19 +376,6 @@ class Announce(Event):
         _bytes(self, "bits", 0, MAX_BITS_LEN)
         _int(self, "want", 0, MAX_WANT)
 
-    @classmethod
-    def checked(cls, content_id: bytes, port: int, event: str, bits: bytes, want: int) -> Announce:
-        """An ANNOUNCE from fields the caller has validated exactly as
-        ``__post_init__`` would (the decoder's fast path); skips the second pass."""
-        obj = object.__new__(cls)
-        setattr_ = object.__setattr__
-        setattr_(obj, "content_id", content_id)
-        setattr_(obj, "port", port)
-        setattr_(obj, "event", event)
-        setattr_(obj, "bits", bits)
-        setattr_(obj, "want", want)
-        return obj
-
 
 @dataclass(frozen=True, slots=True)
 class PeerEntry:
