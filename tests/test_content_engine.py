@@ -283,3 +283,18 @@ def test_endgame_copy_is_cancelled_when_the_first_arrives() -> None:
     out = e.chunk_stored("a", 0, CHUNK, now=1.6)
     assert Send("b", Cancel(*req)) in out
     assert e.complete
+
+
+def test_messages_from_a_closing_or_unknown_connection_are_ignored() -> None:
+    e = leecher(2)
+    attach(e, "a", 1)
+    e.on_bitfield("a", bytes([0b11000001]), now=0.0)  # pad bit: protocol error, closing
+    full = bits_from_flags(bytearray([1, 1]))
+    assert e.on_bitfield("a", full, now=0.1) == []
+    assert e.on_have("a", (0,), now=0.1) == []
+    assert e.on_request("a", (0, 0, 1), now=0.1) == (False, [])
+    for ghost in ("never-attached",):
+        assert e.on_have(ghost, (0,), now=0.1) == []
+        assert e.on_reject(ghost, (0, 0, CHUNK), "busy", now=0.1) == []
+        assert e.on_payload(ghost, (0, 0, CHUNK), now=0.1) is False
+        assert e.detach(ghost, now=0.1) == []

@@ -322,7 +322,9 @@ class ContentEngine:
     # --- what the remote tells us ---------------------------------------------
     def on_bitfield(self, peer: Peer, bits: bytes, now: float) -> list[Action]:
         """The remote's one BITFIELD (the wire refuses a second)."""
-        st = self.peers[peer]
+        st = self.peers.get(peer)
+        if st is None or st.closing:
+            return []  # a connection on its way out (or never attached)
         try:
             validate_bits(self.num_chunks, bits)
         except RemoteProtocolError as exc:
@@ -335,11 +337,13 @@ class ContentEngine:
 
     def on_have(self, peer: Peer, indices: Iterable[int], now: float) -> list[Action]:
         indices = tuple(indices)
+        st = self.peers.get(peer)
+        if st is None or st.closing:
+            return []
         if max(indices) >= self.num_chunks:
             return self._protocol_error(
                 peer, f"HAVE of chunk {max(indices)}, the content has {self.num_chunks}"
             )
-        st = self.peers[peer]
         st.remote.add(indices)
         if self.picker is not None:
             for i in indices:
@@ -348,9 +352,9 @@ class ContentEngine:
         return self._take()
 
     def on_reject(self, peer: Peer, req: Req, reason: str, now: float) -> list[Action]:
-        st = self.peers[peer]
+        st = self.peers.get(peer)
         picker = self.picker
-        if req not in st.requests:
+        if st is None or req not in st.requests:
             return []
         st.requests.discard(req)
         if picker is None:
@@ -377,7 +381,9 @@ class ContentEngine:
     # --- serving ----------------------------------------------------------------
     def on_request(self, peer: Peer, req: Req, now: float) -> tuple[bool, list[Action]]:
         """A remote asks for bytes: (queued for upload, actions: a REJECT if not)."""
-        st = self.peers[peer]
+        st = self.peers.get(peer)
+        if st is None or st.closing:
+            return False, []
         st.last_useful_at = now
         reason = self._refusal(st, req)
         # The queue refuses past MAX_QUEUED_UPLOADS, and while super-seeding a
