@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import re
 import signal
 import socket
 import subprocess
@@ -16,11 +18,69 @@ from typing import Any
 
 PY = sys.executable
 
+# Runs the real ``peer`` command with some of the product's module constants
+# set first (PEER_TEST_PATCH, JSON {"module.NAME": value}): a real process
+# whose deadlines are shortened, so a test need not wait out 15-30 s timeouts.
+PATCHED_PEER = """
+import importlib, json, os, sys
+for name, value in json.loads(os.environ.pop("PEER_TEST_PATCH")).items():
+    module, _, attr = name.rpartition(".")
+    mod = importlib.import_module(module)
+    assert hasattr(mod, attr), name
+    setattr(mod, attr, value)
+sys.argv[0] = "peer"
+from cli.app import main
+main()
+"""
+
+
+def listen_port(text: str) -> int | None:
+    """The port in a seeder's "seeding NAME on HOST:PORT; ..." line (or None)."""
+    m = re.search(r" on (?:port (\d+) on every interface|\S+:(\d+));", text)
+    if not m:
+        return None
+    return int(m.group(1) or m.group(2))
+
+
+def _ephemeral_ports() -> range:
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return range(low, high + 1)
+
+
+def _bindable(port: int) -> bool:
+    """Can a listener bind ``port`` on every interface (IPv6 and IPv4, or IPv4 alone)?"""
+    try:
+        if socket.has_ipv6:
+            with socket.socket(socket.AF_INET6) as s6:
+                s6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                s6.bind(("::", port))
+        else:
+            with socket.socket() as s4:
+                s4.bind(("0.0.0.0", port))
+    except OSError:
+        return False
+    return True
+
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port free on every interface, outside the kernel's ephemeral range.
+
+    The tests run in parallel and some open hundreds of connections: a port
+    the kernel handed out (bind to port 0) may be some connection's local
+    port by the time a tracker binds it.
+    """
+    ephemeral = _ephemeral_ports()
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(10000, 32000)
+        if port in ephemeral:
+            continue
+        if _bindable(port):
+            return port
+    raise AssertionError("no free port found")
 
 
 def wait_port(port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 15) -> None:
@@ -49,9 +109,10 @@ def stop(proc: subprocess.Popen[bytes], timeout: float = 10) -> int:
 class Swarm:
     """Starts processes for one test and stops every one of them afterwards."""
 
-    def __init__(self, root: Path, transport: str) -> None:
+    def __init__(self, root: Path, transport: str, patch: dict[str, object] | None = None) -> None:
         self.root = root
         self.transport = transport
+        self.patch = patch or {}
         self.procs: list[subprocess.Popen[bytes]] = []
         self.tracker_port = free_port()
         self.tracker: subprocess.Popen[bytes] | None = None
@@ -65,12 +126,27 @@ class Swarm:
         )
         return env
 
+    def command(self, *args: str, patch: dict[str, object] | None = None) -> list[str]:
+        """argv of ``peer ARGS`` (through PATCHED_PEER when constants are patched)."""
+        if patch or self.patch:
+            return [PY, "-c", PATCHED_PEER, *args]
+        return [PY, "-m", "cli", *args]
+
+    def _env(self, name: str, patch: dict[str, object] | None) -> dict[str, str]:
+        env = self.env(self.home(name))
+        if patch or self.patch:
+            env["PEER_TEST_PATCH"] = json.dumps({**self.patch, **(patch or {})})
+        return env
+
     def home(self, name: str) -> Path:
         home = self.root / name
         home.mkdir(exist_ok=True)
         return home
 
-    def start_tracker(self) -> subprocess.Popen[bytes]:
+    def start_tracker(self, *, new_port: bool = False) -> subprocess.Popen[bytes]:
+        """Start the tracker (on the same port as before unless ``new_port``)."""
+        if new_port:
+            self.tracker_port = free_port()
         self.tracker = subprocess.Popen(
             [
                 PY,
@@ -92,24 +168,45 @@ class Swarm:
         return self.tracker
 
     def peer(
-        self, name: str, *args: str, stdout: Any = subprocess.PIPE, stderr: Any = subprocess.PIPE
+        self,
+        name: str,
+        *args: str,
+        stdout: Any = subprocess.PIPE,
+        stderr: Any = subprocess.PIPE,
+        patch: dict[str, object] | None = None,
     ) -> subprocess.Popen[bytes]:
         proc = subprocess.Popen(
-            [PY, "-m", "cli", *args], env=self.env(self.home(name)), stdout=stdout, stderr=stderr
+            self.command(*args, patch=patch),
+            env=self._env(name, patch),
+            stdout=stdout,
+            stderr=stderr,
         )
         self.procs.append(proc)
         return proc
 
-    def run(self, name: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    def run(
+        self,
+        name: str,
+        *args: str,
+        timeout: float = 60,
+        patch: dict[str, object] | None = None,
+    ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [PY, "-m", "cli", *args],
-            env=self.env(self.home(name)),
+            self.command(*args, patch=patch),
+            env=self._env(name, patch),
             capture_output=True,
             text=True,
             timeout=timeout,
         )
 
     def key(self, name: str) -> str:
+        """NAME's public key, as ``peer id`` prints it (read here: no process)."""
+        from peerd.content.identity import Identity
+
+        return Identity.load_or_create(self.home(name)).public_hex
+
+    def key_cli(self, name: str) -> str:
+        """NAME's public key from a real ``peer id``."""
         out = self.run(name, "id")
         assert out.returncode == 0, out.stderr
         return out.stdout.strip()
@@ -151,10 +248,20 @@ class Swarm:
 
 
 @contextmanager
-def swarm(root: Path, transport: str) -> Iterator[Swarm]:
-    s = Swarm(root, transport)
+def swarm(root: Path, transport: str, patch: dict[str, object] | None = None) -> Iterator[Swarm]:
+    """A tracker, and every process started through it stopped at the end.
+
+    ``patch`` sets product constants in every ``peer`` process (PATCHED_PEER).
+    """
+    s = Swarm(root, transport, patch)
     try:
-        s.start_tracker()
+        for attempt in range(3):  # a port taken between free_port() and the bind
+            try:
+                s.start_tracker(new_port=attempt > 0)
+                break
+            except AssertionError:
+                if attempt == 2:
+                    raise
         yield s
     finally:
         s.close()

@@ -509,9 +509,16 @@ def cpu_seconds(pid: int) -> float:
 
 
 def tcp_established(local_port: int, remote_port: int) -> bool:
-    """Is there an ESTABLISHED IPv4 TCP socket local_port -> remote_port (any
-    loopback address)? Reads /proc/net/tcp, so it sees the other process's end."""
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+    """Is there an ESTABLISHED TCP socket local_port -> remote_port (any
+    loopback address)? Reads /proc/net/tcp and tcp6 (a listener on ``::``
+    holds IPv4 connections there), so it sees the other process's end."""
+    lines = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines += Path(table).read_text().splitlines()[1:]
+        except OSError:
+            pass
+    for line in lines:
         parts = line.split()
         local, remote, state = parts[1], parts[2], parts[3]
         if (

@@ -11,7 +11,7 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from .e2e import Swarm, random_file, swarm
+from .e2e import Swarm, listen_port, random_file, swarm
 
 pytestmark = pytest.mark.parametrize("backend", ["reactor", "proactor"])
 MiB = 1 << 20
@@ -167,7 +167,8 @@ def test_manifest_and_chunks_from_a_named_peer_without_tracker(
         seeder, cid = s.share("seed", src)
         assert seeder.stderr is not None
         line = seeder.stderr.readline().decode()
-        port = int(line.split(" on ")[1].split(";")[0].rsplit(":", 1)[1])
+        port = listen_port(line)
+        assert port is not None, line
         assert s.tracker is not None
         s.tracker.send_signal(signal.SIGKILL)
         s.tracker.wait()
@@ -197,7 +198,8 @@ def test_a_getter_gives_the_tracker_a_manifest_it_lacks(tmp_path: Path, backend:
         seeder, cid = s.share("seed", src)
         assert seeder.stderr is not None
         line = seeder.stderr.readline().decode()
-        port = int(line.split(" on ")[1].split(";")[0].rsplit(":", 1)[1])
+        port = listen_port(line)
+        assert port is not None, line
         assert s.tracker is not None
         s.tracker.send_signal(signal.SIGKILL)
         s.tracker.wait()

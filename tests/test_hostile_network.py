@@ -28,7 +28,7 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from .e2e import Swarm, random_file, swarm
+from .e2e import Swarm, listen_port, random_file, swarm
 from .hostile import (
     BITFIELD,
     GOODBYE,
@@ -80,10 +80,10 @@ class _Seed:
         port: list[int] = []
 
         def seeding() -> bool:
-            m = re.search(r" on [\d.]+:(\d+);", self.log.read_text())
-            if m:
-                port.append(int(m.group(1)))
-            return bool(m)
+            found = listen_port(self.log.read_text())
+            if found is not None:
+                port.append(found)
+            return found is not None
 
         wait_for(seeding, 15, "the seeder's listening line")
         self.port = port[0]
@@ -367,15 +367,20 @@ def test_f5_silent_sessions_from_two_addresses_leave_room(tmp_path: Path, many_f
         assert seed.alive()
 
 
-@pytest.mark.slow
+# The send deadline (peerd.node.session.SEND_STALL_TIMEOUT, 30 s) shortened in
+# the seeder process: the rule is under test, not the number.
+SEND_STALL = 3.0
+
+
 def test_f5_non_reader_is_dropped_and_does_not_block_uploads(
     tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     """A client that requests every chunk and never reads: an honest get
-    still completes, and the non-reader is closed by the send deadline (30 s)
-    (v1: still open after 62 s with MiBs unsent, slowing everyone)."""
+    still completes, and the non-reader is closed by the send deadline (v1:
+    still open after 62 s with MiBs unsent, slowing everyone)."""
     src = random_file(tmp_path / "f.bin", 16 * MiB)
-    with swarm(tmp_path, "reactor") as s:
+    patch = {"peerd.node.session.SEND_STALL_TIMEOUT": SEND_STALL}
+    with swarm(tmp_path, "reactor", patch=patch) as s:
         seed = _Seed(s, "seed", src, "-v")
         n = 16
         sock = handshake(seed.port, seed.cid)
@@ -394,13 +399,15 @@ def test_f5_non_reader_is_dropped_and_does_not_block_uploads(
         assert took < 15, f"the honest get took {took:.1f} s beside a non-reader"
         wait_for(
             lambda: not tcp_established(seed.port, our_port),
-            40 - (time.monotonic() - t0),
+            SEND_STALL + 12 - (time.monotonic() - t0),
             "the seeder to drop the non-reader",
-            interval=0.5,
+            interval=0.1,
         )
         dropped_after = time.monotonic() - t0
         sock.close()
-        assert dropped_after < 40, dropped_after
+        # Not before the deadline: the watchdog looks once a second, and the
+        # stall starts once the socket buffers are full.
+        assert dropped_after >= SEND_STALL - 1, dropped_after
         assert "stopped reading" in seed.text(), seed.text()[-2000:]
         print(f"non-reader dropped after {dropped_after:.1f} s; honest get {took:.1f} s")
 

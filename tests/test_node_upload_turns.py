@@ -9,13 +9,12 @@ everyone else.
 
 from __future__ import annotations
 
-import re
 import socket
 from pathlib import Path
 
 import pytest
 
-from .e2e import random_file, swarm
+from .e2e import listen_port, random_file, swarm
 from .hostile import REQUEST, handshake, message
 
 pytestmark = pytest.mark.parametrize("backend", ["reactor", "proactor"])
@@ -29,9 +28,9 @@ def test_a_peer_that_stops_reading_does_not_stall_other_uploads(
     with swarm(tmp_path, backend) as s:
         seed, cid_hex = s.share("seed", src, "--chunk-size", "1MiB")
         assert seed.stderr is not None
-        m = re.search(r" on [\d.]+:(\d+);", seed.stderr.readline().decode())
-        assert m
-        port = int(m.group(1))
+        line = seed.stderr.readline().decode()
+        port = listen_port(line)
+        assert port is not None, line
         stuck = handshake(port, bytes.fromhex(cid_hex), chunks=16)
         try:
             stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)

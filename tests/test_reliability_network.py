@@ -8,7 +8,6 @@ download must succeed. Frames are built by tests.hostile from docs/PROTOCOL.md.
 
 from __future__ import annotations
 
-import re
 import resource
 import socket
 import struct
@@ -23,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from .e2e import Swarm, random_file, swarm
+from .e2e import Swarm, listen_port, random_file, swarm
 from .hostile import (
     DATA,
     HAVE,
@@ -48,9 +47,9 @@ def _share(s: Swarm, name: str, src: Path) -> tuple[subprocess.Popen[bytes], str
     proc, cid = s.share(name, src)
     assert proc.stderr is not None
     line = proc.stderr.readline().decode()
-    m = re.search(r" on [\d.]+:(\d+);", line)
-    assert m, line
-    return proc, cid, int(m.group(1))
+    port = listen_port(line)
+    assert port is not None, line
+    return proc, cid, port
 
 
 def _send(port: int, data: bytes, *, host: str = "127.0.0.1", prefix: bytes = b"") -> None:
@@ -131,11 +130,11 @@ def test_fuzz_live_tracker_and_peer(tmp_path: Path, backend: str) -> None:
 
 @pytest.fixture
 def many_files() -> Iterator[None]:
-    """Room for 2,000+ sockets here and in the peers started from this process."""
+    """Room for the flood's sockets here and in the peers started from this process."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = min(hard, 8192) if hard != resource.RLIM_INFINITY else 8192
-    if want < 4500:
-        pytest.skip(f"RLIMIT_NOFILE hard limit {hard} is too low for 2,000 connections")
+    if want < 2 * FLOOD + 500:
+        pytest.skip(f"RLIMIT_NOFILE hard limit {hard} is too low for {FLOOD} connections")
     resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
     try:
         yield
@@ -166,7 +165,7 @@ def _still_open(sock: socket.socket) -> bool:
         return False
 
 
-def _pushes_back(port: int, cid: bytes, seconds: float = 6.0) -> bool:
+def _pushes_back(port: int, cid: bytes, seconds: float = 20.0) -> bool:
     """Pipeline whole-chunk requests and never read: True once the peer stops reading.
 
     Each answer is a DATA of 1 MiB or a REJECT; a peer that queued every REJECT
@@ -174,6 +173,9 @@ def _pushes_back(port: int, cid: bytes, seconds: float = 6.0) -> bool:
     taking requests (our sends then make no progress for a whole second).
     """
     sock = handshake(port, cid, chunks=8)
+    # Small buffers on our side, so the bytes in flight are mostly the seeder's.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     sock.setblocking(False)
     # Distinct small requests (a duplicate of an outstanding one is owed once):
     # each is answered (DATA or REJECT), and the answers pile up unread.
@@ -193,43 +195,61 @@ def _pushes_back(port: int, cid: bytes, seconds: float = 6.0) -> bool:
         sock.close()
 
 
-@pytest.mark.slow
+# Sizes: the flood is 4 times the per-address limit (64) and the pipeline 300
+# times the request queue (64): enough to hit each limit many times over.
+FLOOD = 256
+PIPELINED = 20_000
+
+
+# Many sockets, and a seeder that must show it stops reading: not beside the
+# other connection floods (tests/test_hostile_network.py, same group).
+@pytest.mark.xdist_group("connection-floods")
 def test_connection_and_request_floods(tmp_path: Path, backend: str, many_files: None) -> None:
     src = random_file(tmp_path / "f.bin", 8 * MiB)
+    flood: list[socket.socket] = []
     with swarm(tmp_path, backend) as s:
-        seed, cid_hex, port = _share(s, "seed", src)
-        cid = bytes.fromhex(cid_hex)
-        rss0 = rss_kib(seed.pid)
-        # 2,000 connections from one address: the per-address limit holds.
-        flood = _open_many(port, 2000, "127.0.0.2")
-        assert len(flood) >= 1500, f"only {len(flood)} connections opened"
-        time.sleep(1.0)
-        held = sum(_still_open(c) for c in flood)
-        assert held <= 64, f"{held} connections from one address are held"
-        # An honest peer from another address is served during the flood.
-        leech = s.peer(
-            "leech", "get", cid_hex, "-o", str(tmp_path / "a.bin"), "--json", "--host", "127.0.0.3"
-        )
-        # A client that pipelines 100,000 requests and reads every answer.
-        sock = handshake(port, cid, host="127.0.0.1", chunks=8)
-        replies: Counter[str] = Counter()
+        try:
+            _floods(s, tmp_path, src, flood)
+        finally:
+            for c in flood:
+                c.close()
 
-        def reader() -> None:
-            try:
-                while sum(replies.values()) < 100_000:
-                    kind, body = read_frame(sock)
-                    if kind == DATA:
-                        replies["data"] += 1
-                    elif kind == REJECT:
-                        replies["busy" if b"busy" in body else "other-reject"] += 1
-            except (OSError, ConnectionError):
-                replies["closed"] += 1
 
-        t = threading.Thread(target=reader, daemon=True)
-        t.start()
+def _floods(s: Swarm, tmp_path: Path, src: Path, flood: list[socket.socket]) -> None:
+    seed, cid_hex, port = _share(s, "seed", src)
+    cid = bytes.fromhex(cid_hex)
+    rss0 = rss_kib(seed.pid)
+    # FLOOD connections from one address: the per-address limit holds.
+    flood += _open_many(port, FLOOD, "127.0.0.2")
+    assert len(flood) >= FLOOD * 3 // 4, f"only {len(flood)} connections opened"
+    time.sleep(1.0)
+    held = sum(_still_open(c) for c in flood)
+    assert held <= 64, f"{held} connections from one address are held"
+    # An honest peer from another address is served during the flood.
+    leech = s.peer(
+        "leech", "get", cid_hex, "-o", str(tmp_path / "a.bin"), "--json", "--host", "127.0.0.3"
+    )
+    # A client that pipelines PIPELINED requests and reads every answer.
+    sock = handshake(port, cid, host="127.0.0.1", chunks=8)
+    replies: Counter[str] = Counter()
+
+    def reader() -> None:
+        try:
+            while sum(replies.values()) < PIPELINED:
+                kind, body = read_frame(sock)
+                if kind == DATA:
+                    replies["data"] += 1
+                elif kind == REJECT:
+                    replies["busy" if b"busy" in body else "other-reject"] += 1
+        except (OSError, ConnectionError):
+            replies["closed"] += 1
+
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    try:
         # Distinct requests (a duplicate of an outstanding one is owed once):
         # 16-byte blocks of the file's 8 chunks.
-        for k0 in range(0, 100_000, 5000):
+        for k0 in range(0, PIPELINED, 5000):
             sock.sendall(
                 b"".join(
                     message(REQUEST, idx=k % 8, off=(k // 8) * 16, len=16)
@@ -237,16 +257,15 @@ def test_connection_and_request_floods(tmp_path: Path, backend: str, many_files:
                 )
             )
         t.join(timeout=90)
-        assert not t.is_alive(), f"replies stopped coming: {replies}"
-        assert replies["data"] + replies["busy"] == 100_000, replies
-        assert replies["busy"] > 0, "no request was refused: the queue limit did not hold"
+    finally:
         sock.close()
-        assert _pushes_back(port, cid), "the seeder kept reading from a client that never reads"
-        grew = rss_kib(seed.pid) - rss0
-        assert grew < RSS_GROWTH_LIMIT_KIB, f"seeder grew by {grew} KiB"
-        _out, err = leech.communicate(timeout=90)
-        assert leech.returncode == 0, err.decode()
-        assert (tmp_path / "a.bin").read_bytes() == src.read_bytes()
-        for c in flood:
-            c.close()
-        assert seed.poll() is None
+    assert not t.is_alive(), f"replies stopped coming: {replies}"
+    assert replies["data"] + replies["busy"] == PIPELINED, replies
+    assert replies["busy"] > 0, "no request was refused: the queue limit did not hold"
+    assert _pushes_back(port, cid), "the seeder kept reading from a client that never reads"
+    grew = rss_kib(seed.pid) - rss0
+    assert grew < RSS_GROWTH_LIMIT_KIB, f"seeder grew by {grew} KiB"
+    _out, err = leech.communicate(timeout=90)
+    assert leech.returncode == 0, err.decode()
+    assert (tmp_path / "a.bin").read_bytes() == src.read_bytes()
+    assert seed.poll() is None
