@@ -79,7 +79,8 @@ def test_unknown_id_and_wrong_trust(tmp_path: Path, backend: str) -> None:
         res = s.run("leech", "get", "ab" * 32, "-o", str(tmp_path / "x"))
         assert res.returncode != 0
         assert "error:" in res.stderr and "Traceback" not in res.stderr
-        wrong = s.key("someone-else")
+        wrong = s.key_cli("someone-else")  # a real `peer id`
+        assert wrong == s.key("someone-else")
         res = s.run("leech", "get", cid, "-o", str(tmp_path / "y"), "--trust", wrong)
         assert res.returncode != 0
         assert "not signed" in res.stderr.lower() or "trust" in res.stderr.lower(), res.stderr

@@ -343,6 +343,8 @@ def _silent_sessions(port: int, cid: bytes, source: str, count: int) -> list[soc
     return held
 
 
+# Hundreds of connections: not beside the other floods (one xdist group).
+@pytest.mark.xdist_group("connection-floods")
 def test_f5_silent_sessions_from_two_addresses_leave_room(tmp_path: Path, many_files: None) -> None:
     """Two addresses x 300 handshaked, silent connections (v1: 2 x 256 held
     all 512 inbound slots; a third address got "no peers have this content")."""
@@ -470,6 +472,7 @@ def test_f8_seeder_enforces_have_range_and_version(tmp_path: Path, backend: str)
 
 
 # --- F10: availability under a handshake flood -----------------------------------------
+@pytest.mark.xdist_group("connection-floods")
 def test_f10_stalled_handshakes_do_not_delay_a_get_from_the_same_address(
     tmp_path: Path, many_files: None
 ) -> None:

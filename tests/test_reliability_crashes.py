@@ -163,10 +163,10 @@ def _crash_get(s: Swarm, cid: str, out: Path, point: str) -> int:
 @pytest.mark.slow
 def test_kill_9_anywhere_always_resumes_byte_identical(tmp_path: Path) -> None:
     r = rng()
-    src = random_file(tmp_path / "f.bin", 16 * MiB)
+    src = random_file(tmp_path / "f.bin", 6 * MiB)
     data = src.read_bytes()
     with swarm(tmp_path, "reactor") as s:
-        _, cid = s.share("seed", src, "--up-limit", "8MiB")
+        _, cid = s.share("seed", src, "--up-limit", "4MiB")
         out = tmp_path / "got.bin"
         # Random moments mid-download, three times over.
         for _ in range(3):
