@@ -589,6 +589,7 @@ class Simulation:
     def _on_data(self, s: _Session, header: DataHeader) -> None:
         node, index = s.node, header.index
         req = (index, header.offset, header.length)
+        node.engine.on_data_header(s, req)  # the payload is not modelled: it is here
         if not node.engine.on_payload(s, req, self.now):
             self.duplicates += 1
             return

@@ -129,6 +129,7 @@ def test_busy_reject_asks_another_holder_and_not_this_peer_for_a_while() -> None
     # A reject for something we did not ask is ignored.
     assert e.on_reject("a", x, "busy", now=1.0) == []
     # Once b's chunk arrives, b is asked for the refused one (a is backed off).
+    e.on_data_header("b", y)
     e.on_payload("b", y, now=1.5)
     e.have[y[0]] = 1
     assert x in requests(e.chunk_stored("b", y[0], CHUNK, now=1.6), "b")
@@ -149,6 +150,7 @@ def test_a_stored_chunk_is_announced_to_peers_lacking_it_and_completes() -> None
     attach(e, "other", 2)
     (req,) = requests(e.on_bitfield("seed", bits_from_flags(bytearray([1])), now=0.0))
     e.on_bitfield("other", bits_from_flags(bytearray([0])), now=0.0)
+    e.on_data_header("seed", req)
     assert e.on_payload("seed", req, now=0.2) is True
     e.have[0] = 1
     out = e.chunk_stored("seed", 0, CHUNK, now=0.3)
@@ -163,7 +165,9 @@ def test_a_payload_we_no_longer_want_is_not_stored() -> None:
     e = leecher(1)
     attach(e, "a", 1)
     (req,) = requests(e.on_bitfield("a", bits_from_flags(bytearray([1])), now=0.0))
+    e.on_data_header("a", (0, 0, 5))
     assert e.on_payload("a", (0, 0, 5), now=0.1) is False  # not what we asked
+    e.on_data_header("a", req)
     assert e.on_payload("a", req, now=0.1) is True
     assert e.on_payload("a", req, now=0.1) is False  # answered already
 
@@ -173,6 +177,7 @@ def test_corrupt_chunk_bans_the_route_and_closes() -> None:
     full = bits_from_flags(bytearray([1]))
     attach(e, "a", 1)
     (req,) = requests(e.on_bitfield("a", full, now=0.0))
+    e.on_data_header("a", req)
     e.on_payload("a", req, now=0.1)
     out = e.chunk_corrupt("a", (key(1), "10.0.0.1"), req[0], now=0.2)
     assert out == [Close("a", f"bad-data: chunk {req[0]} failed its hash")]
@@ -278,6 +283,7 @@ def test_endgame_copy_is_cancelled_when_the_first_arrives() -> None:
     (req,) = requests(e.on_bitfield("a", full, now=0.0))
     # Endgame: every missing chunk is in flight, so b asks for a copy.
     assert requests(e.on_bitfield("b", full, now=0.0)) == [req]
+    e.on_data_header("a", req)
     e.on_payload("a", req, now=1.5)
     e.have[0] = 1
     out = e.chunk_stored("a", 0, CHUNK, now=1.6)
@@ -298,3 +304,25 @@ def test_messages_from_a_closing_or_unknown_connection_are_ignored() -> None:
         assert e.on_reject(ghost, (0, 0, CHUNK), "busy", now=0.1) == []
         assert e.on_payload(ghost, (0, 0, CHUNK), now=0.1) is False
         assert e.detach(ghost, now=0.1) == []
+
+
+def test_a_request_whose_data_is_arriving_is_never_cancelled() -> None:
+    # The DATA header is in; its payload is still on the wire. A timeout or
+    # an endgame copy arriving elsewhere must not CANCEL it (the wire would
+    # refuse a CANCEL for a request it no longer counts as outstanding).
+    full = bits_from_flags(bytearray([1]))
+    for timeout_first in (True, False):
+        e = leecher(1)
+        attach(e, "a", 1)
+        attach(e, "b", 2)
+        (req,) = requests(e.on_bitfield("a", full, now=0.0))
+        assert requests(e.on_bitfield("b", full, now=0.0)) == [req]  # endgame copy
+        e.on_data_header("a", req)
+        if timeout_first:
+            assert Send("a", Cancel(*req)) not in e.tick(ce.REQUEST_TIMEOUT + 1)
+            continue
+        e.on_data_header("b", req)
+        assert e.on_payload("b", req, now=1.0)
+        e.have[0] = 1
+        assert Send("a", Cancel(*req)) not in e.chunk_stored("b", 0, CHUNK, now=1.1)
+        assert e.on_payload("a", req, now=1.2) is False  # the copy arrives: dropped

@@ -115,6 +115,7 @@ class PeerState:
     """What the engine knows about one connection."""
 
     __slots__ = (
+        "arriving",
         "closing",
         "depth",
         "initiated",
@@ -135,6 +136,7 @@ class PeerState:
         self.route = route
         self.initiated = initiated
         self.requests: set[Req] = set()  # requests we sent it, unanswered
+        self.arriving: set[Req] = set()  # answered by a DATA whose payload is on its way
         self.depth = pipeline_depth(0.0, 1)
         self.rate = 0.0  # payload bytes/s it sends us
         self.window_start = now
@@ -431,15 +433,23 @@ class ContentEngine:
             st.remote.add((req[0],))
 
     # --- receiving --------------------------------------------------------------
+    def on_data_header(self, peer: Peer, req: Req) -> None:
+        """A DATA header answering ``req`` arrived (the wire vouched that it
+        answers a request of ours); its payload follows. From now on the
+        request is being answered: nothing cancels it."""
+        st = self.peers.get(peer)
+        if st is not None and req in st.requests:
+            st.requests.discard(req)
+            st.arriving.add(req)
+
     def on_payload(self, peer: Peer, req: Req, now: float) -> bool:
-        """A DATA payload answering ``req`` arrived whole (the wire vouched that
-        it answers a request of ours, outstanding or cancelled). True: verify
-        it and report :meth:`chunk_stored` or :meth:`chunk_corrupt`."""
+        """The payload of that DATA arrived whole. True: verify it and report
+        :meth:`chunk_stored` or :meth:`chunk_corrupt`."""
         st = self.peers.get(peer)
         if st is None:
             return False
-        wanted = req in st.requests
-        st.requests.discard(req)
+        wanted = req in st.arriving
+        st.arriving.discard(req)
         st.last_payload_at = st.last_useful_at = now
         st.received_bytes += req[2]
         st.window_bytes += req[2]

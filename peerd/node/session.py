@@ -370,6 +370,7 @@ class PeerSession:
         # The wire let it through: it answers a request of ours, outstanding
         # or cancelled (the engine then drops it).
         req = (header.index, header.offset, header.length)
+        self.engine.on_data_header(self, req)
         pool = self.content.buffers
         buf = await pool.acquire()
         try:
