@@ -26,7 +26,7 @@ import trio
 
 from peerd.engine.content_engine import ContentEngine
 from peerd.engine.scheduling import UploadTurns
-from peerd.errors import PeerError, RemoteProtocolError
+from peerd.errors import LocalProtocolError, PeerError, RemoteProtocolError
 from peerd.node.ratelimit import RateLimiter
 from peerd.wire import (
     NEED_DATA,
@@ -215,7 +215,14 @@ class PeerSession:
     def send_control(self, event: Event) -> None:
         if self._closing:
             return
-        data = self.conn.send(event)
+        try:
+            data = self.conn.send(event)
+        except LocalProtocolError as exc:
+            # The wire refuses a message this side may not send now: a bug
+            # here, not the remote's doing. It ends this connection only.
+            log.error("closing peer %s: refused to send %s: %s", self.name, event, exc)
+            self.abort()
+            return
         self._control.append(data)
         self._control_bytes += len(data)
         self.kick()
