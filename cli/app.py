@@ -41,8 +41,20 @@ TrackerOpt = Annotated[
     str | None,
     typer.Option("--tracker", help="Tracker HOST:PORT (default $PEER_TRACKER or 127.0.0.1:7070)."),
 ]
-HostOpt = Annotated[str, typer.Option("--host", help="Address to listen on (and connect from).")]
-PortOpt = Annotated[int, typer.Option("--port", help="Port to listen on; 0 = any free port.")]
+HostOpt = Annotated[
+    str,
+    typer.Option(
+        "--host", help="Address to listen on; default :: = every interface, IPv6 and IPv4."
+    ),
+]
+PortOpt = Annotated[
+    int, typer.Option("--port", help="Port to listen on, 1-65535; 0 = any free port.")
+]
+BindOpt = Annotated[
+    str | None,
+    typer.Option("--bind", help="Connect from this local address (default: the system's choice)."),
+]
+ANY_HOST = "::"
 TransportOpt = Annotated[
     str | None,
     typer.Option(
@@ -77,10 +89,33 @@ def setup_logging(verbose: bool) -> None:
 
 
 def parse_address(text: str, what: str) -> tuple[str, int]:
+    """HOST:PORT, [IPv6]:PORT (or a bare IPv6 address with a port after its last colon)."""
     host, sep, port = text.rpartition(":")
+    if host.startswith("[") != host.endswith("]"):
+        host = ""
+    host = host[1:-1] if host.startswith("[") else host
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise PeerError(f"cannot read {what} address {text!r}: use HOST:PORT, e.g. 127.0.0.1:7070")
-    return host.strip("[]"), int(port)
+        raise PeerError(
+            f"cannot read {what} address {text!r}: use HOST:PORT (port 1-65535), "
+            "e.g. 192.0.2.7:7070 or [2001:db8::7]:7070"
+        )
+    return host, int(port)
+
+
+def check_port(port: int, option: str = "--port") -> int:
+    """A listening port: 1-65535, or 0 for any free port."""
+    if not 0 <= port <= 65535:
+        raise PeerError(f"{option} {port} is not a port: use 1-65535, or 0 for any free port")
+    return port
+
+
+def where(host: str, port: int) -> str:
+    """How to say where a node listens."""
+    from peerd.transport import is_wildcard
+
+    if is_wildcard(host):
+        return f"port {port} on every interface"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def parse_tracker(text: str | None) -> tuple[str, int]:
@@ -196,6 +231,7 @@ def make_node(
     transport: str | None,
     up_limit: str | None,
     down_limit: str | None,
+    bind: str | None = None,
 ) -> Node:
     """Parse the options every networked command shares and build the node.
 
@@ -208,7 +244,8 @@ def make_node(
         _identity(),
         _transport(transport),
         host=host,
-        port=port,
+        port=check_port(port),
+        bind=bind,
         tracker=parse_tracker(tracker),
         up_limit=parse_limit(up_limit, "--up-limit"),
         down_limit=parse_limit(down_limit, "--down-limit"),
@@ -230,8 +267,9 @@ def cmd_id() -> None:
 def cmd_share(
     path: Annotated[Path, typer.Argument(help="The file to share.")],
     tracker: TrackerOpt = None,
-    host: HostOpt = "127.0.0.1",
+    host: HostOpt = ANY_HOST,
     port: PortOpt = 0,
+    bind: BindOpt = None,
     transport: TransportOpt = None,
     hash_algo: Annotated[
         str, typer.Option("--hash", help="blake3 (default) or sha256.")
@@ -259,7 +297,7 @@ def cmd_share(
             typer.echo(handed)
             typer.echo(f"shared by the running daemon; get it with: peer get {handed}", err=True)
             return
-        node = make_node(tracker, host, port, transport, up_limit, down_limit)
+        node = make_node(tracker, host, port, transport, up_limit, down_limit, bind)
     except PeerError as exc:
         fail(str(exc))
 
@@ -270,7 +308,7 @@ def cmd_share(
             cid = content.content_id.hex()
             print(cid, flush=True)
             print(
-                f"seeding {path.name} on {node.host}:{node.port}; get it with: peer get {cid}",
+                f"seeding {path.name} on {where(node.host, node.port)}; get it with: peer get {cid}",
                 file=sys.stderr,
                 flush=True,
             )
@@ -309,8 +347,9 @@ def cmd_get(
         ),
     ] = None,
     tracker: TrackerOpt = None,
-    host: HostOpt = "127.0.0.1",
+    host: HostOpt = ANY_HOST,
     port: PortOpt = 0,
+    bind: BindOpt = None,
     transport: TransportOpt = None,
     up_limit: UpOpt = None,
     down_limit: DownOpt = None,
@@ -324,7 +363,7 @@ def cmd_get(
     try:
         trust_key = parse_public_key(trust) if trust else None
         direct = [parse_address(text, "--peer") for text in peer or ()]
-        node = make_node(tracker, host, port, transport, up_limit, down_limit)
+        node = make_node(tracker, host, port, transport, up_limit, down_limit, bind)
     except PeerError as exc:
         fail(str(exc))
     show_progress = not as_json and sys.stderr.isatty()
@@ -363,8 +402,10 @@ def cmd_get(
 
 @app.command("tracker")
 def cmd_tracker(
-    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 7070,
+    host: HostOpt = ANY_HOST,
+    port: Annotated[
+        int, typer.Option("--port", help="Port to listen on, 1-65535; 0 = any free port.")
+    ] = 7070,
     transport: TransportOpt = None,
     data: Annotated[
         Path | None, typer.Option("--data", help="Directory for the manifest database.")
@@ -391,6 +432,7 @@ def cmd_tracker(
 
     defaults = TrackerLimits()
     try:
+        check_port(port)
         memory = parse_budget(max_memory, "--max-memory", defaults.max_memory)
         disk = parse_budget(max_disk, "--max-disk", defaults.max_disk)
         limits = TrackerLimits(max_memory=memory, max_disk=disk)
@@ -405,8 +447,9 @@ def cmd_tracker(
 @app.command("daemon")
 def cmd_daemon(
     tracker: TrackerOpt = None,
-    host: HostOpt = "127.0.0.1",
+    host: HostOpt = ANY_HOST,
     port: PortOpt = 0,
+    bind: BindOpt = None,
     transport: TransportOpt = None,
     up_limit: UpOpt = None,
     down_limit: DownOpt = None,
@@ -417,7 +460,7 @@ def cmd_daemon(
     from peerd.app.daemon import run_daemon
 
     try:
-        node = make_node(tracker, host, port, transport, up_limit, down_limit)
+        node = make_node(tracker, host, port, transport, up_limit, down_limit, bind)
     except PeerError as exc:
         fail(str(exc))
     home = peer_home()

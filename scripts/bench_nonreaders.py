@@ -43,9 +43,10 @@ def one_run(root: Path, size: int, readers: int, transport: str) -> float:
     with swarm(root, transport) as s:
         seed, cid = s.share("seed", src, "--chunk-size", "1MiB")
         assert seed.stderr is not None
-        m = re.search(r" on [\d.]+:(\d+);", seed.stderr.readline().decode())
+        line = seed.stderr.readline().decode()
+        m = re.search(r" on (?:port (\d+) on every interface|\S+:(\d+));", line)
         assert m, "no port line from the seeder"
-        port = int(m.group(1))
+        port = int(m.group(1) or m.group(2))
         chunks = -(-size // MiB)
         stuck = []
         for _ in range(readers):

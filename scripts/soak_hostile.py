@@ -145,9 +145,10 @@ class Soak:
         self.cid = bytes.fromhex(self.cid_hex)
         deadline = time.monotonic() + 15
         while True:
-            m = re.search(r" on [\d.]+:(\d+);", (self.root / "seed.log").read_text())
+            log_text = (self.root / "seed.log").read_text()
+            m = re.search(r" on (?:port (\d+) on every interface|\S+:(\d+));", log_text)
             if m:
-                self.port = int(m.group(1))
+                self.port = int(m.group(1) or m.group(2))
                 break
             if time.monotonic() > deadline or self.seed.poll() is not None:
                 raise SystemExit(

@@ -257,7 +257,7 @@ def run_swarm(
             seeds, leeches = all_peers[:seeders], all_peers[seeders:]
             content_id = ""
             for p in seeds:
-                host = ["--host", p.host] if emulate else common
+                host = ["--host", p.host, "--bind", p.host] if emulate else common
                 p.proc = subprocess.Popen(
                     [*net.prefix(), PY, "-m", "cli", "share", str(src), *host, *limit, *chunking],
                     env={**env, "PEER_HOME": str(p.home)},
@@ -280,7 +280,7 @@ def run_swarm(
             starter = str(Path(__file__).resolve().parent / "_start_together.py")
             for p in leeches:
                 p.out = p.home / "download.bin"
-                host = ["--host", p.host] if emulate else common
+                host = ["--host", p.host, "--bind", p.host] if emulate else common
                 p.proc = subprocess.Popen(
                     [
                         *net.prefix(),

@@ -879,7 +879,7 @@ async def serve_tracker(
             nursery.start_soon(tracker.sweep)
             log.info(
                 "tracker started on %s:%d (%s), %d manifests in %s",
-                listener.host,
+                f"[{listener.host}]" if ":" in listener.host else listener.host,
                 listener.port,
                 transport.name,
                 len(store),
@@ -917,7 +917,8 @@ def run_tracker(
                         host, port, data, transport, limits=limits, task_status=task_status
                     )
                 )
-                print(f"tracker listening on {host}:{bound} ({transport.name})", file=sys.stderr)
+                shown = f"[{host or '::'}]" if ":" in host or not host else host
+                print(f"tracker listening on {shown}:{bound} ({transport.name})", file=sys.stderr)
                 async for signum in signals:
                     log.info("received %s, shutting down", signal.Signals(signum).name)
                     nursery.cancel_scope.cancel()

@@ -173,9 +173,10 @@ class Node:
     Args:
         identity: this peer's key pair.
         transport: the reactor or proactor transport.
-        host: address to listen on (also the source address of outgoing
-            connections when it is a specific address).
+        host: address to listen on ("::": every interface, IPv6 and IPv4).
         port: port to listen on, 0 = any free port.
+        bind: the source address of outgoing connections (None: the
+            system's choice, which is what reaches another machine).
         tracker: ``(host, port)`` of the tracker.
         up_limit / down_limit: payload bytes per second, None = unlimited.
     """
@@ -190,10 +191,12 @@ class Node:
         tracker: tuple[str, int] = ("127.0.0.1", 7070),
         up_limit: int | None = None,
         down_limit: int | None = None,
+        bind: str | None = None,
     ) -> None:
         self.identity = identity
         self.transport = transport
         self.host = host
+        self.bind = bind
         self.port = port
         self.tracker_address = tracker
         self.up_limiter = RateLimiter(up_limit)
@@ -216,7 +219,7 @@ class Node:
 
     @property
     def source_host(self) -> str | None:
-        return None if self.host in ("", "0.0.0.0", "::") else self.host
+        return self.bind
 
     # --- lifecycle -----------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> None:

@@ -11,7 +11,16 @@ import os
 
 from peerd.errors import TransportUnavailable
 
-from ._base import DEFAULT_BACKLOG, Listener, Mux, Stream, StreamBroken, StreamClosed, Transport
+from ._base import (
+    DEFAULT_BACKLOG,
+    Listener,
+    Mux,
+    Stream,
+    StreamBroken,
+    StreamClosed,
+    Transport,
+    is_wildcard,
+)
 
 __all__ = [
     "DEFAULT_BACKLOG",
@@ -23,6 +32,7 @@ __all__ = [
     "StreamClosed",
     "Transport",
     "get_transport",
+    "is_wildcard",
 ]
 
 TRANSPORTS = ("reactor", "proactor")

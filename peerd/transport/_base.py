@@ -33,6 +33,7 @@ __all__ = [
     "StreamBroken",
     "StreamClosed",
     "Transport",
+    "is_wildcard",
 ]
 
 log = logging.getLogger("peerd.transport")
@@ -143,8 +144,21 @@ def check_backlog(backlog: int) -> int:
 
 
 def addr2(sockaddr: Any) -> tuple[str, int]:
-    """(host, port) of an IPv4 or IPv6 socket address."""
-    return (str(sockaddr[0]), int(sockaddr[1]))
+    """(host, port) of an IPv4 or IPv6 socket address; an IPv4 peer reached
+    through a dual-stack socket (``::ffff:a.b.c.d``) is named by its IPv4
+    address, so one peer has one name whichever socket it came in on."""
+    host = str(sockaddr[0])
+    if host.startswith("::ffff:") and "." in host:
+        host = host[7:]
+    return (host, int(sockaddr[1]))
+
+
+WILDCARD_HOSTS = ("", "::", "*")  # listen on every IPv6 and IPv4 address
+
+
+def is_wildcard(host: str) -> bool:
+    """True for an address meaning "every interface" (IPv4, IPv6 or both)."""
+    return host in WILDCARD_HOSTS or host == "0.0.0.0"
 
 
 class Stream(trio.abc.HalfCloseableStream):

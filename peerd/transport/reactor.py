@@ -30,6 +30,7 @@ from ._base import (
     DEFAULT_BACKLOG,
     IGNORED_ACCEPT_ERRNOS,
     MUX_BATCH,
+    WILDCARD_HOSTS,
     Listener,
     Mux,
     MuxResult,
@@ -279,13 +280,21 @@ class ReactorTransport(Transport):
         self, host: str, port: int, *, backlog: int = DEFAULT_BACKLOG
     ) -> Listener:
         backlog = check_backlog(backlog)
-        try:
-            family, sockaddr = await resolve(host, port, for_bind=True)
-        except TransportError as exc:
-            raise TransportError(f"cannot listen on {host}:{port}: {exc}") from exc
+        family: int
+        sockaddr: Any
+        if host in WILDCARD_HOSTS and socket.has_ipv6:
+            # Every interface, both families: one IPv6 socket that also takes IPv4.
+            family, sockaddr = int(socket.AF_INET6), ("::", port, 0, 0)
+        else:
+            try:
+                family, sockaddr = await resolve(host, port, for_bind=True)
+            except TransportError as exc:
+                raise TransportError(f"cannot listen on {host}:{port}: {exc}") from exc
         sock = trio.socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and host in WILDCARD_HOSTS:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             await sock.bind(sockaddr)
             sock.listen(backlog)
         except OSError as exc:

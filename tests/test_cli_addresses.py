@@ -1,0 +1,60 @@
+"""Addresses and ports on the command line: IPv6, validation, the defaults."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cli.app import check_port, parse_address, where
+from peerd.errors import PeerError
+
+
+@pytest.mark.parametrize(
+    ("text", "want"),
+    [
+        ("127.0.0.1:7070", ("127.0.0.1", 7070)),
+        ("[::1]:7070", ("::1", 7070)),
+        ("[2001:db8::7]:1", ("2001:db8::7", 1)),
+        ("tracker.example:65535", ("tracker.example", 65535)),
+    ],
+)
+def test_addresses_read(text: str, want: tuple[str, int]) -> None:
+    assert parse_address(text, "tracker") == want
+
+
+@pytest.mark.parametrize(
+    "text", ["127.0.0.1", "127.0.0.1:0", "127.0.0.1:65536", ":7070", "[::1:7070", "h:x", "h:-1"]
+)
+def test_bad_addresses_say_how_to_write_one(text: str) -> None:
+    with pytest.raises(PeerError, match=r"HOST:PORT \(port 1-65535\)"):
+        parse_address(text, "tracker")
+
+
+def test_ports_and_where() -> None:
+    assert check_port(0) == 0 and check_port(65535) == 65535
+    for bad in (-1, 65536, 70000):
+        with pytest.raises(PeerError, match="1-65535"):
+            check_port(bad)
+    assert where("::", 7000) == "port 7000 on every interface"
+    assert where("0.0.0.0", 7000) == "port 7000 on every interface"
+    assert where("::1", 7000) == "[::1]:7000"
+    assert where("127.0.0.1", 7000) == "127.0.0.1:7000"
+
+
+def test_a_port_out_of_range_is_one_line_not_a_wrap(tmp_path: Path) -> None:
+    f = tmp_path / "f.bin"
+    f.write_bytes(b"x" * 100)
+    proc = subprocess.run(
+        [sys.executable, "-m", "cli", "share", str(f), "--port", "70000"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PEER_HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin"},
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (
+        "peer: error: --port 70000 is not a port: use 1-65535, or 0 for any free port"
+    )
