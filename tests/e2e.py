@@ -65,6 +65,12 @@ def _bindable(port: int) -> bool:
     return True
 
 
+def content_id_of(line: str) -> str | None:
+    """The content id (64 hex) ``peer share`` printed: bare, or in a ``peer:ID?...`` link."""
+    m = re.fullmatch(r"(?:peer:)?([0-9a-f]{64})(?:\?\S*)?", line.strip())
+    return m.group(1) if m else None
+
+
 def free_port() -> int:
     """A port free on every interface, outside the kernel's ephemeral range.
 
@@ -215,8 +221,9 @@ class Swarm:
         proc = self.peer(name, "share", str(path), *extra)
         assert proc.stdout is not None
         line = proc.stdout.readline().decode().strip()
-        assert len(line) == 64, f"share printed {line!r}; stderr: {self._err(proc)}"
-        return proc, line
+        cid = content_id_of(line)
+        assert cid is not None, f"share printed {line!r}; stderr: {self._err(proc)}"
+        return proc, cid
 
     @staticmethod
     def _err(proc: subprocess.Popen[bytes]) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from .e2e import Swarm, listen_port, random_file, swarm
+from .e2e import Swarm, content_id_of, listen_port, random_file, swarm
 
 pytestmark = pytest.mark.parametrize("backend", ["reactor", "proactor"])
 MiB = 1 << 20
@@ -132,7 +132,7 @@ def test_daemon_share_get_status_stop(tmp_path: Path, backend: str) -> None:
         t0 = time.monotonic()
         res = s.run("d", "share", str(src))
         assert res.returncode == 0, res.stderr
-        cid = res.stdout.strip().splitlines()[0]
+        cid = content_id_of(res.stdout.strip().splitlines()[0]) or ""
         assert len(cid) == 64 and time.monotonic() - t0 < 20
         ls = s.run("d", "ls")
         assert cid in ls.stdout and str(src) in ls.stdout

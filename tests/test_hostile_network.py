@@ -28,7 +28,7 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from .e2e import Swarm, listen_port, random_file, swarm
+from .e2e import Swarm, content_id_of, listen_port, random_file, swarm
 from .hostile import (
     BITFIELD,
     GOODBYE,
@@ -74,9 +74,10 @@ class _Seed:
             self.proc = s.peer(name, "share", str(src), *extra, stderr=err)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline().decode().strip()
-        assert len(line) == 64, f"share printed {line!r}: {self.log.read_text()}"
-        self.cid_hex = line
-        self.cid = bytes.fromhex(line)
+        cid = content_id_of(line)
+        assert cid is not None, f"share printed {line!r}: {self.log.read_text()}"
+        self.cid_hex = cid
+        self.cid = bytes.fromhex(cid)
         port: list[int] = []
 
         def seeding() -> bool:
