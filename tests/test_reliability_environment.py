@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from .e2e import random_file, swarm
+from .e2e import Swarm, random_file, swarm
 from .test_reliability_crashes import state_chunks, wait_chunks
 
 MiB = 1 << 20
@@ -156,4 +156,4 @@ def test_changed_source_is_not_served(tmp_path: Path, change: str) -> None:
         assert result["hash_failures"] == 0
         assert result["resumed_bytes"] >= got * MiB
         assert len(part) == len(original)
-        assert seed.poll() is None, "the seeder crashed on a changed file"
+        assert seed.poll() is None, f"the seeder crashed on a changed file: {Swarm._err(seed)}"
