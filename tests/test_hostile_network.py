@@ -359,7 +359,7 @@ def test_f5_silent_sessions_from_two_addresses_leave_room(tmp_path: Path, many_f
             time.sleep(0.5)
             open_now = sum(_still_open(c) for c in held)
             assert open_now <= 2 * 64, f"{open_now} silent sessions from two addresses held"
-            res, took = _get(s, "leech", seed.cid_hex, tmp_path / "got.bin", "--host", "127.0.0.4")
+            res, took = _get(s, "leech", seed.cid_hex, tmp_path / "got.bin", "--bind", "127.0.0.4")
             assert res.returncode == 0, res.stderr
             assert (tmp_path / "got.bin").read_bytes() == src.read_bytes()
             print(f"F5: {len(held)} handshakes done, {open_now} held; get {took:.1f} s")

@@ -230,7 +230,7 @@ def _floods(s: Swarm, tmp_path: Path, src: Path, flood: list[socket.socket]) -> 
     assert held <= 64, f"{held} connections from one address are held"
     # An honest peer from another address is served during the flood.
     leech = s.peer(
-        "leech", "get", cid_hex, "-o", str(tmp_path / "a.bin"), "--json", "--host", "127.0.0.3"
+        "leech", "get", cid_hex, "-o", str(tmp_path / "a.bin"), "--json", "--bind", "127.0.0.3"
     )
     # A client that pipelines PIPELINED requests and reads every answer.
     sock = handshake(port, cid, host="127.0.0.1", chunks=8)
