@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import trio
 import typer
 
+from peerd.app.link import Link, format_address, is_link, parse_address, parse_link
 from peerd.content.identity import Identity, parse_public_key, peer_home
 from peerd.errors import PeerError
 from peerd.node.ratelimit import parse_rate, parse_size
@@ -88,20 +89,6 @@ def setup_logging(verbose: bool) -> None:
     )
 
 
-def parse_address(text: str, what: str) -> tuple[str, int]:
-    """HOST:PORT, [IPv6]:PORT (or a bare IPv6 address with a port after its last colon)."""
-    host, sep, port = text.rpartition(":")
-    if host.startswith("[") != host.endswith("]"):
-        host = ""
-    host = host[1:-1] if host.startswith("[") else host
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise PeerError(
-            f"cannot read {what} address {text!r}: use HOST:PORT (port 1-65535), "
-            "e.g. 192.0.2.7:7070 or [2001:db8::7]:7070"
-        )
-    return host, int(port)
-
-
 def check_port(port: int, option: str = "--port") -> int:
     """A listening port: 1-65535, or 0 for any free port."""
     if not 0 <= port <= 65535:
@@ -115,7 +102,7 @@ def where(host: str, port: int) -> str:
 
     if is_wildcard(host):
         return f"port {port} on every interface"
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return format_address(host, port)
 
 
 def parse_tracker(text: str | None) -> tuple[str, int]:
@@ -283,19 +270,34 @@ def cmd_share(
     ] = None,
     up_limit: UpOpt = None,
     down_limit: DownOpt = None,
+    id_only: Annotated[
+        bool, typer.Option("--id-only", help="Print the bare content id, not a link.")
+    ] = False,
+    public_addr: Annotated[
+        str | None,
+        typer.Option(
+            "--public-addr",
+            help="HOST:PORT where others reach this node, written into the link "
+            "(the tracker records the address it sees either way).",
+        ),
+    ] = None,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Share a file: print its content id, then seed until Ctrl-C."""
+    """Share a file: print a link to it (first line of stdout), then seed until Ctrl-C."""
     setup_logging(verbose)
     from peerd.app.daemon import try_daemon_share
     from peerd.app.share import share_file
+    from peerd.transport import is_wildcard
 
     try:
         chunk = parse_chunk_size(chunk_size)
+        public = parse_address(public_addr, "--public-addr") if public_addr else None
+        tracker_address = parse_tracker(tracker)
         handed = try_daemon_share(peer_home(), path, hash_algo, chunk)
         if handed is not None:
-            typer.echo(handed)
-            typer.echo(f"shared by the running daemon; get it with: peer get {handed}", err=True)
+            link = Link(bytes.fromhex(handed), _identity().public_key, (tracker_address,))
+            typer.echo(handed if id_only else str(link))
+            typer.echo(f"shared by the running daemon; get it with: peer get {link}", err=True)
             return
         node = make_node(tracker, host, port, transport, up_limit, down_limit, bind)
     except PeerError as exc:
@@ -306,12 +308,22 @@ def cmd_share(
             await nursery.start(node.run)
             content = await share_file(node, node.identity, path, algo=hash_algo, chunk_size=chunk)
             cid = content.content_id.hex()
-            print(cid, flush=True)
+            if public is not None:
+                direct: tuple[tuple[str, int], ...] = (public,)
+            elif not is_wildcard(node.host):
+                direct = ((node.host, node.port),)
+            else:
+                direct = ()  # which of our addresses a getter reaches: the tracker knows
+            link = Link(content.content_id, node.identity.public_key, (tracker_address,), direct)
+            print(cid if id_only else link, flush=True)
             print(
-                f"seeding {path.name} on {where(node.host, node.port)}; get it with: peer get {cid}",
+                f"seeding {path.name} on {where(node.host, node.port)}; "
+                f"get it with: peer get {link}",
                 file=sys.stderr,
                 flush=True,
             )
+            await content.ended.wait()
+            raise PeerError(node.failed.get(content.content_id, "stopped sharing"))
 
     run_trio(main, interrupt_ok=True)
 
@@ -320,7 +332,10 @@ def cmd_share(
 def cmd_get(
     content_id: Annotated[
         str,
-        typer.Argument(metavar="ID", help="Content id, or a unique prefix of 16+ hex characters."),
+        typer.Argument(
+            metavar="LINK|ID",
+            help="A link from `peer share`, a content id, or a unique prefix of 16+ hex characters.",
+        ),
     ],
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Output file or directory.")
@@ -363,6 +378,7 @@ def cmd_get(
     try:
         trust_key = parse_public_key(trust) if trust else None
         direct = [parse_address(text, "--peer") for text in peer or ()]
+        content_id, trust_key, tracker, direct = _apply_link(content_id, trust_key, tracker, direct)
         node = make_node(tracker, host, port, transport, up_limit, down_limit, bind)
     except PeerError as exc:
         fail(str(exc))
@@ -398,6 +414,80 @@ def cmd_get(
         return result
 
     run_trio(main, interrupt_ok=seed)
+
+
+def _apply_link(
+    text: str, trust: bytes | None, tracker: str | None, peers: list[tuple[str, int]]
+) -> tuple[str, bytes | None, str | None, list[tuple[str, int]]]:
+    """What a link adds to get's options: its id, key (as --trust), first
+    tracker (unless --tracker is given) and peers (besides --peer)."""
+    if not is_link(text):
+        return text, trust, tracker, peers
+    link = parse_link(text)
+    if link.key is not None and trust is not None and trust != link.key:
+        raise PeerError("--trust names another key than the link's publisher key (pk=)")
+    if tracker is None and link.trackers:
+        tracker = format_address(*link.trackers[0])
+    extra = [a for a in link.peers if a not in peers]
+    return link.content_id.hex(), link.key or trust, tracker, [*peers, *extra]
+
+
+@app.command("info")
+def cmd_info(
+    content_id: Annotated[
+        str, typer.Argument(metavar="LINK|ID", help="A link, a content id, or a 16+ hex prefix.")
+    ],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    trust: Annotated[
+        str | None, typer.Option("--trust", help="Refuse a manifest not signed by this public key.")
+    ] = None,
+    peer: Annotated[
+        list[str] | None,
+        typer.Option("--peer", help="HOST:PORT of a peer to ask for the manifest (repeatable)."),
+    ] = None,
+    tracker: TrackerOpt = None,
+    transport: TransportOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Say what a getter would get (name, size, chunks, hash, signer) without downloading."""
+    setup_logging(verbose)
+    from peerd.app.download import obtain_manifest, resolve_id
+
+    try:
+        trust_key = parse_public_key(trust) if trust else None
+        direct = [parse_address(text, "--peer") for text in peer or ()]
+        content_id, trust_key, tracker, direct = _apply_link(content_id, trust_key, tracker, direct)
+        node = make_node(tracker, "127.0.0.1", 0, transport, None, None)
+    except PeerError as exc:
+        fail(str(exc))
+
+    async def main() -> dict[str, Any]:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(node.run)
+            cid = await resolve_id(node, content_id)
+            manifest = await obtain_manifest(node, cid, trust_key, direct, publish=False)
+            nursery.cancel_scope.cancel()
+        info = manifest.info
+        return {
+            "id": cid.hex(),
+            "name": info.name,
+            "size": info.size,
+            "files": [{"path": info.name, "size": info.size}],
+            "chunk_size": info.chunk_size,
+            "chunks": info.num_chunks,
+            "hash": info.algo,
+            "signers": [key.hex() for key, _sig in manifest.signatures],
+        }
+
+    facts = run_trio(main)
+    if as_json:
+        print(json.dumps(facts), flush=True)
+        return
+    for label, key in (("id", "id"), ("name", "name"), ("size", "size")):
+        print(f"{label + ':':<12}{facts[key]}")
+    print(f"{'chunks:':<12}{facts['chunks']} x {facts['chunk_size']} bytes ({facts['hash']})")
+    for signer in facts["signers"]:
+        print(f"{'signed by:':<12}{signer}")
 
 
 @app.command("tracker")

@@ -68,7 +68,7 @@ def one_run(work: Path, src: Path, transport: str, seeders: int) -> tuple[float,
             home = work / f"seed{k}"
             home.mkdir(exist_ok=True)
             p = subprocess.Popen(
-                [PY, "-m", "cli", "share", str(src)],
+                [PY, "-m", "cli", "share", str(src), "--id-only"],
                 env=dict(env, PEER_HOME=str(home)),
                 stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL,

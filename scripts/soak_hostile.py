@@ -137,7 +137,13 @@ class Soak:
         self.src = random_file(self.root / "f.bin", FILE_SIZE)
         self.digest = hashlib.sha256(self.src.read_bytes()).digest()
         self.seed = s.peer(
-            "seed", "share", str(self.src), "--chunk-size", CHUNK, stderr=self._log("seed")
+            "seed",
+            "share",
+            str(self.src),
+            "--id-only",
+            "--chunk-size",
+            CHUNK,
+            stderr=self._log("seed"),
         )
         assert self.seed.stdout is not None
         self.cid_hex = self.seed.stdout.readline().decode().strip()

@@ -259,7 +259,18 @@ def run_swarm(
             for p in seeds:
                 host = ["--host", p.host, "--bind", p.host] if emulate else common
                 p.proc = subprocess.Popen(
-                    [*net.prefix(), PY, "-m", "cli", "share", str(src), *host, *limit, *chunking],
+                    [
+                        *net.prefix(),
+                        PY,
+                        "-m",
+                        "cli",
+                        "share",
+                        str(src),
+                        "--id-only",
+                        *host,
+                        *limit,
+                        *chunking,
+                    ],
                     env={**env, "PEER_HOME": str(p.home)},
                     stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE,

@@ -3,8 +3,9 @@
 Two network namespaces joined by a veth pair stand in for two machines
 (10.77.0.1 and 10.77.0.2; the traffic never leaves them). Machine A runs
 ``peer tracker`` and ``peer share`` listening on their default (every interface);
-machine B runs ``peer get ID --tracker 10.77.0.1:7070``. Both sides name the
-tracker by the same address, so the tracker sees A's sharer at A's address. Before issue 16
+machine B runs ``peer get LINK`` with the link A printed, which names the
+tracker. Both sides reach the tracker at the same address, so the tracker
+sees A's sharer at A's address. Before issue 16
 every command listened on and connected from 127.0.0.1, so this failed.
 """
 
@@ -101,12 +102,12 @@ def test_share_on_one_machine_get_on_another(
         )
         procs.append(share)
         assert share.stdout is not None
-        cid = share.stdout.readline().decode().strip()
-        assert len(cid) == 64, cid
-        # Machine B: `peer get ID --tracker A:7070 -o movie.mp4`.
+        link = share.stdout.readline().decode().strip()
+        assert link.startswith("peer:") and f"&tr={A}:7070" in link, link
+        # Machine B: `peer get LINK -o movie.mp4` (the link names the tracker).
         out = tmp_path / "got.mp4"
         got = subprocess.run(
-            [*on_b, PY, "-m", "cli", "get", cid, "--tracker", f"{A}:7070", "-o", str(out), "-v"],
+            [*on_b, PY, "-m", "cli", "get", link, "-o", str(out), "-v"],
             env=_env(tmp_path / "b", transport),
             capture_output=True,
             timeout=60,

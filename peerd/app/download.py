@@ -124,6 +124,37 @@ async def manifest_from_peers(
     raise last
 
 
+async def obtain_manifest(
+    node: Node,
+    cid: bytes,
+    trust: bytes | None,
+    peers: Sequence[tuple[str, int]] = (),
+    *,
+    publish: bool = True,
+) -> Manifest:
+    """The verified manifest of ``cid``: from the tracker, else from ``peers``
+    (then, with ``publish``, given to a tracker that did not have it).
+
+    Raises:
+        TrackerError / PeerError: nobody gave a usable manifest (the last reason).
+        IntegrityError: bad or untrusted manifest.
+    """
+    try:
+        return await fetch_manifest(node, cid, trust)
+    except TrackerError as exc:
+        if not peers:
+            if exc.code == "not-found":
+                raise TrackerError(
+                    "not-found", f"no content with id {cid.hex()} is known to the tracker"
+                ) from None
+            raise
+        log.info("tracker has no manifest (%s); asking the given peers", exc)
+        manifest = await manifest_from_peers(node, cid, trust, peers)
+        if exc.code == "not-found" and publish:
+            await _publish_quietly(node, manifest)
+        return manifest
+
+
 async def stop_content(node: Node, content: Content, timeout: float = STOP_TIMEOUT) -> bool:
     """Stop ``content`` and wait until its task has ended; False if it did not in time.
 
@@ -207,19 +238,7 @@ async def download(
     """
     started = trio.current_time()
     cid = await resolve_id(node, text_id)
-    try:
-        manifest = await fetch_manifest(node, cid, trust)
-    except TrackerError as exc:
-        if not peers:
-            if exc.code == "not-found":
-                raise TrackerError(
-                    "not-found", f"no content with id {cid.hex()} is known to the tracker"
-                ) from None
-            raise
-        log.info("tracker has no manifest (%s); asking the given peers", exc)
-        manifest = await manifest_from_peers(node, cid, trust, peers)
-        if exc.code == "not-found":
-            await _publish_quietly(node, manifest)
+    manifest = await obtain_manifest(node, cid, trust, peers)
     path = output_path(output, manifest.info.name)
     log.info(
         "manifest of %s verified: %s, %d bytes, %d chunks",
