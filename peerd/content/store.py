@@ -104,25 +104,53 @@ class SourceFile:
         except OSError as exc:
             raise describe_os_error(exc, f"opening {path}") from None
         st = os.fstat(self.fd)
-        self._signature = (st.st_size, st.st_mtime_ns)
+        self._signature: tuple[int, int] = (st.st_size, st.st_mtime_ns)
         if st.st_size != info.size:
             os.close(self.fd)
             raise StorageError(f"{path} changed since its manifest was built; share it again")
         self.have = bytearray(b"\x01" * info.num_chunks)
-        self.changed = False
+        # Set from the moment the file's size or mtime moved until a re-hash
+        # says its bytes still match: nothing is served meanwhile.
+        self.suspect = False
 
-    def unchanged(self) -> bool:
-        """False (for good) once the file's size or mtime differ from when it was opened."""
-        if self.changed:
-            return False
+    @property
+    def servable(self) -> bool:
+        """True unless the file may have changed (see :meth:`moved`)."""
+        return not self.suspect
+
+    def moved(self) -> bool:
+        """True if the file's size or mtime differ from the last look (one
+        ``fstat``); from then on nothing is served until :meth:`rehash_sync`
+        says the bytes still match."""
         try:
             st = os.fstat(self.fd)
+            now = (st.st_size, st.st_mtime_ns)
         except OSError:
-            st = None
-        if st is None or (st.st_size, st.st_mtime_ns) != self._signature:
-            self.changed = True
-            self.have = bytearray(self.info.num_chunks)
-        return not self.changed
+            now = (-1, -1)
+        if now != self._signature:
+            self.suspect = True
+            return True
+        return False
+
+    def rehash_sync(self) -> bool:
+        """Worker thread: re-hash the whole file. True if every chunk still
+        matches the manifest (serving resumes, the new size and mtime are
+        remembered), False if not (this file can no longer be shared)."""
+        info = self.info
+        try:
+            st = os.fstat(self.fd)
+            if st.st_size != info.size:
+                return False
+            for index in range(info.num_chunks):
+                offset = index * info.chunk_size
+                data = os.pread(self.fd, info.chunk_length(index), offset)
+                if hash_chunk(info.algo, data) != info.chunk_hash(index):
+                    return False
+        except OSError:
+            return False
+        self._signature = (st.st_size, st.st_mtime_ns)
+        self.suspect = False
+        return True
 
     def close(self) -> None:
         if self.fd >= 0:

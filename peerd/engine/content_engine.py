@@ -165,8 +165,10 @@ class ContentEngine:
             every chunk out once before any twice).
         now: the time of creation.
         rng: randomness for chunk picking and dial choice (seeded by the simulator).
-        can_serve: ``can_serve(index)``, whether a held chunk can be read now
-            (a shared file that changed cannot); default: ``have[index]``.
+        source_ready: ``source_ready()``, False while the bytes we hold cannot
+            be served for now (a shared file whose size or mtime moved, until
+            it is re-hashed): requests are then refused ``busy``, so they come
+            back; default: always ready.
         max_peers: connections a downloader dials up to.
     """
 
@@ -180,7 +182,7 @@ class ContentEngine:
         origin: bool,
         now: float,
         rng: random.Random | None = None,
-        can_serve: Callable[[int], bool] | None = None,
+        source_ready: Callable[[], bool] | None = None,
         max_peers: int = MAX_PEERS,
     ) -> None:
         self.size = size
@@ -191,7 +193,7 @@ class ContentEngine:
         self.origin = origin
         self.max_peers = max_peers
         self._rng = rng or random.Random()
-        self._can_serve = can_serve or (lambda i: bool(have[i]))
+        self._source_ready = source_ready or (lambda: True)
         self.picker: PiecePicker | None = None
         if not all(have):
             self.picker = PiecePicker(n, have, rng=random.Random(self._rng.random()))
@@ -405,9 +407,7 @@ class ContentEngine:
             return "invalid"
         if length < 1 or offset + length > self.chunk_length(index):
             return "invalid"
-        if not self._can_serve(index):
-            return "missing"
-        return None
+        return self.serve_refusal(index)
 
     def on_cancel(self, peer: Peer, req: Req) -> None:
         self.uploads.on_cancel(peer, req)
@@ -420,8 +420,14 @@ class ContentEngine:
         """The request to upload next on this connection (its writer holds a turn)."""
         return self.uploads.next_request_for(peer)
 
-    def can_serve(self, index: int) -> bool:
-        return self._can_serve(index)
+    def serve_refusal(self, index: int) -> str | None:
+        """Why chunk ``index`` (a valid index) cannot be sent now, or None:
+        ``missing`` (we do not hold it) or ``busy`` (the source is being checked)."""
+        if not self.have[index]:
+            return "missing"
+        if not self._source_ready():
+            return "busy"
+        return None
 
     def on_uploaded(self, peer: Peer, req: Req, now: float) -> None:
         """A chunk's bytes were handed to the connection."""

@@ -30,7 +30,7 @@ from peerd.engine.content_engine import (
     SendHave,
 )
 from peerd.engine.scheduling import UploadTurns
-from peerd.errors import PeerError, TrackerError
+from peerd.errors import PeerError, StorageError, TrackerError
 from peerd.node.ratelimit import RateLimiter
 from peerd.node.session import PeerSession
 from peerd.wire import (
@@ -111,7 +111,7 @@ class Content:
             my_key=node.identity.public_key,
             origin=self.origin,
             now=now,
-            can_serve=self._can_serve,
+            source_ready=self._source_ready,
         )
         self.engine.down_limit = node.down_limiter.rate
         chunk = max(1, min(info.chunk_size, info.size or 1))
@@ -122,7 +122,9 @@ class Content:
             self.completed.set()
         self.nursery: trio.Nursery
         self._tracker_wake = trio.Event()
+        self._rechecking = False
         self.started_at = now
+        self.ended = trio.Event()  # set by the node once this content has stopped
 
     # --- what the app layer reads ----------------------------------------------
     @property
@@ -262,11 +264,9 @@ class Content:
         # meanwhile must not throw away a chunk that fully arrived.
         self.nursery.start_soon(self._store_chunk, session, req[0], buf, req[2])
 
-    def _can_serve(self, index: int) -> bool:
+    def _source_ready(self) -> bool:
         src = self.source
-        if isinstance(src, SourceFile) and not src.unchanged():
-            return False
-        return bool(src.have[index])
+        return not isinstance(src, SourceFile) or not (src.suspect or src.moved())
 
     def file_position(self, index: int, offset: int) -> tuple[int, int]:
         """(descriptor, file offset) of a chunk's bytes, for ``sendfile``."""
@@ -319,9 +319,25 @@ class Content:
             self.engine.down_limit = self.node.down_limiter.rate
             self.apply(self.engine.tick(now))
             store = self.source
+            if isinstance(store, SourceFile) and not self._rechecking and store.moved():
+                self._rechecking = True
+                self.nursery.start_soon(self._recheck_source, store)
             if isinstance(store, ChunkStore) and now - last_flush >= STATE_FLUSH_EVERY:
                 last_flush = now
                 await trio.to_thread.run_sync(store.flush_state_sync)
+
+    async def _recheck_source(self, source: SourceFile) -> None:
+        """The shared file's size or mtime moved: serve again only if its bytes
+        still match; else end this content ("source changed")."""
+        log.info("%s changed on disk; checking it against the manifest", source.path)
+        if await trio.to_thread.run_sync(source.rehash_sync):
+            log.info("%s still matches what was shared: serving it again", source.path)
+            self._rechecking = False
+            return
+        raise StorageError(
+            f"source changed: {source.path} no longer matches what was shared; "
+            "nothing more is served from it (share it again for a new id)"
+        )
 
     # --- tracker -------------------------------------------------------------------
     async def _tracker_loop(self) -> None:

@@ -260,11 +260,12 @@ class Node:
             except* Exception as group:  # contained per content, reported
                 message = _one_line(group)
                 self.failed[cid] = message
-                log.error("content %s failed: %s", cid.hex()[:16], message)
+                log.info("content %s failed: %s", cid.hex()[:16], message)  # the app says it
             finally:
                 self.contents.pop(cid, None)
                 self._scopes.pop(cid, None)
                 content.source.close()  # its state is flushed (Content.run); idempotent
+                content.ended.set()
 
         await self.nursery.start(runner)
         return content

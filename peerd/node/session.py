@@ -114,6 +114,8 @@ def turn_blocked(session: object) -> bool:
 
 def unsent_bytes(fd: int) -> int:
     """Bytes a TCP socket holds that it has not sent yet (0 if the OS cannot say)."""
+    if fd < 0:
+        return 0  # no socket (an in-memory stream): nothing is held by a kernel
     try:
         return int.from_bytes(fcntl.ioctl(fd, SIOCOUTQNSD, b"\0\0\0\0"), sys.byteorder)
     except OSError:
@@ -479,8 +481,9 @@ class PeerSession:
                     continue
                 # Checked after the rate-limit wait, right before the bytes go out:
                 # the shared file may have changed while we waited.
-                if not engine.can_serve(index):
-                    self.send_control(Reject(index, offset, length, "missing"))
+                refusal = engine.serve_refusal(index)
+                if refusal is not None:
+                    self.send_control(Reject(index, offset, length, refusal))
                     self._release_turn()
                     continue
                 await self._send(stream.send_all(self.conn.send(DataHeader(index, offset, length))))
