@@ -13,7 +13,8 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -338,8 +339,17 @@ def cmd_get(
         ),
     ],
     output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="Output file or directory.")
+        Path | None,
+        typer.Option(
+            "--output", "-o", help="Output file or directory; - writes to stdout as chunks verify."
+        ),
     ] = None,
+    sequential: Annotated[
+        bool,
+        typer.Option(
+            "--sequential", help="Fetch in order (with a read-ahead window), to play early."
+        ),
+    ] = False,
     trust: Annotated[
         str | None, typer.Option("--trust", help="Refuse a manifest not signed by this public key.")
     ] = None,
@@ -372,7 +382,7 @@ def cmd_get(
 ) -> None:
     """Download a file from every useful peer at once, verifying every chunk."""
     setup_logging(verbose)
-    from peerd.app.download import download
+    from peerd.app.download import OutputClosed, download
     from peerd.app.progress import ProgressView
 
     try:
@@ -383,24 +393,48 @@ def cmd_get(
     except PeerError as exc:
         fail(str(exc))
     show_progress = not as_json and sys.stderr.isatty()
+    to_stdout = output is not None and str(output) == "-"
+    if to_stdout:
+        if seed:
+            fail("--seed needs a file to seed from: use -o PATH, not -o -")
+        # Verified chunks are kept under $PEER_HOME (a run cut short resumes
+        # there) and written to stdout in order; the copy goes at the end.
+        output = peer_home() / "streams"
+        output.mkdir(parents=True, exist_ok=True)
+
+    async def write_stdout(data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            sent = await trio.to_thread.run_sync(os.write, 1, view, abandon_on_cancel=True)
+            view = view[sent:]
 
     async def main() -> Any:
         async with trio.open_nursery() as nursery:
             await nursery.start(node.run)
             view = ProgressView(enabled=show_progress)
             with view:
-                _content, result = await download(
-                    node,
-                    content_id,
-                    output,
-                    trust=trust_key,
-                    force=force,
-                    stall_timeout=timeout,
-                    on_start=lambda c: view.track(nursery, c),
-                    peers=direct,
-                )
-            if as_json:
-                print(json.dumps(asdict(result)), flush=True)
+                try:
+                    _content, result = await download(
+                        node,
+                        content_id,
+                        output,
+                        trust=trust_key,
+                        force=force or to_stdout,
+                        stall_timeout=timeout,
+                        on_start=lambda c: view.track(nursery, c),
+                        peers=direct,
+                        sequential=sequential,
+                        write=write_stdout if to_stdout else None,
+                    )
+                except OutputClosed as exc:
+                    print(f"peer: {exc}", file=sys.stderr)
+                    nursery.cancel_scope.cancel()
+                    return None
+            if to_stdout:
+                await trio.to_thread.run_sync(partial(Path(result.path).unlink, missing_ok=True))
+                result = replace(result, path="-")
+            if as_json:  # stdout carries the content itself with -o -
+                print(json.dumps(asdict(result)), file=sys.stderr if to_stdout else sys.stdout)
             else:
                 print(
                     f"{result.path}: {result.bytes} bytes verified in {result.seconds:.2f} s "

@@ -326,3 +326,19 @@ def test_a_request_whose_data_is_arriving_is_never_cancelled() -> None:
         e.have[0] = 1
         assert Send("a", Cancel(*req)) not in e.chunk_stored("b", 0, CHUNK, now=1.1)
         assert e.on_payload("a", req, now=1.2) is False  # the copy arrives: dropped
+
+
+def test_read_ahead_asks_for_the_window_first_in_order() -> None:
+    e = leecher(40)
+    attach(e, "a", 1)
+    e.read_ahead(10, 4, now=0.0)
+    full = bits_from_flags(bytearray([1]) * 40)
+    first = requests(e.on_bitfield("a", full, now=0.0))
+    assert first == [(10, 0, CHUNK)]  # depth 1 at rate 0: the window's first
+    e.on_data_header("a", first[0])
+    e.on_payload("a", first[0], now=0.1)
+    e.have[10] = 1
+    assert requests(e.chunk_stored("a", 10, CHUNK, now=0.1)) == [(11, 0, CHUNK)]
+    # Past the window (or with it off), rarest first again: anywhere.
+    e.read_ahead(0, 0, now=0.2)
+    assert e.picker is not None and not e.picker.priority

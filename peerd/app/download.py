@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +27,9 @@ from peerd.content.store import ChunkStore
 from peerd.errors import PeerError, TrackerError
 from peerd.node.driver import Content
 from peerd.node.node import Node
+
+READ_AHEAD_BYTES = 16 * 1024 * 1024  # asked for in order ahead of the reader
+READ_AHEAD_MIN = 4  # chunks, whatever their size
 
 log = logging.getLogger("peerd.app.download")
 
@@ -220,8 +223,15 @@ async def download(
     stall_timeout: float = 60.0,
     on_start: Callable[[Content], None] | None = None,
     peers: Sequence[tuple[str, int]] = (),
+    sequential: bool = False,
+    write: Callable[[bytes], Awaitable[object]] | None = None,
 ) -> tuple[Content, DownloadResult]:
     """Download a content into ``output`` and return the running content and a summary.
+
+    With ``sequential``, chunks are asked for in order within a read-ahead
+    window (rarest first beyond it); with ``write``, the content is also
+    written through it in order as chunks are verified (and ``sequential``
+    holds); a write that fails with a broken pipe raises :class:`OutputClosed`.
 
     The content keeps serving (seeding) in ``node`` until the node stops or
     the caller removes it.
@@ -258,7 +268,15 @@ async def download(
             content.dial(ip, port)
         if on_start is not None:
             on_start(content)
-        await _until_complete(node, content, store, stall_timeout)
+        if sequential or write is not None:
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_until_complete, node, content, store, stall_timeout)
+                    await _in_order(content, store, write)
+            except* PeerError as group:  # one failure, said as itself
+                raise group.exceptions[0] from None
+        else:
+            await _until_complete(node, content, store, stall_timeout)
         final = await trio.to_thread.run_sync(store.finalize_sync)
         finished = True
     finally:
@@ -279,6 +297,45 @@ async def download(
         resumed_bytes=store.resumed_bytes,
     )
     return content, result
+
+
+class OutputClosed(PeerError):
+    """The reader of a streamed download went away (a closed pipe)."""
+
+
+async def _in_order(
+    content: Content, store: ChunkStore, write: Callable[[bytes], Awaitable[object]] | None
+) -> None:
+    """Follow the content from its first chunk to its last as chunks are
+    verified: keep the read-ahead window just past what is consumed and, with
+    ``write``, write each chunk once verified (never before)."""
+    info = content.info
+    window = max(READ_AHEAD_MIN, READ_AHEAD_BYTES // max(info.chunk_size, 1))
+    index = written = 0
+    while index < info.num_chunks:
+        content.apply(content.engine.read_ahead(index, window, trio.current_time()))
+        while not store.have[index]:
+            stored = content.next_stored()
+            if store.have[index]:
+                break
+            if content.ended.is_set():
+                return  # _until_complete says why
+            with trio.move_on_after(1.0):
+                await stored.wait()
+        if write is not None:
+            length = info.chunk_length(index)
+            offset = index * info.chunk_size
+            data = await trio.to_thread.run_sync(os.pread, store.fd, length, offset)
+            try:
+                await write(data)
+            except (BrokenPipeError, trio.BrokenResourceError, trio.ClosedResourceError):
+                raise OutputClosed(
+                    f"the output was closed after {written} of {info.size} bytes; stopped "
+                    "(the verified chunks are kept: the same command resumes)"
+                ) from None
+            written += length
+        index += 1
+    content.apply(content.engine.read_ahead(0, 0, trio.current_time()))
 
 
 async def _until_complete(

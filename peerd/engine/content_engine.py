@@ -554,6 +554,17 @@ class ContentEngine:
             self._fill_all(now)
         return self._take()
 
+    # --- streaming ----------------------------------------------------------------
+    def read_ahead(self, first: int, window: int, now: float) -> list[Action]:
+        """Ask for chunks ``first .. first + window - 1`` before any other, in
+        order (a reader consumes the content from ``first`` on); outside the
+        window, rarest first as always. ``window`` 0 turns it off."""
+        if self.picker is None:
+            return []
+        self.picker.priority = range(first, min(self.num_chunks, first + window))
+        self._fill_all(now)
+        return self._take()
+
     # --- tracker ------------------------------------------------------------------
     def tracker_changed(self) -> None:
         """A new tracker connection: announce ``started`` again (it may have forgotten us)."""

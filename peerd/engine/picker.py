@@ -127,6 +127,9 @@ class PiecePicker:
         # with a position map, so adding and removing one is O(1).
         self._buckets: dict[int, list[int]] = {}
         self._open_n = 0  # chunks in the buckets
+        # Chunks to ask for first, in order, before rarest first (a stream's
+        # read-ahead window; empty: none).
+        self.priority: range = range(0)
         self._pos = [-1] * num_chunks  # index inside its bucket, -1 if not in one
         self._bucket_of = [0] * num_chunks
         self.missing = num_chunks - sum(self.have)
@@ -303,8 +306,12 @@ class PiecePicker:
         if p is None or count <= 0:
             return []
         deadline = now + timeout
-        # Useful chunks first (a peer with none costs nothing here).
-        chosen = self._pick_rarest(peer, p, min(count, p.useful), now, deadline) if p.useful else []
+        # The streaming window first, in order; then useful chunks, rarest
+        # first (a peer with none costs nothing here).
+        chosen = self._pick_in_order(peer, p, count, now, deadline) if self.priority else []
+        left = count - len(chosen)
+        if left > 0 and p.useful:
+            chosen += self._pick_rarest(peer, p, min(left, p.useful), now, deadline)
         left = count - len(chosen)
         if left <= 0:
             return chosen
@@ -312,6 +319,22 @@ class PiecePicker:
             chosen += self._pick_endgame(peer, p, left, now, deadline)
         elif self.rescue_factor > 0 and p.rate > 0 and self.in_tail:
             chosen += self._pick_rescue(peer, p, left, now, deadline)
+        return chosen
+
+    def _pick_in_order(
+        self, peer: PeerKey, p: _Peer, count: int, now: float, deadline: float
+    ) -> list[int]:
+        """Open chunks of the :attr:`priority` window that the peer holds, in order."""
+        flags, pos = p.flags, self._pos
+        chosen: list[int] = []
+        for i in self.priority:
+            if pos[i] >= 0 and flags[i] and not p.barred(i, now):
+                chosen.append(i)
+                if len(chosen) >= count:
+                    break
+        for i in chosen:
+            self._close(i)
+            self._mark(peer, p, i, deadline)
         return chosen
 
     def _slow_holders(self, p: _Peer, holders: dict[PeerKey, float], extra: int) -> bool:

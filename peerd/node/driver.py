@@ -123,6 +123,7 @@ class Content:
         self.nursery: trio.Nursery
         self._tracker_wake = trio.Event()
         self._rechecking = False
+        self._stored = trio.Event()
         self.started_at = now
         self.ended = trio.Event()  # set by the node once this content has stopped
 
@@ -301,6 +302,12 @@ class Content:
             self.buffers.release(buf)
         self.bytes_from[session.name] = self.bytes_from.get(session.name, 0) + length
         self.apply(self.engine.chunk_stored(session, index, length, trio.current_time()))
+        stored, self._stored = self._stored, trio.Event()
+        stored.set()
+
+    def next_stored(self) -> trio.Event:
+        """An event set when the next chunk is verified and written."""
+        return self._stored
 
     def _verify_and_write(self, store: ChunkStore, index: int, view: memoryview) -> bool:
         """Worker thread: hash the chunk; write it only if it matches."""
