@@ -466,6 +466,82 @@ def _apply_link(
     return link.content_id.hex(), link.key or trust, tracker, [*peers, *extra]
 
 
+@app.command("stream")
+def cmd_stream(
+    content_id: Annotated[
+        str, typer.Argument(metavar="LINK|ID", help="A link, a content id, or a 16+ hex prefix.")
+    ],
+    http_port: Annotated[
+        int, typer.Option("--http-port", help="Port of the HTTP server; 0 = any free port.")
+    ] = 0,
+    http_host: Annotated[
+        str, typer.Option("--http-host", help="Address of the HTTP server.")
+    ] = "127.0.0.1",
+    trust: Annotated[
+        str | None, typer.Option("--trust", help="Refuse a manifest not signed by this public key.")
+    ] = None,
+    peer: Annotated[
+        list[str] | None,
+        typer.Option("--peer", help="HOST:PORT of a peer to use too (repeatable)."),
+    ] = None,
+    tracker: TrackerOpt = None,
+    host: HostOpt = ANY_HOST,
+    port: PortOpt = 0,
+    bind: BindOpt = None,
+    transport: TransportOpt = None,
+    up_limit: UpOpt = None,
+    down_limit: DownOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Serve a content over HTTP (with Range: players can seek) while it downloads."""
+    setup_logging(verbose)
+    from peerd.app.download import close_store, obtain_manifest, resolve_id
+    from peerd.app.http_stream import HttpStreamer
+    from peerd.content.store import ChunkStore
+
+    try:
+        check_port(http_port, "--http-port")
+        trust_key = parse_public_key(trust) if trust else None
+        direct = [parse_address(text, "--peer") for text in peer or ()]
+        content_id, trust_key, tracker, direct = _apply_link(content_id, trust_key, tracker, direct)
+        node = make_node(tracker, host, port, transport, up_limit, down_limit, bind)
+    except PeerError as exc:
+        fail(str(exc))
+    cache = peer_home() / "streams"
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(node.run)
+            cid = await resolve_id(node, content_id)
+            manifest = await obtain_manifest(node, cid, trust_key, direct)
+            await trio.to_thread.run_sync(partial(cache.mkdir, parents=True, exist_ok=True))
+            path = cache / f"{cid.hex()[:16]}-{manifest.info.name}"
+            store = await ChunkStore.open(manifest.info, cid, path, force=True)
+            content = None
+            try:
+                content = await node.add_content(manifest, store)
+                for ip, peer_port in direct:
+                    content.dial(ip, peer_port)
+                streamer = HttpStreamer(content, store)
+                listener = await nursery.start(
+                    node.transport.serve, http_host, http_port, streamer.handle
+                )
+                url = f"http://{format_address(http_host, listener.port)}/"
+                print(url, flush=True)
+                print(
+                    f"serving {manifest.info.name} at {url} while it downloads; Ctrl-C to stop",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                await content.ended.wait()
+                raise PeerError(node.failed.get(cid, "the download stopped"))
+            finally:
+                with trio.CancelScope(shield=True):
+                    await close_store(node, content, store)
+
+    run_trio(main, interrupt_ok=True)
+
+
 @app.command("info")
 def cmd_info(
     content_id: Annotated[
