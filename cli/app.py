@@ -290,11 +290,12 @@ def cmd_share(
     from peerd.app.share import share_file
     from peerd.transport import is_wildcard
 
+    embedded = tracker is None and not os.environ.get("PEER_TRACKER")
     try:
         chunk = parse_chunk_size(chunk_size)
         public = parse_address(public_addr, "--public-addr") if public_addr else None
         tracker_address = parse_tracker(tracker)
-        handed = try_daemon_share(peer_home(), path, hash_algo, chunk)
+        handed = None if embedded else try_daemon_share(peer_home(), path, hash_algo, chunk)
         if handed is not None:
             link = Link(bytes.fromhex(handed), _identity().public_key, (tracker_address,))
             typer.echo(handed if id_only else str(link))
@@ -306,6 +307,13 @@ def cmd_share(
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
+            trackers = (tracker_address,)
+            if embedded:
+                # No tracker configured: this node runs one for what it shares,
+                # and the link names it (at the address others reach us by).
+                reach = public[0] if public else (host if not is_wildcard(host) else _my_address())
+                trackers = ((reach, await _embedded_tracker(nursery, host, transport)),)
+                node.tracker_address = trackers[0]
             await nursery.start(node.run)
             content = await share_file(node, node.identity, path, algo=hash_algo, chunk_size=chunk)
             cid = content.content_id.hex()
@@ -313,9 +321,11 @@ def cmd_share(
                 direct: tuple[tuple[str, int], ...] = (public,)
             elif not is_wildcard(node.host):
                 direct = ((node.host, node.port),)
+            elif embedded:
+                direct = ((trackers[0][0], node.port),)
             else:
                 direct = ()  # which of our addresses a getter reaches: the tracker knows
-            link = Link(content.content_id, node.identity.public_key, (tracker_address,), direct)
+            link = Link(content.content_id, node.identity.public_key, trackers, direct)
             print(cid if id_only else link, flush=True)
             print(
                 f"seeding {path.name} on {where(node.host, node.port)}; "
@@ -448,6 +458,36 @@ def cmd_get(
         return result
 
     run_trio(main, interrupt_ok=seed)
+
+
+async def _embedded_tracker(nursery: trio.Nursery, host: str, transport: str | None) -> int:
+    """Start a tracker in this process (data under $PEER_HOME/tracker); its port."""
+    from tracker.server import serve_tracker
+
+    data = peer_home() / "tracker"
+    return int(await nursery.start(partial(serve_tracker, host, 0, data, _transport(transport))))
+
+
+def _my_address() -> str:
+    """The address this machine uses to reach others (the route's source
+    address; no packet is sent), else loopback with a warning."""
+    import socket
+
+    for family, target in ((socket.AF_INET, "192.0.2.1"), (socket.AF_INET6, "2001:db8::1")):
+        try:
+            with socket.socket(family, socket.SOCK_DGRAM) as probe:
+                probe.connect((target, 9))  # UDP connect: picks a route, sends nothing
+                address = str(probe.getsockname()[0])
+            if address not in ("0.0.0.0", "::"):
+                return address
+        except OSError:
+            continue
+    typer.echo(
+        "peer: no network address found; the link works on this machine only "
+        "(--public-addr HOST:PORT names one)",
+        err=True,
+    )
+    return "127.0.0.1"
 
 
 def _apply_link(

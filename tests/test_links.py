@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -147,6 +149,82 @@ def test_share_prints_a_link_that_get_and_info_need_nothing_else_for(tmp_path: P
         procs.append(bare)
         assert bare.stdout is not None
         assert bare.stdout.readline().decode().strip() == link.content_id.hex()
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(timeout=10)
+            for pipe in (p.stdout, p.stderr):
+                if pipe is not None:
+                    pipe.close()
+
+
+def test_an_unreachable_tracker_does_not_stop_sharing(tmp_path: Path) -> None:
+    """The tracker is down: `peer share` says so once and seeds anyway; a getter
+    with the link gets the file from the link's peer; once the tracker is up,
+    the sharer publishes in the background."""
+    import socket
+
+    with socket.socket() as s:  # a port with nothing behind it (for now)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    src = tmp_path / "f.bin"
+    src.write_bytes(os.urandom(300_000))
+    env = dict(os.environ, PEER_TRANSPORT="reactor")
+    env.pop("PEER_TRACKER", None)
+    share = _start(
+        [
+            PY,
+            "-m",
+            "cli",
+            "share",
+            str(src),
+            "--tracker",
+            f"127.0.0.1:{port}",
+            "--host",
+            "127.0.0.1",
+        ],
+        dict(env, PEER_HOME=str(tmp_path / "a")),
+    )
+    procs = [share]
+    try:
+        assert share.stdout is not None and share.stderr is not None
+        link = parse_link(share.stdout.readline().decode())
+        assert link.peers and link.trackers == (("127.0.0.1", port),)
+        warned = share.stderr.readline().decode()
+        assert "cannot reach tracker" in warned and "seeding anyway" in warned, warned
+        out = tmp_path / "got.bin"
+        got = subprocess.run(
+            [PY, "-m", "cli", "get", str(link), "-o", str(out)],
+            env=dict(env, PEER_HOME=str(tmp_path / "b")),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert got.returncode == 0, got.stderr
+        assert out.read_bytes() == src.read_bytes()
+        tracker = _start(
+            [
+                PY,
+                "-m",
+                "cli",
+                "tracker",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--data",
+                str(tmp_path / "t"),
+            ],
+            dict(env, PEER_HOME=str(tmp_path / "t")),
+        )
+        procs.append(tracker)
+        said = ""
+        deadline = time.monotonic() + 30
+        while "reachable again" not in said and time.monotonic() < deadline:
+            ready, _, _ = select.select([share.stderr], [], [], 1.0)
+            if ready:
+                said += share.stderr.readline().decode()
+        assert "the tracker is reachable again: published" in said, said
     finally:
         for p in procs:
             p.terminate()

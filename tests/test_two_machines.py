@@ -130,3 +130,37 @@ def test_share_on_one_machine_get_on_another(
             for pipe in (p.stdout, p.stderr):
                 if pipe is not None:
                     pipe.close()
+
+
+@needs_root
+def test_no_tracker_at_all(machines: tuple[list[str], list[str]], tmp_path: Path) -> None:
+    """`peer share` with no tracker configured runs one itself; the link names
+    it, and `peer get LINK` on the other machine needs nothing else."""
+    on_a, on_b = machines
+    src = tmp_path / "notes.pdf"
+    src.write_bytes(os.urandom(2 * 1024 * 1024 + 5))
+    share = subprocess.Popen(
+        [*on_a, PY, "-m", "cli", "share", str(src), "--host", A],
+        env=_env(tmp_path / "a", "reactor"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert share.stdout is not None
+        link = share.stdout.readline().decode().strip()
+        assert f"&tr={A}:" in link and f"&x={A}:" in link, link
+        out = tmp_path / "got.pdf"
+        got = subprocess.run(
+            [*on_b, PY, "-m", "cli", "get", link, "-o", str(out)],
+            env=_env(tmp_path / "b", "reactor"),
+            capture_output=True,
+            timeout=60,
+        )
+        assert got.returncode == 0, got.stderr.decode()
+        assert out.read_bytes() == src.read_bytes()
+    finally:
+        share.terminate()
+        share.wait(timeout=10)
+        for pipe in (share.stdout, share.stderr):
+            if pipe is not None:
+                pipe.close()

@@ -10,6 +10,7 @@ import hashlib
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -103,6 +104,13 @@ async def share_file(
                 await node.tracker_call(publish)
                 break
             except TrackerError as exc:
+                if exc.code == "unreachable":
+                    # Seed anyway (peers named directly, or a link's x=, still
+                    # work) and publish once the tracker answers.
+                    log.warning("%s; seeding anyway, retrying in the background", exc)
+                    content = await node.add_content(manifest, source)
+                    node.nursery.start_soon(_publish_later, node, content, publish)
+                    return content
                 if exc.code not in ("limit", "too-many") or not tries_left:
                     raise
                 log.info("tracker refused the publish (%s); retrying in %.1f s", exc, pause)
@@ -112,3 +120,23 @@ async def share_file(
     except BaseException:
         source.close()  # idempotent: the node closes it too once it runs
         raise
+
+
+async def _publish_later(node: Node, content: Content, publish: Any) -> None:
+    """Publish once the tracker can be reached (backing off, quietly), then
+    let the content announce at once. Ends with the content."""
+    pause = 2.0
+    while not content.ended.is_set():
+        with trio.move_on_after(pause):
+            await content.ended.wait()
+        if content.ended.is_set():
+            return
+        try:
+            await node.tracker_call(publish)
+        except TrackerError as exc:
+            log.debug("publish still failing: %s", exc)
+            pause = min(pause * 2, 60.0)
+            continue
+        log.warning("the tracker is reachable again: published")
+        content.tracker_changed()
+        return
