@@ -42,7 +42,6 @@ from __future__ import annotations
 import gc
 import heapq
 import math
-import os
 import random
 import time
 from collections import deque
@@ -121,7 +120,7 @@ class SimConfig:
         verify: sign and verify the Ed25519 handshake PROOFs (a 1,000-peer
             swarm may skip the crypto to save wall time; every message still
             goes through PeerConnection).
-        seed: randomness (identities are fresh; everything else is seeded).
+        seed: randomness (identities and nonces included: a run is the same for a seed).
         max_time: virtual seconds after which the run is abandoned
             (0 = 20 times the lower bound).
         size: bytes in the file, if the last chunk is short (0: ``chunks *
@@ -200,7 +199,7 @@ class _Session:
         self.node, self.remote = node, remote
         self.other: _Session
         self.conn = PeerConnection(initiator=initiator)
-        self.nonce = os.urandom(32)
+        self.nonce = node.nonce_rng.randbytes(32)
         self.route = (remote.key, remote.ip)
         self.dialled: tuple[bytes, str] | None = None  # the Dial's route (dialer end)
         self.open = False  # handshake done
@@ -232,6 +231,7 @@ class _Node:
     announcing: bool = False  # an announce is in flight
     announce_at: float = math.inf  # the next scheduled look at announce_due
     sessions: set[_Session] = field(default_factory=set)
+    nonce_rng: random.Random = field(default_factory=random.Random)
 
     @property
     def key(self) -> bytes:
@@ -264,7 +264,9 @@ class Simulation:
         self.by_addr: dict[tuple[str, int], _Node] = {}
         for i, rate in enumerate([c.seed_rate, *self.rates]):
             seeder = i == 0
-            identity = Identity.generate()
+            # Keys decide duplicate connections (the smaller opener's wins):
+            # drawn from the seed, so a run is the same for the same seed.
+            identity = Identity.from_seed(self.rng.randbytes(32))
             have = bytearray([1 if seeder else 0]) * c.chunks
             engine = ContentEngine(
                 size=self.size,
@@ -286,6 +288,7 @@ class Simulation:
                 have=have,
                 engine=engine,
                 turns=turns,
+                nonce_rng=random.Random(self.rng.random()),
             )
             self.nodes.append(node)
             self.by_addr[(node.ip, PORT)] = node

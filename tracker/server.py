@@ -926,7 +926,13 @@ def run_tracker(
 
     try:
         trio.run(main)
-    except PeerError as exc:
-        print(f"tracker: {exc}", file=sys.stderr)
+    except (PeerError, OSError, BaseExceptionGroup) as exc:
+        first: BaseException = exc
+        while isinstance(first, BaseExceptionGroup) and first.exceptions:
+            first = first.exceptions[0]
+        if not isinstance(first, PeerError | OSError):
+            raise
+        # One line, as every other `peer` command says a failure.
+        print(f"peer: error: {first}", file=sys.stderr)
         return 1
     return 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import mmap
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Protocol
 
 import trio
@@ -178,7 +178,8 @@ class Content:
                 else:
                     session.close(action.reason)
             elif isinstance(action, Dial):
-                self.nursery.start_soon(self._connect_one, action.ip, action.port, action.route)
+                if not self._spawn(self._connect_one, action.ip, action.port, action.route):
+                    self.engine.dial_ended(action.route, trio.current_time())
         if self.engine.complete and not self.completed.is_set():
             self.completed.set()
         if self.engine.announce_sooner:
@@ -235,6 +236,15 @@ class Content:
         finally:
             self.apply(self.engine.detach(session, trio.current_time()))
 
+    def _spawn(self, fn: Callable[..., Awaitable[object]], *args: object) -> bool:
+        """Start a task in this content's nursery; False once the content has
+        stopped (its sessions may still deliver a payload or two meanwhile)."""
+        try:
+            self.nursery.start_soon(fn, *args)
+        except RuntimeError:  # "Nursery is closed to new arrivals"
+            return False
+        return True
+
     # --- events from sessions --------------------------------------------------
     def on_message(self, session: PeerSession, event: Event) -> None:
         """A message from the remote that the engine decides about."""
@@ -263,7 +273,8 @@ class Content:
             return
         # Verification runs in the content's nursery: a session that ends
         # meanwhile must not throw away a chunk that fully arrived.
-        self.nursery.start_soon(self._store_chunk, session, req[0], buf, req[2])
+        if not self._spawn(self._store_chunk, session, req[0], buf, req[2]):
+            self.buffers.release(buf)  # the content has stopped: nothing to store it for
 
     def _source_ready(self) -> bool:
         src = self.source
@@ -328,7 +339,7 @@ class Content:
             store = self.source
             if isinstance(store, SourceFile) and not self._rechecking and store.moved():
                 self._rechecking = True
-                self.nursery.start_soon(self._recheck_source, store)
+                self._spawn(self._recheck_source, store)
             if isinstance(store, ChunkStore) and now - last_flush >= STATE_FLUSH_EVERY:
                 last_flush = now
                 await trio.to_thread.run_sync(store.flush_state_sync)
