@@ -58,3 +58,32 @@ def test_a_port_out_of_range_is_one_line_not_a_wrap(tmp_path: Path) -> None:
     assert proc.stderr.strip() == (
         "peer: error: --port 70000 is not a port: use 1-65535, or 0 for any free port"
     )
+
+
+def test_my_address_is_an_address_of_this_machine() -> None:
+    import ipaddress
+
+    from cli.app import _my_address
+
+    address = ipaddress.ip_address(_my_address())
+    assert not address.is_unspecified and not address.is_multicast
+
+
+def test_a_tracker_that_cannot_listen_says_so_in_one_line(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run(
+            [sys.executable, "-m", "cli", "tracker", "--host", "127.0.0.1", "--port", str(port), "--data", str(tmp_path / "t")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={"PEER_HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin"},
+        )
+    assert proc.returncode == 1
+    lines = [line for line in proc.stderr.splitlines() if "peer: error:" in line]
+    assert lines == [f"peer: error: cannot listen on 127.0.0.1:{port}: Address already in use"]
+    assert "Traceback" not in proc.stderr

@@ -119,6 +119,16 @@ def test_share_prints_a_link_that_get_and_info_need_nothing_else_for(tmp_path: P
         )
         assert info.returncode == 0, info.stderr
         facts = json.loads(info.stdout)
+        human = subprocess.run(
+            [PY, "-m", "cli", "info", link.content_id.hex()[:20], "--tracker", f"127.0.0.1:{port}"],
+            env=getter,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert human.returncode == 0, human.stderr
+        assert f"signed by:  {link.key.hex()}" in human.stdout  # type: ignore[union-attr]
+        assert "name:       clip.mp4" in human.stdout
         assert facts["id"] == link.content_id.hex() and facts["name"] == "clip.mp4"
         assert facts["size"] == 700_000 and facts["signers"] == [link.key.hex()]  # type: ignore[union-attr]
         out = tmp_path / "got.mp4"
