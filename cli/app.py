@@ -412,11 +412,13 @@ def cmd_get(
         output = peer_home() / "streams"
         output.mkdir(parents=True, exist_ok=True)
 
-    async def write_stdout(data: bytes) -> None:
+    def write_all(data: bytes) -> None:
         view = memoryview(data)
-        while view:
-            sent = await trio.to_thread.run_sync(os.write, 1, view, abandon_on_cancel=True)
-            view = view[sent:]
+        while view:  # a pipe takes 64 KiB at a time: one thread trip per chunk, not per write
+            view = view[os.write(1, view) :]
+
+    async def write_stdout(data: bytes) -> None:
+        await trio.to_thread.run_sync(write_all, data, abandon_on_cancel=True)
 
     async def main() -> Any:
         async with trio.open_nursery() as nursery:
