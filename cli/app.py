@@ -35,6 +35,34 @@ app = typer.Typer(
     help="peer: share files with verified, signed chunks over a peer-to-peer swarm.",
 )
 
+
+def _print_version(value: bool) -> None:
+    if not value:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    from peerd.wire import PROTOCOL_VERSION
+
+    try:
+        ours = version("peer")
+    except PackageNotFoundError:
+        ours = "(not installed)"
+    typer.echo(f"peer {ours} (protocol {PROTOCOL_VERSION})")
+    raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """peer: share files with verified, signed chunks over a peer-to-peer swarm."""
+
+
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
 DEFAULT_TRACKER = "127.0.0.1:7070"
@@ -348,10 +376,14 @@ def cmd_get(
             help="A link from `peer share`, a content id, or a unique prefix of 16+ hex characters.",
         ),
     ],
-    output: Annotated[
-        Path | None,
+    output_text: Annotated[
+        str | None,
         typer.Option(
-            "--output", "-o", help="Output file or directory; - writes to stdout as chunks verify."
+            "--output",
+            "-o",
+            metavar="PATH",
+            help="Output file, or a directory (existing, or ending in /) to put it in; "
+            "- writes to stdout as chunks verify.",
         ),
     ] = None,
     sequential: Annotated[
@@ -402,8 +434,16 @@ def cmd_get(
         node = make_node(tracker, host, port, transport, up_limit, down_limit, bind)
     except PeerError as exc:
         fail(str(exc))
+    if not timeout > 0:
+        fail(f"--timeout {timeout:g} is not a positive number of seconds")
+    output = Path(output_text) if output_text else None
+    if output_text and output_text != "-" and output_text.endswith(os.sep):
+        try:
+            output.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
+        except OSError as exc:
+            fail(f"cannot create the directory {output_text}: {exc.strerror}")
     show_progress = not as_json and sys.stderr.isatty()
-    to_stdout = output is not None and str(output) == "-"
+    to_stdout = output_text == "-"
     if to_stdout:
         if seed:
             fail("--seed needs a file to seed from: use -o PATH, not -o -")

@@ -77,7 +77,18 @@ def test_a_tracker_that_cannot_listen_says_so_in_one_line(tmp_path: Path) -> Non
         taken.listen()
         port = taken.getsockname()[1]
         proc = subprocess.run(
-            [sys.executable, "-m", "cli", "tracker", "--host", "127.0.0.1", "--port", str(port), "--data", str(tmp_path / "t")],
+            [
+                sys.executable,
+                "-m",
+                "cli",
+                "tracker",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--data",
+                str(tmp_path / "t"),
+            ],
             capture_output=True,
             text=True,
             timeout=60,
@@ -87,3 +98,31 @@ def test_a_tracker_that_cannot_listen_says_so_in_one_line(tmp_path: Path) -> Non
     lines = [line for line in proc.stderr.splitlines() if "peer: error:" in line]
     assert lines == [f"peer: error: cannot listen on 127.0.0.1:{port}: Address already in use"]
     assert "Traceback" not in proc.stderr
+
+
+def _peer(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PEER_HOME": str(home), "PATH": "/usr/bin:/bin"},
+    )
+
+
+def test_version_and_a_bad_timeout(tmp_path: Path) -> None:
+    version = _peer("--version", home=tmp_path)
+    assert version.returncode == 0 and version.stdout.startswith("peer ")
+    assert "(protocol 2)" in version.stdout
+    bad = _peer("get", "ab" * 32, "--timeout", "-1", home=tmp_path)
+    assert bad.returncode == 1
+    assert bad.stderr.strip() == "peer: error: --timeout -1 is not a positive number of seconds"
+
+
+def test_output_ending_in_a_slash_is_a_directory(tmp_path: Path) -> None:
+    # Nothing to get from (the tracker is not there): the directory is made
+    # first, and no file named after it appears.
+    target = tmp_path / "newdir"
+    res = _peer("get", "ab" * 32, "-o", f"{target}/", "--tracker", "127.0.0.1:9", home=tmp_path)
+    assert res.returncode == 1
+    assert target.is_dir()

@@ -141,6 +141,16 @@ def test_share_prints_a_link_that_get_and_info_need_nothing_else_for(tmp_path: P
         )
         assert got.returncode == 0, got.stderr
         assert out.read_bytes() == src.read_bytes()
+        # -o DIR/ (a directory that does not exist yet): the file goes inside.
+        into = subprocess.run(
+            [PY, "-m", "cli", "get", str(link), "-o", f"{tmp_path / 'dl'}/"],
+            env=getter,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert into.returncode == 0, into.stderr
+        assert (tmp_path / "dl" / "clip.mp4").read_bytes() == src.read_bytes()
         # The link's key is enforced: another --trust key is refused up front.
         other = subprocess.run(
             [PY, "-m", "cli", "get", str(link), "--trust", "ab" * 32, "-o", str(tmp_path / "x")],
