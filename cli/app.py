@@ -98,6 +98,9 @@ UpOpt = Annotated[
 DownOpt = Annotated[
     str | None, typer.Option("--down-limit", help="Download limit per second, e.g. 10MB.")
 ]
+TrustOpt = Annotated[
+    str | None, typer.Option("--trust", help="Refuse a manifest not signed by this public key.")
+]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log what the node does.")]
 
 
@@ -392,9 +395,7 @@ def cmd_get(
             "--sequential", help="Fetch in order (with a read-ahead window), to play early."
         ),
     ] = False,
-    trust: Annotated[
-        str | None, typer.Option("--trust", help="Refuse a manifest not signed by this public key.")
-    ] = None,
+    trust: TrustOpt = None,
     force: Annotated[
         bool, typer.Option("--force", help="Overwrite an existing output file.")
     ] = False,
@@ -428,9 +429,7 @@ def cmd_get(
     from peerd.app.progress import ProgressView
 
     try:
-        trust_key = parse_public_key(trust) if trust else None
-        direct = [parse_address(text, "--peer") for text in peer or ()]
-        content_id, trust_key, tracker, direct = _apply_link(content_id, trust_key, tracker, direct)
+        content_id, trust_key, tracker, direct = _where_to_look(content_id, trust, peer, tracker)
         node = make_node(tracker, host, port, transport, up_limit, down_limit, bind)
     except PeerError as exc:
         fail(str(exc))
@@ -532,6 +531,15 @@ def _my_address() -> str:
     return "127.0.0.1"
 
 
+def _where_to_look(
+    content_id: str, trust: str | None, peer: list[str] | None, tracker: str | None
+) -> tuple[str, bytes | None, str | None, list[tuple[str, int]]]:
+    """The id, trusted key, tracker and peers from get/stream/info's options and link."""
+    trust_key = parse_public_key(trust) if trust else None
+    direct = [parse_address(text, "--peer") for text in peer or ()]
+    return _apply_link(content_id, trust_key, tracker, direct)
+
+
 def _apply_link(
     text: str, trust: bytes | None, tracker: str | None, peers: list[tuple[str, int]]
 ) -> tuple[str, bytes | None, str | None, list[tuple[str, int]]]:
@@ -559,9 +567,7 @@ def cmd_stream(
     http_host: Annotated[
         str, typer.Option("--http-host", help="Address of the HTTP server.")
     ] = "127.0.0.1",
-    trust: Annotated[
-        str | None, typer.Option("--trust", help="Refuse a manifest not signed by this public key.")
-    ] = None,
+    trust: TrustOpt = None,
     peer: Annotated[
         list[str] | None,
         typer.Option("--peer", help="HOST:PORT of a peer to use too (repeatable)."),
@@ -583,9 +589,7 @@ def cmd_stream(
 
     try:
         check_port(http_port, "--http-port")
-        trust_key = parse_public_key(trust) if trust else None
-        direct = [parse_address(text, "--peer") for text in peer or ()]
-        content_id, trust_key, tracker, direct = _apply_link(content_id, trust_key, tracker, direct)
+        content_id, trust_key, tracker, direct = _where_to_look(content_id, trust, peer, tracker)
         node = make_node(tracker, host, port, transport, up_limit, down_limit, bind)
     except PeerError as exc:
         fail(str(exc))
@@ -630,9 +634,7 @@ def cmd_info(
         str, typer.Argument(metavar="LINK|ID", help="A link, a content id, or a 16+ hex prefix.")
     ],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
-    trust: Annotated[
-        str | None, typer.Option("--trust", help="Refuse a manifest not signed by this public key.")
-    ] = None,
+    trust: TrustOpt = None,
     peer: Annotated[
         list[str] | None,
         typer.Option("--peer", help="HOST:PORT of a peer to ask for the manifest (repeatable)."),
@@ -646,9 +648,7 @@ def cmd_info(
     from peerd.app.download import obtain_manifest, resolve_id
 
     try:
-        trust_key = parse_public_key(trust) if trust else None
-        direct = [parse_address(text, "--peer") for text in peer or ()]
-        content_id, trust_key, tracker, direct = _apply_link(content_id, trust_key, tracker, direct)
+        content_id, trust_key, tracker, direct = _where_to_look(content_id, trust, peer, tracker)
         node = make_node(tracker, "127.0.0.1", 0, transport, None, None)
     except PeerError as exc:
         fail(str(exc))
