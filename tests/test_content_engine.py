@@ -342,3 +342,18 @@ def test_read_ahead_asks_for_the_window_first_in_order() -> None:
     # Past the window (or with it off), rarest first again: anywhere.
     e.read_ahead(0, 0, now=0.2)
     assert e.picker is not None and not e.picker.priority
+
+
+def test_a_remote_tracker_cannot_make_us_dial_this_machine() -> None:
+    entries = tuple(
+        PeerEntry(ip, 7000, key(n), b"")
+        for n, ip in enumerate(["127.0.0.1", "::1", "0.0.0.0", "::ffff:127.0.0.2", "10.0.0.9"], 10)
+    )
+    answer = Peers(b"\0" * 32, 30, entries, b"")
+    remote = leecher(2)
+    remote.tracker_local = False  # the tracker is on another machine
+    dials = [a.ip for a in remote.announced("started", 0.0, answer) if isinstance(a, Dial)]
+    assert dials == ["10.0.0.9"]
+    local = leecher(2)  # a tracker on this machine may name local peers
+    dials = [a.ip for a in local.announced("started", 0.0, answer) if isinstance(a, Dial)]
+    assert sorted(dials) == sorted(["127.0.0.1", "::1", "::ffff:127.0.0.2", "10.0.0.9"])

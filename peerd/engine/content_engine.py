@@ -11,6 +11,7 @@ Why each rule: docs/ARCHITECTURE.md, "The content engine".
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import random
 from collections.abc import Callable, Hashable, Iterable
@@ -111,6 +112,20 @@ class Dial:
 Action = Send | SendHave | Close | Dial
 
 
+def _dialable(ip: str, *, local_ok: bool) -> bool:
+    """May a peer at ``ip`` be dialled? Never an unspecified address (0.0.0.0,
+    ::) nor a text that is not an address; a loopback one only if
+    ``local_ok`` (the tracker that named it is on this machine too)."""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    address = getattr(address, "ipv4_mapped", None) or address
+    if address.is_unspecified or address.is_multicast:
+        return False
+    return local_ok or not address.is_loopback
+
+
 class PeerState:
     """What the engine knows about one connection."""
 
@@ -209,6 +224,10 @@ class ContentEngine:
         self.connecting: set[Route] = set()
         self.banned: set[Route] = set()
         self.down_limit: float | None = None  # the node's receive limit, bytes/s
+        # The tracker is on this machine (a loopback address): only then may
+        # it name peers at loopback addresses. A tracker elsewhere naming
+        # 127.0.0.1 means this machine's own services, never a peer of ours.
+        self.tracker_local = True
         self.hash_failures = 0
         self.uploaded = 0
         self.downloaded = 0
@@ -643,6 +662,7 @@ class ContentEngine:
             and (entry.key, entry.ip) not in self.connecting
             and (entry.key, entry.ip) not in self.banned
             and entry.port != 0
+            and _dialable(entry.ip, local_ok=self.tracker_local)
         ]
         room = self.max_peers - len(self.by_route) - len(self.connecting)
         # A random subset: in a flash crowd everyone is told the same first

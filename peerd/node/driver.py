@@ -9,6 +9,7 @@ in a worker thread, the resume-state flushes, the tracker calls.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import mmap
 from collections.abc import Awaitable, Callable, Iterable
@@ -58,10 +59,22 @@ STATE_FLUSH_EVERY = 1.0
 BUFFER_BUDGET = 32 * 1024 * 1024  # bytes of chunk buffers per download
 
 
+def _is_loopback(host: str) -> bool:
+    """True for a loopback address or ``localhost`` (a name that is not an
+    address counts as remote: its peers are dialled, loopback ones are not)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class NodeLink(Protocol):
     """What a content needs from its node."""
 
     identity: Identity
+    tracker_address: tuple[str, int]
     up_limiter: RateLimiter
     down_limiter: RateLimiter
     upload_turns: UploadTurns
@@ -114,6 +127,7 @@ class Content:
             source_ready=self._source_ready,
         )
         self.engine.down_limit = node.down_limiter.rate
+        self.engine.tracker_local = _is_loopback(node.tracker_address[0])
         chunk = max(1, min(info.chunk_size, info.size or 1))
         self.buffers = BufferPool(chunk, max(2, BUFFER_BUDGET // chunk))
         self.bytes_from: dict[str, int] = {}
