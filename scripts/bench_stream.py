@@ -5,7 +5,8 @@ seek to 90 % with ``peer stream``.
 A real tracker and ``--seeders`` seeders (``peer`` processes on loopback)
 share one file; then, ``--runs`` times interleaved: ``peer get ID -o -``
 (stdout read by this script: time to the first byte from process start, and
-the whole transfer), ``peer get ID -o FILE`` (the same content to a file),
+the whole transfer), ``peer get ID -o FILE`` (the same content to a file,
+then again with ``--sequential``),
 and ``peer stream ID`` with a Range request at 90 % (time to its first byte
 from the request). Medians are printed.
 
@@ -15,6 +16,7 @@ from the request). Medians are printed.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import statistics
 import subprocess
@@ -44,10 +46,11 @@ def stdout_run(s, cid: str, size: int, name: str) -> tuple[float, float]:  # typ
     started = time.monotonic()
     proc = s.peer(name, "get", cid, "-o", "-", stderr=subprocess.DEVNULL)
     assert proc.stdout is not None
-    first = proc.stdout.read(1)
+    fd = proc.stdout.fileno()  # raw reads, as a player does: no Python buffering
+    first = os.read(fd, 1)
     ttfb = time.monotonic() - started
     got = len(first)
-    while chunk := proc.stdout.read(4 * MiB):
+    while chunk := os.read(fd, 4 * MiB):
         got += len(chunk)
     total = time.monotonic() - started
     assert proc.wait(timeout=60) == 0 and got == size, f"got {got} of {size} bytes"
@@ -55,9 +58,9 @@ def stdout_run(s, cid: str, size: int, name: str) -> tuple[float, float]:  # typ
     return ttfb, total
 
 
-def file_run(s, cid: str, out: Path, name: str) -> float:  # type: ignore[no-untyped-def]
+def file_run(s, cid: str, out: Path, name: str, *extra: str) -> float:  # type: ignore[no-untyped-def]
     started = time.monotonic()
-    s.get(name, cid, out, timeout=600)
+    s.get(name, cid, out, *extra, timeout=600)
     took = time.monotonic() - started
     out.unlink()
     return took
@@ -99,21 +102,23 @@ def main() -> int:
             for k in range(args.seeders):
                 _proc, cid = s.share(f"seed{k}", src)
             time.sleep(1.0)  # a warm swarm: the seeders have announced
-            ttfbs, streams, files, seeks = [], [], [], []
+            ttfbs, streams, files, seqs, seeks = [], [], [], [], []
             for run in range(args.runs):
                 ttfb, whole = stdout_run(s, cid, args.size, f"out{run}")
                 ttfbs.append(ttfb)
                 streams.append(whole)
                 files.append(file_run(s, cid, root / "copy.mkv", f"file{run}"))
+                seqs.append(file_run(s, cid, root / "copy.mkv", f"seq{run}", "--sequential"))
                 seeks.append(seek_run(s, cid, args.size, f"http{run}"))
     size_mb = args.size / 1e6
-    ttfb, stream, file_, seek = map(statistics.median, (ttfbs, streams, files, seeks))
+    ttfb, stream, file_, seq, seek = map(statistics.median, (ttfbs, streams, files, seqs, seeks))
     print(
         f"{args.size // MiB} MiB, {args.seeders} seeders, {args.transport}, "
         f"medians of {args.runs} interleaved runs:"
     )
     print(f"  -o -: first byte {ttfb:.2f} s after process start; {size_mb / stream:.0f} MB/s")
     print(f"  -o FILE: {size_mb / file_:.0f} MB/s; stdout / file throughput {file_ / stream:.2f}")
+    print(f"  -o FILE --sequential: {size_mb / seq:.0f} MB/s")
     print(f"  peer stream, Range at 90 %: first byte {seek:.2f} s after the request")
     return 0
 

@@ -224,14 +224,16 @@ async def download(
     on_start: Callable[[Content], None] | None = None,
     peers: Sequence[tuple[str, int]] = (),
     sequential: bool = False,
-    write: Callable[[bytes], Awaitable[object]] | None = None,
+    write: Callable[[int, int, int], Awaitable[object]] | None = None,
 ) -> tuple[Content, DownloadResult]:
     """Download a content into ``output`` and return the running content and a summary.
 
     With ``sequential``, chunks are asked for in order within a read-ahead
     window (rarest first beyond it); with ``write``, the content is also
-    written through it in order as chunks are verified (and ``sequential``
-    holds); a write that fails with a broken pipe raises :class:`OutputClosed`.
+    written in order as chunks are verified (and ``sequential`` holds):
+    ``write(fd, offset, length)`` copies that range of the part file out (so
+    it can ``sendfile`` with no copy through Python); a broken pipe raises
+    :class:`OutputClosed`.
 
     The content keeps serving (seeding) in ``node`` until the node stops or
     the caller removes it.
@@ -304,7 +306,7 @@ class OutputClosed(PeerError):
 
 
 async def _in_order(
-    content: Content, store: ChunkStore, write: Callable[[bytes], Awaitable[object]] | None
+    content: Content, store: ChunkStore, write: Callable[[int, int, int], Awaitable[object]] | None
 ) -> None:
     """Follow the content from its first chunk to its last as chunks are
     verified: keep the read-ahead window just past what is consumed and, with
@@ -325,9 +327,8 @@ async def _in_order(
         if write is not None:
             length = info.chunk_length(index)
             offset = index * info.chunk_size
-            data = await trio.to_thread.run_sync(os.pread, store.fd, length, offset)
             try:
-                await write(data)
+                await write(store.fd, offset, length)
             except (BrokenPipeError, trio.BrokenResourceError, trio.ClosedResourceError):
                 raise OutputClosed(
                     f"the output was closed after {written} of {info.size} bytes; stopped "
