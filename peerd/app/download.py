@@ -251,7 +251,10 @@ async def download(
     started = trio.current_time()
     cid = await resolve_id(node, text_id)
     manifest = await obtain_manifest(node, cid, trust, peers)
-    path = output_path(output, manifest.info.name)
+    name = manifest.info.name
+    if write is not None:
+        name = f"{cid.hex()[:16]}-{name}"  # a cache of streams: one file per content
+    path = output_path(output, name)
     log.info(
         "manifest of %s verified: %s, %d bytes, %d chunks",
         cid.hex()[:16],
