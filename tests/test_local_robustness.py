@@ -76,7 +76,7 @@ def test_huge_manifest_from_nowhere_takes_no_disk(tmp_path: Path) -> None:
         tracker.close()
     stderr = err.decode()
     assert proc.returncode != 0
-    assert "no peers have this content" in stderr and "Traceback" not in stderr, stderr
+    assert "no peer has this content" in stderr and "Traceback" not in stderr, stderr
     assert "nothing was verified" in stderr, stderr
     assert most <= ALLOC_STEP, f"{most} bytes allocated for a download with no data"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["home"], "files left behind"
@@ -119,7 +119,7 @@ async def test_failing_gets_leak_no_file_descriptors(tmp_path: Path) -> None:
             await nursery.start(node.run)
             for round_ in range(3):
                 out = tmp_path / f"got{round_}.bin"
-                with pytest.raises(DownloadError, match="no peers have this content"):
+                with pytest.raises(DownloadError, match="no peer has this content"):
                     await download(node, cid, out, stall_timeout=0)
                 with trio.move_on_after(0.3) as scope:
                     await download(node, cid, out, stall_timeout=60)
@@ -134,3 +134,31 @@ async def test_failing_gets_leak_no_file_descriptors(tmp_path: Path) -> None:
     # every get closes all it opened.
     assert counts[1:] == [counts[1]] * 2, counts
     assert counts[-1] <= counts[0], counts
+
+
+def test_a_stall_says_what_happened() -> None:
+    """No peer, peers but no chunk, a down-limit too low: three messages."""
+    from types import SimpleNamespace
+
+    from peerd.app.download import _stall_message
+
+    def says(limit: float | None, seen: int, named: int, sessions: int, got: int) -> str:
+        node = SimpleNamespace(down_limiter=SimpleNamespace(rate=limit))
+        content = SimpleNamespace(
+            info=SimpleNamespace(chunk_size=1 << 20),
+            sessions=[object()] * sessions,
+            peers_seen=seen,
+            tracker_peers=named,
+            bytes_from={"p": got} if got else {},
+            downloaded=got,
+        )
+        store = SimpleNamespace(resumed_bytes=0, part_path=Path("/x/f.bin.part"))
+        return _stall_message(node, content, store, 60.0)  # type: ignore[arg-type]
+
+    assert says(None, 0, 0, 0, 0).startswith("no peer has this content: the tracker knows none")
+    assert "the tracker named 3, none could be used" in says(None, 0, 3, 0, 0)
+    assert says(None, 2, 2, 2, 0).startswith("2 peer(s) connected, but no chunk arrived")
+    assert says(100.0, 2, 2, 2, 0).startswith("the down-limit of 100 bytes/s is probably too low")
+    stopped = says(None, 2, 2, 1, 5000)
+    assert stopped.startswith("all peers stopped sending (1 connected)")
+    assert "5000 verified bytes are kept in /x/f.bin.part" in stopped

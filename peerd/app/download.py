@@ -366,15 +366,35 @@ async def _until_complete(
             last_bytes = content.downloaded
             last_progress = now
         elif now - last_progress > stall_timeout:
-            what = (
-                "no peers have this content"
-                if not content.bytes_from
-                else "all peers stopped sending"
-            )
-            verified = store.resumed_bytes + content.downloaded
-            kept = (
-                f"{verified} bytes verified so far are kept: run the same command again to resume"
-                if verified
-                else "nothing was verified, so nothing is kept"
-            )
-            raise DownloadError(f"{what} (no progress for {stall_timeout:.0f} s); {kept}")
+            raise DownloadError(_stall_message(node, content, store, stall_timeout))
+
+
+def _stall_message(node: Node, content: Content, store: ChunkStore, stall_timeout: float) -> str:
+    """Say what happened when a download made no progress, and what is kept."""
+    limit = node.down_limiter.rate
+    chunk = content.info.chunk_size
+    connected = len(content.sessions)
+    if limit is not None and chunk / limit > stall_timeout / 2:
+        what = (
+            f"the down-limit of {limit:.0f} bytes/s is probably too low: one {chunk}-byte "
+            f"chunk takes {chunk / limit:.0f} s"
+        )
+    elif content.peers_seen == 0:
+        named = content.tracker_peers
+        what = (
+            "no peer has this content: the tracker knows none"
+            if not named
+            else f"no peer has this content: the tracker named {named}, none could be used"
+        )
+    elif not content.bytes_from:
+        what = f"{connected} peer(s) connected, but no chunk arrived"
+    else:
+        what = f"all peers stopped sending ({connected} connected)"
+    verified = store.resumed_bytes + content.downloaded
+    kept = (
+        f"{verified} verified bytes are kept in {store.part_path}: "
+        "run the same command again to resume"
+        if verified
+        else "nothing was verified, so nothing is kept"
+    )
+    return f"{what} (no progress for {stall_timeout:.0f} s); {kept}"

@@ -131,6 +131,7 @@ class Content:
         chunk = max(1, min(info.chunk_size, info.size or 1))
         self.buffers = BufferPool(chunk, max(2, BUFFER_BUDGET // chunk))
         self.bytes_from: dict[str, int] = {}
+        self.peers_seen = 0  # connections that completed a handshake, ever
         self.completed = trio.Event()
         if self.engine.complete:
             self.completed.set()
@@ -238,6 +239,7 @@ class Content:
         if verdict == "refused":
             return None
         if verdict == "ok":
+            self.peers_seen += 1
             log.info("connected to peer %s (%s)", session.name, "out" if initiated else "in")
         # "full": the session runs only to deliver the GOODBYE saying why.
         self.apply(actions)
