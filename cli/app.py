@@ -109,9 +109,22 @@ class Interrupted(PeerError):
     """Ctrl-C or SIGTERM."""
 
 
+# Set by a command run with --json: a failure is then also one JSON object on
+# stdout, so a script reading stdout always gets an answer it can parse.
+_json_errors = False
+
+
 def fail(message: str, code: int = EXIT_ERROR) -> None:
     typer.echo(f"peer: error: {message}", err=True)
+    if _json_errors:
+        typer.echo(json.dumps({"error": message, "code": code}))
     raise typer.Exit(code)
+
+
+def json_errors(enabled: bool) -> None:
+    """With ``enabled``, failures are also printed as ``{"error": ..., "code": N}``."""
+    global _json_errors
+    _json_errors = enabled
 
 
 def setup_logging(verbose: bool) -> None:
@@ -426,6 +439,7 @@ def cmd_get(
 ) -> None:
     """Download a file from every useful peer at once, verifying every chunk."""
     setup_logging(verbose)
+    json_errors(as_json and output_text != "-")  # with -o -, stdout is the content
     from peerd.app.download import OutputClosed, download
     from peerd.app.progress import ProgressView
 
@@ -673,6 +687,7 @@ def cmd_info(
 ) -> None:
     """Say what a getter would get (name, size, chunks, hash, signer) without downloading."""
     setup_logging(verbose)
+    json_errors(as_json)
     from peerd.app.download import obtain_manifest, resolve_id
 
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -126,3 +127,14 @@ def test_output_ending_in_a_slash_is_a_directory(tmp_path: Path) -> None:
     res = _peer("get", "ab" * 32, "-o", f"{target}/", "--tracker", "127.0.0.1:9", home=tmp_path)
     assert res.returncode == 1
     assert target.is_dir()
+
+
+def test_json_failures_are_json_and_an_unreachable_tracker_is_said_once(tmp_path: Path) -> None:
+    res = _peer("get", "ab" * 32, "--json", "--tracker", "127.0.0.1:9", home=tmp_path)
+    assert res.returncode == 1
+    assert json.loads(res.stdout) == {
+        "error": "cannot reach tracker 127.0.0.1:9: Connection refused "
+        "(is a tracker running there? `peer tracker` starts one)",
+        "code": 1,
+    }
+    assert res.stderr.count("127.0.0.1:9") == 1, res.stderr

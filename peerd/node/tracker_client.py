@@ -142,7 +142,13 @@ class TrackerClient:
         try:
             stream = await transport.connect(host, port, timeout=timeout, source_host=source_host)
         except TransportError as exc:
-            raise TrackerError("unreachable", f"cannot reach tracker {where}: {exc}") from exc
+            detail = str(exc).removeprefix(f"cannot connect to {where}: ")
+            hint = " (is a tracker running there? `peer tracker` starts one)"
+            if "refused" not in detail:
+                hint = ""
+            raise TrackerError(
+                "unreachable", f"cannot reach tracker {where}: {detail}{hint}"
+            ) from exc
         client = cls(stream, TrackerClientConnection(), where, timeout)
         try:
             challenge = await client._receive()
