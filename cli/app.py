@@ -33,7 +33,6 @@ if TYPE_CHECKING:
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
-    help="peer: share files with verified, signed chunks over a peer-to-peer swarm.",
 )
 
 
@@ -57,11 +56,21 @@ def _root(
     version: Annotated[
         bool,
         typer.Option(
-            "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+            "--version",
+            metavar="",
+            callback=_print_version,
+            is_eager=True,
+            help="Print the version and exit.",
         ),
     ] = False,
 ) -> None:
-    """peer: share files with verified, signed chunks over a peer-to-peer swarm."""
+    """peer: share files with verified, signed chunks over a peer-to-peer swarm.
+
+    Environment: PEER_HOME (your key, caches and daemon state; default
+    ~/.local/share/peer), PEER_TRACKER (HOST:PORT), PEER_TRANSPORT (reactor or
+    proactor). Downloads go to the current directory unless -o says otherwise.
+    Exit codes: 0 ok, 1 failure, 2 usage, 130 interrupted.
+    """
 
 
 EXIT_ERROR = 1
@@ -70,39 +79,56 @@ DEFAULT_TRACKER = "127.0.0.1:7070"
 
 TrackerOpt = Annotated[
     str | None,
-    typer.Option("--tracker", help="Tracker HOST:PORT (default $PEER_TRACKER or 127.0.0.1:7070)."),
+    typer.Option(
+        "--tracker",
+        metavar="HOST:PORT",
+        help="Tracker HOST:PORT (default $PEER_TRACKER or 127.0.0.1:7070).",
+    ),
 ]
 HostOpt = Annotated[
     str,
     typer.Option(
-        "--host", help="Address to listen on; default :: = every interface, IPv6 and IPv4."
+        "--host",
+        metavar="ADDR",
+        help="Address to listen on; default :: = every interface, IPv6 and IPv4.",
     ),
 ]
 PortOpt = Annotated[
-    int, typer.Option("--port", help="Port to listen on, 1-65535; 0 = any free port.")
+    int,
+    typer.Option("--port", metavar="PORT", help="Port to listen on, 1-65535; 0 = any free port."),
 ]
 BindOpt = Annotated[
     str | None,
-    typer.Option("--bind", help="Connect from this local address (default: the system's choice)."),
+    typer.Option(
+        "--bind",
+        metavar="ADDR",
+        help="Connect from this local address (default: the system's choice).",
+    ),
 ]
 ANY_HOST = "::"
 TransportOpt = Annotated[
     str | None,
     typer.Option(
         "--transport",
+        metavar="NAME",
         help="reactor (epoll) or proactor (io_uring); default $PEER_TRANSPORT or reactor.",
     ),
 ]
 UpOpt = Annotated[
-    str | None, typer.Option("--up-limit", help="Upload limit per second, e.g. 32MiB.")
+    str | None,
+    typer.Option("--up-limit", metavar="RATE", help="Upload limit per second, e.g. 32MiB."),
 ]
 DownOpt = Annotated[
-    str | None, typer.Option("--down-limit", help="Download limit per second, e.g. 10MB.")
+    str | None,
+    typer.Option("--down-limit", metavar="RATE", help="Download limit per second, e.g. 10MB."),
 ]
 TrustOpt = Annotated[
-    str | None, typer.Option("--trust", help="Refuse a manifest not signed by this public key.")
+    str | None,
+    typer.Option("--trust", metavar="KEY", help="Refuse a manifest not signed by this public key."),
 ]
-VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log what the node does.")]
+VerboseOpt = Annotated[
+    bool, typer.Option("--verbose", "-v", metavar="", help="Log what the node does.")
+]
 
 
 class Interrupted(PeerError):
@@ -305,24 +331,26 @@ def cmd_share(
     bind: BindOpt = None,
     transport: TransportOpt = None,
     hash_algo: Annotated[
-        str, typer.Option("--hash", help="blake3 (default) or sha256.")
+        str, typer.Option("--hash", metavar="ALGO", help="blake3 (default) or sha256.")
     ] = "blake3",
     chunk_size: Annotated[
         str | None,
         typer.Option(
             "--chunk-size",
+            metavar="SIZE",
             help="A power of two from 16KiB to 64MiB (default 1MiB, more for huge files).",
         ),
     ] = None,
     up_limit: UpOpt = None,
     down_limit: DownOpt = None,
     id_only: Annotated[
-        bool, typer.Option("--id-only", help="Print the bare content id, not a link.")
+        bool, typer.Option("--id-only", metavar="", help="Print the bare content id, not a link.")
     ] = False,
     public_addr: Annotated[
         str | None,
         typer.Option(
             "--public-addr",
+            metavar="HOST:PORT",
             help="HOST:PORT where others reach this node, written into the link "
             "(the tracker records the address it sees either way).",
         ),
@@ -406,24 +434,32 @@ def cmd_get(
     sequential: Annotated[
         bool,
         typer.Option(
-            "--sequential", help="Fetch in order (with a read-ahead window), to play early."
+            "--sequential",
+            metavar="",
+            help="Fetch in order (with a read-ahead window), to play early.",
         ),
     ] = False,
     trust: TrustOpt = None,
     force: Annotated[
-        bool, typer.Option("--force", help="Overwrite an existing output file.")
+        bool, typer.Option("--force", metavar="", help="Overwrite an existing output file.")
     ] = False,
     seed: Annotated[
-        bool, typer.Option("--seed", help="Keep seeding after the download completes.")
+        bool, typer.Option("--seed", metavar="", help="Keep seeding after the download completes.")
     ] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary line.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", metavar="", help="Print one JSON summary line.")
+    ] = False,
     timeout: Annotated[
-        float, typer.Option("--timeout", help="Give up after this many seconds without progress.")
+        float,
+        typer.Option(
+            "--timeout", metavar="SECONDS", help="Give up after this many seconds without progress."
+        ),
     ] = 60.0,
     peer: Annotated[
         list[str] | None,
         typer.Option(
             "--peer",
+            metavar="HOST:PORT",
             help="HOST:PORT of a peer to use too (repeatable); it also serves the manifest "
             "when the tracker cannot.",
         ),
@@ -604,15 +640,20 @@ def cmd_stream(
         str, typer.Argument(metavar="LINK|ID", help="A link, a content id, or a 16+ hex prefix.")
     ],
     http_port: Annotated[
-        int, typer.Option("--http-port", help="Port of the HTTP server; 0 = any free port.")
+        int,
+        typer.Option(
+            "--http-port", metavar="PORT", help="Port of the HTTP server; 0 = any free port."
+        ),
     ] = 0,
     http_host: Annotated[
-        str, typer.Option("--http-host", help="Address of the HTTP server.")
+        str, typer.Option("--http-host", metavar="ADDR", help="Address of the HTTP server.")
     ] = "127.0.0.1",
     trust: TrustOpt = None,
     peer: Annotated[
         list[str] | None,
-        typer.Option("--peer", help="HOST:PORT of a peer to use too (repeatable)."),
+        typer.Option(
+            "--peer", metavar="HOST:PORT", help="HOST:PORT of a peer to use too (repeatable)."
+        ),
     ] = None,
     tracker: TrackerOpt = None,
     host: HostOpt = ANY_HOST,
@@ -675,11 +716,17 @@ def cmd_info(
     content_id: Annotated[
         str, typer.Argument(metavar="LINK|ID", help="A link, a content id, or a 16+ hex prefix.")
     ],
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", metavar="", help="Print one JSON object.")
+    ] = False,
     trust: TrustOpt = None,
     peer: Annotated[
         list[str] | None,
-        typer.Option("--peer", help="HOST:PORT of a peer to ask for the manifest (repeatable)."),
+        typer.Option(
+            "--peer",
+            metavar="HOST:PORT",
+            help="HOST:PORT of a peer to ask for the manifest (repeatable).",
+        ),
     ] = None,
     tracker: TrackerOpt = None,
     transport: TransportOpt = None,
@@ -729,16 +776,21 @@ def cmd_info(
 def cmd_tracker(
     host: HostOpt = ANY_HOST,
     port: Annotated[
-        int, typer.Option("--port", help="Port to listen on, 1-65535; 0 = any free port.")
+        int,
+        typer.Option(
+            "--port", metavar="PORT", help="Port to listen on, 1-65535; 0 = any free port."
+        ),
     ] = 7070,
     transport: TransportOpt = None,
     data: Annotated[
-        Path | None, typer.Option("--data", help="Directory for the manifest database.")
+        Path | None,
+        typer.Option("--data", metavar="DIR", help="Directory for the manifest database."),
     ] = None,
     max_memory: Annotated[
         str | None,
         typer.Option(
             "--max-memory",
+            metavar="SIZE",
             help="Memory budget for what clients make the tracker hold, e.g. 1GiB "
             "(default 1GiB, at least 64MiB).",
         ),
@@ -747,6 +799,7 @@ def cmd_tracker(
         str | None,
         typer.Option(
             "--max-disk",
+            metavar="SIZE",
             help="Disk budget for published manifests, e.g. 4GiB (default 4GiB, at least 1MiB).",
         ),
     ] = None,
@@ -816,7 +869,7 @@ def _control(request: dict[str, Any]) -> dict[str, Any]:
 
 @app.command("status")
 def cmd_status(
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print JSON.")] = False,
 ) -> None:
     """Show the daemon's transfers: progress, rate, peers."""
     reply = _control({"cmd": "status"})

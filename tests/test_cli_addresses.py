@@ -138,3 +138,26 @@ def test_json_failures_are_json_and_an_unreachable_tracker_is_said_once(tmp_path
         "code": 1,
     }
     assert res.stderr.count("127.0.0.1:9") == 1, res.stderr
+
+
+def test_help_names_what_a_value_is(tmp_path: Path) -> None:
+    res = subprocess.run(
+        [sys.executable, "-m", "cli", "get", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PEER_HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "COLUMNS": "120"},
+    )
+    assert res.returncode == 0
+    for metavar in ("SECONDS", "HOST:PORT", "RATE", "KEY", "ADDR", "PORT", "PATH"):
+        assert metavar in res.stdout, metavar
+    for placeholder in ("<float>", "<int>", "<list[str]>"):
+        assert placeholder not in res.stdout, placeholder
+    top = subprocess.run(
+        [sys.executable, "-m", "cli", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PEER_HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "COLUMNS": "120"},
+    )
+    assert "PEER_HOME" in top.stdout and "PEER_TRACKER" in top.stdout
