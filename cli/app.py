@@ -920,8 +920,31 @@ def cmd_ls() -> None:
 
 @app.command("stop")
 def cmd_stop() -> None:
-    """Stop the daemon (it announces the stop and closes everything)."""
+    """Stop the daemon (it announces the stop and closes everything); returns once it has exited."""
+    import fcntl
+    import time
+
+    from peerd.app.daemon import LOCK_NAME
+
     _control({"cmd": "stop"})
+    # The daemon holds its lock until its process ends: wait for that.
+    deadline = time.monotonic() + 15
+    try:
+        fd = os.open(peer_home() / LOCK_NAME, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        fd = -1
+    try:
+        while fd >= 0:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    fail("the daemon was asked to stop but is still running after 15 s")
+                time.sleep(0.05)
+    finally:
+        if fd >= 0:
+            os.close(fd)
     typer.echo("daemon stopped", err=True)
 
 

@@ -486,7 +486,10 @@ def main() -> int:
                     **{k: v for k, v in p.result.items() if k != "seconds"},
                 }
             )
-        console.print(table)
+        # The result goes to stdout (progress went to stderr), full width when
+        # it is not a terminal, so `scripts/swarm > result.txt` keeps it whole.
+        out = Console() if sys.stdout.isatty() else Console(width=200)
+        out.print(table)
         if args.json:
             print(
                 json.dumps(
