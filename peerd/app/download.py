@@ -30,6 +30,7 @@ from peerd.node.node import Node
 
 READ_AHEAD_BYTES = 16 * 1024 * 1024  # asked for in order ahead of the reader
 READ_AHEAD_MIN = 4  # chunks, whatever their size
+WAITING_SAID_EVERY = 10.0  # seconds between "waiting: ..." lines (-v) while nothing arrives
 
 log = logging.getLogger("peerd.app.download")
 
@@ -352,7 +353,7 @@ async def _until_complete(
             the content ended without completing (its error, if it failed).
     """
     last_bytes = -1
-    last_progress = trio.current_time()
+    last_progress = last_said = trio.current_time()
     while not content.completed.is_set():
         with trio.move_on_after(1.0):
             await content.completed.wait()
@@ -367,6 +368,16 @@ async def _until_complete(
             last_progress = now
         elif now - last_progress > stall_timeout:
             raise DownloadError(_stall_message(node, content, store, stall_timeout))
+        elif now - last_said >= WAITING_SAID_EVERY and now - last_progress >= WAITING_SAID_EVERY:
+            last_said = now
+            log.info(
+                "waiting: %d peer(s) connected, the tracker named %d; no new chunk for %.0f s "
+                "(giving up after %.0f s)",
+                len(content.sessions),
+                content.tracker_peers,
+                now - last_progress,
+                stall_timeout,
+            )
 
 
 def _stall_message(node: Node, content: Content, store: ChunkStore, stall_timeout: float) -> str:
