@@ -878,7 +878,9 @@ def cmd_status(
         return
     from rich.console import Console
 
-    Console().print(status_table(reply))
+    # On a terminal, its width; into a pipe or a file, wide enough for a row
+    # to stay on one line (a script reads it).
+    Console(width=None if sys.stdout.isatty() else 240).print(status_table(reply))
     shown = {t.get("id") for t in reply.get("transfers", [])}
     for cid, err in reply.get("errors", {}).items():
         if cid not in shown:
@@ -894,16 +896,31 @@ def status_table(reply: dict[str, Any]) -> Any:
     from rich.text import Text
 
     table = Table(title="transfers")
-    for col in ("id", "name", "state", "progress", "down MB/s", "uploaded", "peers"):
-        table.add_column(col)
+    columns = (
+        "id",
+        "name",
+        "state",
+        "progress",
+        "down MB/s",
+        "up MB/s",
+        "ETA",
+        "uploaded",
+        "peers",
+    )
+    for col in columns:
+        # The id is what `peer get` and friends take: never cut below 16 hex.
+        table.add_column(col, min_width=16 if col == "id" else None, no_wrap=col == "id")
     for t in reply.get("transfers", []):
         pct = 100.0 * t["have"] / t["size"] if t["size"] else 100.0
+        eta = t.get("eta_s")
         table.add_row(
             Text(str(t["id"])[:16]),
             Text(str(t["name"])),
             Text(str(t["state"])),
             f"{pct:.1f}%",
             str(t["down_MBps"]),
+            str(t.get("up_MBps", 0.0)),
+            "-" if eta is None else f"{eta // 60}:{eta % 60:02d}",
             f"{t['uploaded'] / 1e6:.1f} MB",
             str(t["peers"]),
         )

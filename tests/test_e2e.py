@@ -141,6 +141,10 @@ def test_daemon_share_get_status_stop(tmp_path: Path, backend: str) -> None:
         status = s.run("d", "status", "--json")
         transfers = json.loads(status.stdout)["transfers"]
         assert any(t["id"] == cid and t["uploaded"] >= 3 * MiB for t in transfers)
+        # Rates are over the last seconds (up and down), and an ETA while downloading.
+        assert all({"down_MBps", "up_MBps", "eta_s"} <= t.keys() for t in transfers)
+        human = s.run("d", "status").stdout
+        assert cid[:16] in human and "up MB/s" in human and "ETA" in human
         assert s.run("d", "stop").returncode == 0
         # `peer stop` returns once the daemon has exited (the process is
         # reaped here within a moment, never seconds later).

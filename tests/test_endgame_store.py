@@ -57,3 +57,20 @@ async def test_two_copies_hashed_together_count_once(tmp_path: Path) -> None:
         assert content.engine.picker is not None and content.engine.picker.missing == 1
     finally:
         store.close()
+
+
+async def test_rates_are_over_the_last_seconds(tmp_path: Path) -> None:
+    src = tmp_path / "f.bin"
+    src.write_bytes(os.urandom(CHUNK))
+    ident = Identity.generate()
+    manifest = Manifest(build_manifest(src, chunk_size=CHUNK), ()).signed(ident)
+    node = Node(ident, get_transport("reactor"), tracker=("127.0.0.1", 9))
+    store = await ChunkStore.open(manifest.info, manifest.content_id, tmp_path / "out.bin")
+    try:
+        content = Content(node, manifest, store)
+        assert content.rates() == (0.0, 0.0)
+        # (time, downloaded, uploaded), as the ticker records them
+        content._samples.extend([(10.0, 0, 0), (12.0, 4_000_000, 1_000_000)])
+        assert content.rates() == (2_000_000.0, 500_000.0)
+    finally:
+        store.close()

@@ -363,21 +363,27 @@ class Daemon:
                     "state": f"failed: {message}",
                     "peers": 0,
                     "down_MBps": 0.0,
+                    "up_MBps": 0.0,
+                    "eta_s": None,
                     "uploaded": 0,
                 }
             )
         return rows
 
     def _describe(self, content: Content) -> dict[str, Any]:
-        elapsed = max(trio.current_time() - content.started_at, 1e-9)
+        down, up = content.rates()  # over the last few seconds, not since start
+        have, size = content.have_bytes, content.info.size
+        done = content.completed.is_set()
         return {
             "id": content.content_id.hex(),
             "name": content.info.name,
-            "size": content.info.size,
-            "have": content.have_bytes,
-            "state": "seeding" if content.completed.is_set() else "downloading",
+            "size": size,
+            "have": have,
+            "state": "seeding" if done else "downloading",
             "peers": len(content.sessions),
-            "down_MBps": round(content.downloaded / elapsed / 1e6, 2),
+            "down_MBps": round(down / 1e6, 2),
+            "up_MBps": round(up / 1e6, 2),
+            "eta_s": None if done or down <= 0 else round((size - have) / down),
             "uploaded": content.uploaded,
         }
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import mmap
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Protocol
 
@@ -56,6 +57,7 @@ __all__ = ["BufferPool", "Content", "NodeLink"]
 log = logging.getLogger("peerd.node.driver")
 
 STATE_FLUSH_EVERY = 1.0
+RATE_SPAN = 5.0  # seconds the shown transfer rates are measured over
 BUFFER_BUDGET = 32 * 1024 * 1024  # bytes of chunk buffers per download
 
 
@@ -139,6 +141,8 @@ class Content:
         self._tracker_wake = trio.Event()
         self._rechecking = False
         self._stored = trio.Event()
+        # (time, downloaded, uploaded) each tick over the last RATE_SPAN s: rates.
+        self._samples: deque[tuple[float, int, int]] = deque()
         self.started_at = now
         self.ended = trio.Event()  # set by the node once this content has stopped
 
@@ -171,6 +175,15 @@ class Content:
     @property
     def tracker_peers(self) -> int:
         return self.engine.tracker_peers
+
+    def rates(self) -> tuple[float, float]:
+        """Payload bytes/s received and sent over the last few seconds."""
+        samples = self._samples
+        if len(samples) < 2:
+            return 0.0, 0.0
+        (t0, down0, up0), (t1, down1, up1) = samples[0], samples[-1]
+        span = max(t1 - t0, 1e-9)
+        return (down1 - down0) / span, (up1 - up0) / span
 
     def tracker_changed(self) -> None:
         """A new tracker connection: announce ``started`` again, now."""
@@ -352,6 +365,9 @@ class Content:
             now = trio.current_time()
             self.engine.down_limit = self.node.down_limiter.rate
             self.apply(self.engine.tick(now))
+            self._samples.append((now, self.engine.downloaded, self.engine.uploaded))
+            while now - self._samples[0][0] > RATE_SPAN:
+                self._samples.popleft()
             store = self.source
             if isinstance(store, SourceFile) and not self._rechecking and store.moved():
                 self._rechecking = True
