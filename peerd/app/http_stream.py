@@ -19,6 +19,7 @@ import h11
 import trio
 
 from peerd.content.store import ChunkStore
+from peerd.errors import PeerError
 from peerd.node.driver import Content
 from peerd.transport import Stream
 
@@ -76,7 +77,13 @@ class HttpStreamer:
             return
         try:
             await self._serve(stream)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError) as exc:
+        except (
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+            h11.ProtocolError,
+            PeerError,
+            OSError,  # the store closed under a reader as the command stops
+        ) as exc:
             log.debug("http connection ended: %s", exc)
         finally:
             self._slots.release()
