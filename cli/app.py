@@ -368,7 +368,9 @@ def cmd_share(
         chunk = parse_chunk_size(chunk_size)
         public = parse_address(public_addr, "--public-addr") if public_addr else None
         tracker_address = parse_tracker(tracker)
-        handed = try_daemon_share(peer_home(), path, hash_algo, chunk)  # a daemon has its own tracker
+        handed = try_daemon_share(
+            peer_home(), path, hash_algo, chunk
+        )  # a daemon has its own tracker
         if handed is not None:
             link = Link(bytes.fromhex(handed), _identity().public_key, (tracker_address,))
             typer.echo(handed if id_only else str(link))
