@@ -278,7 +278,7 @@ class Simulation:
                 rng=random.Random(self.rng.random()),
                 max_peers=c.max_peers,
             )
-            turns = UploadTurns(1, needy_window=NEEDY_WINDOW, progress=self._progress(engine))
+            turns = UploadTurns(1, needy_window=NEEDY_WINDOW, progress=engine.remote_share)
             node = _Node(
                 idx=i,
                 identity=identity,
@@ -293,10 +293,6 @@ class Simulation:
             self.nodes.append(node)
             self.by_addr[(node.ip, PORT)] = node
         self.leechers_left = c.n
-
-    @staticmethod
-    def _progress(engine: ContentEngine) -> Callable[[Any], float]:
-        return engine.remote_share
 
     # --- the clock --------------------------------------------------------------
     def at(self, t: float, fn: Callable[..., None], *args: Any) -> None:

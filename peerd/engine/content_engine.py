@@ -137,11 +137,9 @@ class PeerState:
         "last_payload_at",
         "last_useful_at",
         "rate",
-        "received_bytes",
         "remote",
         "requests",
         "route",
-        "sent_bytes",
         "timeouts",
         "window_bytes",
         "window_start",
@@ -161,8 +159,6 @@ class PeerState:
         # serve): who makes room when connections are short.
         self.last_useful_at = now
         self.timeouts = 0
-        self.received_bytes = 0
-        self.sent_bytes = 0
         self.closing = False
         # What it holds as far as we know (its BITFIELD, its HAVEs, what we sent).
         self.remote = RemoteProgress(num_chunks)
@@ -454,7 +450,6 @@ class ContentEngine:
         st = self.peers.get(peer)
         if st is not None:
             st.last_useful_at = now
-            st.sent_bytes += req[2]
             st.remote.add((req[0],))
 
     # --- receiving --------------------------------------------------------------
@@ -476,7 +471,6 @@ class ContentEngine:
         wanted = req in st.arriving
         st.arriving.discard(req)
         st.last_payload_at = st.last_useful_at = now
-        st.received_bytes += req[2]
         st.window_bytes += req[2]
         span = now - st.window_start
         if span >= RATE_WINDOW:

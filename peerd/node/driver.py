@@ -81,11 +81,11 @@ class NodeLink(Protocol):
     down_limiter: RateLimiter
     upload_turns: UploadTurns
 
-    async def announce(self, cid: bytes, event: str, bits: bytes, want: int = 50) -> Peers | None:
-        raise NotImplementedError
+    async def announce(
+        self, cid: bytes, event: str, bits: bytes, want: int = 50
+    ) -> Peers | None: ...
 
-    async def connect_peer(self, content: Content, ip: str, port: int, key: bytes) -> None:
-        raise NotImplementedError
+    async def connect_peer(self, content: Content, ip: str, port: int, key: bytes) -> None: ...
 
 
 class BufferPool:

@@ -175,8 +175,6 @@ class PeerSession:
         # The route: the proven key at this address (sessions and bans are per route).
         self.route: tuple[bytes, str] = (hello.key, host)
         self.name = f"{hello.key.hex()[:12]}@{host}:{hello.port}"
-        self.received_bytes = 0
-        self.sent_bytes = 0
         now = trio.current_time()
         self._created_at = now
         self.last_received_at = now
@@ -392,7 +390,6 @@ class PeerSession:
         except BaseException:
             pool.release(buf)
             raise
-        self.received_bytes += header.length
         self.content.on_payload(self, req, buf)
 
     def _release_turn(self) -> None:
@@ -489,7 +486,6 @@ class PeerSession:
                 await self._send(stream.send_all(self.conn.send(DataHeader(index, offset, length))))
                 fd, position = self.content.file_position(index, offset)
                 await self._send(stream.sendfile(fd, position, length))
-                self.sent_bytes += length
                 engine.on_uploaded(self, upload, trio.current_time())
                 self._draining = turns.at_once > 0
                 self._turn_left = length
