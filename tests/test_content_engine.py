@@ -240,6 +240,24 @@ def test_origin_super_seeds_every_chunk_once_before_any_twice() -> None:
     assert s.on_request("b", (1, 0, CHUNK), now=0.0)[0]
 
 
+def test_origin_serves_a_late_getter_what_only_departed_peers_got() -> None:
+    # Getters one after another against fresh origin seeders (issue 19's
+    # 5 s cliff): what went to a getter that has left is held by nobody
+    # here, so the next getter is served at once, not refused "busy" (which
+    # costs it BUSY_BACKOFF per chunk that every seeder had sent before).
+    s = seeder(4)
+    attach(s, "a", 1)
+    for i in range(3):
+        assert s.on_request("a", (i, 0, CHUNK), now=0.0)[0]
+        assert s.next_upload("a") == (i, 0, CHUNK)
+        s.on_uploaded("a", (i, 0, CHUNK), now=0.1)
+    s.detach("a", now=1.0)
+    attach(s, "b", 2, now=2.0)
+    for i in range(4):
+        queued, out = s.on_request("b", (i, 0, CHUNK), now=2.0)
+        assert queued and out == [], (i, out)
+
+
 def test_announce_timing_progress_lonely_retry_and_restart() -> None:
     e = leecher(2)
     assert e.announce_due(0.0) == "started"

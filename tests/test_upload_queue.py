@@ -104,17 +104,37 @@ def test_super_seed_serves_every_chunk_once_before_any_twice() -> None:
 
 
 def test_super_seed_refuses_a_peer_once_per_chunk() -> None:
-    # The copy went to a peer that left: the asker has nobody else for it.
+    # a holds chunk 0 and stays: b is refused once, then served (it may not
+    # be connected to a, and came back after its back-off).
     q = UploadQueue(super_seed=4)
     for p in "ab":
         q.add_peer(p)
     assert q.on_request("a", (0, 0, 10))
     assert q.next_request_for("a") == (0, 0, 10)
-    q.remove_peer("a")
     assert not q.on_request("b", (0, 0, 10))
     assert q.super_seeding
     assert q.on_request("b", (0, 0, 10))  # asked again after its back-off: served
     assert q.next_request_for("b") == (0, 0, 10)
+    assert q.times_sent(0) == 2
+
+
+def test_super_seed_a_copy_that_left_is_no_copy() -> None:
+    # Getters one after another against an origin (issue 19's cliff): what
+    # went to a peer that has left is fresh again and served at once; only
+    # a copy held by a connected peer makes a refusal.
+    q = UploadQueue(super_seed=3)
+    for p in "ab":
+        q.add_peer(p)
+    for i in range(2):
+        assert q.on_request("a", (i, 0, 10))
+        assert q.next_request_for("a") == (i, 0, 10)
+    assert q.super_seeding  # chunk 2 never sent
+    q.remove_peer("a")
+    assert q.on_request("b", (0, 0, 10))  # its only copy left with a
+    assert q.next_request_for("b") == (0, 0, 10)
+    q.add_peer("c")
+    assert not q.on_request("c", (0, 0, 10))  # b, still here, holds it
+    assert q.on_request("c", (1, 0, 10))
     assert q.times_sent(0) == 2
 
 
@@ -206,11 +226,15 @@ def test_matches_a_plain_model(
     q = UploadQueue(max_queued=max_queued, fresh_first=fresh_first, super_seed=super_seed)
     queues: dict[str, list[tuple[int, int, int]]] = {}
     sent: dict[int, int] = {}
+    given: dict[str, set[int]] = {}  # what each connected peer was sent
     refused: set[tuple[str, int]] = set()
+
+    def held(index: int) -> bool:
+        return any(index in g for g in given.values())
 
     def seeding() -> bool:
         queued = {r[0] for qu in queues.values() for r in qu}
-        return any(i not in sent and i not in queued for i in range(super_seed))
+        return any(not held(i) and i not in queued for i in range(super_seed))
 
     for op, peer, index in ops:
         if peer not in queues:
@@ -222,7 +246,7 @@ def test_matches_a_plain_model(
             queued = any(r[0] == index for qu in queues.values() for r in qu)
             if len(mine) >= max_queued:
                 want = False
-            elif seeding() and (queued or index in sent) and (peer, index) not in refused:
+            elif seeding() and (queued or held(index)) and (peer, index) not in refused:
                 refused.add((peer, index))
                 want = False
             else:
@@ -242,9 +266,11 @@ def test_matches_a_plain_model(
             assert got == best
             mine.remove(best)
             sent[best[0]] = sent.get(best[0], 0) + 1
+            given.setdefault(peer, set()).add(best[0])
         else:
             assert q.remove_peer(peer) == mine
             del queues[peer]
+            given.pop(peer, None)
             refused = {(p, i) for p, i in refused if p != peer}
         assert q.super_seeding is seeding()
         for p, qu in queues.items():

@@ -83,7 +83,12 @@ class UploadQueue:
         self._sent: dict[int, int] = {}  # chunk index -> times we uploaded it
         self._queued: dict[int, int] = {}  # chunk index -> requests queued for it
         self._refused: dict[PeerKey, set[int]] = {}  # super-seeding refusals, once each
-        self._untouched = super_seed  # chunks neither sent nor queued (super-seeding)
+        # Super-seeding: the chunks each connected peer was sent, and how many
+        # connected peers were sent each chunk. A copy that left with its peer
+        # is no copy: that chunk is fresh again.
+        self._given: dict[PeerKey, set[int]] = {}
+        self._holders: dict[int, int] = {}
+        self._untouched = super_seed  # chunks neither held (via us) nor queued (super-seeding)
         # Queue-wait bookkeeping (max_wait only): queued request -> when
         # overdue() first saw it (None: not yet); the requests queued since
         # the last overdue(); (first seen, request), oldest first.
@@ -102,6 +107,15 @@ class UploadQueue:
         self._refused.pop(peer, None)
         for req in queue or ():
             self._dequeued(peer, req)
+        holders = self._holders
+        for index in self._given.pop(peer, ()):
+            left = holders[index] - 1
+            if left:
+                holders[index] = left
+                continue
+            del holders[index]
+            if index not in self._queued:
+                self._untouched += 1  # its only copy (via us) left with this peer
         return list(queue or ())
 
     # --- the queue ------------------------------------------------------------
@@ -109,7 +123,8 @@ class UploadQueue:
         """Queue a request from the peer; False if it is refused (reject it).
 
         Refused: the peer's queue is full, or (super-seeding) the chunk was
-        already sent or queued while some chunk is neither.
+        sent to a peer still connected, or is queued, while some chunk is
+        neither.
 
         Raises:
             KeyError: the peer was never added (a caller bug).
@@ -119,11 +134,11 @@ class UploadQueue:
             return False
         index = request[0]
         queued = self._queued.get(index, 0)
-        if self._untouched > 0 and (queued or self._sent.get(index)):
-            # Super-seeding: someone already has (or gets) this one. Refused
+        if self._untouched > 0 and (queued or self._holders.get(index)):
+            # Super-seeding: a connected peer has (or gets) this one. Refused
             # once per peer and chunk only: if the peer asks again (after its
-            # busy back-off), nobody else could give it, e.g. the one we sent
-            # it to has left — serve it rather than stall the download.
+            # busy back-off), it found nobody else to give it (it may not be
+            # connected to the holder): serve it rather than stall the download.
             refused = self._refused.setdefault(peer, set())
             if index not in refused:
                 refused.add(index)
@@ -133,7 +148,7 @@ class UploadQueue:
             key = (peer, request)
             self._seen[key] = None
             self._unseen.append(key)
-        if not queued and self._untouched > 0 and not self._sent.get(index):
+        if not queued and self._untouched > 0 and not self._holders.get(index):
             self._untouched -= 1
         self._queued[index] = queued + 1
         return True
@@ -148,8 +163,8 @@ class UploadQueue:
             self._queued[index] = left
             return
         del self._queued[index]
-        if self.super_seed and not self._sent.get(index):
-            self._untouched += 1  # cancelled before it was sent: fresh again
+        if self.super_seed and not self._holders.get(index):
+            self._untouched += 1  # cancelled before it was sent, or its asker left: fresh again
 
     @property
     def super_seeding(self) -> bool:
@@ -223,6 +238,12 @@ class UploadQueue:
             pos = min(range(len(queue)), key=lambda k: sent.get(queue[k][0], 0))
         request = queue[pos]
         del queue[pos]
-        self._sent[request[0]] = self._sent.get(request[0], 0) + 1
+        index = request[0]
+        self._sent[index] = self._sent.get(index, 0) + 1
+        if self.super_seed:
+            given = self._given.setdefault(peer, set())
+            if index not in given:
+                given.add(index)
+                self._holders[index] = self._holders.get(index, 0) + 1
         self._dequeued(peer, request)
         return request
