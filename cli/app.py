@@ -291,6 +291,7 @@ def make_node(
     up_limit: str | None,
     down_limit: str | None,
     bind: str | None = None,
+    public: tuple[str, int] | None = None,
 ) -> Node:
     """Parse the options every networked command shares and build the node.
 
@@ -305,6 +306,7 @@ def make_node(
         host=host,
         port=check_port(port),
         bind=bind,
+        public=public,
         tracker=parse_tracker(tracker),
         up_limit=parse_limit(up_limit, "--up-limit"),
         down_limit=parse_limit(down_limit, "--down-limit"),
@@ -351,8 +353,8 @@ def cmd_share(
         typer.Option(
             "--public-addr",
             metavar="HOST:PORT",
-            help="HOST:PORT where others reach this node, written into the link "
-            "(the tracker records the address it sees either way).",
+            help="HOST:PORT where others reach this node: written into the link, and "
+            "told to the tracker (which believes it from loopback or a private network).",
         ),
     ] = None,
     verbose: VerboseOpt = False,
@@ -376,7 +378,7 @@ def cmd_share(
             typer.echo(handed if id_only else str(link))
             typer.echo(f"shared by the running daemon; get it with: peer get {link}", err=True)
             return
-        node = make_node(tracker, host, port, transport, up_limit, down_limit, bind)
+        node = make_node(tracker, host, port, transport, up_limit, down_limit, bind, public)
     except PeerError as exc:
         fail(str(exc))
 

@@ -164,3 +164,68 @@ def test_no_tracker_at_all(machines: tuple[list[str], list[str]], tmp_path: Path
         for pipe in (share.stdout, share.stderr):
             if pipe is not None:
                 pipe.close()
+
+
+@needs_root
+def test_a_sharer_beside_the_tracker_states_its_public_address(
+    machines: tuple[list[str], list[str]], tmp_path: Path
+) -> None:
+    """A sharer on the tracker's own machine reaches it over loopback, so the
+    tracker would see 127.0.0.1, which means nothing to machine B. With
+    ``--public-addr`` the sharer states where others reach it, and the
+    tracker (seeing a loopback source) records that address instead."""
+    on_a, on_b = machines
+    src = tmp_path / "talk.webm"
+    src.write_bytes(os.urandom(2 * 1024 * 1024 + 9))
+    procs: list[subprocess.Popen[bytes]] = []
+    port = 7171
+    try:
+        tracker = subprocess.Popen(
+            [*on_a, PY, "-m", "cli", "tracker", "--data", str(tmp_path / "trk")],
+            env=_env(tmp_path / "a", "reactor"),
+            stderr=subprocess.PIPE,
+        )
+        procs.append(tracker)
+        assert tracker.stderr is not None
+        lines = [tracker.stderr.readline().decode() for _ in range(2)]
+        assert any("tracker listening on" in line for line in lines), lines
+        share = subprocess.Popen(
+            [
+                *on_a,
+                *(PY, "-m", "cli", "share", str(src), "--id-only"),
+                *("--tracker", "127.0.0.1:7070", "--port", str(port)),
+                *("--public-addr", f"{A}:{port}"),
+            ],
+            env=_env(tmp_path / "a", "reactor"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        procs.append(share)
+        assert share.stdout is not None
+        cid = share.stdout.readline().decode().strip()
+        assert len(cid) == 64, cid
+        # B knows only the id and the tracker's address: every peer it learns
+        # of comes from the tracker's answer.
+        out = tmp_path / "got.webm"
+        got = subprocess.run(
+            [*on_b, PY, "-m", "cli", "get", cid, "--tracker", f"{A}:7070", "-o", str(out), "-v"],
+            env=_env(tmp_path / "b", "reactor"),
+            capture_output=True,
+            timeout=60,
+        )
+        assert got.returncode == 0, got.stderr.decode()
+        assert out.read_bytes() == src.read_bytes()
+        assert "connected to peer " in got.stderr.decode()
+        assert f"@{A}:{port}" in got.stderr.decode(), got.stderr.decode()
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+            for pipe in (p.stdout, p.stderr):
+                if pipe is not None:
+                    pipe.close()

@@ -350,6 +350,7 @@ _announce_values = st.one_of(
     st.binary(min_size=31, max_size=33),
     st.binary(max_size=3),
     st.sampled_from([*sorted(w.ANNOUNCE_EVENTS), "", "Started", "x" * 65]),
+    st.sampled_from(["10.0.0.1", "::1", "1.2.3", "host.example", "f" * 46, "::ffff:1.2.3.4"]),
     st.floats(allow_nan=False, max_value=10, min_value=-10),
 )
 
@@ -357,7 +358,9 @@ _announce_values = st.one_of(
 @settings(max_examples=400, deadline=None)
 @given(
     changes=st.dictionaries(
-        st.sampled_from(("id", "port", "event", "bits", "want")), _announce_values, max_size=2
+        st.sampled_from(("id", "port", "event", "bits", "want", "ip")),
+        _announce_values,
+        max_size=2,
     )
 )
 def test_announce_decode_agrees_with_the_checked_constructor(changes: dict) -> None:
@@ -367,12 +370,17 @@ def test_announce_decode_agrees_with_the_checked_constructor(changes: dict) -> N
 
     from peerd.wire._codec import decode_body
 
-    fields = {"id": CID, "port": 7000, "event": "started", "bits": b"\x80", "want": 50}
+    fields = {"id": CID, "port": 7000, "event": "started", "bits": b"\x80", "want": 50, "ip": ""}
     fields.update(changes)
     body = msgpack.packb(fields, use_bin_type=True)
     try:
         expected: w.Announce | None = w.Announce(
-            fields["id"], fields["port"], fields["event"], fields["bits"], fields["want"]
+            fields["id"],
+            fields["port"],
+            fields["event"],
+            fields["bits"],
+            fields["want"],
+            fields["ip"],
         )
     except LocalProtocolError:
         expected = None

@@ -215,6 +215,8 @@ class SwarmIndex:
         num_chunks: int | None,
         want: int,
         now: float,
+        *,
+        at: str = "",
     ) -> tuple[list[PeerInfo], bytes]:
         """Record one announce and answer it.
 
@@ -230,6 +232,9 @@ class SwarmIndex:
                 size at ``8 * len(bits)`` chunks.
             want: how many peers to return (0 allowed).
             now: the current time.
+            at: the address others are told to dial, when not ``ip`` (an
+                address the announcer stated that the server decided to
+                believe: tracker._addresses); ``ip`` still pays for the entry.
 
         Returns:
             ``(peers, availability)``: up to ``want`` peers other than the asker,
@@ -241,7 +246,7 @@ class SwarmIndex:
             size or with pad bits set), ``too-many`` (a cap is reached) or
             ``limit`` (the memory budget, in all or for ``ip``, is reached).
         """
-        recorded = self._record(content_id, key, ip, port, event, bits, num_chunks, now)
+        recorded = self._record(content_id, key, ip, port, event, bits, num_chunks, now, at)
         if recorded is None:
             return [], b""
         table, slot = recorded
@@ -267,6 +272,8 @@ class SwarmIndex:
         want: int,
         now: float,
         interval: int,
+        *,
+        at: str = "",
     ) -> bytes | None:
         """``announce``, answered as an encoded PEERS frame (the server's hot path).
 
@@ -277,7 +284,7 @@ class SwarmIndex:
         Repeated questions are answered from the cache described in the
         module doc.
         """
-        recorded = self._record(content_id, key, ip, port, event, bits, num_chunks, now)
+        recorded = self._record(content_id, key, ip, port, event, bits, num_chunks, now, at)
         if recorded is None:
             return None
         table, slot = recorded
@@ -303,6 +310,7 @@ class SwarmIndex:
         bits: bytes,
         num_chunks: int | None,
         now: float,
+        at: str = "",
     ) -> tuple[PeerTable, int] | None:
         """The bookkeeping half of an announce: (table, asker's slot), None if stopped."""
         if event not in _EVENT_SET:
@@ -344,15 +352,16 @@ class SwarmIndex:
                 self.memory.force(table.cost, table.owner)
                 self._tables[content_id] = table
             slot = None
-        head = self._heads.get((ip, port))
+        where = at or ip
+        head = self._heads.get((where, port))
         if head is None:
             if len(self._heads) >= _HEAD_MEMO:
                 self._heads.clear()
             # Canonical text (e.g. "::FFFF:1.2.3.4" -> "1.2.3.4"); the PEERS
             # entry minus its key and bitmap (and their bin headers).
-            text = unpack_ip(pack_ip(ip))
+            text = unpack_ip(pack_ip(where))
             head = entry_head(text, port)
-            self._heads[(ip, port)] = head
+            self._heads[(where, port)] = head
         try:
             if slot is None:
                 self._admit(table, key, ip)

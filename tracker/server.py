@@ -69,6 +69,7 @@ from peerd.wire import (
     TrackerState,
 )
 
+from ._addresses import recorded_address
 from ._budget import Budget, Intake
 from .index import SwarmIndex
 from .manifests import ManifestStore
@@ -730,6 +731,7 @@ class _Tracker:
                 ev.want,
                 now,
                 self.interval,
+                at=recorded_address(ev.ip, address) if ev.ip else "",
             )
         except TrackerError:
             return None
@@ -808,7 +810,16 @@ class _Tracker:
                     f"no manifest published for {cid.hex()}: PUBLISH it before announcing",
                 )
         peers, avail = self.index.announce(
-            cid, key, address, ev.port, ev.event, ev.bits, num_chunks, ev.want, self.clock()
+            cid,
+            key,
+            address,
+            ev.port,
+            ev.event,
+            ev.bits,
+            num_chunks,
+            ev.want,
+            self.clock(),
+            at=recorded_address(ev.ip, address) if ev.ip else "",
         )
         if ev.event == "stopped":
             return Ok()

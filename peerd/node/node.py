@@ -19,6 +19,7 @@ makes room for it (:class:`InboundSlots`).
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import os
 from collections.abc import Callable, Hashable
@@ -53,6 +54,16 @@ if TYPE_CHECKING:
     from peerd.node.tracker_client import TrackerClient
 
 __all__ = ["Node"]
+
+
+def _is_ip(text: str) -> bool:
+    """An IP address literal (an ANNOUNCE may state one; a host name it may not)."""
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
 
 log = logging.getLogger("peerd.node.node")
 
@@ -192,8 +203,12 @@ class Node:
         up_limit: int | None = None,
         down_limit: int | None = None,
         bind: str | None = None,
+        public: tuple[str, int] | None = None,
     ) -> None:
         self.identity = identity
+        # Where others reach us (--public-addr): stated in every ANNOUNCE when
+        # it is an IP address (the tracker decides whether to believe it).
+        self.public = public
         self.transport = transport
         self.host = host
         self.bind = bind
@@ -337,8 +352,14 @@ class Node:
                 await client.aclose()
 
     async def announce(self, cid: bytes, event: str, bits: bytes, want: int = 50) -> Peers | None:
+        public = self.public
+        port, ip = self.port, ""
+        if public is not None:
+            port = public[1]
+            ip = public[0] if _is_ip(public[0]) else ""
+
         async def call(client: TrackerClient) -> Peers | None:
-            return await client.announce(cid, self.port, event, bits, want)
+            return await client.announce(cid, port, event, bits, want, ip=ip)
 
         return await self.tracker_call(call)  # type: ignore[return-value]
 

@@ -172,10 +172,19 @@ class TrackerClient:
 
     # -- requests ---------------------------------------------------------------
     async def announce(
-        self, content_id: bytes, port: int, event: str, bits: bytes, want: int = 50
+        self,
+        content_id: bytes,
+        port: int,
+        event: str,
+        bits: bytes,
+        want: int = 50,
+        *,
+        ip: str = "",
     ) -> Peers | None:
-        """Announce this node in a swarm; returns the PEERS answer (None for ``stopped``)."""
-        reply = await self._request(_make(Announce, content_id, port, event, bits, want))
+        """Announce this node in a swarm; returns the PEERS answer (None for ``stopped``).
+
+        ``ip``: the address others should dial ("" = the one we connect from)."""
+        reply = await self._request(_make(Announce, content_id, port, event, bits, want, ip))
         if event == "stopped":
             self._expect(reply, Ok)
             return None

@@ -180,7 +180,7 @@ _SPECS: dict[int, _Spec] = {
         lambda f: ev.Auth(f.get_bin("key"), f.get_bin("sig")),
     ),
     FrameType.ANNOUNCE: _Spec(
-        ("id", "port", "event", "bits", "want"),
+        ("id", "port", "event", "bits", "want", "ip"),
         0,
         lambda e: {
             "id": e.content_id,
@@ -188,6 +188,7 @@ _SPECS: dict[int, _Spec] = {
             "event": e.event,
             "bits": e.bits,
             "want": e.want,
+            "ip": e.ip,
         },
         lambda f: ev.Announce(
             f.get_bin("id"),
@@ -195,6 +196,7 @@ _SPECS: dict[int, _Spec] = {
             f.get_str("event"),
             f.get_bin("bits"),
             f.get_int("want"),
+            f.get_str("ip"),
         ),
     ),
     FrameType.PEERS: _Spec(

@@ -361,13 +361,19 @@ class Auth(Event):
 
 @dataclass(frozen=True, slots=True)
 class Announce(Event):
-    """ANNOUNCE (34): join / update / leave a swarm and ask for up to ``want`` peers."""
+    """ANNOUNCE (34): join / update / leave a swarm and ask for up to ``want`` peers.
+
+    ``ip``: the address others should dial (the node's ``--public-addr``), or
+    "" for the address the announce comes from; the tracker decides whether
+    to believe it (docs/PROTOCOL.md, ANNOUNCE).
+    """
 
     content_id: bytes
     port: int
     event: str
     bits: bytes
     want: int
+    ip: str = ""
 
     def __post_init__(self) -> None:
         _bytes(self, "content_id", ID_SIZE, ID_SIZE)
@@ -375,6 +381,9 @@ class Announce(Event):
         _choice(self, "event", ANNOUNCE_EVENTS)
         _bytes(self, "bits", 0, MAX_BITS_LEN)
         _int(self, "want", 0, MAX_WANT)
+        ip = _str(self, "ip", 0, MAX_IP_TEXT)
+        if ip and not is_ip_text(ip):
+            raise LocalProtocolError(f"Announce.ip is not an IP address: {ip!r}")
 
 
 @dataclass(frozen=True, slots=True)
