@@ -41,8 +41,11 @@ def test_tracker_restart_mid_download(tmp_path: Path) -> None:
         # Down for a while: the transfer with the known seeder goes on meanwhile.
         before = state_chunks(out)
         time.sleep(2.5)
-        assert leech.poll() is None
-        assert state_chunks(out) > before, "the transfer stopped with the tracker"
+        # Progress, or done: the rest may take less than the wait on a
+        # machine that was slow to read `before` (the state file is gone then).
+        assert leech.poll() in (None, 0), Swarm._err(leech)
+        done = out.exists()  # PATH appears only once complete (a link to the part file)
+        assert done or state_chunks(out) > before, "the transfer stopped with the tracker"
         s.start_tracker()  # same port, same data directory
         stdout, stderr = leech.communicate(timeout=60)
         assert leech.returncode == 0, stderr.decode()
