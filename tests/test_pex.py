@@ -60,6 +60,7 @@ def join(
         local_ip=local,
     )
     assert verdict == "ok"
+    e.on_bitfield(peer, w.bits_from_flags(bytearray(8)), now)  # a member of the swarm
     return peer
 
 
@@ -175,6 +176,22 @@ def test_each_connection_is_told_the_others_listen_addresses_once() -> None:
     later = told(e.tick(pex.PEX_FIRST_DELAY + pex.PEX_INTERVAL))
     assert later == {a: (("10.0.0.14", 6004),), b: (("10.0.0.14", 6004),), c: later[a]}
     assert d not in later
+
+
+def test_a_connection_that_sent_no_bitfield_is_neither_told_nor_told_about() -> None:
+    e = engine()
+    a = join(e, 1, "10.0.0.11", 6001)
+    b = join(e, 2, "10.0.0.12", 6002)
+    # A getter fetching the manifest: its node may not serve the content yet.
+    e.attach("m", (key(3), "10.0.0.13"), initiated=False, now=0.0, listen=("10.0.0.13", 6003))
+    got = told(e.tick(pex.PEX_FIRST_DELAY))
+    assert got == {a: (("10.0.0.12", 6002),), b: (("10.0.0.11", 6001),)}
+    e.on_bitfield("m", w.bits_from_flags(bytearray(8)), 4.0)  # it downloads: now it is
+    assert told(e.tick(4.0)) == {"m": (("10.0.0.11", 6001), ("10.0.0.12", 6002))}
+    assert told(e.tick(pex.PEX_FIRST_DELAY + pex.PEX_INTERVAL)) == {
+        a: (("10.0.0.13", 6003),),
+        b: (("10.0.0.13", 6003),),
+    }
 
 
 def test_only_what_the_receiver_could_use_is_told() -> None:

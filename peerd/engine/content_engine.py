@@ -143,6 +143,7 @@ class PeerState:
         "arriving",
         "closing",
         "depth",
+        "in_swarm",
         "initiated",
         "last_payload_at",
         "last_useful_at",
@@ -180,6 +181,9 @@ class PeerState:
         self.pex_due = now + pex.PEX_FIRST_DELAY
         self.pex_epoch = -1
         self.pex_received_at: float | None = None
+        # It sent its BITFIELD: a member of the swarm, not a manifest fetch
+        # (which closes after MANIFEST): only then is it told and told about.
+        self.in_swarm = False
         self.requests: set[Req] = set()  # requests we sent it, unanswered
         self.arriving: set[Req] = set()  # answered by a DATA whose payload is on its way
         self.depth = pipeline_depth(0.0, 1)
@@ -354,7 +358,6 @@ class ContentEngine:
         )
         self.by_route[route] = peer
         if listen is not None:
-            self._pex_epoch += 1  # news for every other connection
             self.pex_candidates.discard(listen)
         self.connecting.discard(route)  # a dial that got here counts as connected
         self.uploads.add_peer(peer)
@@ -412,6 +415,9 @@ class ContentEngine:
         except RemoteProtocolError as exc:
             return self._protocol_error(peer, str(exc))
         st.remote.set_bitfield(bits)
+        st.in_swarm = True
+        if st.listen is not None:
+            self._pex_epoch += 1  # news for every other connection
         if self.picker is not None:
             self.picker.add_peer(peer, flags_from_bits(bits, self.num_chunks))
             self._fill(peer, st, now)
@@ -754,7 +760,7 @@ class ContentEngine:
         out: dict[Address, PeerState] = {}
         for p in self.by_route.values():
             st = self.peers[p]
-            if st.listen is not None and not st.closing:
+            if st.listen is not None and st.in_swarm and not st.closing:
                 out[st.listen] = st
         return out
 
@@ -764,7 +770,7 @@ class ContentEngine:
         listening: dict[Address, PeerState] | None = None
         for peer in list(self.by_route.values()):
             st = self.peers[peer]
-            if st.closing or now < st.pex_due or st.pex_epoch == epoch:
+            if st.closing or not st.in_swarm or now < st.pex_due or st.pex_epoch == epoch:
                 continue
             st.pex_epoch = epoch  # nothing new until another address joins
             if listening is None:
