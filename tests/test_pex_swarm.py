@@ -83,6 +83,29 @@ def _json_line(proc: subprocess.Popen[bytes], deadline: float) -> dict[str, Any]
     raise AssertionError("a getter did not finish in time")
 
 
+def start_sharer(s: Swarm, src: Path, *args: str) -> tuple[subprocess.Popen[bytes], str]:
+    """``peer share SRC --host 127.0.0.1 ARGS`` with no tracker configured (it
+    runs its own), logging to ``sharer.log``; and a link to it that names the
+    sharer alone (its ``x=``, no ``tr=``)."""
+    env = s._env("sharer", None)
+    del env["PEER_TRACKER"]
+    log = _log_file(s.root / "sharer.log")
+    sharer = subprocess.Popen(
+        s.command("share", "-v", str(src), "--host", "127.0.0.1", *args),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=log,
+    )
+    os.close(log)
+    s.procs.append(sharer)
+    assert sharer.stdout is not None
+    link = parse_link(sharer.stdout.readline().decode())
+    assert link.trackers and link.peers == (("127.0.0.1", link.peers[0][1]),)
+    only_x = str(Link(link.content_id, link.key, (), link.peers))
+    assert "tr=" not in only_x
+    return sharer, only_x
+
+
 def test_getters_find_each_other_by_pex_and_outlive_the_sharer(
     tmp_path: Path, backend: str
 ) -> None:
@@ -91,35 +114,7 @@ def test_getters_find_each_other_by_pex_and_outlive_the_sharer(
     src.write_bytes(source)
     s = Swarm(tmp_path, backend, PATCH)  # no tracker is started: its port stays dead
     try:
-        # The sharer has no tracker configured: it runs its own (embedded).
-        env = s._env("sharer", None)
-        del env["PEER_TRACKER"]
-        log = _log_file(tmp_path / "sharer.log")
-        sharer = subprocess.Popen(
-            s.command(
-                "share",
-                "-v",
-                str(src),
-                "--host",
-                "127.0.0.1",
-                "--chunk-size",
-                "32KiB",
-                "--up-limit",
-                RATE,
-                patch=PATCH,
-            ),
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=log,
-        )
-        os.close(log)
-        s.procs.append(sharer)
-        assert sharer.stdout is not None
-        link = parse_link(sharer.stdout.readline().decode())
-        assert link.trackers and link.peers == (("127.0.0.1", link.peers[0][1]),)
-        # What the getters get: the sharer's address alone.
-        only_x = str(Link(link.content_id, link.key, (), link.peers))
-        assert "tr=" not in only_x
+        sharer, only_x = start_sharer(s, src, "--chunk-size", "32KiB", "--up-limit", RATE)
         sharer_key = s.key("sharer")[:12]
         outs = [tmp_path / f"got{k}" / "clip.bin" for k in range(GETTERS)]
         getters = []
