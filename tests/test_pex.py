@@ -354,3 +354,16 @@ def test_a_banned_route_is_refused_even_when_pex_leads_back_to_it() -> None:
     assert dials(e.on_pex(p, [("10.0.0.99", 7099)], now=1.0)) == [("10.0.0.99", 7099)]
     verdict, _ = e.attach("again", (key(9), "10.0.0.99"), initiated=True, now=2.0)
     assert verdict == "refused"
+
+
+def test_what_a_connection_was_told_is_bounded_by_the_swarm_not_its_history() -> None:
+    e = engine(max_peers=200)
+    p = join(e, 1, "10.0.0.11")
+    now = pex.PEX_FIRST_DELAY
+    for k in range(12):  # 12 waves of 50 peers that come, are told of, and go
+        wave = [join(e, 100 + 50 * k + j, f"10.1.{k}.{j + 1}", 6000, now=now) for j in range(50)]
+        assert len(told(e.tick(now))[p]) == 50
+        for peer in wave:
+            e.detach(peer, now)
+        now += pex.PEX_INTERVAL
+    assert len(e.peers[p].pex_sent) <= 2 * 200 + 50

@@ -776,6 +776,8 @@ class ContentEngine:
             if listening is None:
                 listening = self._listening()
             conn_ip = st.route[1]
+            if len(st.pex_sent) > 2 * MAX_SESSIONS:  # long-lived, much churn: forget the gone
+                st.pex_sent.intersection_update(listening)
             news = [
                 address
                 for address, other in listening.items()
