@@ -35,6 +35,8 @@ The link model (stated, because it decides the numbers):
   fewer than ``max_inbound`` connections (the node's inbound slots); a full
   node refuses by closing the connection.
 * **Closing** is immediate at both ends (the GOODBYE's flight is not modelled).
+* **No peer exchange**: the simulated tracker names every peer, and nodes
+  attach connections without a listen address, so no engine sends PEX.
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ from peerd.wire import (
     PeerConnection,
     PeerEntry,
     Peers,
+    Pex,
     Proof,
     Reject,
     Request,
@@ -580,6 +583,10 @@ class Simulation:
             elif isinstance(event, Reject):
                 req = (event.index, event.offset, event.length)
                 self._apply(node, engine.on_reject(s, req, event.reason, now))
+            elif isinstance(event, Pex):
+                # Nobody here sends PEX (attach is given no listen address:
+                # the simulated tracker names everyone); handled all the same.
+                self._apply(node, engine.on_pex(s, event.added, now))
             elif isinstance(event, Closed | Goodbye):
                 self._close(s)
             else:

@@ -50,6 +50,12 @@ peer_events = st.one_of(
     st.just(w.ManifestRequest()),
     st.builds(w.ManifestResponse, st.binary(min_size=1, max_size=100)),
     st.just(w.KeepAlive()),
+    st.builds(
+        w.Pex,
+        st.lists(
+            st.tuples(st.ip_addresses().map(str), st.integers(1, 65535)), min_size=1, max_size=5
+        ).map(tuple),
+    ),
 )
 client_events = st.one_of(
     st.builds(

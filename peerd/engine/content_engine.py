@@ -17,6 +17,7 @@ import random
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 
+from peerd.engine import pex
 from peerd.engine.picker import PiecePicker, pipeline_depth, swarm_counts
 from peerd.engine.scheduling import (
     BUSY_BACKOFF,
@@ -29,10 +30,12 @@ from peerd.engine.scheduling import (
 from peerd.engine.upload_queue import UploadQueue
 from peerd.errors import RemoteProtocolError
 from peerd.wire import (
+    MAX_PEX,
     Bitfield,
     Cancel,
     Event,
     Peers,
+    Pex,
     Reject,
     Request,
     bits_from_flags,
@@ -73,6 +76,7 @@ LONELY_RETRY_MAX = 30.0  # seconds: the longest wait between announces with no p
 Peer = Hashable  # the driver's handle for one connection
 Route = tuple[bytes, str]  # (proven key, remote IP): sessions and bans are per route
 Req = tuple[int, int, int]  # (index, offset, length), as on the wire
+Address = pex.Address  # (ip, port): where a peer listens
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +116,12 @@ class Dial:
 Action = Send | SendHave | Close | Dial
 
 
+def _address_route(ip: str, port: int) -> Route:
+    """The stand-in route of a dial to an address whose key we do not know
+    yet (a link's ``x=``, ``--peer``, a PEX address): one dial per address."""
+    return (f"direct:{port}".encode(), ip)
+
+
 def _dialable(ip: str, *, local_ok: bool) -> bool:
     """May a peer at ``ip`` be dialled? Never an unspecified address (0.0.0.0,
     ::) nor a text that is not an address; a loopback one only if
@@ -133,9 +143,15 @@ class PeerState:
         "arriving",
         "closing",
         "depth",
+        "in_swarm",
         "initiated",
         "last_payload_at",
         "last_useful_at",
+        "listen",
+        "pex_due",
+        "pex_epoch",
+        "pex_received_at",
+        "pex_sent",
         "rate",
         "remote",
         "requests",
@@ -145,9 +161,29 @@ class PeerState:
         "window_start",
     )
 
-    def __init__(self, route: Route, num_chunks: int, now: float, *, initiated: bool) -> None:
+    def __init__(
+        self,
+        route: Route,
+        num_chunks: int,
+        now: float,
+        *,
+        initiated: bool,
+        listen: Address | None = None,
+    ) -> None:
         self.route = route
         self.initiated = initiated
+        # Where the remote listens (the dialled address, or its IP and HELLO
+        # port); None: it does not listen, or the driver does not say.
+        self.listen = listen
+        # Peer exchange (pex.py): what we told it, when we may tell more,
+        # the swarm as we last looked for news for it, its last PEX to us.
+        self.pex_sent: set[Address] = set()
+        self.pex_due = now + pex.PEX_FIRST_DELAY
+        self.pex_epoch = -1
+        self.pex_received_at: float | None = None
+        # It sent its BITFIELD: a member of the swarm, not a manifest fetch
+        # (which closes after MANIFEST): only then is it told and told about.
+        self.in_swarm = False
         self.requests: set[Req] = set()  # requests we sent it, unanswered
         self.arriving: set[Req] = set()  # answered by a DATA whose payload is on its way
         self.depth = pipeline_depth(0.0, 1)
@@ -219,6 +255,14 @@ class ContentEngine:
         self.by_route: dict[Route, Peer] = {}  # the one registered connection per route
         self.connecting: set[Route] = set()
         self.banned: set[Route] = set()
+        # Peer exchange: where we listen (0: we do not), the local addresses
+        # our connections use (so a PEX naming us is known for what it is),
+        # the listen addresses of banned routes, what PEX taught us to dial.
+        self.listen_port = 0
+        self.local_ips: set[str] = set()
+        self.banned_addresses: set[Address] = set()
+        self.pex_candidates = pex.PexCandidates()
+        self._pex_epoch = 0  # grows with every listen address that joins
         self.down_limit: float | None = None  # the node's receive limit, bytes/s
         # The tracker is on this machine (a loopback address): only then may
         # it name peers at loopback addresses. A tracker elsewhere naming
@@ -271,11 +315,25 @@ class ContentEngine:
 
     # --- connections ------------------------------------------------------------
     def attach(
-        self, peer: Peer, route: Route, *, initiated: bool, now: float
+        self,
+        peer: Peer,
+        route: Route,
+        *,
+        initiated: bool,
+        now: float,
+        listen: Address | None = None,
+        local_ip: str | None = None,
     ) -> tuple[str, list[Action]]:
         """A handshake completed: ``"ok"`` (registered), ``"refused"`` (banned
         route, ourselves, the losing duplicate: close it silently) or ``"full"``
-        (a :class:`Close` saying why is among the actions)."""
+        (a :class:`Close` saying why is among the actions).
+
+        ``listen`` is where the remote listens (the address we dialled, or
+        its IP and HELLO port; None if it does not listen): what PEX tells
+        others. ``local_ip`` is our end's address (a PEX naming it at our
+        :attr:`listen_port` names us)."""
+        if local_ip is not None and (mine := pex.normal_ip(local_ip)) is not None:
+            self.local_ips.add(str(mine))
         key = route[0]
         if route in self.banned or key == self.my_key:
             return "refused", []
@@ -292,8 +350,15 @@ class ContentEngine:
         elif len(self.by_route) >= MAX_SESSIONS and not self._evict_idle(now):
             self._out.append(Close(peer, "too-many: this content has all the peers it can take"))
             return "full", self._take()
-        self.peers[peer] = PeerState(route, self.num_chunks, now, initiated=initiated)
+        if listen is not None:
+            address = pex.normal_ip(listen[0])
+            listen = None if address is None or not listen[1] else (str(address), listen[1])
+        self.peers[peer] = PeerState(
+            route, self.num_chunks, now, initiated=initiated, listen=listen
+        )
         self.by_route[route] = peer
+        if listen is not None:
+            self.pex_candidates.discard(listen)
         self.connecting.discard(route)  # a dial that got here counts as connected
         self.uploads.add_peer(peer)
         self._out.append(Send(peer, Bitfield(self.bitfield())))
@@ -324,6 +389,7 @@ class ContentEngine:
             self.picker.remove_peer(peer)
             st.requests.clear()
             self._fill_all(now)
+            self._dial_pex()
             if not self.by_route and not self.connecting:
                 self.announce_sooner = True
         return self._take()
@@ -349,6 +415,9 @@ class ContentEngine:
         except RemoteProtocolError as exc:
             return self._protocol_error(peer, str(exc))
         st.remote.set_bitfield(bits)
+        st.in_swarm = True
+        if st.listen is not None:
+            self._pex_epoch += 1  # news for every other connection
         if self.picker is not None:
             self.picker.add_peer(peer, flags_from_bits(bits, self.num_chunks))
             self._fill(peer, st, now)
@@ -501,6 +570,9 @@ class ContentEngine:
         """A chunk from ``peer`` failed its hash: ban its route for this download."""
         self.hash_failures += 1
         self.banned.add(route)
+        st = self.peers.get(peer)
+        if st is not None and st.listen is not None:
+            self.banned_addresses.add(st.listen)  # never dialled again, whoever names it
         if self.picker is not None:
             self.picker.cancel(peer, index)
             self.picker.remove_peer(peer)
@@ -565,6 +637,8 @@ class ContentEngine:
                 if st.requests and now - st.last_payload_at > STALL_TIMEOUT:
                     self._close(peer, "stalled: no data", abort=True)
             self._fill_all(now)
+            self._dial_pex()
+        self._send_pex(now)
         return self._take()
 
     # --- streaming ----------------------------------------------------------------
@@ -668,7 +742,7 @@ class ContentEngine:
 
     def dial_direct(self, ip: str, port: int) -> list[Action]:
         """Connect to a peer the user named (``peer get --peer``), key unknown yet."""
-        placeholder = (f"direct:{port}".encode(), ip)
+        placeholder = _address_route(ip, port)
         if placeholder not in self.connecting:
             self.connecting.add(placeholder)
             self._out.append(Dial(placeholder, ip, port))
@@ -679,3 +753,92 @@ class ContentEngine:
         self.connecting.discard(route)
         if self._alone():
             self.announce_sooner = True
+
+    # --- peer exchange (pex.py; docs/PROTOCOL.md, "Peer exchange") ----------------------
+    def _listening(self) -> dict[Address, PeerState]:
+        """The listen addresses of the registered connections."""
+        out: dict[Address, PeerState] = {}
+        for p in self.by_route.values():
+            st = self.peers[p]
+            if st.listen is not None and st.in_swarm and not st.closing:
+                out[st.listen] = st
+        return out
+
+    def _send_pex(self, now: float) -> None:
+        """Tell each connection that is due the addresses it has not heard from us."""
+        epoch = self._pex_epoch
+        listening: dict[Address, PeerState] | None = None
+        for peer in list(self.by_route.values()):
+            st = self.peers[peer]
+            if st.closing or not st.in_swarm or now < st.pex_due or st.pex_epoch == epoch:
+                continue
+            st.pex_epoch = epoch  # nothing new until another address joins
+            if listening is None:
+                listening = self._listening()
+            conn_ip = st.route[1]
+            if len(st.pex_sent) > 2 * MAX_SESSIONS:  # long-lived, much churn: forget the gone
+                st.pex_sent.intersection_update(listening)
+            news = [
+                address
+                for address, other in listening.items()
+                if other is not st
+                and address not in st.pex_sent
+                and pex.rejected(address[0], conn_ip) is None
+            ]
+            if not news:
+                continue
+            batch = news[:MAX_PEX]
+            if len(news) > MAX_PEX:
+                st.pex_epoch = -1  # the rest at the next turn
+            st.pex_sent.update(batch)
+            st.pex_due = now + pex.PEX_INTERVAL
+            self._out.append(Send(peer, Pex(tuple(batch))))
+
+    def on_pex(self, peer: Peer, added: Iterable[Address], now: float) -> list[Action]:
+        """A PEX from ``peer``: remember the addresses worth dialling (a
+        downloader dials them, under its cap); one too soon after the last
+        is a protocol error."""
+        st = self.peers.get(peer)
+        if st is None or st.closing:
+            return []
+        last = st.pex_received_at
+        if last is not None and now - last < pex.min_gap():
+            return self._protocol_error(
+                peer,
+                f"PEX {now - last:.1f} s after the previous one "
+                f"(at most one per {pex.PEX_INTERVAL:g} s)",
+            )
+        st.pex_received_at = now
+        if self.picker is None:
+            return []  # a seeder dials nobody: leechers come to it
+        conn_ip = st.route[1]
+        listening = self._listening()
+        for ip, port in added:
+            if pex.rejected(ip, conn_ip) is not None:
+                continue
+            address = (str(pex.normal_ip(ip)), port)
+            if (
+                (port == self.listen_port and address[0] in self.local_ips)
+                or address in self.banned_addresses
+                or address in listening
+            ):
+                continue
+            self.pex_candidates.add(address)
+        self._dial_pex()
+        return self._take()
+
+    def _dial_pex(self) -> None:
+        """Dial PEX-learned addresses while there is room (:attr:`max_peers`)."""
+        if self.picker is None or not len(self.pex_candidates):
+            return
+        room = self.max_peers - len(self.by_route) - len(self.connecting)
+        if room <= 0:
+            return
+        listening = self._listening()
+        while room > 0 and (address := self.pex_candidates.take()) is not None:
+            route = _address_route(*address)
+            if address in listening or address in self.banned_addresses or route in self.connecting:
+                continue
+            self.connecting.add(route)
+            self._out.append(Dial(route, *address))
+            room -= 1

@@ -44,6 +44,7 @@ from peerd.wire import (
     ManifestResponse,
     PeerConnection,
     Peers,
+    Pex,
     Reject,
     Request,
     encode_message,
@@ -77,6 +78,7 @@ class NodeLink(Protocol):
 
     identity: Identity
     tracker_address: tuple[str, int]
+    port: int  # where the node listens (0: it does not)
     up_limiter: RateLimiter
     down_limiter: RateLimiter
     upload_turns: UploadTurns
@@ -130,6 +132,7 @@ class Content:
         )
         self.engine.down_limit = node.down_limiter.rate
         self.engine.tracker_local = _is_loopback(node.tracker_address[0])
+        self.engine.listen_port = node.port
         chunk = max(1, min(info.chunk_size, info.size or 1))
         self.buffers = BufferPool(chunk, max(2, BUFFER_BUDGET // chunk))
         self.bytes_from: dict[str, int] = {}
@@ -247,7 +250,12 @@ class Content:
             down_limiter=node.down_limiter,
         )
         verdict, actions = self.engine.attach(
-            session, session.route, initiated=initiated, now=trio.current_time()
+            session,
+            session.route,
+            initiated=initiated,
+            now=trio.current_time(),
+            listen=session.listen,
+            local_ip=session.local_ip,
         )
         if verdict == "refused":
             return None
@@ -294,6 +302,8 @@ class Content:
         elif isinstance(event, Reject):
             req = (event.index, event.offset, event.length)
             self.apply(engine.on_reject(session, req, event.reason, now))
+        elif isinstance(event, Pex):
+            self.apply(engine.on_pex(session, event.added, now))
 
     def on_payload(self, session: PeerSession, req: tuple[int, int, int], buf: mmap.mmap) -> None:
         """A DATA payload arrived whole in ``buf`` (which this takes over)."""

@@ -43,6 +43,7 @@ from peerd.wire import (
     ManifestRequest,
     ManifestResponse,
     PeerConnection,
+    Pex,
     Reject,
     Request,
 )
@@ -86,6 +87,20 @@ def _tcp_info_u32(fd: int, offset: int) -> int | None:
     if len(raw) < offset + 4:
         return None
     return int.from_bytes(raw[offset : offset + 4], sys.byteorder)
+
+
+def local_host(fd: int) -> str | None:
+    """The local address of a connected socket (None: no socket, or the OS
+    cannot say)."""
+    if fd < 0:
+        return None
+    sock = socket.socket(fileno=fd)  # a view of the session's descriptor ...
+    try:
+        return str(sock.getsockname()[0])
+    except (OSError, IndexError):
+        return None
+    finally:
+        sock.detach()  # ... that must not close it
 
 
 def receiver_window(fd: int) -> int | None:
@@ -172,6 +187,12 @@ class PeerSession:
         self.initiated = initiated
         host, _port = stream.peer_address
         self.address = (host, hello.port)
+        # Where the remote listens, for peer exchange: the address we dialled,
+        # or its IP with the port its HELLO gave (0: it does not listen).
+        self.listen: tuple[str, int] | None = (
+            stream.peer_address if initiated else (host, hello.port) if hello.port else None
+        )
+        self.local_ip = local_host(self._fd)
         # The route: the proven key at this address (sessions and bans are per route).
         self.route: tuple[bytes, str] = (hello.key, host)
         self.name = f"{hello.key.hex()[:12]}@{host}:{hello.port}"
@@ -313,7 +334,7 @@ class PeerSession:
                 return
             if isinstance(event, DataHeader):
                 await self._receive_payload(event)
-            elif isinstance(event, Request | Cancel | Have | Bitfield | Reject):
+            elif isinstance(event, Request | Cancel | Have | Bitfield | Reject | Pex):
                 content.on_message(self, event)
             elif isinstance(event, ManifestRequest):
                 # Once per connection (the wire refuses a second), and the

@@ -37,6 +37,7 @@ from ._connection import (
 )
 from ._events import (
     ANNOUNCE_EVENTS,
+    MAX_PEX,
     PROTOCOL_VERSION,
     REJECT_REASONS,
     Announce,
@@ -59,6 +60,7 @@ from ._events import (
     Ok,
     PeerEntry,
     Peers,
+    Pex,
     Proof,
     Publish,
     Reject,
@@ -80,6 +82,7 @@ __all__ = [
     "MAX_CANCELLED",
     "MAX_OUTSTANDING",
     "MAX_PAYLOAD",
+    "MAX_PEX",
     "NEED_DATA",
     "PROTOCOL_VERSION",
     "REJECT_REASONS",
@@ -107,6 +110,7 @@ __all__ = [
     "PeerEntry",
     "PeerState",
     "Peers",
+    "Pex",
     "Proof",
     "Publish",
     "Reject",

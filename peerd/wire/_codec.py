@@ -167,6 +167,12 @@ _SPECS: dict[int, _Spec] = {
     FrameType.GOODBYE: _Spec(
         ("reason",), 0, lambda e: {"reason": e.reason}, lambda f: ev.Goodbye(f.get_str("reason"))
     ),
+    FrameType.PEX: _Spec(
+        ("added",),
+        ev.MAX_PEX,
+        lambda e: {"added": [[ip, port] for ip, port in e.added]},
+        lambda f: ev.Pex(tuple((ip, port) for ip, port in f.tuples("added", (str, int)))),
+    ),
     FrameType.CHALLENGE: _Spec(
         ("v", "nonce"),
         0,
@@ -275,6 +281,7 @@ EVENT_TYPES: dict[type, int] = {
     ev.ManifestResponse: FrameType.MANIFEST,
     ev.Goodbye: FrameType.GOODBYE,
     ev.Proof: FrameType.PROOF,
+    ev.Pex: FrameType.PEX,
     ev.Challenge: FrameType.CHALLENGE,
     ev.Auth: FrameType.AUTH,
     ev.Announce: FrameType.ANNOUNCE,

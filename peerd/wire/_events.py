@@ -41,6 +41,7 @@ __all__ = [
     "Ok",
     "PeerEntry",
     "Peers",
+    "Pex",
     "Publish",
     "Reject",
     "Request",
@@ -67,6 +68,7 @@ MAX_HAVE = 4096
 MAX_TEXT = 1024  # reason / message, in characters
 MAX_CODE = 64
 MAX_PEERS = 200
+MAX_PEX = 50  # addresses in one PEX
 MAX_WANT = 200
 MAX_SCRAPE = 1000
 MAX_INTERVAL = 86400
@@ -332,6 +334,32 @@ class Goodbye(Event):
 
     def __post_init__(self) -> None:
         _str(self, "reason", 0, MAX_TEXT)
+
+
+@dataclass(frozen=True, slots=True)
+class Pex(Event):
+    """PEX (13): listen addresses ``(ip, port)`` of other peers of this content.
+
+    1..50 entries; each ip is an address literal (no host names), each port
+    1..65535. What the receiver does with them (and what it ignores) is the
+    content engine's business (docs/PROTOCOL.md, "Peer exchange").
+    """
+
+    added: tuple[tuple[str, int], ...]
+
+    def __post_init__(self) -> None:
+        entries = _tuple(self, "added", 1, MAX_PEX)
+        if any(type(e) is not tuple for e in entries):
+            entries = tuple(tuple(e) if isinstance(e, list) else e for e in entries)
+            object.__setattr__(self, "added", entries)
+        for entry in entries:
+            if type(entry) is not tuple or len(entry) != 2:
+                raise LocalProtocolError(f"Pex.added items must be (ip, port), got {entry!r:.80}")
+            ip, port = entry
+            if not isinstance(ip, str) or not 2 <= len(ip) <= MAX_IP_TEXT or not is_ip_text(ip):
+                raise LocalProtocolError(f"Pex.added ip is not an IP address: {ip!r:.80}")
+            if type(port) is not int or not 1 <= port <= 65535:
+                raise LocalProtocolError(f"Pex.added port must be in 1..65535, got {port!r}")
 
 
 # client <-> tracker -------------------------------------------------------------

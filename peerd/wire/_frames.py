@@ -54,6 +54,7 @@ class FrameType(enum.IntEnum):
     GOODBYE = 10
     PROOF = 11
     KEEPALIVE = 12
+    PEX = 13
     # client <-> tracker
     CHALLENGE = 32
     AUTH = 33
@@ -88,6 +89,8 @@ MAX_BODY: dict[int, int] = {
     FrameType.GOODBYE: _SMALL,
     FrameType.PROOF: _SMALL,
     FrameType.KEEPALIVE: _SMALL,
+    # 50 entries of at most 45 + 3 (ip) + 3 (port) + 1 (array) bytes, plus the map.
+    FrameType.PEX: 4 * KiB,
     FrameType.CHALLENGE: _SMALL,
     FrameType.AUTH: _SMALL,
     FrameType.ANNOUNCE: 256 * KiB,

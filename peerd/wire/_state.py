@@ -11,7 +11,7 @@ depend on what the other direction did (PeerConnection checks those):
   * then BITFIELD, exactly once; before it only MANIFEST_REQUEST, MANIFEST
     (an answer) and KEEPALIVE may go;
   * then HAVE, REQUEST, DATA, CANCEL, REJECT, MANIFEST_REQUEST, MANIFEST,
-    KEEPALIVE, each under its own obligation (see PeerConnection);
+    KEEPALIVE, PEX, each under its own obligation (see PeerConnection);
   * GOODBYE is the last message a side sends.
 
 Tracker connection -- one conversation, shared by both directions:
@@ -70,6 +70,7 @@ PEER_TYPES = frozenset(
         F.GOODBYE,
         F.PROOF,
         F.KEEPALIVE,
+        F.PEX,
     }
 )
 
@@ -86,6 +87,7 @@ _OPEN = frozenset(
         F.MANIFEST_REQUEST,
         F.MANIFEST,
         F.KEEPALIVE,
+        F.PEX,
     }
 )
 
