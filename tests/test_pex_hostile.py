@@ -6,8 +6,8 @@ tells it, by PEX, of 96 loopback addresses where the test listens, plus
 addresses the getter must never dial (unspecified, multicast, another family,
 the getter itself). The getter dials each good address once, about this
 content, never more than its connection target at a time, none of the bad
-ones; a PEX sooner than the rate allows ends the connection with GOODBYE
-``protocol-error``.
+ones; a PEX sooner than the rate allows is ignored, and the connection
+stays (an honest PEX may arrive late behind a long DATA).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import socket
 import time
 from pathlib import Path
 
-import msgpack
 import pytest
 
 from peerd.app.link import parse_link
@@ -126,11 +125,11 @@ def test_a_hostile_pex_cannot_make_a_getter_dial_past_its_cap(tmp_path: Path, ba
                 conns[0].settimeout(5)
                 kind, hello, _ = read_raw_message(conns[0])
                 assert kind == HELLO and hello["id"] == cid
-            # The third PEX came too soon: the getter closed, saying why.
-            frames, closed = read_until_closed(hostile, 10)
-            assert closed
-            reasons = [msgpack.unpackb(body)["reason"] for kind, body in frames if kind == GOODBYE]
-            assert reasons and reasons[0].startswith("protocol-error: PEX"), reasons
+            # The third PEX came too soon: ignored (its one address was
+            # dialled for the first PEX, and only once), the connection kept.
+            frames, closed = read_until_closed(hostile, 1.0)
+            assert not closed
+            assert not [kind for kind, _ in frames if kind == GOODBYE]
         finally:
             hostile.close()
         assert getter.poll() is None  # the download goes on

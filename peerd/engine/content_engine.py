@@ -262,6 +262,7 @@ class ContentEngine:
         self.local_ips: set[str] = set()
         self.banned_addresses: set[Address] = set()
         self.pex_candidates = pex.PexCandidates()
+        self.pex_ignored = 0  # PEX that came too soon after the last one taken
         self._pex_epoch = 0  # grows with every listen address that joins
         self.down_limit: float | None = None  # the node's receive limit, bytes/s
         # The tracker is on this machine (a loopback address): only then may
@@ -796,18 +797,16 @@ class ContentEngine:
 
     def on_pex(self, peer: Peer, added: Iterable[Address], now: float) -> list[Action]:
         """A PEX from ``peer``: remember the addresses worth dialling (a
-        downloader dials them, under its cap); one too soon after the last
-        is a protocol error."""
+        downloader dials them, under its cap). One that comes too soon
+        after the last one taken is ignored, not an error: an honest
+        sender's PEX may wait behind a long DATA and arrive with its next."""
         st = self.peers.get(peer)
         if st is None or st.closing:
             return []
         last = st.pex_received_at
         if last is not None and now - last < pex.min_gap():
-            return self._protocol_error(
-                peer,
-                f"PEX {now - last:.1f} s after the previous one "
-                f"(at most one per {pex.PEX_INTERVAL:g} s)",
-            )
+            self.pex_ignored += 1
+            return []
         st.pex_received_at = now
         if self.picker is None:
             return []  # a seeder dials nobody: leechers come to it

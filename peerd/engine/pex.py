@@ -15,9 +15,11 @@ on, a routable unicast address (never unspecified, multicast, broadcast,
 link-local or reserved), loopback only when that connection is loopback, and
 never our own listen address. What passes waits in :class:`PexCandidates`
 (at most :data:`MAX_CANDIDATES` per content, oldest dropped) until the
-engine's normal dial path takes it, under its cap on connections. A remote
-that sends PEX too often is cut off (the rate is checked with half the
-interval as slack, as a message may be delayed in flight).
+engine's normal dial path takes it, under its cap on connections. A PEX
+that comes sooner than half the interval after the last one taken is
+ignored (not an error: an honest one may have waited in the sender's queue
+behind a long DATA and arrive right before the next), so a remote gets at
+most 50 addresses considered per half interval.
 
 The constants are read at call time, so a test may patch them.
 """
