@@ -372,3 +372,18 @@ def test_what_a_connection_was_told_is_bounded_by_the_swarm_not_its_history() ->
             e.detach(peer, now)
         now += pex.PEX_INTERVAL
     assert len(e.peers[p].pex_sent) <= 2 * 200 + 50
+
+
+def test_a_dial_by_address_counts_once_when_connected() -> None:
+    # A dial to an address (x=, --peer, PEX) stands in `connecting` until its
+    # connection is up; connected, it counts as a session only, so the room
+    # for PEX dials is max_peers minus the sessions.
+    e = engine(max_peers=3)
+    assert dials(e.dial_direct("10.0.0.20", 6000)) == [("10.0.0.20", 6000)]
+    verdict, _ = e.attach(
+        "p1", (key(1), "10.0.0.20"), initiated=True, now=0.0, listen=("10.0.0.20", 6000)
+    )
+    assert verdict == "ok" and not e.connecting
+    p2 = join(e, 2, "10.0.0.21")
+    out = e.on_pex(p2, [("10.0.0.30", 6000), ("10.0.0.31", 6000)], now=5.0)
+    assert dials(out) == [("10.0.0.30", 6000)]  # 3 - 2 sessions = room for one

@@ -360,6 +360,8 @@ class ContentEngine:
         self.by_route[route] = peer
         if listen is not None:
             self.pex_candidates.discard(listen)
+            if initiated:  # a dial by address (x=, --peer, PEX) is connected now
+                self.connecting.discard(_address_route(*listen))
         self.connecting.discard(route)  # a dial that got here counts as connected
         self.uploads.add_peer(peer)
         self._out.append(Send(peer, Bitfield(self.bitfield())))
