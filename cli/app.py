@@ -1323,31 +1323,36 @@ def cmd_limit(
 @app.command("stop")
 def cmd_stop() -> None:
     """Stop the daemon (it announces the stop and closes everything); returns once it has exited."""
-    import fcntl
     import time
 
-    from peerd.app.daemon import LOCK_NAME
-
+    pid = int(_control({"cmd": "status"})["daemon"]["pid"])
     _control({"cmd": "stop"})
-    # The daemon holds its lock until its process ends: wait for that.
-    deadline = time.monotonic() + 15
-    try:
-        fd = os.open(peer_home() / LOCK_NAME, os.O_RDWR | os.O_CLOEXEC)
-    except OSError:
-        fd = -1
-    try:
-        while fd >= 0:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    fail("the daemon was asked to stop but is still running after 15 s")
-                time.sleep(0.05)
-    finally:
-        if fd >= 0:
-            os.close(fd)
+    # Its lock goes when it is done; its process a moment later: wait for both.
+    deadline = time.monotonic() + STOP_WAIT
+    while _running(pid):
+        if time.monotonic() > deadline:
+            fail(f"the daemon (pid {pid}) was asked to stop but still runs after {STOP_WAIT:.0f} s")
+        time.sleep(0.02)
     typer.echo("daemon stopped", err=True)
+
+
+STOP_WAIT = 15.0  # seconds `peer stop` waits for the daemon's process to end
+
+
+def _running(pid: int) -> bool:
+    """Is process ``pid`` alive (not gone, not a zombie waiting to be reaped)?"""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            # "pid (comm) S ...": the state follows the last ")".
+            return f.read().rpartition(b")")[2].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return False
 
 
 def main() -> None:

@@ -94,7 +94,7 @@ def follow_download(home: Path, cid: str, *, show: bool, stall_timeout: float) -
             ``stall_timeout`` s (it stays in the daemon), or Ctrl-C.
     """
     short = cid[:16]
-    view: PolledProgress | None = None
+    view = PolledProgress(enabled=show)
     started = time.monotonic()
     last_have, last_progress = -1, started
     try:
@@ -106,13 +106,11 @@ def follow_download(home: Path, cid: str, *, show: bool, stall_timeout: float) -
             if not rows:
                 raise Failure(f"{short} was removed from the daemon")
             row = rows[0]
-            if view is None:
-                view = PolledProgress(str(row["name"]), int(row["size"]), enabled=show)
+            view.start(str(row["name"]), int(row["size"]))
             view.update(int(row["have"]), int(row["peers"]))
             state = str(row["state"])
             if state == "seeding":
                 view.close()
-                view = None
                 result: dict[str, Any] = {"id": cid, **row.get("result", {})}
                 result.setdefault("path", row.get("path"))
                 result.setdefault("bytes", row["size"])
@@ -133,13 +131,10 @@ def follow_download(home: Path, cid: str, *, show: bool, stall_timeout: float) -
                 )
             time.sleep(POLL_EVERY)
     except KeyboardInterrupt:
-        if view is not None:
-            view.close()
-            view = None
+        view.close()
         raise _interrupted(home, cid) from None
     finally:
-        if view is not None:
-            view.close()
+        view.close()
 
 
 def _interrupted(home: Path, cid: str) -> Failure:
@@ -147,9 +142,12 @@ def _interrupted(home: Path, cid: str) -> Failure:
     short = cid[:16]
     leave = True
     if sys.stdin.isatty():
+        # Asked on stderr, where the bar was (stdout may be a pipe).
+        sys.stderr.write("leave it downloading in the daemon? [Y/n] ")
+        sys.stderr.flush()
         try:
-            answer = input("leave it downloading in the daemon? [Y/n] ").strip().lower()
-        except (EOFError, KeyboardInterrupt):
+            answer = sys.stdin.readline().strip().lower()
+        except KeyboardInterrupt:
             answer = ""
         leave = answer not in ("n", "no")
     if leave:

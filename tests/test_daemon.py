@@ -25,6 +25,7 @@ from rich.console import Console
 from cli.app import status_table
 from peerd.app.daemon import Daemon, control_request
 from peerd.content.identity import Identity
+from peerd.errors import PeerError
 
 from .e2e import Swarm, random_file, swarm
 
@@ -188,14 +189,22 @@ def test_status_shows_a_download_that_failed(tmp_path: Path) -> None:
     with swarm(tmp_path, "reactor") as s:
         _, cid = s.share("seed", src)
         home = s.home("d")
-        daemon = s.peer("d", "daemon")
-        _wait_socket(home / "control.sock", daemon)
         out = tmp_path / "out"
         out.mkdir()
         foreign = out / "f.bin.part"
         foreign.write_bytes(b"not a download")  # someone's file: refused, never touched
-        reply = control_request(home, {"cmd": "get", "id": cid, "output": str(out)}, timeout=20)
-        assert reply is not None and reply["ok"]
+        # A get handed over now is refused at once, in the request's reply ...
+        daemon = s.peer("d", "daemon")
+        _wait_socket(home / "control.sock", daemon)
+        with pytest.raises(PeerError, match=r"f\.bin\.part exists but is not an unfinished"):
+            control_request(home, {"cmd": "get", "id": cid, "output": str(out)}, timeout=20)
+        assert s.run("d", "stop").returncode == 0
+        assert daemon.wait(timeout=15) == 0
+        # ... one restored from daemon.json fails in the background: status says why.
+        state = {"shared": {}, "downloads": {cid: {"path": str(out / "f.bin")}}}
+        (home / "daemon.json").write_text(json.dumps(state))
+        daemon = s.peer("d", "daemon")
+        _wait_socket(home / "control.sock", daemon)
         deadline = time.monotonic() + 15
         while True:
             rows = [t for t in _status(s, "d")["transfers"] if t["id"] == cid]

@@ -11,6 +11,7 @@ from rich.progress import (
     BarColumn,
     DownloadColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeRemainingColumn,
     TransferSpeedColumn,
@@ -76,21 +77,31 @@ class ProgressView:
 
 class PolledProgress:
     """The same bar, fed by whoever polls (``peer get`` following a daemon's
-    status); inert when disabled. Not async: the caller updates it."""
+    status); inert when disabled. Not async: the caller updates it.
 
-    def __init__(self, name: str, size: int, *, enabled: bool) -> None:
+    Made first and started apart (:meth:`start`), so that a Ctrl-C arriving
+    while it starts still finds an object to :meth:`close`.
+    """
+
+    def __init__(self, *, enabled: bool) -> None:
+        self.enabled = enabled
         self._progress: Progress | None = None
-        if enabled:
-            self._progress = _bar()
-            # A remote manifest's name: shown as it is, never as markup.
-            self._task = self._progress.add_task(escape(name), total=size, peers=0)
-            self._progress.start()
+        self._task: TaskID | None = None
+
+    def start(self, name: str, size: int) -> None:
+        if not self.enabled or self._progress is not None:
+            return
+        self._progress = _bar()
+        # A remote manifest's name: shown as it is, never as markup.
+        self._task = self._progress.add_task(escape(name), total=size, peers=0)
+        self._progress.start()
 
     def update(self, have: int, peers: int) -> None:
-        if self._progress is not None:
+        if self._progress is not None and self._task is not None:
             self._progress.update(self._task, completed=have, peers=peers)
 
     def close(self) -> None:
-        if self._progress is not None:
-            self._progress.stop()
-            self._progress = None
+        """Stop the bar (its last state stays on screen); idempotent."""
+        progress, self._progress = self._progress, None
+        if progress is not None:
+            progress.stop()
