@@ -974,7 +974,13 @@ def cmd_tracker(
         fail(str(exc))
     except ValueError as exc:  # under a minimum: name the option, not the field
         fail(str(exc).replace("max_memory", "--max-memory").replace("max_disk", "--max-disk"))
-    setup_logging(True)
+    # Timestamped: counts of publishes and announces each minute; with -v,
+    # every one of them (DEBUG).
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     raise typer.Exit(run_tracker(host, port, transport, data, limits))
 
 
