@@ -7,7 +7,7 @@ the file and the key.
 
     tracker = "tracker.example.org:7070"   # or a list: the first is used
     host = "::"
-    port = 6881
+    port = 6881                            # the daemon's and `peer share`'s
     up_limit = "2MiB"
     down_limit = "10MB"
     download_dir = "~/Downloads"
@@ -44,18 +44,27 @@ class Config:
     transport: str | None = None
 
     def command_defaults(self) -> dict[str, dict[str, Any]]:
-        """Click's ``default_map``: what this file sets for each networked command."""
-        values = {
+        """Click's ``default_map``: what this file sets for each networked command.
+
+        ``port`` is for the long-running nodes (``daemon``, ``share``) only: a
+        ``get -o -`` or ``stream`` beside a daemon must not try its port.
+        """
+        common = {
             k: v
             for k, v in (
                 ("host", self.host),
-                ("port", self.port),
                 ("up_limit", self.up_limit),
                 ("down_limit", self.down_limit),
             )
             if v is not None
         }
-        return {cmd: dict(values) for cmd in ("share", "get", "stream", "daemon")}
+        port = {"port": self.port} if self.port is not None else {}
+        return {
+            "share": {**common, **port},
+            "daemon": {**common, **port},
+            "get": dict(common),
+            "stream": dict(common),
+        }
 
 
 def load_config(home: Path) -> Config:
