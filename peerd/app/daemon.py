@@ -756,6 +756,7 @@ class Daemon:
                     "seconds": round(seconds, 3),
                     "MBps": round(content.downloaded / seconds / 1e6, 1),
                     "peers_used": sum(1 for v in content.bytes_from.values() if v),
+                    "bytes_per_peer": dict(content.bytes_from),
                     "hash_failures": content.hash_failures,
                     "resumed_bytes": store.resumed_bytes,
                 }
