@@ -1012,6 +1012,10 @@ def cmd_daemon(
     from peerd.app.daemon import run_daemon
 
     home = peer_home()
+    try:  # checked here too with --detach: a bad option is said on this terminal
+        node = make_node(tracker, host, port, transport, up_limit, down_limit, bind)
+    except PeerError as exc:
+        fail(str(exc))
     if detach:
         raise typer.Exit(_detach_daemon(home, verbose))
     if log_file is not None:
@@ -1019,10 +1023,6 @@ def cmd_daemon(
     else:
         setup_logging(verbose)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    try:
-        node = make_node(tracker, host, port, transport, up_limit, down_limit, bind)
-    except PeerError as exc:
-        fail(str(exc))
 
     def started() -> None:
         message = (

@@ -110,6 +110,16 @@ def test_share_get_status_pause_resume_limit_rm_through_daemons(
         ]
         assert re.fullmatch(rf"{cid} +2\.1 MB  {src}\n", s.run("seed", "ls").stdout)
 
+        # A link's key is the trust the daemon checks; its other tracker is a note.
+        wrong = s.key("leech")
+        link = f"peer:{cid}?pk={wrong}&tr=127.0.0.1:9"
+        refused = s.run("leech", "get", link, "-o", f"{out}/")
+        assert refused.returncode == 1, refused.stderr
+        note, error = refused.stderr.strip().splitlines()
+        assert note.startswith("peer: note: the link names tracker 127.0.0.1:9"), note
+        assert error.startswith("peer: error: manifest") and f"trusted key {wrong}" in error
+        assert not out.exists() or not any(out.iterdir())
+
         # A slow download (a live limit: 32 s at least), handed over and left running.
         limit = s.run("leech", "limit", "--down", "64KiB")
         assert limit.returncode == 0 and "down: 65536 bytes/s" in limit.stdout, limit.stderr
@@ -258,6 +268,12 @@ def test_detached_daemon_ignores_sighup_and_logs(tmp_path: Path) -> None:
         again = s.run("d", "daemon", "--detach")
         assert again.returncode == 1
         assert f"a daemon is already running (pid {pid})" in again.stderr
+        bad = s.run("e", "daemon", "--detach", "--port", "99999")
+        assert bad.returncode == 1
+        assert (
+            bad.stderr
+            == "peer: error: --port 99999 is not a port: use 1-65535, or 0 for any free port\n"
+        )
         os.kill(pid, signal.SIGHUP)
         time.sleep(0.3)
         assert alive(pid) and status(s, "d")["daemon"]["pid"] == pid
