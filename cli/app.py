@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import trio
 import typer
 
+from cli.config import Config
 from peerd.app.link import Link, format_address, is_link, parse_address, parse_link
 from peerd.content.identity import Identity, parse_public_key, peer_home
 from peerd.errors import PeerError
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
     from peerd.node.node import Node
 
 app = typer.Typer(
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion
     no_args_is_help=True,
 )
 
@@ -53,6 +54,7 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def _root(
+    ctx: typer.Context,
     version: Annotated[
         bool,
         typer.Option(
@@ -69,11 +71,23 @@ def _root(
     Environment: PEER_HOME (your key, caches and daemon state; default
     ~/.local/share/peer), PEER_TRACKER (HOST:PORT), PEER_TRANSPORT (reactor or
     proactor). Downloads go to the current directory unless -o says otherwise.
+    Defaults can be set in $PEER_HOME/config.toml (tracker, host, port,
+    up_limit, down_limit, download_dir, transport); a flag beats an
+    environment variable, which beats the config file.
     Exit codes: 0 ok, 1 failure, 2 usage, 130 interrupted.
     """
+    global _config
+    from cli.config import load_config
+
+    try:
+        _config = load_config(peer_home())
+    except PeerError as exc:
+        fail(str(exc))
+    ctx.default_map = _config.command_defaults()
 
 
 EXIT_ERROR = 1
+_config = Config()  # $PEER_HOME/config.toml, read by the root callback
 EXIT_INTERRUPTED = 130
 DEFAULT_TRACKER = "127.0.0.1:7070"
 
@@ -178,7 +192,9 @@ def where(host: str, port: int) -> str:
 
 
 def parse_tracker(text: str | None) -> tuple[str, int]:
-    return parse_address(text or os.environ.get("PEER_TRACKER") or DEFAULT_TRACKER, "tracker")
+    """The tracker: the flag, else $PEER_TRACKER, else config.toml, else the default."""
+    chosen = text or os.environ.get("PEER_TRACKER") or _config.tracker or DEFAULT_TRACKER
+    return parse_address(chosen, "tracker")
 
 
 def parse_chunk_size(text: str | None) -> int | None:
@@ -276,7 +292,7 @@ def _expected_error(exc: BaseException) -> PeerError | OSError | None:
 def _transport(name: str | None):  # type: ignore[no-untyped-def]
     from peerd.transport import get_transport
 
-    return get_transport(name)
+    return get_transport(name or os.environ.get("PEER_TRANSPORT") or _config.transport)
 
 
 def _identity() -> Identity:
@@ -326,6 +342,7 @@ def cmd_id() -> None:
 
 @app.command("share")
 def cmd_share(
+    ctx: typer.Context,
     path: Annotated[Path, typer.Argument(help="The file to share.")],
     tracker: TrackerOpt = None,
     host: HostOpt = ANY_HOST,
@@ -361,21 +378,19 @@ def cmd_share(
 ) -> None:
     """Share a file: print a link to it (first line of stdout), then seed until Ctrl-C."""
     setup_logging(verbose)
-    from peerd.app.daemon import try_daemon_share
     from peerd.app.share import share_file
     from peerd.transport import is_wildcard
 
-    embedded = tracker is None and not os.environ.get("PEER_TRACKER")
+    embedded = tracker is None and not os.environ.get("PEER_TRACKER") and not _config.tracker
     try:
         chunk = parse_chunk_size(chunk_size)
         public = parse_address(public_addr, "--public-addr") if public_addr else None
         tracker_address = parse_tracker(tracker)
-        handed = try_daemon_share(
-            peer_home(), path, hash_algo, chunk
-        )  # a daemon has its own tracker
-        if handed is not None:
-            link = Link(bytes.fromhex(handed), _identity().public_key, (tracker_address,))
-            typer.echo(handed if id_only else str(link))
+        handed = _share_via_daemon(ctx, path, hash_algo, chunk, tracker_address)
+        if handed is not None:  # a daemon has its own tracker: the link names it
+            cid_hex, daemon_tracker = handed
+            link = Link(bytes.fromhex(cid_hex), _identity().public_key, (daemon_tracker,))
+            typer.echo(cid_hex if id_only else str(link))
             typer.echo(f"shared by the running daemon; get it with: peer get {link}", err=True)
             return
         node = make_node(tracker, host, port, transport, up_limit, down_limit, bind, public)
@@ -418,6 +433,7 @@ def cmd_share(
 
 @app.command("get")
 def cmd_get(
+    ctx: typer.Context,
     content_id: Annotated[
         str,
         typer.Argument(
@@ -475,9 +491,22 @@ def cmd_get(
     transport: TransportOpt = None,
     up_limit: UpOpt = None,
     down_limit: DownOpt = None,
+    detach: Annotated[
+        bool,
+        typer.Option(
+            "--detach",
+            metavar="",
+            help="Hand the download to the running daemon and return at once.",
+        ),
+    ] = False,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Download a file from every useful peer at once, verifying every chunk."""
+    """Download a file from every useful peer at once, verifying every chunk.
+
+    With a daemon running (`peer daemon`), the daemon downloads it (and seeds
+    it afterwards) and this command shows its progress; Ctrl-C asks whether
+    to leave it running there.
+    """
     setup_logging(verbose)
     json_errors(as_json and output_text != "-")  # with -o -, stdout is the content
     from peerd.app.download import OutputClosed, download
@@ -485,17 +514,46 @@ def cmd_get(
 
     try:
         content_id, trust_key, tracker, direct = _where_to_look(content_id, trust, peer, tracker)
-        node = make_node(tracker, host, port, transport, up_limit, down_limit, bind)
     except PeerError as exc:
         fail(str(exc))
     if not timeout > 0:
         fail(f"--timeout {timeout:g} is not a positive number of seconds")
+    if output_text is None and _config.download_dir is not None:
+        output_text = os.path.join(_config.download_dir, "")  # a directory: the file goes in
     output = Path(output_text) if output_text else None
     if output_text and output_text != "-" and output_text.endswith(os.sep):
         try:
             output.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
         except OSError as exc:
             fail(f"cannot create the directory {output_text}: {exc.strerror}")
+    if output_text != "-":  # stdout is this process's: never the daemon's
+        try:
+            handed = _get_via_daemon(
+                ctx,
+                content_id,
+                trust_key,
+                tracker,
+                direct,
+                output,
+                force=force,
+                sequential=sequential,
+                detach=detach,
+                as_json=as_json,
+                timeout=timeout,
+            )
+        except PeerError as exc:
+            fail(str(exc), getattr(exc, "code", EXIT_ERROR))
+        if handed:
+            return
+    if detach:
+        fail(
+            f"--detach hands the download to a running daemon, and none runs for {peer_home()}: "
+            "start one with `peer daemon --detach`"
+        )
+    try:
+        node = make_node(tracker, host, port, transport, up_limit, down_limit, bind)
+    except PeerError as exc:
+        fail(str(exc))
     show_progress = not as_json and sys.stderr.isatty()
     to_stdout = output_text == "-"
     if to_stdout:
@@ -568,6 +626,102 @@ def cmd_get(
         return result
 
     run_trio(main, interrupt_ok=seed)
+
+
+def _get_via_daemon(
+    ctx: typer.Context,
+    content_id: str,
+    trust: bytes | None,
+    tracker: str | None,
+    peers: list[tuple[str, int]],
+    output: Path | None,
+    *,
+    force: bool,
+    sequential: bool,
+    detach: bool,
+    as_json: bool,
+    timeout: float,
+) -> bool:
+    """Hand a get to a running daemon and follow it; False when no daemon runs.
+
+    Raises:
+        PeerError: a refused flag, the daemon's refusal, the download's failure
+            (a :class:`cli.remote.Failure` carries its exit code).
+    """
+    from cli.remote import daemon_status, follow_download, given, refuse_daemon_flags
+    from peerd.app.daemon import control_request
+
+    home = peer_home()
+    daemon = daemon_status(home)
+    if daemon is None:
+        return False
+    flag = ctx.params.get("tracker")
+    refuse_daemon_flags(ctx, daemon, parse_tracker(flag) if flag else None)
+    ours = daemon.get("daemon", {}).get("tracker")
+    if tracker and not given(ctx, "tracker") and ours:
+        named = format_address(*parse_address(tracker, "tracker"))
+        if named != ours:
+            typer.echo(
+                f"peer: note: the link names tracker {named}; the daemon asks its own, {ours}"
+                + (" (and the link's peers)" if peers else ""),
+                err=True,
+            )
+    request: dict[str, Any] = {
+        "cmd": "get",
+        "id": content_id,
+        "output": str((output or Path.cwd()).absolute()),
+        "force": force,
+        "sequential": sequential,
+        "peers": [[host, port] for host, port in peers],
+    }
+    if trust is not None:
+        request["trust"] = trust.hex()
+    reply = control_request(home, request)
+    if reply is None:
+        raise PeerError("the daemon stopped before it took the download; run the command again")
+    cid, path = str(reply["id"]), str(reply["path"])
+    if detach:
+        if as_json:
+            print(json.dumps({"id": cid, "path": path, "detached": True}), flush=True)
+        typer.echo(
+            f"the daemon downloads {path}; `peer status {cid[:16]}` follows it, "
+            f"`peer rm {cid[:16]}` cancels it",
+            err=True,
+        )
+        return True
+    show = not as_json and sys.stderr.isatty()
+    result = follow_download(home, cid, show=show, stall_timeout=timeout)
+    if as_json:
+        print(json.dumps(result), flush=True)
+    else:
+        seconds = float(result.get("seconds") or 0)
+        typer.echo(
+            f"{result['path']}: {result['bytes']} bytes verified in {seconds:.2f} s"
+            + (f" ({result['MBps']} MB/s)" if "MBps" in result else "")
+            + (f" from {result['peers_used']} peer(s)" if "peers_used" in result else "")
+            + "; the daemon seeds it",
+            err=True,
+        )
+    return True
+
+
+def _share_via_daemon(
+    ctx: typer.Context, path: Path, algo: str, chunk: int | None, tracker: tuple[str, int]
+) -> tuple[str, tuple[str, int]] | None:
+    """Hand a share to a running daemon: (content id, the daemon's tracker),
+    or None when no daemon runs. Flags the daemon's node decides are refused."""
+    from cli.remote import daemon_status, refuse_daemon_flags
+    from peerd.app.daemon import try_daemon_share
+
+    daemon = daemon_status(peer_home())
+    if daemon is None:
+        return None
+    refuse_daemon_flags(ctx, daemon, tracker)
+    handed = try_daemon_share(peer_home(), path, algo, chunk)
+    if handed is None:
+        return None  # it stopped meanwhile: share alone
+    ours = daemon.get("daemon", {}).get("tracker")
+    return handed, parse_address(ours, "tracker") if ours else tracker
 
 
 async def _embedded_tracker(nursery: trio.Nursery, host: str, transport: str | None) -> int:
@@ -822,7 +976,13 @@ def cmd_tracker(
         fail(str(exc))
     except ValueError as exc:  # under a minimum: name the option, not the field
         fail(str(exc).replace("max_memory", "--max-memory").replace("max_disk", "--max-disk"))
-    setup_logging(True)
+    # Timestamped: counts of publishes and announces each minute; with -v,
+    # every one of them (DEBUG).
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     raise typer.Exit(run_tracker(host, port, transport, data, limits))
 
 
@@ -835,27 +995,133 @@ def cmd_daemon(
     transport: TransportOpt = None,
     up_limit: UpOpt = None,
     down_limit: DownOpt = None,
+    detach: Annotated[
+        bool,
+        typer.Option(
+            "--detach",
+            metavar="",
+            help="Run in the background (log in $PEER_HOME/daemon.log); return once it serves.",
+        ),
+    ] = False,
+    log_file: Annotated[Path | None, typer.Option("--log-file", hidden=True)] = None,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Run a long-lived node for this $PEER_HOME (control it with status, ls, stop)."""
-    setup_logging(verbose)
+    """Run a long-lived node for this $PEER_HOME: share and get go to it while it runs.
+
+    Control it with status, ls, rm, pause, resume, limit and stop. It ignores
+    SIGHUP (closing the terminal does not end it); SIGTERM or `peer stop` do.
+    """
     from peerd.app.daemon import run_daemon
 
-    try:
+    home = peer_home()
+    try:  # checked here too with --detach: a bad option is said on this terminal
         node = make_node(tracker, host, port, transport, up_limit, down_limit, bind)
     except PeerError as exc:
         fail(str(exc))
-    home = peer_home()
+    if detach:
+        raise typer.Exit(_detach_daemon(home, verbose))
+    if log_file is not None:
+        _log_to_file(log_file, verbose)
+    else:
+        setup_logging(verbose)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+    def started() -> None:
+        message = (
+            f"daemon for {home} started (pid {os.getpid()}): listening on "
+            f"{where(node.host, node.port)}, tracker {format_address(*node.tracker_address)}"
+        )
+        logging.getLogger("peerd.app.daemon").info("%s", message)
+        if log_file is None:
+            print(message, file=sys.stderr, flush=True)
 
     async def main() -> None:
-        await run_daemon(
-            home,
-            node,
-            node.identity,
-            started=lambda: print(f"daemon for {home} started", file=sys.stderr, flush=True),
-        )
+        await run_daemon(home, node, node.identity, started=started)
 
     run_trio(main, interrupt_ok=True)
+
+
+LOG_MAX_BYTES = 4 << 20  # daemon.log is rotated at this size ...
+LOG_BACKUPS = 3  # ... keeping daemon.log.1 to .3
+
+
+def _log_to_file(path: Path, verbose: bool) -> None:
+    """The detached daemon's log: timestamped lines, rotated by size."""
+    from logging.handlers import RotatingFileHandler
+
+    try:
+        handler = RotatingFileHandler(path, maxBytes=LOG_MAX_BYTES, backupCount=LOG_BACKUPS)
+    except OSError as exc:
+        fail(f"cannot open the log {path}: {exc.strerror}")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
+
+
+DETACH_WAIT = 30.0  # seconds a detached daemon has to answer on its socket
+
+
+def _detach_daemon(home: Path, verbose: bool) -> int:
+    """Start this same command again in a new session (no terminal: SIGHUP
+    cannot reach it), logging to ``$PEER_HOME/daemon.log``; return 0 once it
+    answers on its control socket, else 1 with its own error."""
+    import subprocess
+    import time
+
+    from cli.remote import daemon_status
+
+    try:
+        running = daemon_status(home)
+        home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except (PeerError, OSError) as exc:
+        fail(str(exc))
+    if running is not None:
+        fail(
+            f"a daemon is already running (pid {running['daemon']['pid']}) for {home}; "
+            "stop it with `peer stop`"
+        )
+    log_path = home / "daemon.log"
+    argv = [a for a in sys.argv[1:] if a != "--detach"]
+    with open(log_path, "ab") as log_out:
+        start = log_out.tell()
+        child = subprocess.Popen(
+            [sys.executable, "-m", "cli", *argv, "--log-file", str(log_path)],
+            stdin=subprocess.DEVNULL,
+            stdout=log_out,
+            stderr=log_out,
+            start_new_session=True,
+            close_fds=True,
+        )
+    deadline = time.monotonic() + DETACH_WAIT
+    while True:
+        if child.poll() is not None:
+            with open(log_path, "rb") as f:
+                f.seek(start)
+                said = f.read().decode("utf-8", "replace").strip().splitlines()
+            errors = [line for line in said if line.startswith("peer: error:")]
+            typer.echo(
+                errors[-1] if errors else f"peer: error: the daemon exited; see {log_path}",
+                err=True,
+            )
+            return EXIT_ERROR
+        try:
+            status = daemon_status(home)
+        except PeerError:
+            status = None
+        if status is not None and status["daemon"]["pid"] == child.pid:
+            info = status["daemon"]
+            typer.echo(
+                f"daemon for {home} started (pid {child.pid}): listening on port {info['port']}, "
+                f"tracker {info['tracker']}; log in {log_path}",
+                err=True,
+            )
+            return 0
+        if time.monotonic() > deadline:
+            typer.echo(
+                f"peer: error: the daemon did not answer in {DETACH_WAIT:.0f} s; see {log_path}",
+                err=True,
+            )
+            return EXIT_ERROR
+        time.sleep(0.05)
 
 
 def _control(request: dict[str, Any]) -> dict[str, Any]:
@@ -866,17 +1132,31 @@ def _control(request: dict[str, Any]) -> dict[str, Any]:
     except PeerError as exc:
         fail(str(exc))
     if reply is None:
-        fail(f"no daemon runs for {peer_home()}; start one with `peer daemon`")
+        fail(f"no daemon runs for {peer_home()}; start one with `peer daemon --detach`")
     assert reply is not None
     return reply
 
 
+IdArg = Annotated[
+    str,
+    typer.Argument(metavar="ID", help="A content id in the daemon, or a unique prefix (4+ hex)."),
+]
+
+
 @app.command("status")
 def cmd_status(
+    content_id: Annotated[
+        str | None,
+        typer.Argument(metavar="[ID]", help="One content: adds its connected peers."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print JSON.")] = False,
 ) -> None:
-    """Show the daemon's transfers: progress, rate, peers."""
-    reply = _control({"cmd": "status"})
+    """Show the daemon's transfers: state, progress, rates, ETA, peers."""
+    json_errors(as_json)
+    request: dict[str, Any] = {"cmd": "status"}
+    if content_id is not None:
+        request["id"] = content_id
+    reply = _control(request)
     if as_json:
         print(json.dumps(reply))
         return
@@ -884,7 +1164,10 @@ def cmd_status(
 
     # On a terminal, its width; into a pipe or a file, wide enough for a row
     # to stay on one line (a script reads it).
-    Console(width=None if sys.stdout.isatty() else 240).print(status_table(reply))
+    console = Console(width=None if sys.stdout.isatty() else 240)
+    console.print(status_table(reply))
+    if "peers" in reply:
+        console.print(peer_table(reply["peers"]))
     shown = {t.get("id") for t in reply.get("transfers", [])}
     for cid, err in reply.get("errors", {}).items():
         if cid not in shown:
@@ -893,16 +1176,33 @@ def cmd_status(
         typer.echo(f"warning: {reply['state_error']}", err=True)
 
 
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
 def status_table(reply: dict[str, Any]) -> Any:
     """The ``peer status`` table. Every cell is plain text: a remote manifest's
     name (or an error quoting one) is never read as rich markup."""
     from rich.table import Table
     from rich.text import Text
 
-    table = Table(title="transfers")
+    info = reply.get("daemon")
+    title = "transfers"
+    if info:
+        limits = "  ".join(
+            f"{k} limit {_mb(v)}/s"
+            for k, v in (("up", info.get("up")), ("down", info.get("down")))
+            if v
+        )
+        title = (
+            f"transfers (daemon pid {info['pid']}, port {info['port']}, tracker {info['tracker']}"
+        )
+        title += f"; {limits})" if limits else ")"
+    table = Table(title=title)
     columns = (
         "id",
         "name",
+        "size",
         "state",
         "progress",
         "down MB/s",
@@ -920,53 +1220,147 @@ def status_table(reply: dict[str, Any]) -> Any:
         table.add_row(
             Text(str(t["id"])[:16]),
             Text(str(t["name"])),
+            _mb(t["size"]),
             Text(str(t["state"])),
             f"{pct:.1f}%",
             str(t["down_MBps"]),
             str(t.get("up_MBps", 0.0)),
             "-" if eta is None else f"{eta // 60}:{eta % 60:02d}",
-            f"{t['uploaded'] / 1e6:.1f} MB",
+            _mb(t["uploaded"]),
             str(t["peers"]),
         )
     return table
 
 
+def peer_table(peers: list[dict[str, Any]]) -> Any:
+    """The peers of one content (``peer status ID``)."""
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title="peers")
+    for col in ("address", "key", "sent", "received", "down MB/s", "up MB/s"):
+        table.add_column(col, no_wrap=col in ("address", "key"))
+    for p in peers:
+        table.add_row(
+            Text(str(p["address"])),
+            str(p["key"])[:16],
+            _mb(p["sent"]),
+            _mb(p["received"]),
+            str(p["down_MBps"]),
+            str(p["up_MBps"]),
+        )
+    return table
+
+
 @app.command("ls")
-def cmd_ls() -> None:
-    """List what the daemon shares."""
+def cmd_ls(
+    as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print JSON.")] = False,
+) -> None:
+    """List what the daemon shares: id, size, state, path."""
+    json_errors(as_json)
     reply = _control({"cmd": "ls"})
+    if as_json:
+        print(json.dumps(reply["shared"]))
+        return
     for entry in reply.get("shared", []):
-        typer.echo(f"{entry['id']}  {entry['path']}")
+        state = "" if entry["state"] == "seeding" else f"  [{entry['state']}]"
+        typer.echo(f"{entry['id']}  {_mb(entry['size']):>10}  {entry['path']}{state}")
+
+
+@app.command("rm")
+def cmd_rm(
+    content_id: IdArg,
+    delete: Annotated[
+        bool,
+        typer.Option(
+            "--delete",
+            metavar="",
+            help="Also delete the downloaded file or its .part (never a file you shared).",
+        ),
+    ] = False,
+) -> None:
+    """Stop sharing a content, or cancel its download, in the daemon."""
+    reply = _control({"cmd": "rm", "id": content_id, "delete": delete})
+    for path in reply.get("deleted", []):
+        typer.echo(f"deleted {path}", err=True)
+    if reply.get("kept"):
+        typer.echo(f"kept: {reply['kept']}", err=True)
+    typer.echo(f"removed {reply['id'][:16]} from the daemon", err=True)
+
+
+@app.command("pause")
+def cmd_pause(content_id: IdArg) -> None:
+    """Pause a download or a share in the daemon (verified chunks are kept)."""
+    reply = _control({"cmd": "pause", "id": content_id})
+    typer.echo(f"paused {reply['id'][:16]}; `peer resume {reply['id'][:16]}` goes on", err=True)
+
+
+@app.command("resume")
+def cmd_resume(content_id: IdArg) -> None:
+    """Resume a paused (or failed) download or share in the daemon."""
+    reply = _control({"cmd": "resume", "id": content_id})
+    typer.echo(f"resumed {reply['id'][:16]}", err=True)
+
+
+@app.command("limit")
+def cmd_limit(
+    up: Annotated[
+        str | None,
+        typer.Option("--up", metavar="RATE", help="Upload limit per second; 0 = unlimited."),
+    ] = None,
+    down: Annotated[
+        str | None,
+        typer.Option("--down", metavar="RATE", help="Download limit per second; 0 = unlimited."),
+    ] = None,
+) -> None:
+    """Set the daemon's upload and download limits now (no option: show them)."""
+    request: dict[str, Any] = {"cmd": "limit"}
+    try:
+        if up is not None:
+            request["up"] = parse_limit(up, "--up")
+        if down is not None:
+            request["down"] = parse_limit(down, "--down")
+    except PeerError as exc:
+        fail(str(exc))
+    reply = _control(request)
+    for key in ("up", "down"):
+        rate = reply.get(key)
+        typer.echo(f"{key}: {'unlimited' if rate is None else f'{rate} bytes/s'}")
 
 
 @app.command("stop")
 def cmd_stop() -> None:
     """Stop the daemon (it announces the stop and closes everything); returns once it has exited."""
-    import fcntl
     import time
 
-    from peerd.app.daemon import LOCK_NAME
-
+    pid = int(_control({"cmd": "status"})["daemon"]["pid"])
     _control({"cmd": "stop"})
-    # The daemon holds its lock until its process ends: wait for that.
-    deadline = time.monotonic() + 15
-    try:
-        fd = os.open(peer_home() / LOCK_NAME, os.O_RDWR | os.O_CLOEXEC)
-    except OSError:
-        fd = -1
-    try:
-        while fd >= 0:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    fail("the daemon was asked to stop but is still running after 15 s")
-                time.sleep(0.05)
-    finally:
-        if fd >= 0:
-            os.close(fd)
+    # Its lock goes when it is done; its process a moment later: wait for both.
+    deadline = time.monotonic() + STOP_WAIT
+    while _running(pid):
+        if time.monotonic() > deadline:
+            fail(f"the daemon (pid {pid}) was asked to stop but still runs after {STOP_WAIT:.0f} s")
+        time.sleep(0.02)
     typer.echo("daemon stopped", err=True)
+
+
+STOP_WAIT = 15.0  # seconds `peer stop` waits for the daemon's process to end
+
+
+def _running(pid: int) -> bool:
+    """Is process ``pid`` alive (not gone, not a zombie waiting to be reaped)?"""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            # "pid (comm) S ...": the state follows the last ")".
+            return f.read().rpartition(b")")[2].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return False
 
 
 def main() -> None:

@@ -25,6 +25,7 @@ from rich.console import Console
 from cli.app import status_table
 from peerd.app.daemon import Daemon, control_request
 from peerd.content.identity import Identity
+from peerd.errors import PeerError
 
 from .e2e import Swarm, random_file, swarm
 
@@ -188,14 +189,22 @@ def test_status_shows_a_download_that_failed(tmp_path: Path) -> None:
     with swarm(tmp_path, "reactor") as s:
         _, cid = s.share("seed", src)
         home = s.home("d")
-        daemon = s.peer("d", "daemon")
-        _wait_socket(home / "control.sock", daemon)
         out = tmp_path / "out"
         out.mkdir()
         foreign = out / "f.bin.part"
         foreign.write_bytes(b"not a download")  # someone's file: refused, never touched
-        reply = control_request(home, {"cmd": "get", "id": cid, "output": str(out)}, timeout=20)
-        assert reply is not None and reply["ok"]
+        # A get handed over now is refused at once, in the request's reply ...
+        daemon = s.peer("d", "daemon")
+        _wait_socket(home / "control.sock", daemon)
+        with pytest.raises(PeerError, match=r"f\.bin\.part exists but is not an unfinished"):
+            control_request(home, {"cmd": "get", "id": cid, "output": str(out)}, timeout=20)
+        assert s.run("d", "stop").returncode == 0
+        assert daemon.wait(timeout=15) == 0
+        # ... one restored from daemon.json fails in the background: status says why.
+        state = {"shared": {}, "downloads": {cid: {"path": str(out / "f.bin")}}}
+        (home / "daemon.json").write_text(json.dumps(state))
+        daemon = s.peer("d", "daemon")
+        _wait_socket(home / "control.sock", daemon)
         deadline = time.monotonic() + 15
         while True:
             rows = [t for t in _status(s, "d")["transfers"] if t["id"] == cid]
@@ -211,3 +220,47 @@ def test_status_shows_a_download_that_failed(tmp_path: Path) -> None:
         assert daemon.poll() is None
         assert s.run("d", "stop").returncode == 0
         assert daemon.wait(timeout=15) == 0
+
+
+async def test_control_errors_are_one_line_replies(tmp_path: Path) -> None:
+    """Malformed or refused requests get {"ok": false, "error": ...}; the daemon goes on."""
+    from peerd.node.ratelimit import RateLimiter
+
+    node = _fake_node(failed={}, up_limiter=RateLimiter(None), down_limiter=RateLimiter(None))
+    daemon = Daemon(tmp_path, node, Identity.generate())
+    daemon.shared = {"ab" * 32: {"path": "/x/a"}, "ab" * 31 + "cd": {"path": "/x/b"}}
+    sock = tmp_path / "control.sock"
+
+    def raw(line: bytes) -> dict[str, Any]:
+        import socket
+
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(5)
+            s.connect(str(sock))
+            s.sendall(line)
+            reply: dict[str, Any] = json.loads(s.makefile("rb").readline())
+            return reply
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(daemon.run)
+        with trio.fail_after(5):
+            while not sock.exists():
+                await trio.sleep(0.01)
+        cases = [
+            (b"garbage\n", "bad control request"),
+            (b"[1, 2]\n", "bad control request: not an object"),
+            (b'{"cmd": "nope"}\n', "bad control request: unknown command 'nope'"),
+            (b'{"cmd": "limit", "up": "fast"}\n', "up must be bytes per second"),
+            (b'{"cmd": "limit", "down": -1}\n', "down must be bytes per second"),
+            (b'{"cmd": "pause", "id": "zz"}\n', "'zz' is not a content id"),
+            (b'{"cmd": "rm", "id": "abab"}\n', "abab names 2 contents; give more of the id"),
+            (b'{"cmd": "resume", "id": "ffff"}\n', "the daemon has no content ffff"),
+        ]
+        for line, said in cases:
+            reply = await trio.to_thread.run_sync(raw, line)
+            assert reply["ok"] is False and said in reply["error"], (line, reply)
+            assert "\n" not in reply["error"]
+        ok = await trio.to_thread.run_sync(raw, b'{"cmd": "limit", "up": 1000}\n')
+        assert ok == {"ok": True, "up": 1000, "down": None}
+        assert node.up_limiter.rate == 1000
+        daemon._stop.set()

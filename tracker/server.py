@@ -84,6 +84,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("tracker")
+COUNTS_EVERY = 60.0  # seconds per INFO line counting publishes and announces
 
 DEFAULT_PORT = 7070
 AUTH_CONTEXT = b"peer-tracker-auth-v1\0"
@@ -270,6 +271,9 @@ class _Tracker:
         self.nursery: trio.Nursery | None = None  # where off-hot-path answers run
         self.clients: dict[Stream, _Client] = {}
         self._settled_all = -1.0  # when every client's reply charge was last looked at
+        # Publishes and announces answered since the last INFO line (_log_counts).
+        self.counts = {"announce": 0, "publish": 0}
+        self._debug = log.isEnabledFor(logging.DEBUG)
 
     async def db(self, fn: Callable[..., object], *args: object) -> object:
         return await trio.to_thread.run_sync(fn, *args, limiter=self.db_limiter)
@@ -658,7 +662,10 @@ class _Tracker:
         """The encoded reply if it needs no ``await`` (the hot path), else None."""
         kind = type(event)
         if kind is Announce:
-            return self._announce_now(event, c.key, c.address, now)  # type: ignore[arg-type]
+            frame = self._announce_now(event, c.key, c.address, now)  # type: ignore[arg-type]
+            if frame is not None:
+                self._count("announce", event, c.address)
+            return frame
         if kind is Scrape:
             return c.conn.send(self._scrape(event))  # type: ignore[arg-type]
         if kind is GetManifest:
@@ -821,6 +828,7 @@ class _Tracker:
             self.clock(),
             at=recorded_address(ev.ip, address) if ev.ip else "",
         )
+        self._count("announce", ev, address)
         if ev.event == "stopped":
             return Ok()
         return Peers(cid, self.interval, tuple(PeerEntry(*p) for p in peers), avail)
@@ -832,7 +840,37 @@ class _Tracker:
         num_chunks = manifest.info.num_chunks
         await self.db(self.store.put, manifest.content_id, ev.manifest, num_chunks, key, address)
         self.index.set_num_chunks(manifest.content_id, num_chunks)
+        self.counts["publish"] += 1
+        log.debug(
+            "publish %s (%s, %d bytes) from %s",
+            manifest.content_id.hex()[:16],
+            manifest.info.name,
+            manifest.info.size,
+            address,
+        )
         return Ok()
+
+    def _count(self, what: str, ev: Event, address: str) -> None:
+        """Count an answered request; each one is a DEBUG line (``peer tracker -v``)."""
+        self.counts[what] += 1
+        if self._debug:
+            cid = getattr(ev, "content_id", b"")
+            log.debug("%s %s %s from %s", what, getattr(ev, "event", ""), cid.hex()[:16], address)
+
+    async def log_counts(self) -> None:
+        """One INFO line per COUNTS_EVERY seconds in which anything was answered."""
+        while True:
+            await trio.sleep(COUNTS_EVERY)
+            counts = self.counts
+            if any(counts.values()):
+                log.info(
+                    "last %g s: %d announces, %d publishes; %d connections",
+                    COUNTS_EVERY,
+                    counts["announce"],
+                    counts["publish"],
+                    self.connections,
+                )
+                self.counts = {k: 0 for k in counts}
 
     async def sweep(self) -> None:
         while True:
@@ -888,6 +926,7 @@ async def serve_tracker(
             nursery.start_soon(tracker.dispatch, nursery)
             listener = await nursery.start(transport.serve, host, port, tracker.handle)
             nursery.start_soon(tracker.sweep)
+            nursery.start_soon(tracker.log_counts)
             log.info(
                 "tracker started on %s:%d (%s), %d manifests in %s",
                 f"[{listener.host}]" if ":" in listener.host else listener.host,

@@ -11,6 +11,7 @@ from rich.progress import (
     BarColumn,
     DownloadColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeRemainingColumn,
     TransferSpeedColumn,
@@ -18,7 +19,20 @@ from rich.progress import (
 
 from peerd.node.driver import Content
 
-__all__ = ["ProgressView"]
+__all__ = ["PolledProgress", "ProgressView"]
+
+
+def _bar() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[peers]} peers"),
+        console=Console(stderr=True),
+        transient=False,
+    )
 
 
 class ProgressView:
@@ -26,18 +40,7 @@ class ProgressView:
 
     def __init__(self, *, enabled: bool) -> None:
         self.enabled = enabled
-        self._progress: Progress | None = None
-        if enabled:
-            self._progress = Progress(
-                TextColumn("[bold]{task.description}"),
-                BarColumn(),
-                DownloadColumn(),
-                TransferSpeedColumn(),
-                TimeRemainingColumn(),
-                TextColumn("{task.fields[peers]} peers"),
-                console=Console(stderr=True),
-                transient=False,
-            )
+        self._progress: Progress | None = _bar() if enabled else None
 
     def __enter__(self) -> ProgressView:
         if self._progress is not None:
@@ -70,3 +73,35 @@ class ProgressView:
                     await content.completed.wait()
 
         nursery.start_soon(update)
+
+
+class PolledProgress:
+    """The same bar, fed by whoever polls (``peer get`` following a daemon's
+    status); inert when disabled. Not async: the caller updates it.
+
+    Made first and started apart (:meth:`start`), so that a Ctrl-C arriving
+    while it starts still finds an object to :meth:`close`.
+    """
+
+    def __init__(self, *, enabled: bool) -> None:
+        self.enabled = enabled
+        self._progress: Progress | None = None
+        self._task: TaskID | None = None
+
+    def start(self, name: str, size: int) -> None:
+        if not self.enabled or self._progress is not None:
+            return
+        self._progress = _bar()
+        # A remote manifest's name: shown as it is, never as markup.
+        self._task = self._progress.add_task(escape(name), total=size, peers=0)
+        self._progress.start()
+
+    def update(self, have: int, peers: int) -> None:
+        if self._progress is not None and self._task is not None:
+            self._progress.update(self._task, completed=have, peers=peers)
+
+    def close(self) -> None:
+        """Stop the bar (its last state stays on screen); idempotent."""
+        progress, self._progress = self._progress, None
+        if progress is not None:
+            progress.stop()

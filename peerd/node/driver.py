@@ -12,6 +12,8 @@ from __future__ import annotations
 import ipaddress
 import logging
 import mmap
+import socket
+import sys
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Protocol
@@ -53,7 +55,7 @@ from peerd.wire import (
 if TYPE_CHECKING:
     from peerd.transport import Stream
 
-__all__ = ["BufferPool", "Content", "NodeLink"]
+__all__ = ["BufferPool", "Content", "NodeLink", "connection_bytes"]
 
 log = logging.getLogger("peerd.node.driver")
 
@@ -71,6 +73,30 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+# Offsets in Linux's struct tcp_info (linux/tcp.h, since 4.1/4.2): u64 counters.
+_TCP_INFO_BYTES_ACKED = 120
+_TCP_INFO_BYTES_RECEIVED = 128
+
+
+def connection_bytes(fd: int) -> tuple[int, int] | None:
+    """(bytes sent and acknowledged, bytes received) on a TCP connection, as
+    the kernel counts them (frames included), or None if the OS cannot say."""
+    if fd < 0:
+        return None
+    sock = socket.socket(fileno=fd)  # a view of the session's descriptor ...
+    try:
+        raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_BYTES_RECEIVED + 8)
+    except OSError:
+        return None
+    finally:
+        sock.detach()  # ... that must not close it
+    if len(raw) < _TCP_INFO_BYTES_RECEIVED + 8:
+        return None
+    acked = int.from_bytes(raw[_TCP_INFO_BYTES_ACKED : _TCP_INFO_BYTES_ACKED + 8], sys.byteorder)
+    received = int.from_bytes(raw[_TCP_INFO_BYTES_RECEIVED:], sys.byteorder)
+    return acked, received
 
 
 class NodeLink(Protocol):

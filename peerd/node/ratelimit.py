@@ -92,6 +92,12 @@ class RateLimiter:
         self.rate = rate
         self._bucket: TokenBucket | None = None
 
+    def set_rate(self, rate: int | None) -> None:
+        """Change the limit now (``peer limit``); sessions share this object,
+        so every connection follows at its next chunk."""
+        self.rate = rate
+        self._bucket = None
+
     async def consume(self, amount: int) -> None:
         if self.rate is None:
             return
