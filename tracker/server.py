@@ -858,19 +858,28 @@ class _Tracker:
             log.debug("%s %s %s from %s", what, getattr(ev, "event", ""), cid.hex()[:16], address)
 
     async def log_counts(self) -> None:
-        """One INFO line per COUNTS_EVERY seconds in which anything was answered."""
-        while True:
-            await trio.sleep(COUNTS_EVERY)
-            counts = self.counts
-            if any(counts.values()):
-                log.info(
-                    "last %g s: %d announces, %d publishes; %d connections",
-                    COUNTS_EVERY,
-                    counts["announce"],
-                    counts["publish"],
-                    self.connections,
-                )
-                self.counts = {k: 0 for k in counts}
+        """One INFO line per COUNTS_EVERY seconds in which anything was answered,
+        and one for the last part of an interval when the tracker stops."""
+        since = trio.current_time()
+        try:
+            while True:
+                await trio.sleep(COUNTS_EVERY)
+                self._log_counts(COUNTS_EVERY)
+                since = trio.current_time()
+        finally:
+            self._log_counts(trio.current_time() - since)
+
+    def _log_counts(self, seconds: float) -> None:
+        counts = self.counts
+        if any(counts.values()):
+            log.info(
+                "last %g s: %d announces, %d publishes; %d connections",
+                round(seconds, 1),
+                counts["announce"],
+                counts["publish"],
+                self.connections,
+            )
+            self.counts = {k: 0 for k in counts}
 
     async def sweep(self) -> None:
         while True:
