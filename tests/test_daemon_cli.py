@@ -372,3 +372,31 @@ def test_a_bad_config_file_is_one_clear_error(tmp_path: Path, text: str, said: s
     assert res.returncode == 1
     (line,) = res.stderr.strip().splitlines()
     assert line.startswith(f"peer: error: {home / 'config.toml'}") and said in line, line
+
+
+def test_a_restarted_daemon_seeds_a_download_under_its_publishers_id(tmp_path: Path) -> None:
+    # The download was saved under another name: hashing it anew would give
+    # another id (the name is in the manifest). The daemon keeps the
+    # manifest it fetched and serves the file under the publisher's id.
+    src = random_file(tmp_path / "f.bin", 256 * KiB)
+    out = tmp_path / "renamed.bin"
+    with swarm(tmp_path, "reactor") as s, daemons(s) as start:
+        start("seed")
+        start("leech")
+        shared = s.run("seed", "share", str(src), "--id-only")
+        assert shared.returncode == 0, shared.stderr
+        cid = shared.stdout.strip()
+        got = s.run("leech", "get", cid, "-o", str(out), "--json", timeout=60)
+        assert got.returncode == 0, got.stderr
+        assert s.run("leech", "stop", timeout=30).returncode == 0
+        start("leech")
+        wait_for(
+            lambda: row_of(s, "leech", cid)["state"] == "seeding",
+            message=f"not seeding {cid[:16]} again: {status(s, 'leech')}",
+        )
+        assert [row["id"] for row in status(s, "leech")["transfers"]] == [cid]
+        # And it serves it: a third peer gets it from the leech alone.
+        assert s.run("seed", "rm", cid).returncode == 0
+        third = s.get("third", cid, tmp_path / "third.bin")
+        assert (tmp_path / "third.bin").read_bytes() == src.read_bytes()
+        assert third["peers_used"] == 1

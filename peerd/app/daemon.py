@@ -245,6 +245,44 @@ class Daemon:
             return
         self.save_error = None
 
+    def _manifest_path(self, cid: str) -> Path:
+        return self.home / "manifests" / f"{cid}.manifest"
+
+    def _keep_manifest(self, cid: str, manifest: Manifest) -> None:
+        """Remember a fetched manifest on disk: after a restart the daemon
+        serves that content under its publisher's id and signature, not a
+        manifest of its own (whose id would differ). A failure is logged."""
+        self._manifests[cid] = manifest
+        path = self._manifest_path(cid)
+        tmp = path.with_suffix(".tmp")
+        try:
+            path.parent.mkdir(mode=0o700, exist_ok=True)
+            tmp.write_bytes(manifest.encode())
+            os.replace(tmp, path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            log.warning("%s", describe_os_error(exc, f"saving {path}"))
+
+    def _kept_manifest(self, cid: str) -> Manifest | None:
+        """The manifest of ``cid`` in memory or kept on disk (None: none, or unusable)."""
+        manifest = self._manifests.get(cid)
+        if manifest is not None:
+            return manifest
+        path = self._manifest_path(cid)
+        try:
+            manifest = Manifest.decode(path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except (OSError, PeerError) as exc:
+            log.warning("ignoring %s: %s", path, exc)
+            return None
+        if manifest.content_id.hex() != cid:
+            log.warning("ignoring %s: it is the manifest of another content", path)
+            return None
+        self._manifests[cid] = manifest
+        return manifest
+
     def _load(self) -> None:
         try:
             state = json.loads(self.state_path.read_text())
@@ -292,7 +330,7 @@ class Daemon:
         self.names.setdefault(cid, (Path(entry.get("path", "?")).name, 0))
         path = Path(entry["path"])
         try:
-            manifest = self._manifests.get(cid)
+            manifest = self._kept_manifest(cid)
             if manifest is not None:
                 source = await trio.to_thread.run_sync(SourceFile, path, manifest.info)
                 try:
@@ -404,7 +442,7 @@ class Daemon:
         store = await ChunkStore.open(
             manifest.info, cid_bytes, path, force=bool(request.get("force"))
         )
-        self._manifests[cid] = manifest
+        self._keep_manifest(cid, manifest)
         self.names[cid] = (manifest.info.name, manifest.info.size)
         entry = {"path": str(path)}
         if request.get("sequential"):
@@ -470,6 +508,8 @@ class Daemon:
                 kept = f"{shared['path']} is the file you shared: it is never deleted"
         for table in (self.errors, self.results, self._manifests, self._have):
             table.pop(cid, None)
+        with contextlib.suppress(OSError):
+            self._manifest_path(cid).unlink()
         getattr(self.node, "failed", {}).pop(bytes.fromhex(cid), None)
         self._save()
         reply: dict[str, Any] = {"ok": True, "id": cid, "deleted": deleted}
@@ -697,7 +737,7 @@ class Daemon:
         store: ChunkStore | None = None
         try:
             with scope:
-                manifest = self._manifests.get(cid)
+                manifest = self._kept_manifest(cid)
                 pause = RETRY_FIRST
                 while manifest is None:
                     try:
@@ -710,7 +750,7 @@ class Daemon:
                         await trio.sleep(pause)
                         pause = min(pause * 2, RETRY_MAX)
                 self.errors.pop(cid, None)
-                self._manifests[cid] = manifest
+                self._keep_manifest(cid, manifest)
                 self.names[cid] = (manifest.info.name, manifest.info.size)
                 store = await ChunkStore.open(
                     manifest.info, bytes.fromhex(cid), Path(entry["path"]), force=False
