@@ -66,6 +66,10 @@ class _Fields:
     def get_str(self, key: str) -> str:
         return self._get(key, str)  # type: ignore[no-any-return]
 
+    def get_str_or(self, key: str, default: str) -> str:
+        """An optional str field: ``default`` when the key is left out."""
+        return self.get_str(key) if key in self._map else default
+
     def get_list(self, key: str) -> list[Any]:
         return self._get(key, list)  # type: ignore[no-any-return]
 
@@ -101,6 +105,7 @@ class _Spec:
     max_array: int
     encode: Callable[[Any], dict[str, Any]]
     decode: Callable[[_Fields], ev.Event]
+    optional: tuple[str, ...] = ()  # keys that may be left out (listed after ``keys``)
 
 
 def _range(e: Any) -> dict[str, Any]:
@@ -186,7 +191,7 @@ _SPECS: dict[int, _Spec] = {
         lambda f: ev.Auth(f.get_bin("key"), f.get_bin("sig")),
     ),
     FrameType.ANNOUNCE: _Spec(
-        ("id", "port", "event", "bits", "want", "ip"),
+        ("id", "port", "event", "bits", "want"),
         0,
         lambda e: {
             "id": e.content_id,
@@ -194,7 +199,7 @@ _SPECS: dict[int, _Spec] = {
             "event": e.event,
             "bits": e.bits,
             "want": e.want,
-            "ip": e.ip,
+            **({"ip": e.ip} if e.ip else {}),
         },
         lambda f: ev.Announce(
             f.get_bin("id"),
@@ -202,8 +207,9 @@ _SPECS: dict[int, _Spec] = {
             f.get_str("event"),
             f.get_bin("bits"),
             f.get_int("want"),
-            f.get_str("ip"),
+            f.get_str_or("ip", ""),
         ),
+        optional=("ip",),
     ),
     FrameType.PEERS: _Spec(
         ("id", "interval", "peers", "avail"),
@@ -264,8 +270,12 @@ _SPECS: dict[int, _Spec] = {
         lambda f: ev.Error(f.get_str("code"), f.get_str("message")),
     ),
 }
-# The exact key set of each message body (a C-level comparison per decode).
+# The exact key set of each message body (a C-level comparison per decode),
+# and for the few with optional keys, every key they may have.
 _KEYSETS: dict[int, frozenset[str]] = {t: frozenset(spec.keys) for t, spec in _SPECS.items()}
+_ALLKEYS: dict[int, frozenset[str]] = {
+    t: frozenset(spec.keys + spec.optional) for t, spec in _SPECS.items() if spec.optional
+}
 
 #: Which frame type each sendable event class becomes (DATA is handled apart).
 EVENT_TYPES: dict[type, int] = {
@@ -339,7 +349,7 @@ def decode_body(ftype: int, body: bytes | memoryview) -> ev.Event:
             max_str_len=size,
             max_bin_len=size,
             max_array_len=spec.max_array,
-            max_map_len=len(spec.keys),
+            max_map_len=len(spec.keys) + len(spec.optional),
             max_ext_len=0,
         )
     except _UNPACK_ERRORS as exc:
@@ -349,10 +359,14 @@ def decode_body(ftype: int, body: bytes | memoryview) -> ev.Event:
         ) from None
     if type(obj) is not dict:
         raise RemoteProtocolError(f"{name}: body must be a msgpack map, got {_typename(obj)}")
-    if obj.keys() != _KEYSETS[ftype]:
+    if obj.keys() != _KEYSETS[ftype] and not (
+        ftype in _ALLKEYS and _KEYSETS[ftype] <= obj.keys() <= _ALLKEYS[ftype]
+    ):
         got = sorted(repr(k) for k in obj)
+        may = f" (and optionally {list(spec.optional)})" if spec.optional else ""
         raise RemoteProtocolError(
-            f"{name}: body must have exactly the keys {list(spec.keys)}, got [{', '.join(got)}]"
+            f"{name}: body must have exactly the keys {list(spec.keys)}{may}, "
+            f"got [{', '.join(got)}]"
         )
     try:
         return spec.decode(_Fields(name, obj))
