@@ -37,6 +37,7 @@ import functools
 import hashlib
 import itertools
 import os
+import re
 import stat
 import threading
 import unicodedata
@@ -188,9 +189,12 @@ def _check_chunk_size(chunk_size: object) -> int:
 
 
 # --- trees: path rules ----------------------------------------------------------
+# C0 controls, DEL and C1 controls: they can rewrite a terminal or log line.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
 def _has_control(text: str) -> bool:
-    # C0 controls, DEL and C1 controls: they can rewrite a terminal or log line.
-    return any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in text)
+    return _CONTROL.search(text) is not None
 
 
 def _validate_path(path: object, what: str = "path") -> bytes:

@@ -95,7 +95,7 @@ import msgpack
 import trio
 
 from peerd.content.hashing import hash_chunk
-from peerd.content.manifest import Info, check_tree
+from peerd.content.manifest import MAX_DEPTH, Info, check_tree
 from peerd.errors import StorageError
 from peerd.wire import bits_from_flags, flags_from_bits
 
@@ -594,6 +594,8 @@ class ChunkStore:
 # --- trees ------------------------------------------------------------------------
 SOURCE_FDS = 64  # descriptors a shared tree keeps open (checked at every look)
 STORE_FDS = 256  # descriptors a tree being downloaded keeps open
+DIR_FDS = 128  # directory descriptors it keeps (more than MAX_DEPTH)
+assert DIR_FDS > MAX_DEPTH
 AT_FDCWD = -100
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
@@ -829,6 +831,8 @@ class TreeStore(ChunkStore):
             raise StorageError("not a tree")
         self._files = info.files
         self._cache = _FdCache(self._open_file, STORE_FDS)
+        self._dirs: OrderedDict[str, int] = OrderedDict()  # see _dir
+        self._dir_lock = threading.Lock()
 
     # --- opening -------------------------------------------------------------
     def _open_sync(self) -> None:
@@ -884,6 +888,7 @@ class TreeStore(ChunkStore):
             self._write_state(self._flags(claimed))
             self._make_tree()
         except BaseException:
+            self._close_dirs()
             os.close(self.fd)
             self.fd = -1
             if created:  # ours and holding nothing: leave nothing behind
@@ -893,30 +898,38 @@ class TreeStore(ChunkStore):
         if claimed:
             self._verify_claimed(claimed)
 
-    def _walk(self, rel: str, create: bool) -> tuple[int, str]:
-        """A descriptor of ``rel``'s directory (opened from the part directory
-        one component at a time, links refused) and ``rel``'s last component.
-        The caller closes the descriptor."""
-        *parents, leaf = rel.split("/")
-        current = os.dup(self.fd)
+    def _dir(self, rel_dir: str, create: bool, rel: str) -> int:
+        """A descriptor of the part tree's directory ``rel_dir`` (``""``: the
+        part directory), opened from its parent with ``O_NOFOLLOW`` (a link is
+        refused), created first with ``create``. Cached (at most
+        :data:`DIR_FDS`, more than the deepest path, so a path's chain stays
+        open while it is walked); call with ``_dir_lock`` held and use the
+        descriptor only while holding it."""
+        if not rel_dir:
+            return self.fd
+        fd = self._dirs.get(rel_dir)
+        if fd is not None:
+            self._dirs.move_to_end(rel_dir)
+            return fd
+        parent, _, name = rel_dir.rpartition("/")
+        parent_fd = self._dir(parent, create, rel)
         try:
-            for part in parents:
-                if create:
-                    try:
-                        os.mkdir(part, 0o755, dir_fd=current)
-                    except FileExistsError:
-                        pass
-                nxt = os.open(
-                    part,
-                    os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                    dir_fd=current,
-                )
-                os.close(current)
-                current = nxt
+            if create:
+                try:
+                    os.mkdir(name, 0o755, dir_fd=parent_fd)
+                except FileExistsError:
+                    pass
+            fd = os.open(
+                name,
+                os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                dir_fd=parent_fd,
+            )
         except OSError as exc:
-            os.close(current)
             raise self._tree_error(exc, rel) from None
-        return current, leaf
+        self._dirs[rel_dir] = fd
+        while len(self._dirs) > DIR_FDS:
+            os.close(self._dirs.popitem(last=False)[1])
+        return fd
 
     def _tree_error(self, exc: OSError, rel: str) -> StorageError:
         where = self.part_path / rel
@@ -931,14 +944,14 @@ class TreeStore(ChunkStore):
 
     def _open_file(self, index: int, create: bool = False) -> int:
         rel, size = self._files[index]
-        dirfd, leaf = self._walk(rel, create)
-        try:
-            flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
-            fd = os.open(leaf, flags | (os.O_CREAT if create else 0), 0o644, dir_fd=dirfd)
-        except OSError as exc:
-            raise self._tree_error(exc, rel) from None
-        finally:
-            os.close(dirfd)
+        parent, _, leaf = rel.rpartition("/")
+        flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+        with self._dir_lock:
+            dirfd = self._dir(parent, create, rel)
+            try:
+                fd = os.open(leaf, flags | (os.O_CREAT if create else 0), 0o644, dir_fd=dirfd)
+            except OSError as exc:
+                raise self._tree_error(exc, rel) from None
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
@@ -960,8 +973,8 @@ class TreeStore(ChunkStore):
     def _make_tree(self) -> None:
         """Create (or check, on resume) every directory and file of the tree."""
         for rel in self.info.dirs:
-            dirfd, _leaf = self._walk(rel + "/x", create=True)  # rel itself is the parent
-            os.close(dirfd)
+            with self._dir_lock:
+                self._dir(rel, True, rel)
         for index in range(len(self._files)):
             os.close(self._open_file(index, create=True))
 
@@ -1045,8 +1058,15 @@ class TreeStore(ChunkStore):
             except StorageError:
                 pass
             self._cache.close_all()
+            self._close_dirs()
             os.close(self.fd)
             self.fd = -1
+
+    def _close_dirs(self) -> None:
+        with self._dir_lock:
+            for fd in self._dirs.values():
+                os.close(fd)
+            self._dirs.clear()
 
     def discard_if_empty(self) -> bool:
         self.close()
