@@ -9,12 +9,14 @@ import signal
 import time
 from pathlib import Path
 
+import msgpack
 import pytest
 
 from .e2e import Swarm, swarm
 
 pytestmark = pytest.mark.parametrize("backend", ["reactor", "proactor"])
 KiB = 1024
+MANY = 1000
 
 
 def make_tree(root: Path) -> Path:
@@ -29,9 +31,9 @@ def make_tree(root: Path) -> Path:
     (top / "a" / "b" / "日本語.txt").write_bytes("こんにちは".encode() * 1000)
     (top / "z-empty").write_bytes(b"")
     (top / "big.bin").write_bytes(os.urandom(300 * KiB))
-    for i in range(40):
-        (top / "many" / f"{i:03}").parent.mkdir(exist_ok=True)
-        (top / "many" / f"{i:03}").write_bytes(os.urandom(1 + i * 97))
+    for i in range(MANY):  # small files: most chunks span many of them
+        (top / "many" / f"{i // 100}").mkdir(parents=True, exist_ok=True)
+        (top / "many" / f"{i // 100}" / f"{i:04}").write_bytes(os.urandom(1 + (i * 97) % 3000))
     return top
 
 
@@ -64,11 +66,11 @@ def test_share_dir_and_get_recreate_the_tree_byte_for_byte(tmp_path: Path, backe
         assert info.returncode == 0, info.stderr
         facts = json.loads(info.stdout)
         assert facts["tree"] is True and facts["name"] == top.name
-        assert len(facts["files"]) == 45
+        assert len(facts["files"]) == MANY + 5
         assert facts["dirs"] == ["empty dir/inner empty", "only-empty"]
         assert facts["size"] == sum(f["size"] for f in facts["files"])
         human = s.run("leech", "info", link)
-        assert "files:      45 (" in human.stdout, human.stdout
+        assert f"files:      {MANY + 5} (" in human.stdout, human.stdout
         out = tmp_path / "out"
         out.mkdir()
         result = s.get("leech", link, out)
@@ -107,11 +109,15 @@ def test_a_second_get_into_the_same_output_is_refused_and_resume_works(
         while not (out / (top.name + ".part.state")).exists() or not part.is_dir():
             assert time.monotonic() < deadline and first.poll() is None
             time.sleep(0.05)
-        time.sleep(0.5)  # some chunks in
         second = s.run("other", "get", link, "-o", str(out), timeout=30)
         assert second.returncode == 1
         assert f"another `peer get` (pid {first.pid}) is downloading into {part}" in second.stderr
-        # kill -9 the first: the part tree and its state stay; the next get resumes.
+        # kill -9 the first once its state claims chunks: the part tree and
+        # the state stay; the next get resumes.
+        state = out / (top.name + ".part.state")
+        while not any(msgpack.unpackb(state.read_bytes())["bits"]):
+            assert time.monotonic() < deadline + 30 and first.poll() is None
+            time.sleep(0.05)
         first.send_signal(signal.SIGKILL)
         first.wait()
         assert part.is_dir()
@@ -120,3 +126,24 @@ def test_a_second_get_into_the_same_output_is_refused_and_resume_works(
         assert snapshot(out / top.name) == snapshot(top)
         assert sorted(os.listdir(out)) == [top.name]
         seed.send_signal(signal.SIGTERM)
+
+
+def test_sharing_a_tree_with_a_link_or_a_fifo_says_which_in_one_line(
+    tmp_path: Path, backend: str
+) -> None:
+    top = tmp_path / "src"
+    (top / "sub").mkdir(parents=True)
+    (top / "sub" / "f").write_bytes(b"x")
+    (top / "sub" / "link").symlink_to("/etc/hostname")
+    with swarm(tmp_path, backend) as s:
+        res = s.run("seed", "share", str(top), "--host", "127.0.0.1", timeout=30)
+        assert res.returncode == 1
+        assert res.stderr.strip().splitlines() == [
+            f"peer: error: {top}/sub/link is a symbolic link; a shared tree holds only regular "
+            "files and directories (links are not followed): remove or replace it"
+        ]
+        (top / "sub" / "link").unlink()
+        os.mkfifo(top / "sub" / "fifo")
+        res = s.run("seed", "share", str(top), "--host", "127.0.0.1", timeout=30)
+        assert res.returncode == 1 and len(res.stderr.strip().splitlines()) == 1
+        assert f"{top}/sub/fifo is not a regular file or directory" in res.stderr

@@ -226,6 +226,8 @@ class ChunkStore:
         self._dirty = False
         self._allocated = bytearray(-(-info.size // ALLOC_STEP))  # per ALLOC_STEP block
         self._alloc_lock = threading.Lock()  # chunk writes run on several threads
+        self._state_lock = threading.Lock()  # state flushes vs finishing
+        self._finished = False
 
     # --- opening -------------------------------------------------------------
     @classmethod
@@ -487,15 +489,19 @@ class ChunkStore:
 
     # --- state ---------------------------------------------------------------
     def flush_state_sync(self) -> None:
-        """Atomically rewrite the resume state (only if something changed)."""
-        if not self._dirty or self.fd < 0:
-            return
-        self._dirty = False
-        try:
-            self._write_state(self.have)
-        except StorageError:
-            self._dirty = True
-            raise
+        """Atomically rewrite the resume state (only if something changed).
+
+        Never after the download was moved into place: a flush running in
+        another thread meanwhile must not put the state file back."""
+        with self._state_lock:
+            if not self._dirty or self.fd < 0 or self._finished:
+                return
+            self._dirty = False
+            try:
+                self._write_state(self.have)
+            except StorageError:
+                self._dirty = True
+                raise
 
     def _write_state(self, have: bytearray) -> None:
         blob = msgpack.packb(
@@ -518,6 +524,12 @@ class ChunkStore:
 
     def finalize_sync(self) -> Path:
         """fsync the complete part file and move it to PATH (never a partial PATH)."""
+        with self._state_lock:
+            path = self._finalize_locked()
+            self._finished = True
+            return path
+
+    def _finalize_locked(self) -> Path:
         if not self.complete:
             raise StorageError("download is not complete")
         try:
@@ -1013,7 +1025,7 @@ class TreeStore(ChunkStore):
             at += n
 
     # --- finishing -----------------------------------------------------------
-    def finalize_sync(self) -> Path:
+    def _finalize_locked(self) -> Path:
         """Sync the complete tree and rename it to PATH (never a partial PATH)."""
         if not self.complete:
             raise StorageError("download is not complete")
