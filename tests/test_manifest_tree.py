@@ -351,3 +351,22 @@ def test_paths_that_would_collide_or_are_not_utf8_are_refused_at_build(tmp_path:
     (top / "new\nline").write_bytes(b"")
     with pytest.raises(ManifestError, match="control character"):
         scan_tree(top)
+
+
+@given(st.data())
+@settings(max_examples=300, deadline=None)
+def test_a_damaged_tree_info_is_refused_or_valid(data: st.DataObject) -> None:
+    """Any byte flipped, cut or appended: a ManifestError or a valid info,
+    never another exception."""
+    info = tree_info([("a/b", 3), ("a/c", 0), ("d", CS + 1)], ["e/f"])
+    raw = bytearray(info.encode())
+    for _ in range(data.draw(st.integers(1, 4))):
+        at = data.draw(st.integers(0, len(raw) - 1))
+        raw[at] = data.draw(st.integers(0, 255))
+    if data.draw(st.booleans()):
+        raw = raw[: data.draw(st.integers(0, len(raw)))]
+    try:
+        got = Info.decode(bytes(raw))
+    except ManifestError:
+        return
+    assert got.encode() == bytes(raw)

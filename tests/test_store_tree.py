@@ -279,3 +279,17 @@ def test_a_file_changed_before_it_is_first_opened_is_not_served(tmp_path: Path) 
         assert source.moved()
     finally:
         source.close()
+
+
+async def test_a_tree_of_only_empty_files_and_directories(tmp_path: Path) -> None:
+    top = tmp_path / "src" / "hollow"
+    (top / "d" / "e").mkdir(parents=True)
+    (top / "f").write_bytes(b"")
+    (top / "d" / "g").write_bytes(b"")
+    info = build_tree_manifest(top)
+    assert info.num_chunks == 0 and info.dirs == ("d/e",)
+    store = await ChunkStore.open(info, cid_of(info), tmp_path / "hollow")
+    assert store.complete
+    store.finalize_sync()
+    store.close()
+    assert snapshot(tmp_path / "hollow") == snapshot(top)
