@@ -293,3 +293,56 @@ async def test_a_tree_of_only_empty_files_and_directories(tmp_path: Path) -> Non
     store.finalize_sync()
     store.close()
     assert snapshot(tmp_path / "hollow") == snapshot(top)
+
+
+@pytest.mark.parametrize("kind", ["file", "tree"])
+def test_gets_racing_to_start_on_one_output_leave_one_running_and_its_state(
+    tmp_path: Path, kind: str
+) -> None:
+    """Eight stores opened at once on one output (the race of two `peer get`
+    started together): one wins; every other says another get holds it, and
+    none removes the winner's state or part."""
+    import threading
+
+    from peerd.content.hashing import hash_chunk, merkle_root
+
+    if kind == "tree":
+        info = build_tree_manifest(make_tree(tmp_path / "src"), chunk_size=CS)
+    else:
+        data = os.urandom(5 * CS)
+        hashes = b"".join(hash_chunk("blake3", data[i : i + CS]) for i in range(0, len(data), CS))
+        info = Info("top", len(data), CS, "blake3", hashes, merkle_root("blake3", hashes))
+    cid = cid_of(info)
+    for _round in range(5):
+        stores = [
+            (TreeStore if kind == "tree" else ChunkStore)(info, cid, tmp_path / "top", False)
+            for _ in range(8)
+        ]
+        go = threading.Barrier(len(stores))
+        outcomes: list[object] = [None] * len(stores)
+
+        def open_one(
+            k: int,
+            go: threading.Barrier = go,
+            stores: list[ChunkStore] = stores,
+            outcomes: list[object] = outcomes,
+        ) -> None:
+            go.wait()
+            try:
+                stores[k]._open_sync()
+                outcomes[k] = "ok"
+            except StorageError as exc:
+                outcomes[k] = str(exc)
+
+        threads = [threading.Thread(target=open_one, args=(k,)) for k in range(len(stores))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert outcomes.count("ok") == 1, outcomes
+        for outcome in outcomes:
+            assert outcome == "ok" or "is downloading into" in str(outcome), outcome
+        assert (tmp_path / "top.part").exists() and (tmp_path / "top.part.state").exists()
+        winner = stores[outcomes.index("ok")]
+        assert winner.discard_if_empty()
+        assert sorted(os.listdir(tmp_path)) == (["src"] if kind == "tree" else [])

@@ -273,6 +273,9 @@ class ChunkStore:
                 self.fd = os.open(
                     self.part_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644
                 )
+            except FileExistsError:
+                # Another get created it since we looked: the state is its now.
+                raise StorageError(self._held_message()) from None
             except OSError as exc:
                 self._unlink_state()
                 raise describe_os_error(exc, f"creating {self.part_path}") from None
@@ -513,7 +516,10 @@ class ChunkStore:
             },
             use_bin_type=True,
         )
-        tmp = self.state_path.with_name(self.state_path.name + ".tmp")
+        # Per process and thread: two gets racing to start must not share a temp file.
+        tmp = self.state_path.with_name(
+            f"{self.state_path.name}.{os.getpid()}-{threading.get_ident()}.tmp"
+        )
         try:
             with open(tmp, "wb") as f:
                 f.write(blob)
@@ -875,6 +881,8 @@ class TreeStore(ChunkStore):
             self._write_state(bytearray(info.num_chunks))  # first: see the module comment
             try:
                 os.mkdir(self.part_path, 0o755)
+            except FileExistsError:
+                raise StorageError(self._held_message()) from None
             except OSError as exc:
                 self._unlink_state()
                 raise describe_os_error(exc, f"creating {self.part_path}") from None
