@@ -24,6 +24,15 @@ Everything decoded here may come from a hostile peer, so decoding is bounded
 validating (limits on name, sizes, counts; the root is recomputed). Every
 failure is a :class:`ManifestError`; msgpack's own exceptions never escape.
 
+A **tree** (a shared directory) is one content too: its info adds ``files``
+(``[path, size]`` of every regular file) and ``dirs`` (the empty
+directories), both in canonical order (by the UTF-8 bytes of the path), and
+its bytes are the files concatenated in that order, chunked like one file.
+:func:`check_tree` holds every path rule (PROTOCOL.md, "Trees"); it runs
+when a tree info is built, when one is decoded, and again in the store
+before anything is created. A single file's info has neither key, so its
+encoding and id are what they were before trees existed.
+
 Building a manifest reads the file with large positional reads into reused
 buffers and hashes chunks on a thread pool; the hash functions release the
 GIL, so this runs at hashing speed on every core.
