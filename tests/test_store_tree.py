@@ -346,3 +346,22 @@ def test_gets_racing_to_start_on_one_output_leave_one_running_and_its_state(
         winner = stores[outcomes.index("ok")]
         assert winner.discard_if_empty()
         assert sorted(os.listdir(tmp_path)) == (["src"] if kind == "tree" else [])
+
+
+async def test_something_put_into_the_part_tree_is_never_moved_into_place(
+    tmp_path: Path,
+) -> None:
+    top = make_tree(tmp_path / "src")
+    info = build_tree_manifest(top, chunk_size=CS)
+    store = await ChunkStore.open(info, cid_of(info), tmp_path / "top")
+    try:
+        write_chunks(store, tree_bytes(top, info), range(info.num_chunks))
+        (tmp_path / "top.part" / "a" / "b" / "extra").write_bytes(b"planted")
+        with pytest.raises(StorageError, match=r"a/b/extra is not part of this download"):
+            store.finalize_sync()
+        assert not (tmp_path / "top").exists()
+        os.unlink(tmp_path / "top.part" / "a" / "b" / "extra")
+        store.finalize_sync()
+    finally:
+        store.close()
+    assert snapshot(tmp_path / "top") == snapshot(top)

@@ -1033,10 +1033,29 @@ class TreeStore(ChunkStore):
             at += n
 
     # --- finishing -----------------------------------------------------------
+    def _check_nothing_else(self) -> None:
+        """Refuse to move the tree into place if the part directory holds
+        anything the manifest does not list (put there by someone else)."""
+        expected = {p for p, _s in self._files} | set(self.info.dirs)
+        for rel in list(expected):
+            while "/" in rel:
+                rel = rel.rpartition("/")[0]
+                expected.add(rel)
+        base = os.fspath(self.part_path)
+        for dirpath, dirnames, filenames in os.walk(base, followlinks=False):
+            for name in dirnames + filenames:
+                rel = os.path.relpath(os.path.join(dirpath, name), base)
+                if rel not in expected:
+                    raise StorageError(
+                        f"{self.part_path / rel} is not part of this download (someone put it "
+                        f"there); move it out of {self.part_path} and run the command again"
+                    )
+
     def _finalize_locked(self) -> Path:
         """Sync the complete tree and rename it to PATH (never a partial PATH)."""
         if not self.complete:
             raise StorageError("download is not complete")
+        self._check_nothing_else()
         try:
             _syncfs(self.fd)
             replaced = False
