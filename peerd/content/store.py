@@ -65,7 +65,8 @@ size) by walking from a descriptor of ``PATH.part`` one component at a time
 with ``O_NOFOLLOW``: a symbolic link planted anywhere in the part tree is
 refused by name, never followed, so nothing is written outside it; a file
 with more than one hard link is refused too. A chunk that spans files is
-several positional writes. When every chunk is verified, the file system is
+several positional writes. When every chunk is verified, and the part
+directory holds nothing the manifest does not list, the file system is
 synced (``syncfs``) and ``PATH.part`` is renamed to ``PATH`` with
 ``renameat2(RENAME_NOREPLACE)`` (with ``force``, ``RENAME_EXCHANGE`` and the
 old tree removed after), so PATH never holds a partial tree. Disk space is
