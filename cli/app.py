@@ -343,7 +343,7 @@ def cmd_id() -> None:
 @app.command("share")
 def cmd_share(
     ctx: typer.Context,
-    path: Annotated[Path, typer.Argument(help="The file to share.")],
+    path: Annotated[Path, typer.Argument(help="The file or directory to share.")],
     tracker: TrackerOpt = None,
     host: HostOpt = ANY_HOST,
     port: PortOpt = 0,
@@ -376,7 +376,7 @@ def cmd_share(
     ] = None,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Share a file: print a link to it (first line of stdout), then seed until Ctrl-C."""
+    """Share a file or a directory: print a link (first line of stdout), then seed until Ctrl-C."""
     setup_logging(verbose)
     from peerd.app.share import share_file
     from peerd.transport import is_wildcard
@@ -501,7 +501,7 @@ def cmd_get(
     ] = False,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Download a file from every useful peer at once, verifying every chunk.
+    """Download a file or a directory tree from every useful peer at once, verifying every chunk.
 
     With a daemon running (`peer daemon`), the daemon downloads it (and seeds
     it afterwards) and this command shows its progress; Ctrl-C asks whether
@@ -824,7 +824,7 @@ def cmd_stream(
 ) -> None:
     """Serve a content over HTTP (with Range: players can seek) while it downloads."""
     setup_logging(verbose)
-    from peerd.app.download import close_store, obtain_manifest, resolve_id
+    from peerd.app.download import close_store, obtain_manifest, resolve_id, tree_not_streamable
     from peerd.app.http_stream import HttpStreamer
     from peerd.content.store import ChunkStore
 
@@ -841,6 +841,8 @@ def cmd_stream(
             await nursery.start(node.run)
             cid = await resolve_id(node, content_id)
             manifest = await obtain_manifest(node, cid, trust_key, direct)
+            if manifest.info.is_tree:
+                raise PeerError(tree_not_streamable(manifest.info))
             await trio.to_thread.run_sync(partial(cache.mkdir, parents=True, exist_ok=True))
             path = cache / f"{cid.hex()[:16]}-{manifest.info.name}"
             store = await ChunkStore.open(manifest.info, cid, path, force=True)
@@ -908,11 +910,14 @@ def cmd_info(
             manifest = await obtain_manifest(node, cid, trust_key, direct, publish=False)
             nursery.cancel_scope.cancel()
         info = manifest.info
+        files = info.files if info.files is not None else ((info.name, info.size),)
         return {
             "id": cid.hex(),
             "name": info.name,
             "size": info.size,
-            "files": [{"path": info.name, "size": info.size}],
+            "tree": info.is_tree,
+            "files": [{"path": path, "size": size} for path, size in files],
+            "dirs": list(info.dirs),
             "chunk_size": info.chunk_size,
             "chunks": info.num_chunks,
             "hash": info.algo,
@@ -925,6 +930,11 @@ def cmd_info(
         return
     for label, key in (("id", "id"), ("name", "name"), ("size", "size")):
         print(f"{label + ':':<12}{facts[key]}")
+    if facts["tree"]:
+        empty = f", {len(facts['dirs'])} empty directories" if facts["dirs"] else ""
+        print(
+            f"{'files:':<12}{len(facts['files'])} ({facts['size']} bytes){empty}; --json lists them"
+        )
     print(f"{'chunks:':<12}{facts['chunks']} x {facts['chunk_size']} bytes ({facts['hash']})")
     for signer in facts["signers"]:
         print(f"{'signed by:':<12}{signer}")

@@ -203,7 +203,7 @@ def test_oversized_input_rejected_before_parsing() -> None:
     with pytest.raises(ManifestError, match="limit"):
         Manifest.decode(b"\x00" * (40 * MiB + 1))
     with pytest.raises(ManifestError, match="limit"):
-        Info.decode(b"\x00" * (33 * MiB))
+        Info.decode(b"\x00" * (40 * MiB))
 
 
 # --- tampering: each kind has its own exception ------------------------------------

@@ -134,7 +134,9 @@ async def test_two_stores_on_one_part_file_are_refused(tmp_path: Path) -> None:
     cid = cid_of(info)
     store = await ChunkStore.open(info, cid, tmp_path / "f.bin")
     try:
-        with pytest.raises(StorageError, match="another process is downloading"):
+        with pytest.raises(
+            StorageError, match=rf"another `peer get` \(pid {os.getpid()}\) is downloading"
+        ):
             await ChunkStore.open(info, cid, tmp_path / "f.bin")
     finally:
         store.close()

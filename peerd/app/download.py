@@ -22,7 +22,7 @@ from pathlib import Path
 
 import trio
 
-from peerd.content.manifest import Manifest, parse_content_id
+from peerd.content.manifest import Info, Manifest, parse_content_id
 from peerd.content.store import ChunkStore
 from peerd.errors import PeerError, TrackerError
 from peerd.node.driver import Content
@@ -42,6 +42,7 @@ __all__ = [
     "fetch_manifest",
     "resolve_id",
     "stop_content",
+    "tree_not_streamable",
 ]
 
 # How long a stopped content may take to end (its "stopped" announce takes at
@@ -206,6 +207,15 @@ async def close_store(node: Node, content: Content | None, store: ChunkStore) ->
             log.info("removed %s: it held no verified chunk", store.part_path)
 
 
+def tree_not_streamable(info: Info) -> str:
+    """Why a tree cannot be streamed (to stdout or over HTTP): one line."""
+    count = len(info.files or ())
+    return (
+        f"{info.name} is a directory tree ({count} files, {info.size} bytes); only a single "
+        "file can be streamed: download it with -o DIR"
+    )
+
+
 def output_path(output: Path | None, name: str) -> Path:
     if output is None:
         return Path.cwd() / name
@@ -253,15 +263,18 @@ async def download(
     cid = await resolve_id(node, text_id)
     manifest = await obtain_manifest(node, cid, trust, peers)
     name = manifest.info.name
+    if write is not None and manifest.info.is_tree:
+        raise DownloadError(tree_not_streamable(manifest.info))
     if write is not None:
         name = f"{cid.hex()[:16]}-{name}"  # a cache of streams: one file per content
     path = output_path(output, name)
     log.info(
-        "manifest of %s verified: %s, %d bytes, %d chunks",
+        "manifest of %s verified: %s, %d bytes, %d chunks%s",
         cid.hex()[:16],
         manifest.info.name,
         manifest.info.size,
         manifest.info.num_chunks,
+        f", a tree of {len(manifest.info.files)} files" if manifest.info.files is not None else "",
     )
     store = await ChunkStore.open(manifest.info, cid, path, force=force)
     if store.resumed_bytes:

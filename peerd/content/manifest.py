@@ -24,6 +24,15 @@ Everything decoded here may come from a hostile peer, so decoding is bounded
 validating (limits on name, sizes, counts; the root is recomputed). Every
 failure is a :class:`ManifestError`; msgpack's own exceptions never escape.
 
+A **tree** (a shared directory) is one content too: its info adds ``files``
+(``[path, size]`` of every regular file) and ``dirs`` (the empty
+directories), both in canonical order (by the UTF-8 bytes of the path), and
+its bytes are the files concatenated in that order, chunked like one file.
+:func:`check_tree` holds every path rule (PROTOCOL.md, "Trees"); it runs
+when a tree info is built, when one is decoded, and again in the store
+before anything is created. A single file's info has neither key, so its
+encoding and id are what they were before trees existed.
+
 Building a manifest reads the file with large positional reads into reused
 buffers and hashes chunks on a thread pool; the hash functions release the
 GIL, so this runs at hashing speed on every core.
@@ -31,12 +40,17 @@ GIL, so this runs at hashing speed on every core.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import functools
 import hashlib
+import itertools
 import os
+import re
 import stat
 import threading
+import unicodedata
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,18 +74,27 @@ __all__ = [
     "INFO_VERSION",
     "MAX_CHUNKS",
     "MAX_CHUNK_SIZE",
+    "MAX_COMPONENT_BYTES",
+    "MAX_DEPTH",
+    "MAX_ENTRIES",
     "MAX_MANIFEST_BYTES",
     "MAX_NAME_BYTES",
+    "MAX_PATH_BYTES",
     "MAX_SIGNATURES",
     "MAX_SIZE",
     "MIN_CHUNK_SIZE",
     "SIGNATURE_CONTEXT",
     "Info",
     "Manifest",
+    "ScannedFile",
     "build_manifest",
+    "build_tree_manifest",
+    "check_tree",
     "content_id_hex",
     "default_chunk_size",
+    "open_tree_file",
     "parse_content_id",
+    "scan_tree",
     "valid_chunk_size",
     "verify_chunk",
 ]
@@ -88,11 +111,19 @@ MAX_MANIFEST_BYTES = 40 * 1024 * 1024
 SIGNATURE_CONTEXT = b"peer-manifest-v1\x00"
 CONTENT_ID_SIZE = 32
 
-# The largest canonical info: the hash list plus a small fixed overhead.
-_MAX_INFO_BYTES = DIGEST_SIZE * MAX_CHUNKS + 1024
+# Trees (see "Trees" below): limits on the paths a tree info lists.
+MAX_COMPONENT_BYTES = 255  # one path component, in UTF-8
+MAX_PATH_BYTES = 4096  # a whole relative path, in UTF-8
+MAX_DEPTH = 64  # components in one path
+MAX_ENTRIES = 1_000_000  # files plus empty directories in one tree
+
+# The largest info: what fits in the largest manifest with 16 signatures.
+# A single-file info is bounded tighter by its own rules (the hash list).
+_MAX_INFO_BYTES = MAX_MANIFEST_BYTES - 4096
 # Target size of the hash list when picking a chunk size (1 MiB = 32768 chunks).
 _TARGET_HASH_BYTES = 1024 * 1024
 _INFO_KEYS = ("v", "name", "size", "chunk_size", "algo", "hashes", "root")
+_TREE_KEYS = (*_INFO_KEYS, "files", "dirs")
 _MANIFEST_KEYS = ("info", "sigs")
 # The msgpack exceptions a hostile input can trigger (unpack errors, bad UTF-8,
 # unhashable map keys, over-limit lengths); all become ManifestError.
@@ -166,10 +197,142 @@ def _check_chunk_size(chunk_size: object) -> int:
     return chunk_size
 
 
+# --- trees: path rules ----------------------------------------------------------
+# C0 controls, DEL and C1 controls: they can rewrite a terminal or log line.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def _has_control(text: str) -> bool:
+    return _CONTROL.search(text) is not None
+
+
+def _validate_path(path: object, what: str = "path") -> bytes:
+    """Check one relative path of a tree (PROTOCOL.md lists the rules); its UTF-8."""
+    if type(path) is not str:
+        raise ManifestError(f"a {what} must be a string, got {type(path).__name__}")
+    shown = repr(path[:200])
+    try:
+        encoded = path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ManifestError(f"{what} {shown} is not valid UTF-8") from None
+    if not encoded:
+        raise ManifestError(f"a {what} is empty")
+    if len(encoded) > MAX_PATH_BYTES:
+        raise ManifestError(
+            f"{what} {shown}... is {len(encoded)} bytes in UTF-8; the limit is {MAX_PATH_BYTES}"
+        )
+    if "\\" in path:
+        raise ManifestError(f"{what} {shown} contains a backslash")
+    if _has_control(path):
+        raise ManifestError(f"{what} {shown} contains a NUL or control character")
+    parts = path.split("/")
+    if len(parts) > MAX_DEPTH:
+        raise ManifestError(f"{what} {shown} is {len(parts)} levels deep; the limit is {MAX_DEPTH}")
+    for part in parts:
+        if not part:
+            raise ManifestError(
+                f"{what} {shown} has an empty component (absolute, or a doubled or "
+                "trailing '/'); paths are relative"
+            )
+        if part in (".", ".."):
+            raise ManifestError(f"{what} {shown} has a {part!r} component")
+        if len(part.encode("utf-8")) > MAX_COMPONENT_BYTES:
+            raise ManifestError(
+                f"{what} {shown} has a component longer than {MAX_COMPONENT_BYTES} bytes"
+            )
+    return encoded
+
+
+def _fold(path: str) -> str:
+    """The form two paths collide in on common file systems (case-insensitive,
+    normalizing), with '/' as NUL so that sorting puts a directory's contents
+    right after it."""
+    return unicodedata.normalize("NFC", path).casefold().replace("/", "\x00")
+
+
+def _check_sorted(encoded: list[bytes], paths: list[str], what: str) -> None:
+    for i in range(1, len(encoded)):
+        if encoded[i - 1] >= encoded[i]:
+            if encoded[i - 1] == encoded[i]:
+                raise ManifestError(f"{what} {paths[i][:200]!r} is listed twice")
+            raise ManifestError(
+                f"{what} are not in canonical order (by the UTF-8 bytes of the path): "
+                f"{paths[i - 1][:200]!r} before {paths[i][:200]!r}"
+            )
+
+
+def check_tree(files: object, dirs: object) -> int:
+    """Validate a tree's file and empty-directory lists; return the total size.
+
+    ``files`` is a tuple of ``(path, size)`` and ``dirs`` a tuple of paths, each
+    sorted by the UTF-8 bytes of the path. Every rule of PROTOCOL.md is checked:
+    the paths themselves, order, no duplicates, no file that is also a
+    directory, listed directories empty, no two paths (or their parent
+    directories) equal once case-folded and NFC-normalized, the entry count.
+
+    Raises:
+        ManifestError: the first rule broken.
+    """
+    if type(files) is not tuple or type(dirs) is not tuple:
+        raise ManifestError("a tree's files and dirs must be lists")
+    if len(files) + len(dirs) > MAX_ENTRIES:
+        raise ManifestError(
+            f"tree has {len(files) + len(dirs)} files and directories; the limit is {MAX_ENTRIES}"
+        )
+    total = 0
+    file_paths: list[str] = []
+    file_bytes: list[bytes] = []
+    for entry in files:
+        if type(entry) is not tuple or len(entry) != 2:
+            raise ManifestError("each file of a tree must be a [path, size] pair")
+        path, size = entry
+        file_bytes.append(_validate_path(path, "file path"))
+        size = _check_int(size, "file size")
+        if not 0 <= size <= MAX_SIZE:
+            raise ManifestError(f"file {path[:200]!r} has size {size}, out of range 0..{MAX_SIZE}")
+        total += size
+        file_paths.append(path)
+    dir_paths = list(dirs)
+    dir_bytes = [_validate_path(d, "directory path") for d in dir_paths]
+    _check_sorted(file_bytes, file_paths, "files")
+    _check_sorted(dir_bytes, dir_paths, "directories")
+    if total > MAX_SIZE:
+        raise ManifestError(f"tree is {total} bytes; the limit is {MAX_SIZE}")
+    # One pass over every entry sorted by its folded form: a collision, a
+    # duplicate, or one entry inside another always shows in two neighbours.
+    entries = sorted(
+        [(_fold(p), p, True) for p in file_paths] + [(_fold(d), d, False) for d in dir_paths]
+    )
+    for (fold_a, a, a_file), (fold_b, b, _b_file) in itertools.pairwise(entries):
+        folded_a, folded_b = fold_a.split("\x00"), fold_b.split("\x00")
+        parts_a, parts_b = a.split("/"), b.split("/")
+        common = 0
+        for fa, fb, pa, pb in zip(folded_a, folded_b, parts_a, parts_b, strict=False):
+            if fa != fb:
+                break
+            if pa != pb:
+                raise ManifestError(
+                    f"paths {a[:200]!r} and {b[:200]!r} differ only in case or Unicode "
+                    "normalization; they would collide on common file systems"
+                )
+            common += 1
+        if common == len(parts_a):
+            if len(parts_a) == len(parts_b):
+                raise ManifestError(f"path {a[:200]!r} is listed twice")
+            what = "a file" if a_file else "an empty directory"
+            raise ManifestError(f"{a[:200]!r} is listed as {what} but {b[:200]!r} is inside it")
+    return total
+
+
 # --- Info ---------------------------------------------------------------------
 @dataclass(frozen=True)
 class Info:
-    """The signed description of one file. Validates itself on construction.
+    """The signed description of one file or one tree. Validates itself on construction.
+
+    A tree (``files`` is not None) lists its regular files as ``(path, size)``
+    and its empty directories (``dirs``), both sorted by the UTF-8 bytes of
+    the path; its bytes are the files' bytes concatenated in that order,
+    chunked like one file. ``name`` is the tree's top directory.
 
     Raises:
         ManifestError: any field is of the wrong type or out of its limits, or
@@ -182,12 +345,19 @@ class Info:
     algo: str
     hashes: bytes
     root: bytes
+    files: tuple[tuple[str, int], ...] | None = None
+    dirs: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _validate_name(self.name)
         size = _check_int(self.size, "size")
         if not 0 <= size <= MAX_SIZE:
             raise ManifestError(f"size {size} is out of range 0..{MAX_SIZE}")
+        if self.files is None:
+            if self.dirs != ():
+                raise ManifestError("only a tree lists directories")
+        elif check_tree(self.files, self.dirs) != size:
+            raise ManifestError(f"size {size} is not the sum of the tree's file sizes")
         chunk_size = _check_chunk_size(self.chunk_size)
         if type(self.algo) is not str or self.algo not in ALGORITHMS:
             raise ManifestError(
@@ -213,6 +383,40 @@ class Info:
     def num_chunks(self) -> int:
         """Number of chunks (0 for an empty file)."""
         return _num_chunks(self.size, self.chunk_size)
+
+    @property
+    def is_tree(self) -> bool:
+        """True for a directory tree, False for one file."""
+        return self.files is not None
+
+    @functools.cached_property
+    def _starts(self) -> list[int]:
+        """Offset of each file in the tree's byte stream."""
+        starts, at = [], 0
+        for _path, size in self.files or ():
+            starts.append(at)
+            at += size
+        return starts
+
+    def segments(self, offset: int, length: int) -> Iterator[tuple[int, int, int]]:
+        """The ``(file index, offset in that file, length)`` pieces of the
+        byte range ``[offset, offset + length)``, in order; empty files take
+        no piece. One file's content is file 0."""
+        if self.files is None:
+            if length > 0:
+                yield 0, offset, length
+            return
+        starts, files = self._starts, self.files
+        i = max(bisect.bisect_right(starts, offset) - 1, 0)
+        while length > 0 and i < len(files):
+            size = files[i][1]
+            within = offset - starts[i]
+            if within < size:
+                n = min(size - within, length)
+                yield i, within, n
+                offset += n
+                length -= n
+            i += 1
 
     def _check_index(self, index: int) -> None:
         n = self.num_chunks
@@ -251,6 +455,9 @@ class Info:
             "hashes": self.hashes,
             "root": self.root,
         }
+        if self.files is not None:
+            body["files"] = [[path, size] for path, size in self.files]
+            body["dirs"] = list(self.dirs)
         data: bytes = msgpack.packb(body, use_bin_type=True)
         return data
 
@@ -274,8 +481,18 @@ class Info:
         data = _check_bytes_like(data, "info")
         if len(data) > _MAX_INFO_BYTES:
             raise ManifestError(f"info is {len(data)} bytes; the limit is {_MAX_INFO_BYTES}")
-        body = _unpack(data, max_bin_len=_MAX_INFO_BYTES, max_array_len=0, what="info")
-        _check_keys(body, _INFO_KEYS, "info")
+        body = _unpack(
+            data,
+            max_bin_len=_MAX_INFO_BYTES,
+            max_array_len=MAX_ENTRIES,
+            what="info",
+            max_str_len=MAX_PATH_BYTES,
+        )
+        if type(body) is dict and tuple(body) == _TREE_KEYS:
+            files, dirs = _tree_lists(body["files"], body["dirs"])
+        else:
+            _check_keys(body, _INFO_KEYS, "info")
+            files, dirs = None, ()
         version = _check_int(body["v"], "info version")
         if version != INFO_VERSION:
             raise ManifestError(
@@ -289,6 +506,8 @@ class Info:
             algo=body["algo"],
             hashes=body["hashes"],
             root=body["root"],
+            files=files,
+            dirs=dirs,
         )
         if info.encode() != data:
             raise ManifestError("info is not in canonical encoding")
@@ -301,7 +520,26 @@ def _check_bytes_like(data: object, what: str) -> bytes:
     raise ManifestError(f"{what} must be bytes, got {type(data).__name__}")
 
 
-def _unpack(data: bytes, *, max_bin_len: int, max_array_len: int, what: str) -> Any:
+def _tree_lists(files: object, dirs: object) -> tuple[tuple[tuple[str, int], ...], tuple[str, ...]]:
+    """A decoded tree's lists as tuples (their contents are checked by :func:`check_tree`)."""
+    if type(files) is not list or type(dirs) is not list:
+        raise ManifestError("a tree's files and dirs must be lists")
+    pairs = []
+    for entry in files:
+        if type(entry) is not list or len(entry) != 2:
+            raise ManifestError("each file of a tree must be a [path, size] pair")
+        pairs.append((entry[0], entry[1]))
+    return tuple(pairs), tuple(dirs)
+
+
+def _unpack(
+    data: bytes,
+    *,
+    max_bin_len: int,
+    max_array_len: int,
+    what: str,
+    max_str_len: int = 4 * MAX_NAME_BYTES,
+) -> Any:
     try:
         return msgpack.unpackb(
             data,
@@ -309,9 +547,9 @@ def _unpack(data: bytes, *, max_bin_len: int, max_array_len: int, what: str) -> 
             use_list=True,
             strict_map_key=True,
             max_bin_len=max_bin_len,
-            max_str_len=4 * MAX_NAME_BYTES,
+            max_str_len=max_str_len,
             max_array_len=max_array_len,
-            max_map_len=len(_INFO_KEYS),
+            max_map_len=len(_TREE_KEYS),
             max_ext_len=0,
         )
     except _DECODE_ERRORS as exc:
@@ -633,3 +871,204 @@ def _hash_file(
     except OSError as exc:
         raise StorageError(f"cannot read {path}: {exc.strerror or exc}") from None
     return bytes(out)
+
+
+# --- building a tree ------------------------------------------------------------
+@dataclass(frozen=True)
+class ScannedFile:
+    """A regular file found by :func:`scan_tree`: its path in the tree and the
+    ``(size, mtime_ns)`` it had when found."""
+
+    path: str
+    size: int
+    mtime_ns: int
+
+
+def scan_tree(root: str | os.PathLike[str]) -> tuple[list[ScannedFile], list[str]]:
+    """Walk a directory without following links: its regular files and its
+    empty directories, sorted by the UTF-8 bytes of their paths.
+
+    Raises:
+        StorageError: ``root`` is not a directory or cannot be read, or the
+            tree holds a symbolic link or a special file (named).
+        ManifestError: a path breaks a rule (not UTF-8, too long, too deep,
+            a case collision, too many entries).
+    """
+    root = Path(root)
+    files: list[ScannedFile] = []
+    dirs: list[str] = []
+    stack = [""]
+    while stack:
+        rel = stack.pop()
+        where = root / rel if rel else root
+        try:
+            with os.scandir(where) as it:
+                entries = list(it)
+        except NotADirectoryError:
+            raise StorageError(f"{where} is not a directory") from None
+        except OSError as exc:
+            raise StorageError(f"cannot read {where}: {exc.strerror or exc}") from None
+        if not entries and rel:
+            dirs.append(rel)
+        for entry in entries:
+            path = f"{rel}/{entry.name}" if rel else entry.name
+            _validate_path(path, "path")
+            if len(files) + len(dirs) + len(stack) >= MAX_ENTRIES:
+                raise ManifestError(f"{root} holds more than {MAX_ENTRIES} files and directories")
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError as exc:
+                raise StorageError(f"cannot read {entry.path}: {exc.strerror or exc}") from None
+            if stat.S_ISLNK(st.st_mode):
+                raise StorageError(
+                    f"{entry.path} is a symbolic link; a shared tree holds only regular files "
+                    "and directories (links are not followed): remove or replace it"
+                )
+            if stat.S_ISDIR(st.st_mode):
+                stack.append(path)
+            elif stat.S_ISREG(st.st_mode):
+                files.append(ScannedFile(path, st.st_size, st.st_mtime_ns))
+            else:
+                raise StorageError(
+                    f"{entry.path} is not a regular file or directory (a fifo, socket or "
+                    "device); a shared tree holds only regular files and directories"
+                )
+    files.sort(key=lambda f: f.path.encode("utf-8"))
+    dirs.sort(key=lambda d: d.encode("utf-8"))
+    check_tree(tuple((f.path, f.size) for f in files), tuple(dirs))
+    return files, dirs
+
+
+def open_tree_file(root: Path, scanned: ScannedFile) -> int:
+    """Open a scanned file for reading; refuse it if it is no longer the
+    regular file of that size and mtime.
+
+    Raises:
+        StorageError: it cannot be opened or has changed.
+    """
+    path = root / scanned.path
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        raise StorageError(f"cannot open {path}: {exc.strerror or exc}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or (st.st_size, st.st_mtime_ns) != (
+        scanned.size,
+        scanned.mtime_ns,
+    ):
+        os.close(fd)
+        raise StorageError(f"{path} changed while the tree was being read; try again")
+    return fd
+
+
+def build_tree_manifest(
+    path: str | os.PathLike[str],
+    algo: str = "blake3",
+    chunk_size: int | None = None,
+    threads: int | None = None,
+    scanned: tuple[list[ScannedFile], list[str]] | None = None,
+) -> Info:
+    """Hash a directory tree into a tree :class:`Info` (named after the directory).
+
+    The files are concatenated in canonical order and chunked as one stream;
+    worker threads each hash whole chunks, reading the files a chunk spans.
+    ``scanned`` is :func:`scan_tree`'s result if the caller has it.
+
+    Raises:
+        StorageError: unreadable, a link or special file inside, or a file
+            changed while being hashed.
+        ManifestError: a path breaks a rule, bad algorithm or chunk size, too large.
+    """
+    root = Path(path)
+    if algo not in ALGORITHMS:
+        raise ManifestError(f"unknown hash algorithm {algo!r}: use one of {', '.join(ALGORITHMS)}")
+    if chunk_size is not None:
+        _check_chunk_size(chunk_size)
+    if threads is None:
+        threads = min(os.cpu_count() or 1, 8)
+    files, dirs = scanned if scanned is not None else scan_tree(root)
+    size = sum(f.size for f in files)
+    if size > MAX_SIZE:
+        raise ManifestError(f"{root} is {size} bytes; the limit is {MAX_SIZE}")
+    if chunk_size is None:
+        chunk_size = default_chunk_size(size)
+    n = _num_chunks(size, chunk_size)
+    if n > MAX_CHUNKS:
+        raise ManifestError(
+            f"{root} would have {n} chunks of {chunk_size} bytes; the limit is {MAX_CHUNKS}: "
+            "use a larger chunk size"
+        )
+    # The layout first (validated), so chunks can be mapped to files.
+    layout = Info(
+        name=root.name,
+        size=size,
+        chunk_size=chunk_size,
+        algo=algo,
+        hashes=b"\0" * (DIGEST_SIZE * n),
+        root=merkle_root(algo, b"\0" * (DIGEST_SIZE * n)),
+        files=tuple((f.path, f.size) for f in files),
+        dirs=tuple(dirs),
+    )
+    out = bytearray(DIGEST_SIZE * n)
+    lock = threading.Lock()
+    indices = iter(range(n))
+    failed = threading.Event()
+
+    def worker() -> None:
+        buf = memoryview(bytearray(min(chunk_size, size)))
+        open_index, fd = -1, -1
+        try:
+            while not failed.is_set():
+                with lock:
+                    index = next(indices, None)
+                if index is None:
+                    return
+                offset = index * chunk_size
+                length = min(chunk_size, size - offset)
+                at = 0
+                for i, file_offset, piece in layout.segments(offset, length):
+                    if i != open_index:
+                        if fd >= 0:
+                            os.close(fd)
+                            fd = -1
+                        fd = open_tree_file(root, files[i])
+                        open_index = i
+                    _read_exactly(fd, buf[at : at + piece], file_offset)
+                    at += piece
+                out[index * DIGEST_SIZE : (index + 1) * DIGEST_SIZE] = hash_chunk(
+                    algo, buf[:length]
+                )
+        except BaseException:
+            failed.set()
+            raise
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+    try:
+        with ThreadPoolExecutor(
+            max_workers=max(1, min(threads, n)), thread_name_prefix="peer-hash"
+        ) as pool:
+            futures = [pool.submit(worker) for _ in range(max(1, min(threads, n)))]
+            for future in futures:
+                future.result()
+    except OSError as exc:
+        raise StorageError(f"cannot read {root}: {exc.strerror or exc}") from None
+    for f in files:
+        try:
+            st = os.lstat(root / f.path)
+        except OSError:
+            st = None
+        if st is None or (st.st_size, st.st_mtime_ns) != (f.size, f.mtime_ns):
+            raise StorageError(f"{root / f.path} changed while it was being hashed; try again")
+    hashes = bytes(out)
+    return Info(
+        name=root.name,
+        size=size,
+        chunk_size=chunk_size,
+        algo=algo,
+        hashes=hashes,
+        root=merkle_root(algo, hashes),
+        files=layout.files,
+        dirs=layout.dirs,
+    )

@@ -15,7 +15,7 @@ import mmap
 import socket
 import sys
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Generator, Iterable
 from typing import TYPE_CHECKING, Protocol
 
 import trio
@@ -345,9 +345,12 @@ class Content:
         src = self.source
         return not isinstance(src, SourceFile) or not (src.suspect or src.moved())
 
-    def file_position(self, index: int, offset: int) -> tuple[int, int]:
-        """(descriptor, file offset) of a chunk's bytes, for ``sendfile``."""
-        return self.source.fd, index * self.info.chunk_size + offset
+    def segments(
+        self, index: int, offset: int, length: int
+    ) -> Generator[tuple[int, int, int], None, None]:
+        """``(descriptor, position, length)`` pieces of a chunk range, for
+        ``sendfile`` (one piece for a file; one per file spanned in a tree)."""
+        return self.source.segments(index, offset, length)
 
     async def _store_chunk(
         self, session: PeerSession, index: int, buf: mmap.mmap, length: int

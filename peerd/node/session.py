@@ -19,7 +19,7 @@ import logging
 import mmap
 import socket
 import sys
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Generator
 from typing import TYPE_CHECKING, Protocol
 
 import trio
@@ -156,7 +156,9 @@ class SessionOwner(Protocol):
     def on_payload(
         self, session: PeerSession, req: tuple[int, int, int], buf: mmap.mmap
     ) -> None: ...
-    def file_position(self, index: int, offset: int) -> tuple[int, int]: ...
+    def segments(
+        self, index: int, offset: int, length: int
+    ) -> Generator[tuple[int, int, int], None, None]: ...
 
 
 class PeerSession:
@@ -505,8 +507,12 @@ class PeerSession:
                     self._release_turn()
                     continue
                 await self._send(stream.send_all(self.conn.send(DataHeader(index, offset, length))))
-                fd, position = self.content.file_position(index, offset)
-                await self._send(stream.sendfile(fd, position, length))
+                pieces = self.content.segments(index, offset, length)
+                try:
+                    for fd, position, n in pieces:  # one per file a tree's chunk spans
+                        await self._send(stream.sendfile(fd, position, n))
+                finally:
+                    pieces.close()
                 engine.on_uploaded(self, upload, trio.current_time())
                 self._draining = turns.at_once > 0
                 self._turn_left = length
