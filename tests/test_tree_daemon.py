@@ -52,3 +52,18 @@ def test_a_daemon_shares_and_downloads_a_tree(tmp_path: Path) -> None:
         for name, proc in (("d", daemon), ("seed", seeder)):
             assert s.run(name, "stop").returncode == 0
             assert proc.wait(timeout=15) == 0
+        # Restarted, the daemon serves the tree it downloaded under its
+        # publisher's id (the kept manifest; the files as they are now).
+        daemon = s.peer("d", "daemon", "--host", "127.0.0.1")
+        _wait_socket(home / "control.sock")
+        deadline = time.monotonic() + 30
+        while True:
+            status = control_request(home, {"cmd": "status"}, timeout=20)
+            assert status is not None
+            rows = [t for t in status["transfers"] if t["id"] == cid]
+            if rows and rows[0]["state"] == "seeding":
+                break
+            assert time.monotonic() < deadline, status
+            time.sleep(0.2)
+        assert s.run("d", "stop").returncode == 0
+        assert daemon.wait(timeout=15) == 0

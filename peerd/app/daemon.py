@@ -37,7 +37,7 @@ from peerd.app.link import format_address
 from peerd.app.share import share_file
 from peerd.content.identity import Identity, parse_public_key
 from peerd.content.manifest import Manifest
-from peerd.content.store import ChunkStore, SourceFile, describe_os_error
+from peerd.content.store import ChunkStore, SourceFile, SourceTree, describe_os_error
 from peerd.errors import PeerError, TrackerError
 from peerd.node.driver import Content, connection_bytes
 from peerd.node.node import Node
@@ -332,7 +332,8 @@ class Daemon:
         try:
             manifest = self._kept_manifest(cid)
             if manifest is not None:
-                source = await trio.to_thread.run_sync(SourceFile, path, manifest.info)
+                opener = SourceTree.reopen if manifest.info.is_tree else SourceFile
+                source = await trio.to_thread.run_sync(opener, path, manifest.info)
                 try:
                     await self.node.add_content(manifest, source)
                 except BaseException:

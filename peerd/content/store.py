@@ -739,6 +739,24 @@ class SourceTree(SourceFile):
         self.have = bytearray(b"\x01" * info.num_chunks)
         self.suspect = False
 
+    @classmethod
+    def reopen(cls, path: Path, info: Info) -> SourceTree:
+        """A tree this node downloaded (and verified) before, served again as
+        its files are now; one that is no longer a regular file of its size
+        (``lstat``: a link is not followed) is refused."""
+        if info.files is None:
+            raise StorageError(f"{path}: the manifest is not a tree's")
+        signatures: list[tuple[int, int]] = []
+        for rel, size in info.files:
+            try:
+                st = os.lstat(path / rel)
+            except OSError as exc:
+                raise describe_os_error(exc, f"opening {path / rel}") from None
+            if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+                raise StorageError(f"{path / rel} changed since it was downloaded")
+            signatures.append((st.st_size, st.st_mtime_ns))
+        return cls(path, info, signatures)
+
     def _open(self, index: int) -> tuple[int, os.stat_result]:
         path = self.path / self._files[index][0]
         try:
