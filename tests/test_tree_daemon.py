@@ -65,5 +65,14 @@ def test_a_daemon_shares_and_downloads_a_tree(tmp_path: Path) -> None:
                 break
             assert time.monotonic() < deadline, status
             time.sleep(0.2)
+        # rm --delete removes what it downloaded, and keeps what the user
+        # put there since (with the directories leading to it).
+        mine = out2 / top.name / "notes-of-mine.txt"
+        mine.write_text("mine")
+        rm = s.run("d", "rm", cid, "--delete")
+        assert rm.returncode == 0, rm.stderr
+        assert f"{mine} is not part of the download" in rm.stderr, rm.stderr
+        left = sorted(str(p.relative_to(out2)) for p in out2.rglob("*"))
+        assert left == [top.name, f"{top.name}/notes-of-mine.txt"], left
         assert s.run("d", "stop").returncode == 0
         assert daemon.wait(timeout=15) == 0

@@ -15,6 +15,7 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import socket
 import tempfile
 from collections import deque
@@ -493,17 +494,28 @@ class Daemon:
         kept: str | None = None
         download = self.downloads.pop(cid, None)
         shared = self.shared.pop(cid, None)
+        manifest = self._kept_manifest(cid)
+        files = manifest.info.files if manifest is not None else None
         if delete and download is not None:
             path = Path(download["path"])
             for part in (
                 path.with_name(path.name + ".part"),
                 path.with_name(path.name + ".part.state"),
             ):
-                if await trio.to_thread.run_sync(_unlink, part):
+                # A tree's .part directory is all ours (a tree with anything
+                # else in it is never moved into place): removed whole.
+                if await trio.to_thread.run_sync(_unlink, part, files is not None):
                     deleted.append(str(part))
         elif delete and shared is not None:
             if shared.get("downloaded"):
-                if await trio.to_thread.run_sync(_unlink, Path(shared["path"])):
+                path = Path(shared["path"])
+                if files is not None:
+                    gone, left = await trio.to_thread.run_sync(_delete_tree, path, manifest)
+                    if gone:
+                        deleted.append(shared["path"])
+                    if left:
+                        kept = f"{left} is not part of the download: kept, with its directories"
+                elif await trio.to_thread.run_sync(_unlink, path):
                     deleted.append(shared["path"])
             else:
                 kept = f"{shared['path']} is the file you shared: it is never deleted"
@@ -853,12 +865,55 @@ def _address(value: object) -> tuple[str, int]:
     return value[0], value[1]
 
 
-def _unlink(path: Path) -> bool:
+def _unlink(path: Path, whole_tree: bool = False) -> bool:
+    """Remove a file (or, with ``whole_tree``, a directory and all in it);
+    False if there was none."""
     try:
-        path.unlink()
+        if whole_tree and path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
     except FileNotFoundError:
         return False
     return True
+
+
+def _delete_tree(path: Path, manifest: Manifest | None) -> tuple[bool, str | None]:
+    """Remove a downloaded tree: the files and empty directories its
+    manifest lists, then each directory left empty, deepest first. Anything
+    else found there is kept. Returns (anything removed, one path kept)."""
+    info = manifest.info if manifest is not None else None
+    if info is None or info.files is None:
+        return _unlink(path), None
+    removed = False
+    dirs = {path}
+
+    def under(target: Path) -> None:  # the directories from ``path`` down to target's
+        for parent in target.parents:
+            if parent == path or path not in parent.parents:
+                break
+            dirs.add(parent)
+
+    for rel, _size in info.files:
+        target = path / rel
+        under(target)
+        if target.is_symlink() or target.is_file():
+            target.unlink()
+            removed = True
+    for rel in info.dirs or ():
+        dirs.add(path / rel)
+        under(path / rel)
+    left: str | None = None
+    for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
+        try:
+            d.rmdir()
+            removed = True
+        except FileNotFoundError:
+            pass
+        except OSError:
+            if left is None:
+                left = next((str(c) for c in d.iterdir() if not c.is_dir()), str(d))
+    return removed, left
 
 
 def _os_message(exc: OSError) -> str:
