@@ -931,7 +931,8 @@ def cmd_info(
     for label, key in (("id", "id"), ("name", "name"), ("size", "size")):
         print(f"{label + ':':<12}{facts[key]}")
     if facts["tree"]:
-        empty = f", {len(facts['dirs'])} empty directories" if facts["dirs"] else ""
+        n_dirs = len(facts["dirs"])
+        empty = f", {n_dirs} empty director{'y' if n_dirs == 1 else 'ies'}" if n_dirs else ""
         print(
             f"{'files:':<12}{len(facts['files'])} ({facts['size']} bytes){empty}; --json lists them"
         )
