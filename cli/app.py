@@ -807,6 +807,15 @@ def cmd_tracker(
             help="Disk budget for published manifests, e.g. 4GiB (default 4GiB, at least 1MiB).",
         ),
     ] = None,
+    store: Annotated[
+        str | None,
+        typer.Option(
+            "--store",
+            metavar="URL",
+            help="memory (default), or redis://[:PASSWORD@]HOST:PORT/DB (or rediss://): "
+            "share state with every tracker on that Redis (default $PEER_REDIS_URL).",
+        ),
+    ] = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Run a tracker in the foreground."""
@@ -818,12 +827,20 @@ def cmd_tracker(
         memory = parse_budget(max_memory, "--max-memory", defaults.max_memory)
         disk = parse_budget(max_disk, "--max-disk", defaults.max_disk)
         limits = TrackerLimits(max_memory=memory, max_disk=disk)
+        store = _tracker_store(store)
     except PeerError as exc:
         fail(str(exc))
     except ValueError as exc:  # under a minimum: name the option, not the field
         fail(str(exc).replace("max_memory", "--max-memory").replace("max_disk", "--max-disk"))
     setup_logging(True)
-    raise typer.Exit(run_tracker(host, port, transport, data, limits))
+    raise typer.Exit(run_tracker(host, port, transport, data, limits, store))
+
+
+def _tracker_store(text: str | None) -> str:
+    """``--store`` (else $PEER_REDIS_URL) checked; ``memory`` when neither is given."""
+    from tracker.store import store_url
+
+    return store_url(text) or "memory"
 
 
 @app.command("daemon")
