@@ -82,7 +82,8 @@ TrackerOpt = Annotated[
     typer.Option(
         "--tracker",
         metavar="HOST:PORT",
-        help="Tracker HOST:PORT (default $PEER_TRACKER or 127.0.0.1:7070).",
+        help="Tracker HOST:PORT, or several as A,B,C (used in turn when one fails; "
+        "default $PEER_TRACKER or 127.0.0.1:7070).",
     ),
 ]
 HostOpt = Annotated[
@@ -178,7 +179,18 @@ def where(host: str, port: int) -> str:
 
 
 def parse_tracker(text: str | None) -> tuple[str, int]:
-    return parse_address(text or os.environ.get("PEER_TRACKER") or DEFAULT_TRACKER, "tracker")
+    return parse_trackers(text)[0]
+
+
+def parse_trackers(text: str | None) -> tuple[tuple[str, int], ...]:
+    """``--tracker A,B,C`` (else $PEER_TRACKER): the trackers, in the order to try them."""
+    from peerd.app.link import MAX_TRACKERS
+
+    given = text or os.environ.get("PEER_TRACKER") or DEFAULT_TRACKER
+    names = [n.strip() for n in given.split(",") if n.strip()]
+    if not names or len(names) > MAX_TRACKERS:
+        raise PeerError(f"--tracker {given}: give 1 to {MAX_TRACKERS} HOST:PORT, comma-separated")
+    return tuple(parse_address(n, "tracker") for n in names)
 
 
 def parse_chunk_size(text: str | None) -> int | None:
@@ -307,7 +319,7 @@ def make_node(
         port=check_port(port),
         bind=bind,
         public=public,
-        tracker=parse_tracker(tracker),
+        trackers=parse_trackers(tracker),
         up_limit=parse_limit(up_limit, "--up-limit"),
         down_limit=parse_limit(down_limit, "--down-limit"),
     )
@@ -384,7 +396,7 @@ def cmd_share(
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            trackers = (tracker_address,)
+            trackers = node.trackers
             if embedded:
                 # No tracker configured: this node runs one for what it shares,
                 # and the link names it (at the address others reach us by).
@@ -633,7 +645,7 @@ def _apply_link(
     if link.key is not None and trust is not None and trust != link.key:
         raise PeerError("--trust names another key than the link's publisher key (pk=)")
     if tracker is None and link.trackers:
-        tracker = format_address(*link.trackers[0])
+        tracker = ",".join(format_address(*t) for t in link.trackers)
     extra = [a for a in link.peers if a not in peers]
     return link.content_id.hex(), link.key or trust, tracker, [*peers, *extra]
 
