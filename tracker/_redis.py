@@ -34,7 +34,9 @@ Keys (``{...}`` is the Redis Cluster hash tag: a content's keys share a slot):
 * ``peer:ids``  sorted set of published content ids (hex): prefix lookup by
   ``ZRANGEBYLEX``. ``peer:q``  hash: manifest bytes charged, in all (``t``),
   per key (``k:<hex>``) and per address (``a:<address>``).
-* ``peer:log``  stream of changes, trimmed to about ``LOG_LENGTH`` entries.
+* ``peer:log``  stream of changes, trimmed to the last ``LOG_SECONDS`` (a
+  tracker that falls further behind misses changes until the peers' next
+  periodic announces).
 
 The flush script and the manifest script touch keys of several slots, so
 as written they run on one Redis (or a Sentinel-managed primary); on Redis
@@ -66,7 +68,7 @@ log = logging.getLogger("tracker.redis")
 FLUSH_SECONDS = 0.1  # queued writes go out at least this often
 READ_SECONDS = 0.2  # the change log is read at least this often
 BATCH = 2000  # writes per EVALSHA
-LOG_LENGTH = 1_000_000  # change log entries kept (approximately)
+LOG_SECONDS = 10.0  # change log entries are kept this long (then trimmed)
 LOG_READ = 10_000  # change log entries taken per XREAD
 REFUSED_SECONDS = 5.0  # an entry Redis refused is refused locally this long
 _BACKOFF_FIRST = 0.1
@@ -80,14 +82,16 @@ local per_addr = tonumber(ARGV[3])
 local per_content = tonumber(ARGV[4])
 local origin = ARGV[5]
 local renew = tonumber(ARGV[6])
-local maxlog = ARGV[7]
+local clock = redis.call('TIME')  -- the log's ids are Redis's clock: trim by it
+local minid = (tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+               - tonumber(ARGV[7])) .. '-0'
 local refused = {}
 local swept = {}
 local function hex(s)
   return (string.gsub(s, '.', function(c) return string.format('%02x', string.byte(c)) end))
 end
 local function logged(cid, pk, val)
-  redis.call('XADD', 'peer:log', 'MAXLEN', '~', maxlog, '*',
+  redis.call('XADD', 'peer:log', 'MINID', '~', minid, '*',
              'o', origin, 'c', cid, 'k', pk, 'v', val)
 end
 local n = (#ARGV - 7) / 3
@@ -204,11 +208,55 @@ class SharedIndex(SwarmIndex):
         at: str = "",
     ) -> bytes | None:
         self.backend.check(content_id, key, event)
+        kept = self._unchanged(content_id, key, ip, at, port, bits, now)
         frame = super().announce_frame(
             content_id, key, ip, port, event, bits, num_chunks, want, now, interval, at=at
         )
-        self.backend.wrote(content_id, key, ip, at, port, bits)
+        self._written(content_id, key, ip, at, port, bits, kept)
         return frame
+
+    def _unchanged(
+        self, cid: bytes, key: bytes, ip: str, at: str, port: int, bits: bytes, now: float
+    ) -> float | None:
+        """The entry's expiry if this announce changes nothing Redis needs to hear yet.
+
+        That is: same payer, address, port and bitmap, and its expiry (the
+        one Redis has) renewed less than ``ttl / 4`` ago. Such an announce
+        is answered but not written, and leaves the expiry as it was, so the
+        view's expiry stays the one Redis has and the next announce after
+        ``ttl / 4`` writes (the flush script applies the same rule).
+        """
+        table = self._tables.get(cid)
+        slot = None if table is None else table.slots.get(key)
+        if table is None or slot is None:
+            return None
+        expiry = table.expires[slot]
+        if expiry - now < 0.75 * self.ttl or table.addrs[slot] != ip:
+            return None
+        head = self._heads.get((at or ip, port))
+        if head is None or table.heads[slot] != head:
+            return None
+        if table.bits[slot] != int.from_bytes(bits, "big"):
+            return None
+        return expiry
+
+    def _written(
+        self,
+        cid: bytes,
+        key: bytes,
+        ip: str,
+        at: str,
+        port: int,
+        bits: bytes,
+        kept: float | None,
+    ) -> None:
+        if kept is None:
+            self.backend.wrote(cid, key, ip, at, port, bits)
+            return
+        table = self._tables.get(cid)
+        slot = None if table is None else table.slots.get(key)
+        if table is not None and slot is not None:
+            table.expires[slot] = kept
 
     def announce(  # type: ignore[override]
         self,
@@ -231,8 +279,9 @@ class SharedIndex(SwarmIndex):
             return super().announce(
                 content_id, key, ip, port, event, bits, num_chunks, want, now, at=at
             )
+        kept = self._unchanged(content_id, key, ip, at, port, bits, now)
         out = super().announce(content_id, key, ip, port, event, bits, num_chunks, want, now, at=at)
-        self.backend.wrote(content_id, key, ip, at, port, bits)
+        self._written(content_id, key, ip, at, port, bits, kept)
         return out
 
 
@@ -350,6 +399,7 @@ class RedisBackend(Backend):
         # (content, key) -> (payer address, entry value or b"" to delete)
         self.pending: dict[tuple[bytes, bytes], tuple[str, bytes]] = {}
         self.refused: dict[tuple[bytes, bytes], float] = {}
+        self.loading: dict[bytes, trio.Event] = {}  # contents being loaded
         self.last_id = b"0-0"
         self.stale = False
         self.wake = trio.Event()
@@ -393,11 +443,25 @@ class RedisBackend(Backend):
         await self.call(self.client.ping())
 
     async def load(self, content_id: bytes, num_chunks: int) -> None:
-        """Put every live entry Redis holds for ``content_id`` into the view."""
-        rows = await self.call(self.client.hgetall(_entries(content_id)))
-        now, wall = self.clock(), time.time()
-        for key, value in rows.items():
-            self._apply(content_id, bytes(key), bytes(value), num_chunks, now, wall)
+        """Put every live entry Redis holds for ``content_id`` into the view.
+
+        Announces of one new content that arrive together share one load.
+        """
+        if self.index.num_chunks(content_id) is not None:
+            return  # held already: the change log keeps it current
+        loading = self.loading.get(content_id)
+        if loading is not None:
+            await loading.wait()
+            return
+        self.loading[content_id] = done = trio.Event()
+        try:
+            rows = await self.call(self.client.hgetall(_entries(content_id)))
+            now, wall = self.clock(), time.time()
+            for key, value in rows.items():
+                self._apply(content_id, bytes(key), bytes(value), num_chunks, now, wall)
+        finally:
+            del self.loading[content_id]
+            done.set()
 
     def _apply(
         self, cid: bytes, key: bytes, value: bytes, num_chunks: int, now: float, wall: float
@@ -493,7 +557,7 @@ class RedisBackend(Backend):
                 self.peers_per_content,
                 self.origin,
                 ttl // 4,
-                LOG_LENGTH,
+                int(LOG_SECONDS * 1000),
             ]
             ops = list(taken.items())
             for (cid, key), (payer, value) in ops:
