@@ -34,7 +34,8 @@ Keys (``{...}`` is the Redis Cluster hash tag: a content's keys share a slot):
 * ``peer:ids``  sorted set of published content ids (hex): prefix lookup by
   ``ZRANGEBYLEX``. ``peer:q``  hash: manifest bytes charged, in all (``t``),
   per key (``k:<hex>``) and per address (``a:<address>``).
-* ``peer:log``  stream of changes, trimmed to the last ``LOG_SECONDS`` (a
+* ``peer:log``  stream of changes (one field: origin tracker, content id,
+  key, entry value or empty for gone), trimmed to the last ``LOG_SECONDS`` (a
   tracker that falls further behind misses changes until the peers' next
   periodic announces).
 
@@ -91,8 +92,7 @@ local function hex(s)
   return (string.gsub(s, '.', function(c) return string.format('%02x', string.byte(c)) end))
 end
 local function logged(cid, pk, val)
-  redis.call('XADD', 'peer:log', 'MINID', '~', minid, '*',
-             'o', origin, 'c', cid, 'k', pk, 'v', val)
+  redis.call('XADD', 'peer:log', 'MINID', '~', minid, '*', 'e', origin .. cid .. pk .. val)
 end
 local n = (#ARGV - 7) / 3
 for i = 1, n do
@@ -589,19 +589,17 @@ class RedisBackend(Backend):
             entries = next(iter(got.values()))
             if not entries:
                 return
-            now, wall, index = self.clock(), time.time(), self.index
+            now, wall, index, origin = self.clock(), time.time(), self.index, self.origin
             for entry in entries:
-                fields = entry.field_values
-                if _raw(fields.get(b"o", b"")) == self.origin:
+                # origin (8 bytes), content id (32), key (32), entry value ("" = gone)
+                e = _raw(entry.field_values.get(b"e", b""))
+                if len(e) < 72 or e[:8] == origin:
                     continue
-                cid = bytes(_raw(fields.get(b"c", b"")))
+                cid = e[8:40]
                 n = index.num_chunks(cid)
                 if n is None:
                     continue  # a content this view does not hold: loaded when asked
-                self._apply(
-                    cid, bytes(_raw(fields.get(b"k", b""))), bytes(_raw(fields.get(b"v", b""))),
-                    n, now, wall,
-                )  # fmt: skip
+                self._apply(cid, e[40:72], e[72:], n, now, wall)
             self.last_id = bytes(_raw(entries[-1].identifier))
             if len(entries) < LOG_READ:
                 return
