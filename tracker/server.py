@@ -881,6 +881,7 @@ async def serve_tracker(
         memory=Budget(memory // 2, memory // 8),
         max_disk=limits.max_disk,
         entries_per_address=limits.shared_entries_per_address or memory // 8 // 256,
+        bytes_per_address=memory // 8,
     )
     tracker = _Tracker(backend, limits, clock, ttl, interval)
     try:

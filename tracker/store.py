@@ -65,6 +65,7 @@ async def open_backend(
     memory: Budget,
     max_disk: int,
     entries_per_address: int,
+    bytes_per_address: int = 1 << 62,
 ) -> Backend:
     """The backend named by ``url`` (None: in memory + SQLite under ``data_dir``).
 
@@ -95,4 +96,5 @@ async def open_backend(
         index_args=index_args,
         max_disk=max_disk,
         entries_per_address=entries_per_address,
+        bytes_per_address=bytes_per_address,
     )
