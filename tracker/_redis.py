@@ -564,7 +564,10 @@ class RedisBackend(Backend):
             except StorageError as exc:
                 if not self.stale:
                     self.stale = True
-                    log.warning("%s; answering from the last view (stale) until it is back", exc)
+                    # str: a log record keeps no exception (and no dead connection) alive
+                    log.warning(
+                        "%s; answering from the last view (stale) until it is back", str(exc)
+                    )
                 await trio.sleep(delay)
                 delay = min(delay * 2, _BACKOFF_MAX)
                 continue
