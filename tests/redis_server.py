@@ -91,11 +91,11 @@ class RedisServer:
             time.sleep(0.02)
         raise RuntimeError("redis-server did not answer in 10 s")
 
-    def command(self, *args: str) -> bytes:
+    def command(self, *args: str | bytes) -> bytes:
         """One command over a plain socket (RESP), its raw reply (for checks)."""
         parts = [f"*{len(args)}\r\n".encode()]
         for a in args:
-            b = a.encode()
+            b = a.encode() if isinstance(a, str) else a
             parts.append(b"$%d\r\n%s\r\n" % (len(b), b))
         with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
             s.sendall(b"".join(parts))

@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 import trio
 
@@ -116,6 +117,19 @@ async def test_announce_to_one_seen_by_the_other(
                 while 3333 in await peers_seen(cb, cid, bits(3, set())):
                     assert trio.current_time() - start < SEEN_WITHIN
                     await trio.sleep(0.05)
+                # what is in Redis is not trusted: garbage there (a hand-written
+                # entry, a log record) is skipped, and both trackers go on answering
+                bad_key = b"\x07" * 32
+                redis.command("HSET", f"peer:{{{cid.hex()}}}:p", bad_key, b"9999999999999\xc1")
+                for junk in (b"\xc1", msgpack.packb(["no-ip", "", 1, b"\x00"])):
+                    record = b"\x00" * 8 + cid + bad_key + b"9999999999999" + junk
+                    assert redis.command("XADD", "peer:log", "*", "e", record).startswith(b"$")
+                await trio.sleep(0.3)
+                everyone = {alice.public_key, bob.public_key}
+                for client, me in ((ca, alice), (cb, bob)):
+                    peers = await client.announce(cid, 7000, "periodic", bits(3, {0}), 50)
+                    assert peers is not None
+                    assert {p.key for p in peers.peers} == everyone - {me.public_key}
                 # an unknown content is still refused by either
                 with pytest.raises(TrackerError) as info:
                     await cb.announce(b"\x01" * 32, 1, "started", b"\x00", 0)

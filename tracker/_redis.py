@@ -509,10 +509,21 @@ class RedisBackend(Backend):
             expiry = int(value[:13]) / 1000 - wall + now
             ip, at, port, bits = msgpack.unpackb(value[13:])
             pack_ip(ip)
-        except (ValueError, TypeError, msgpack.UnpackException):
+        except (ValueError, TypeError, TrackerError, msgpack.UnpackException):
             return  # not written by a tracker: ignored
-        if not isinstance(bits, bytes) or not isinstance(port, int):
+        if not (
+            isinstance(bits, bytes)
+            and isinstance(at, str)
+            and isinstance(port, int)
+            and 0 <= port <= 0xFFFF
+            and len(key) == 32
+        ):
             return
+        if at:
+            try:
+                pack_ip(at)
+            except (TypeError, TrackerError):
+                return
         index.put_entry(cid, key, ip, port, bits, num_chunks, expiry, now, at=at)
 
     # -- background work -------------------------------------------------------------
