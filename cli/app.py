@@ -96,7 +96,8 @@ TrackerOpt = Annotated[
     typer.Option(
         "--tracker",
         metavar="HOST:PORT",
-        help="Tracker HOST:PORT (default $PEER_TRACKER or 127.0.0.1:7070).",
+        help="Tracker HOST:PORT, or several as A,B,C (used in turn when one fails; "
+        "default $PEER_TRACKER or 127.0.0.1:7070).",
     ),
 ]
 HostOpt = Annotated[
@@ -192,9 +193,20 @@ def where(host: str, port: int) -> str:
 
 
 def parse_tracker(text: str | None) -> tuple[str, int]:
-    """The tracker: the flag, else $PEER_TRACKER, else config.toml, else the default."""
-    chosen = text or os.environ.get("PEER_TRACKER") or _config.tracker or DEFAULT_TRACKER
-    return parse_address(chosen, "tracker")
+    """The first tracker to try (see :func:`parse_trackers`)."""
+    return parse_trackers(text)[0]
+
+
+def parse_trackers(text: str | None) -> tuple[tuple[str, int], ...]:
+    """``--tracker A,B,C``, else $PEER_TRACKER, else config.toml, else the
+    default: the trackers, in the order to try them."""
+    from peerd.app.link import MAX_TRACKERS
+
+    given = text or os.environ.get("PEER_TRACKER") or _config.tracker or DEFAULT_TRACKER
+    names = [n.strip() for n in given.split(",") if n.strip()]
+    if not names or len(names) > MAX_TRACKERS:
+        raise PeerError(f"--tracker {given}: give 1 to {MAX_TRACKERS} HOST:PORT, comma-separated")
+    return tuple(parse_address(n, "tracker") for n in names)
 
 
 def parse_chunk_size(text: str | None) -> int | None:
@@ -323,7 +335,7 @@ def make_node(
         port=check_port(port),
         bind=bind,
         public=public,
-        tracker=parse_tracker(tracker),
+        trackers=parse_trackers(tracker),
         up_limit=parse_limit(up_limit, "--up-limit"),
         down_limit=parse_limit(down_limit, "--down-limit"),
     )
@@ -399,7 +411,7 @@ def cmd_share(
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            trackers = (tracker_address,)
+            trackers = node.trackers
             if embedded:
                 # No tracker configured: this node runs one for what it shares,
                 # and the link names it (at the address others reach us by).
@@ -787,7 +799,7 @@ def _apply_link(
     if link.key is not None and trust is not None and trust != link.key:
         raise PeerError("--trust names another key than the link's publisher key (pk=)")
     if tracker is None and link.trackers:
-        tracker = format_address(*link.trackers[0])
+        tracker = ",".join(format_address(*t) for t in link.trackers)
     extra = [a for a in link.peers if a not in peers]
     return link.content_id.hex(), link.key or trust, tracker, [*peers, *extra]
 
@@ -972,6 +984,15 @@ def cmd_tracker(
             help="Disk budget for published manifests, e.g. 4GiB (default 4GiB, at least 1MiB).",
         ),
     ] = None,
+    store: Annotated[
+        str | None,
+        typer.Option(
+            "--store",
+            metavar="URL",
+            help="memory (default), or redis://[:PASSWORD@]HOST:PORT/DB (or rediss://): "
+            "share state with every tracker on that Redis (default $PEER_REDIS_URL).",
+        ),
+    ] = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Run a tracker in the foreground."""
@@ -983,6 +1004,7 @@ def cmd_tracker(
         memory = parse_budget(max_memory, "--max-memory", defaults.max_memory)
         disk = parse_budget(max_disk, "--max-disk", defaults.max_disk)
         limits = TrackerLimits(max_memory=memory, max_disk=disk)
+        store = _tracker_store(store)
     except PeerError as exc:
         fail(str(exc))
     except ValueError as exc:  # under a minimum: name the option, not the field
@@ -994,7 +1016,14 @@ def cmd_tracker(
         format="%(asctime)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    raise typer.Exit(run_tracker(host, port, transport, data, limits))
+    raise typer.Exit(run_tracker(host, port, transport, data, limits, store))
+
+
+def _tracker_store(text: str | None) -> str:
+    """``--store`` (else $PEER_REDIS_URL) checked; ``memory`` when neither is given."""
+    from tracker.store import store_url
+
+    return store_url(text) or "memory"
 
 
 @app.command("daemon")

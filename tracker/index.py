@@ -383,6 +383,57 @@ class SwarmIndex:
                 table.completed_keys.add(key)
         return table, slot
 
+    def put_entry(
+        self,
+        content_id: bytes,
+        key: bytes,
+        ip: str,
+        port: int,
+        bits: bytes,
+        num_chunks: int,
+        expiry: float,
+        now: float,
+        *,
+        at: str = "",
+    ) -> bool:
+        """Record an entry learnt from a shared store, with the expiry it has there.
+
+        The same checks and charges as an announce (``ip`` pays); returns
+        False if it is already expired or does not fit (a cap, the budget).
+        """
+        if expiry <= now:
+            return False
+        try:
+            recorded = self._record(
+                content_id, key, ip, port, "periodic", bits, num_chunks, now, at
+            )
+        except TrackerError:
+            return False
+        if recorded is None:
+            return False
+        table, slot = recorded
+        table.expires[slot] = expiry
+        table.min_expiry = min(table.min_expiry, expiry)
+        return True
+
+    def remove_entry(self, content_id: bytes, key: bytes) -> bool:
+        """Remove one peer entry (as ``stopped`` does); returns whether there was one."""
+        table = self._tables.get(content_id)
+        slot = None if table is None else table.slots.get(key)
+        if table is None or slot is None:
+            return False
+        self._remove(content_id, table, slot)
+        return True
+
+    def has_entry(self, content_id: bytes, key: bytes) -> bool:
+        """Whether ``key`` has an entry (maybe expired, not yet swept) in ``content_id``."""
+        table = self._tables.get(content_id)
+        return table is not None and key in table.slots
+
+    def contents(self) -> list[bytes]:
+        """The content ids with at least one entry."""
+        return list(self._tables)
+
     def set_num_chunks(self, content_id: bytes, num_chunks: int) -> None:
         """Tell the index a content's real chunk count (its manifest arrived).
 

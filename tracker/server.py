@@ -71,8 +71,7 @@ from peerd.wire import (
 
 from ._addresses import recorded_address
 from ._budget import Budget, Intake
-from .index import SwarmIndex
-from .manifests import ManifestStore
+from .store import Backend, Manifests, open_backend, store_url
 
 __all__ = [
     "AUTH_CONTEXT",
@@ -126,6 +125,9 @@ class TrackerLimits:
     max_peers_per_content: int = 10_000
     max_memory: int = 1 << 30
     max_disk: int = 4 << 30
+    # With a shared store (Redis): peer entries one address may have there,
+    # counted in Redis over every tracker (0: max_memory / 8 / 256 bytes).
+    shared_entries_per_address: int = 0
 
     def __post_init__(self) -> None:
         if self.max_memory < 64 * MiB:
@@ -240,29 +242,21 @@ class _Tracker:
 
     def __init__(
         self,
-        store: ManifestStore,
+        backend: Backend,
         limits: TrackerLimits,
         clock: Callable[[], float],
         ttl: float,
         interval: float,
     ) -> None:
-        self.store = store
+        self.store: Manifests = backend.manifests
         self.limits = limits
         self.clock = clock
         memory = limits.max_memory
         self.intake = Budget(max(memory // 4, _LARGEST_FRAME), max(memory // 16, _LARGEST_FRAME))
         self.replies = Budget(max(memory // 8, _LARGEST_FRAME), _UNSENT_LIMIT)
-        self.index = SwarmIndex(
-            ttl=ttl,
-            interval=interval,
-            max_contents=limits.max_contents,
-            max_contents_per_peer=limits.max_contents_per_peer,
-            max_peers_per_content=limits.max_peers_per_content,
-            memory=Budget(memory // 2, memory // 8),
-        )
+        self.index = backend.index
         self.manifest_frames = _ManifestFrames(max(memory // 8, _LARGEST_FRAME))
         self.interval = max(1, round(interval))
-        self.db_limiter = trio.CapacityLimiter(1)
         self.verify_limiter = trio.CapacityLimiter(1)
         self.connections = 0
         self.per_address: defaultdict[str, list[_Slot]] = defaultdict(list)
@@ -274,9 +268,6 @@ class _Tracker:
         # Publishes and announces answered since the last INFO line (_log_counts).
         self.counts = {"announce": 0, "publish": 0}
         self._debug = log.isEnabledFor(logging.DEBUG)
-
-    async def db(self, fn: Callable[..., object], *args: object) -> object:
-        return await trio.to_thread.run_sync(fn, *args, limiter=self.db_limiter)
 
     # -- one connection --------------------------------------------------------
     async def handle(self, stream: Stream) -> None:
@@ -701,7 +692,7 @@ class _Tracker:
     async def _manifest_frame(self, c: _Client, ev: GetManifest) -> bytes:
         """The MANIFEST frame for ``ev`` (encoded once, then shared), or an ERROR frame."""
         try:
-            data = await self.db(self.store.get, ev.content_id)
+            data = await self.store.get(ev.content_id)
         except StorageError as exc:
             log.error("manifest database: %s", exc)
             return c.conn.send(Error("internal", "the tracker's database failed; try again later"))
@@ -784,9 +775,7 @@ class _Tracker:
             if isinstance(ev, Publish):
                 return await self._publish(ev, key, address)
             if isinstance(ev, Resolve):
-                cid = await self.db(self.store.resolve_prefix, ev.prefix)
-                assert isinstance(cid, bytes)
-                return Resolved(cid)
+                return Resolved(await self.store.resolve_prefix(ev.prefix))
             if isinstance(ev, Scrape):
                 return self._scrape(ev)
             raise TrackerError("bad-request", f"unexpected {type(ev).__name__}")
@@ -809,8 +798,7 @@ class _Tracker:
         cid = ev.content_id
         num_chunks = self.index.num_chunks(cid)
         if num_chunks is None and ev.event != "stopped":
-            known = await self.db(self.store.num_chunks, cid)
-            num_chunks = known if isinstance(known, int) else None
+            num_chunks = await self.store.num_chunks(cid)
             if num_chunks is None:
                 raise TrackerError(
                     "not-found",
@@ -838,7 +826,7 @@ class _Tracker:
             _verify_manifest, ev.manifest, limiter=self.verify_limiter
         )
         num_chunks = manifest.info.num_chunks
-        await self.db(self.store.put, manifest.content_id, ev.manifest, num_chunks, key, address)
+        await self.store.put(manifest.content_id, ev.manifest, num_chunks, key, address)
         self.index.set_num_chunks(manifest.content_id, num_chunks)
         self.counts["publish"] += 1
         log.debug(
@@ -900,6 +888,7 @@ async def serve_tracker(
     ttl: float = 180.0,
     interval: float = 60.0,
     limits: TrackerLimits | None = None,
+    store: str | None = None,
 ) -> None:
     """Run a tracker until cancelled.
 
@@ -912,41 +901,53 @@ async def serve_tracker(
         ttl: seconds a peer entry lives without an announce.
         interval: seconds between periodic announces asked of clients.
         limits: connection, rate, size, memory and disk limits.
+        store: None or ``memory``: the index in memory, manifests in SQLite
+            under ``data_dir``; ``redis://...`` / ``rediss://...``: shared
+            state in Redis (``tracker/_redis.py``), ``data_dir`` unused.
 
     Raises:
         TransportError: the address cannot be bound.
         TransportUnavailable: the chosen transport cannot run here.
-        StorageError: the database cannot be opened.
+        StorageError: the database cannot be opened, or Redis not reached.
 
     Cancelling closes the listener, every connection and the database.
     """
     if not isinstance(transport, Transport):
         transport = get_transport(transport)
     limits = limits or TrackerLimits()
-    store = ManifestStore(
+    memory = limits.max_memory
+    backend = await open_backend(
+        store_url(store) if store is not None else None,
         Path(data_dir),
-        max_bytes=limits.max_disk,
-        max_bytes_per_key=limits.max_disk // 8,
-        max_bytes_per_address=limits.max_disk // 4,
+        ttl=ttl,
+        interval=interval,
+        clock=clock,
+        max_contents=limits.max_contents,
+        max_contents_per_peer=limits.max_contents_per_peer,
+        max_peers_per_content=limits.max_peers_per_content,
+        memory=Budget(memory // 2, memory // 8),
+        max_disk=limits.max_disk,
+        entries_per_address=limits.shared_entries_per_address or memory // 8 // 256,
+        bytes_per_address=memory // 8,
     )
-    tracker = _Tracker(store, limits, clock, ttl, interval)
+    tracker = _Tracker(backend, limits, clock, ttl, interval)
     try:
         async with transport.open_mux() as tracker.mux, trio.open_nursery() as nursery:
+            await nursery.start(backend.run)
             nursery.start_soon(tracker.dispatch, nursery)
             listener = await nursery.start(transport.serve, host, port, tracker.handle)
             nursery.start_soon(tracker.sweep)
             nursery.start_soon(tracker.log_counts)
             log.info(
-                "tracker started on %s:%d (%s), %d manifests in %s",
+                "tracker started on %s:%d (%s), %s",
                 f"[{listener.host}]" if ":" in listener.host else listener.host,
                 listener.port,
                 transport.name,
-                len(store),
-                store.path,
+                backend.manifests.describe(),
             )
             task_status.started(listener.port)
     finally:
-        store.close()
+        backend.close()
         log.info("tracker stopped")
 
 
@@ -956,6 +957,7 @@ def run_tracker(
     transport_name: str | None = None,
     data_dir: Path | str | None = None,
     limits: TrackerLimits | None = None,
+    store: str | None = None,
 ) -> int:
     """Run a tracker in the foreground until Ctrl-C or SIGTERM; returns the exit code.
 
@@ -973,7 +975,13 @@ def run_tracker(
             async with trio.open_nursery() as nursery:
                 bound = await nursery.start(
                     lambda task_status: serve_tracker(
-                        host, port, data, transport, limits=limits, task_status=task_status
+                        host,
+                        port,
+                        data,
+                        transport,
+                        limits=limits,
+                        store=store,
+                        task_status=task_status,
                     )
                 )
                 shown = f"[{host or '::'}]" if ":" in host or not host else host

@@ -444,6 +444,9 @@ class Content:
             try:
                 bits, want = engine.bitfield(), engine.announce_want()
                 peers = await self.node.announce(self.content_id, event, bits, want)
+                # The tracker that answered (it may have failed over): loopback
+                # peers it names are ours to dial only if it is on loopback.
+                engine.tracker_local = _is_loopback(self.node.tracker_address[0])
             except TrackerError as exc:
                 log.info("tracker announce failed (%s); retrying in %.0f s", exc, backoff)
                 await trio.sleep(backoff)

@@ -22,7 +22,7 @@ import contextlib
 import ipaddress
 import logging
 import os
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from typing import TYPE_CHECKING
 
 import trio
@@ -69,6 +69,9 @@ log = logging.getLogger("peerd.node.node")
 
 HANDSHAKE_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 10.0
+# With several trackers: how long one may take to connect or answer before the
+# next one is asked (docs/ARCHITECTURE.md, "Several trackers").
+FAILOVER_TIMEOUT = 2.0
 MAX_INBOUND = 512
 MAX_INBOUND_PER_ADDRESS = 64
 UPLOADS_AT_ONCE = 1  # connections uploading at once (UploadTurns)
@@ -189,6 +192,9 @@ class Node:
         bind: the source address of outgoing connections (None: the
             system's choice, which is what reaches another machine).
         tracker: ``(host, port)`` of the tracker.
+        trackers: several trackers (overrides ``tracker``): one is used at a
+            time, the first listed first; when it cannot be reached or stops
+            answering (``FAILOVER_TIMEOUT``), the next one, and so on round.
         up_limit / down_limit: payload bytes per second, None = unlimited.
     """
 
@@ -204,6 +210,7 @@ class Node:
         down_limit: int | None = None,
         bind: str | None = None,
         public: tuple[str, int] | None = None,
+        trackers: Sequence[tuple[str, int]] = (),
     ) -> None:
         self.identity = identity
         # Where others reach us (--public-addr): stated in every ANNOUNCE when
@@ -213,7 +220,8 @@ class Node:
         self.host = host
         self.bind = bind
         self.port = port
-        self.tracker_address = tracker
+        self.trackers: tuple[tuple[str, int], ...] = tuple(trackers) or (tracker,)
+        self._current = 0  # the tracker in use: an index into self.trackers
         self.up_limiter = RateLimiter(up_limit)
         self.down_limiter = RateLimiter(down_limit)
         # One upload link: one connection uploads at a time (scheduling.py).
@@ -292,36 +300,76 @@ class Node:
             scope.cancel()
 
     # --- tracker ---------------------------------------------------------------------
-    async def tracker_call(self, fn: Callable[[TrackerClient], object]) -> object:
-        """Run ``await fn(client)`` on a live tracker connection (reconnecting)."""
-        async with self._tracker_lock:
-            if self._tracker is None:
-                from peerd.node.tracker_client import TrackerClient
+    @property
+    def tracker_address(self) -> tuple[str, int]:
+        """The tracker in use (the first listed until it fails)."""
+        return self.trackers[self._current]
 
+    @tracker_address.setter
+    def tracker_address(self, address: tuple[str, int]) -> None:
+        self.trackers, self._current = (address,), 0
+
+    async def tracker_call(self, fn: Callable[[TrackerClient], object]) -> object:
+        """Run ``await fn(client)`` on a live tracker connection (reconnecting).
+
+        With several trackers, a call whose tracker cannot be reached or
+        stops answering is made again on the next one (every tracker request
+        is idempotent), each tracker at most once per call.
+        """
+        error: TrackerError | None = None
+        for _ in range(len(self.trackers)):
+            client = await self._tracker_client()
+            try:
+                return await fn(client)  # type: ignore[misc]
+            except TrackerError as exc:
+                if exc.code != "unreachable":
+                    raise
+                error = exc
+            except TransportError as exc:
+                error = TrackerError("unreachable", f"lost the tracker connection: {exc}")
+                error.__cause__ = exc
+            await self._drop_tracker(client, failed=True)
+        assert error is not None
+        raise error
+
+    async def _tracker_client(self) -> TrackerClient:
+        """The live tracker connection, made if there is none (failing over)."""
+        async with self._tracker_lock:
+            if self._tracker is not None:
+                return self._tracker
+            from peerd.node.tracker_client import TrackerClient
+
+            several = len(self.trackers) > 1
+            timeout = FAILOVER_TIMEOUT if several else CONNECT_TIMEOUT
+            error: TrackerError | None = None
+            for _ in range(len(self.trackers)):
                 host, port = self.tracker_address
-                # From our own address, so the tracker records where we listen.
-                self._tracker = await TrackerClient.connect(
-                    self.transport,
-                    host,
-                    port,
-                    self.identity,
-                    timeout=CONNECT_TIMEOUT,
-                    source_host=self.source_host,
-                )
-                # A new connection (maybe a restarted tracker that forgot
-                # every peer): every content announces again.
-                for content in self.contents.values():
-                    content.tracker_changed()
-            client = self._tracker
-        try:
-            return await fn(client)  # type: ignore[misc]
-        except TrackerError as exc:
-            if exc.code == "unreachable":
-                await self._drop_tracker(client)
-            raise
-        except TransportError as exc:
-            await self._drop_tracker(client)
-            raise TrackerError("unreachable", f"lost the tracker connection: {exc}") from exc
+                try:
+                    # From our own address, so the tracker records where we listen.
+                    self._tracker = await TrackerClient.connect(
+                        self.transport,
+                        host,
+                        port,
+                        self.identity,
+                        timeout=timeout,
+                        source_host=self.source_host,
+                        busy_wait=FAILOVER_TIMEOUT if several else 20.0,
+                    )
+                    break
+                except TrackerError as exc:
+                    if not several:
+                        raise
+                    log.info("tracker %s port %d: %s; trying the next one", host, port, exc)
+                    error = exc
+                    self._current = (self._current + 1) % len(self.trackers)
+            if self._tracker is None:
+                assert error is not None
+                raise error
+            # A new connection (maybe a restarted tracker that forgot every
+            # peer, or another tracker): every content announces again.
+            for content in self.contents.values():
+                content.tracker_changed()
+            return self._tracker
 
     async def _tracker_watch(self) -> None:
         """Notice a lost tracker connection even when nothing else talks to it.
@@ -345,9 +393,11 @@ class Node:
             except PeerError as exc:
                 log.debug("tracker probe failed: %s", exc)
 
-    async def _drop_tracker(self, client: TrackerClient) -> None:
+    async def _drop_tracker(self, client: TrackerClient, *, failed: bool = False) -> None:
         if self._tracker is client:
             self._tracker = None
+            if failed and len(self.trackers) > 1:
+                self._current = (self._current + 1) % len(self.trackers)
             with trio.CancelScope(shield=True):
                 await client.aclose()
 
