@@ -869,6 +869,12 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def _minor_label(v: float, _pos: int) -> str:
+    """Label the 2, 3 and 5 ticks of a log axis (values stay readable, no clutter)."""
+    lead = v / 10 ** math.floor(math.log10(v))
+    return f"{v:g}" if round(lead) in (2, 3, 5) else ""
+
+
 def plot(rows: list[dict[str, Any]], path: Path, a: int) -> None:
     try:
         import matplotlib
@@ -887,7 +893,7 @@ def plot(rows: list[dict[str, Any]], path: Path, a: int) -> None:
         ("mem_kib_per_conn", "server memory per connection, KiB"),
     )
     models = list(dict.fromkeys(r["model"] for r in rows))
-    from matplotlib.ticker import NullFormatter, ScalarFormatter
+    from matplotlib.ticker import FuncFormatter, ScalarFormatter
 
     for ax, (key, title) in zip(axes, panels, strict=True):
         for m in models:
@@ -910,7 +916,7 @@ def plot(rows: list[dict[str, Any]], path: Path, a: int) -> None:
         if key != "rps":
             ax.set_yscale("log")
             ax.yaxis.set_major_formatter(ScalarFormatter())
-            ax.yaxis.set_minor_formatter(NullFormatter())
+            ax.yaxis.set_minor_formatter(FuncFormatter(_minor_label))
         ax.set_xlabel("connections C")
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
