@@ -34,8 +34,8 @@ Per cell: requests/s and p99 latency (client side, in a ``--window`` after a
 all threads), server memory per connection ((RSS with C connections - RSS
 before any connection) / C, from ``/proc/PID/status``).
 
-    python scripts/bench_io_models.py                          # full matrix (~8 min)
-    python scripts/bench_io_models.py --quick                  # reduced matrix (~2 min)
+    python scripts/bench_io_models.py                          # full matrix (~6 min)
+    python scripts/bench_io_models.py --quick                  # reduced matrix (~1.5 min)
     python scripts/bench_io_models.py --models epoll,uring --conns 10,1000
     python scripts/bench_io_models.py --write-docs             # also regenerate docs/IO_MODELS.md + PNG
 
