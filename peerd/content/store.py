@@ -222,6 +222,7 @@ class ChunkStore:
         self.force = force
         self.fd = -1
         self.direct_fd = -1
+        self._stream_cache = False  # a stream's cache (see open)
         self.have = bytearray(info.num_chunks)
         self.resumed_bytes = 0
         self._dirty = False
@@ -233,9 +234,15 @@ class ChunkStore:
     # --- opening -------------------------------------------------------------
     @classmethod
     async def open(
-        cls, info: Info, content_id: bytes, path: Path, *, force: bool = False
+        cls, info: Info, content_id: bytes, path: Path, *, force: bool = False, cache: bool = False
     ) -> ChunkStore:
         """Create or resume ``path.part``; re-verify what the state file claims.
+
+        ``cache``: the store is a stream's cache (``-o -``, ``peer stream``),
+        read back as it fills. Its writes then go through the page cache
+        (a download's whole aligned chunks are otherwise written with
+        ``O_DIRECT``: not read again soon, no page cache spent on them), and
+        it is not fsynced when complete (its bytes have gone out already).
 
         Raises:
             StorageError: PATH exists (without ``force``), the directory is not
@@ -246,6 +253,7 @@ class ChunkStore:
         if info.is_tree and cls is ChunkStore:
             cls = TreeStore
         store = cls(info, content_id, path, force)
+        store._stream_cache = cache
         await trio.to_thread.run_sync(store._open_sync)
         return store
 
@@ -290,6 +298,11 @@ class ChunkStore:
             except BlockingIOError:
                 created = False  # another process holds it: not ours to remove
                 raise StorageError(self._held_message()) from None
+            if not created:
+                # Read again under the lock: a get that created the part
+                # file after our first look wrote its state before (the
+                # state goes first), and we may have taken the lock first.
+                state = self._read_state()
             if created:
                 claimed = []
             elif interrupted and not isinstance(state, dict):
@@ -314,6 +327,8 @@ class ChunkStore:
             raise
         if claimed:
             self._verify_claimed(claimed)
+        if self._stream_cache:
+            return
         try:
             self.direct_fd = os.open(self.part_path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
         except OSError:
@@ -540,7 +555,8 @@ class ChunkStore:
         if not self.complete:
             raise StorageError("download is not complete")
         try:
-            os.fsync(self.fd)
+            if not self._stream_cache:
+                os.fsync(self.fd)
             if self.force:
                 os.replace(self.part_path, self.path)
             else:
@@ -554,11 +570,12 @@ class ChunkStore:
                 # PATH and PATH.part as one file, which the next open recognises.
                 self._unlink_state()
                 os.unlink(self.part_path)
-            dfd = os.open(self.path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            if not self._stream_cache:
+                dfd = os.open(self.path.parent, os.O_RDONLY)
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
         except OSError as exc:
             raise describe_os_error(exc, f"moving the download to {self.path}") from None
         self._unlink_state()
@@ -923,7 +940,8 @@ class TreeStore(ChunkStore):
             except BlockingIOError:
                 created = False  # another process holds it: not ours to remove
                 raise StorageError(self._held_message()) from None
-            claimed = [] if created else self._claimed(state)
+            # Read again under the lock (see ChunkStore._open_sync).
+            claimed = [] if created else self._claimed(self._read_state())
             self._write_state(self._flags(claimed))
             self._make_tree()
         except BaseException:
