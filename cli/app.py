@@ -857,7 +857,8 @@ def cmd_stream(
                 raise PeerError(tree_not_streamable(manifest.info))
             await trio.to_thread.run_sync(partial(cache.mkdir, parents=True, exist_ok=True))
             path = cache / f"{cid.hex()[:16]}-{manifest.info.name}"
-            store = await ChunkStore.open(manifest.info, cid, path, force=True)
+            # Read back as it fills: a stream's cache (page cache, no fsync).
+            store = await ChunkStore.open(manifest.info, cid, path, force=True, cache=True)
             content = None
             try:
                 content = await node.add_content(manifest, store)

@@ -276,7 +276,8 @@ async def download(
         manifest.info.num_chunks,
         f", a tree of {len(manifest.info.files)} files" if manifest.info.files is not None else "",
     )
-    store = await ChunkStore.open(manifest.info, cid, path, force=force)
+    # Written out as it fills (-o -): a stream's cache (page cache, no fsync).
+    store = await ChunkStore.open(manifest.info, cid, path, force=force, cache=write is not None)
     if store.resumed_bytes:
         log.info("resuming: %d bytes already verified in %s", store.resumed_bytes, store.part_path)
     content: Content | None = None
