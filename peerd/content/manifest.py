@@ -168,6 +168,26 @@ def _num_chunks(size: int, chunk_size: int) -> int:
     return -(-size // chunk_size)
 
 
+def _chunking(what: object, size: int, chunk_size: int | None) -> tuple[int, int]:
+    """(chunk size, chunk count) for ``size`` bytes of ``what`` (a file or a
+    tree being built); ``chunk_size`` None picks the default.
+
+    Raises:
+        ManifestError: too large, or too many chunks at that chunk size.
+    """
+    if size > MAX_SIZE:
+        raise ManifestError(f"{what} is {size} bytes; the limit is {MAX_SIZE}")
+    if chunk_size is None:
+        chunk_size = default_chunk_size(size)
+    n = _num_chunks(size, chunk_size)
+    if n > MAX_CHUNKS:
+        raise ManifestError(
+            f"{what} would have {n} chunks of {chunk_size} bytes; the limit is "
+            f"{MAX_CHUNKS}: use a larger chunk size"
+        )
+    return chunk_size, n
+
+
 def default_chunk_size(size: int) -> int:
     """Pick the chunk size for a file of ``size`` bytes.
 
@@ -808,16 +828,7 @@ def build_manifest(
         if not stat.S_ISREG(before.st_mode):
             raise StorageError(f"{path} is not a regular file")
         size = before.st_size
-        if size > MAX_SIZE:
-            raise ManifestError(f"{path} is {size} bytes; the limit is {MAX_SIZE}")
-        if chunk_size is None:
-            chunk_size = default_chunk_size(size)
-        n = _num_chunks(size, chunk_size)
-        if n > MAX_CHUNKS:
-            raise ManifestError(
-                f"{path} would have {n} chunks of {chunk_size} bytes; the limit is "
-                f"{MAX_CHUNKS}: use a larger chunk size"
-            )
+        chunk_size, n = _chunking(path, size, chunk_size)
         with contextlib.suppress(OSError, AttributeError):  # only a hint; not on every OS
             os.posix_fadvise(fd, 0, size, os.POSIX_FADV_SEQUENTIAL)
         hashes = _hash_file(fd, size, chunk_size, n, algo, min(threads, max(n, 1)), path)
@@ -988,16 +999,7 @@ def build_tree_manifest(
         threads = min(os.cpu_count() or 1, 8)
     files, dirs = scanned if scanned is not None else scan_tree(root)
     size = sum(f.size for f in files)
-    if size > MAX_SIZE:
-        raise ManifestError(f"{root} is {size} bytes; the limit is {MAX_SIZE}")
-    if chunk_size is None:
-        chunk_size = default_chunk_size(size)
-    n = _num_chunks(size, chunk_size)
-    if n > MAX_CHUNKS:
-        raise ManifestError(
-            f"{root} would have {n} chunks of {chunk_size} bytes; the limit is {MAX_CHUNKS}: "
-            "use a larger chunk size"
-        )
+    chunk_size, n = _chunking(root, size, chunk_size)
     # The layout first (validated), so chunks can be mapped to files.
     layout = Info(
         name=root.name,
