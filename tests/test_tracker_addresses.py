@@ -46,3 +46,25 @@ from tracker._addresses import recorded_address
 )
 def test_recorded_address(stated: str, seen: str, recorded: str) -> None:
     assert recorded_address(stated, seen) == recorded
+
+
+@pytest.mark.parametrize(
+    ("public", "tracker", "stated"),
+    [
+        ("10.77.0.1", "127.0.0.1", "10.77.0.1"),
+        ("10.77.0.1", "tracker.example.org", "10.77.0.1"),
+        ("2001:db8::1", "::1", "2001:db8::1"),
+        ("127.0.0.1", "127.0.0.1", "127.0.0.1"),  # a loopback swarm
+        ("127.0.0.1", "localhost", "127.0.0.1"),
+        ("127.0.0.1", "10.77.0.1", ""),  # never a loopback address to another machine
+        ("::1", "tracker.example.org", ""),
+        ("0.0.0.0", "127.0.0.1", ""),  # nobody can dial these
+        ("::", "10.77.0.1", ""),
+        ("224.0.0.1", "10.77.0.1", ""),
+        ("seed.example.org", "10.77.0.1", ""),  # a name: the tracker takes what it sees
+    ],
+)
+def test_what_a_node_states_in_announce(public: str, tracker: str, stated: str) -> None:
+    from peerd.node.node import stated_ip
+
+    assert stated_ip(public, tracker) == stated

@@ -53,16 +53,29 @@ from peerd.wire import (
 if TYPE_CHECKING:
     from peerd.node.tracker_client import TrackerClient
 
-__all__ = ["Node"]
+__all__ = ["Node", "stated_ip"]
 
 
-def _is_ip(text: str) -> bool:
-    """An IP address literal (an ANNOUNCE may state one; a host name it may not)."""
+def stated_ip(public: str, tracker_host: str) -> str:
+    """What an ANNOUNCE states as our address ("" = none: the tracker takes
+    the one it sees): ``public`` (``--public-addr``'s host) when it is an IP
+    address others could dial. Never a host name, an unspecified or
+    multicast address, nor a loopback one to a tracker that is not itself
+    on loopback (it would hand it to other machines)."""
     try:
-        ipaddress.ip_address(text)
+        address = ipaddress.ip_address(public)
     except ValueError:
-        return False
-    return True
+        return ""
+    if address.is_unspecified or address.is_multicast:
+        return ""
+    if address.is_loopback:
+        try:
+            if not ipaddress.ip_address(tracker_host).is_loopback:
+                return ""
+        except ValueError:
+            if tracker_host != "localhost":
+                return ""  # a tracker by name is another machine's
+    return public
 
 
 log = logging.getLogger("peerd.node.node")
@@ -406,7 +419,7 @@ class Node:
         port, ip = self.port, ""
         if public is not None:
             port = public[1]
-            ip = public[0] if _is_ip(public[0]) else ""
+            ip = stated_ip(public[0], self.tracker_address[0])
 
         async def call(client: TrackerClient) -> Peers | None:
             return await client.announce(cid, port, event, bits, want, ip=ip)
