@@ -500,3 +500,22 @@ def test_an_unsigned_manifest_does_not_decode(signed: Manifest) -> None:
     with pytest.raises(ManifestError, match="not signed"):
         Manifest.decode(Manifest(signed.info).encode())
     assert Manifest.decode(signed.encode()) == signed
+
+
+def test_decode_with_the_expected_id_hashes_before_it_decodes() -> None:
+    # A hostile peer's manifest for another id (here: an info that is not
+    # even msgpack) costs one hash, never the decoding of its info.
+    junk = b"\xc1" * 1000  # 0xc1 is never valid msgpack
+    body = msgpack.packb({"info": junk, "sigs": [[b"k" * 32, b"s" * 64]]}, use_bin_type=True)
+    with pytest.raises(ManifestError):
+        Manifest.decode(body)  # decoded: the info is malformed
+    wanted = hashlib.sha256(b"the info of what we asked for").digest()
+    with pytest.raises(ContentIdMismatch, match="requested"):
+        Manifest.decode(body, expected_id=wanted)
+    # The right id decodes as before.
+    identity = Identity.generate()
+    data = os.urandom(100)
+    hashes = hash_chunk("blake3", data)
+    info = Info("f.bin", len(data), 16 * 1024, "blake3", hashes, merkle_root("blake3", hashes))
+    signed = Manifest(info, ()).signed(identity)
+    assert Manifest.decode(signed.encode(), expected_id=info.content_id) == signed

@@ -272,7 +272,7 @@ class Daemon:
             return manifest
         path = self._manifest_path(cid)
         try:
-            manifest = Manifest.decode(path.read_bytes())
+            manifest = Manifest.decode(path.read_bytes(), expected_id=bytes.fromhex(cid))
         except FileNotFoundError:
             return None
         except (OSError, PeerError) as exc:

@@ -637,13 +637,18 @@ class Manifest:
         return data
 
     @classmethod
-    def decode(cls, data: bytes) -> Manifest:
+    def decode(cls, data: bytes, *, expected_id: bytes | None = None) -> Manifest:
         """Decode a manifest received from anywhere (bounded, strict, canonical).
 
-        Signatures are not checked here; call :meth:`verify`.
+        Signatures are not checked here; call :meth:`verify`. With
+        ``expected_id`` (the id the caller asked for), the info's bytes are
+        hashed and compared *before* they are decoded, so a manifest of any
+        other content costs one hash, never the decoding of its (up to
+        40 MiB) info.
 
         Raises:
             ManifestError: anything malformed.
+            ContentIdMismatch: the info does not hash to ``expected_id``.
         """
         data = _check_bytes_like(data, "manifest")
         if len(data) > MAX_MANIFEST_BYTES:
@@ -652,7 +657,16 @@ class Manifest:
             data, max_bin_len=_MAX_INFO_BYTES, max_array_len=MAX_SIGNATURES, what="manifest"
         )
         _check_keys(body, _MANIFEST_KEYS, "manifest")
-        info = Info.decode(_check_bytes(body["info"], "manifest info"))
+        info_bytes = _check_bytes(body["info"], "manifest info")
+        if expected_id is not None:
+            got = hashlib.sha256(info_bytes).digest()
+            if got != bytes(expected_id):
+                raise ContentIdMismatch(
+                    f"manifest has content id {got.hex()}, not the requested "
+                    f"{bytes(expected_id).hex()}; it was tampered with or you got the wrong one "
+                    "— fetch it again from another source"
+                )
+        info = Info.decode(info_bytes)
         raw_sigs = body["sigs"]
         if type(raw_sigs) is not list:
             raise ManifestError("manifest sigs must be a list")

@@ -587,4 +587,4 @@ class Node:
         finally:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
-        return Manifest.decode(data)
+        return Manifest.decode(data, expected_id=cid)

@@ -202,7 +202,7 @@ class TrackerClient:
             ContentError: the tracker's manifest is malformed or does not match.
         """
         reply = self._expect(await self._request(_make(GetManifest, content_id)), TrackerManifest)
-        manifest = Manifest.decode(reply.manifest)
+        manifest = Manifest.decode(reply.manifest, expected_id=content_id)
         manifest.verify(expected_id=content_id)
         return manifest
 
