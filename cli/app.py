@@ -1017,6 +1017,8 @@ def cmd_tracker(
         format="%(asctime)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if not verbose:  # the Redis client's own retries: the tracker says what matters
+        logging.getLogger("coredis").setLevel(logging.WARNING)
     raise typer.Exit(run_tracker(host, port, transport, data, limits, store))
 
 

@@ -931,6 +931,7 @@ async def serve_tracker(
         bytes_per_address=memory // 8,
     )
     tracker = _Tracker(backend, limits, clock, ttl, interval)
+    started = False
     try:
         async with transport.open_mux() as tracker.mux, trio.open_nursery() as nursery:
             await nursery.start(backend.run)
@@ -946,9 +947,11 @@ async def serve_tracker(
                 backend.manifests.describe(),
             )
             task_status.started(listener.port)
+            started = True
     finally:
         backend.close()
-        log.info("tracker stopped")
+        if started:  # a start that failed says why, once, as an error
+            log.info("tracker stopped")
 
 
 def run_tracker(
