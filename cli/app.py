@@ -1122,6 +1122,7 @@ def _detach_daemon(home: Path, verbose: bool) -> int:
             f"a daemon is already running (pid {running['daemon']['pid']}) for {home}; "
             "stop it with `peer stop`"
         )
+    home = home.absolute()  # the child runs in it: a relative PEER_HOME would move
     log_path = home / "daemon.log"
     argv = [a for a in sys.argv[1:] if a != "--detach"]
     with open(log_path, "ab") as log_out:
@@ -1133,6 +1134,8 @@ def _detach_daemon(home: Path, verbose: bool) -> int:
             stderr=log_out,
             start_new_session=True,
             close_fds=True,
+            cwd=home,  # its own directory, not wherever it was started (a mount it would pin)
+            env=dict(os.environ, PEER_HOME=str(home)),
         )
     deadline = time.monotonic() + DETACH_WAIT
     while True:

@@ -278,6 +278,7 @@ def test_detached_daemon_ignores_sighup_and_logs(tmp_path: Path) -> None:
         time.sleep(0.3)
         assert alive(pid) and status(s, "d")["daemon"]["pid"] == pid
         assert os.getsid(pid) == pid  # its own session: no terminal's hangup reaches it
+        assert Path(os.readlink(f"/proc/{pid}/cwd")) == s.home("d")  # pins no other directory
         stop = s.run("d", "stop")
         assert stop.returncode == 0 and not alive(pid)
         log = (s.home("d") / "daemon.log").read_text()
