@@ -168,6 +168,23 @@ def _num_chunks(size: int, chunk_size: int) -> int:
     return -(-size // chunk_size)
 
 
+def _build_options(algo: str, chunk_size: int | None, threads: int | None) -> int:
+    """Check a build's options (file or tree); the hashing thread count to use.
+
+    Raises:
+        ManifestError: unknown algorithm, bad chunk size or thread count.
+    """
+    if algo not in ALGORITHMS:
+        raise ManifestError(f"unknown hash algorithm {algo!r}: use one of {', '.join(ALGORITHMS)}")
+    if chunk_size is not None:
+        _check_chunk_size(chunk_size)
+    if threads is None:
+        return min(os.cpu_count() or 1, 8)
+    if type(threads) is not int or threads < 1:
+        raise ManifestError(f"threads must be a positive integer, got {threads!r}")
+    return threads
+
+
 def _chunking(what: object, size: int, chunk_size: int | None) -> tuple[int, int]:
     """(chunk size, chunk count) for ``size`` bytes of ``what`` (a file or a
     tree being built); ``chunk_size`` None picks the default.
@@ -823,14 +840,7 @@ def build_manifest(
         ManifestError: bad algorithm, chunk size or name, or the file is too large.
     """
     path = Path(path)
-    if algo not in ALGORITHMS:
-        raise ManifestError(f"unknown hash algorithm {algo!r}: use one of {', '.join(ALGORITHMS)}")
-    if chunk_size is not None:
-        _check_chunk_size(chunk_size)
-    if threads is None:
-        threads = min(os.cpu_count() or 1, 8)
-    if type(threads) is not int or threads < 1:
-        raise ManifestError(f"threads must be a positive integer, got {threads!r}")
+    threads = _build_options(algo, chunk_size, threads)
     try:
         # O_NONBLOCK: opening a FIFO must not wait for a writer; it has no
         # effect on reads from a regular file.
@@ -1005,12 +1015,7 @@ def build_tree_manifest(
         ManifestError: a path breaks a rule, bad algorithm or chunk size, too large.
     """
     root = Path(path)
-    if algo not in ALGORITHMS:
-        raise ManifestError(f"unknown hash algorithm {algo!r}: use one of {', '.join(ALGORITHMS)}")
-    if chunk_size is not None:
-        _check_chunk_size(chunk_size)
-    if threads is None:
-        threads = min(os.cpu_count() or 1, 8)
+    threads = _build_options(algo, chunk_size, threads)
     files, dirs = scanned if scanned is not None else scan_tree(root)
     size = sum(f.size for f in files)
     chunk_size, n = _chunking(root, size, chunk_size)
