@@ -111,7 +111,7 @@ class MemoryStream(Stream):
         finally:
             self._sending = False
 
-    async def sendfile(self, fd: int, offset: int, count: int) -> None:
+    async def sendfile(self, fd: int, offset: int, count: int, *, header: bytes = b"") -> None:
         """``os.pread`` + ``send_all``, in pieces; the errors of the socket backends."""
         if offset < 0 or count < 0:
             raise ValueError("offset and count must be >= 0")
@@ -119,7 +119,11 @@ class MemoryStream(Stream):
         try:
             await self._check_can_send("sendfile")
             end = offset + count
-            if count == 0:
+            if header:
+                with _translating("sendfile"):
+                    await self._inner.send_all(header)
+                self.bytes_sent += len(header)
+            elif count == 0:
                 await trio.lowlevel.checkpoint()
             while offset < end:
                 try:

@@ -544,6 +544,41 @@ async def test_sendfile_ranges(
         assert await b.receive_some(1) == b"!"
 
 
+@pytest.mark.parametrize(("offset", "count"), [(0, 1), (12345, 2_000_001), (77, 0)])
+async def test_sendfile_with_a_corked_header(
+    any_transport: Transport, data_file: tuple[int, bytes], offset: int, count: int
+) -> None:
+    # The header (MSG_MORE) and the file's bytes arrive byte-identical, in
+    # order, back to back, and both count as sent.
+    fd, content = data_file
+    header = bytes(range(13))
+    a, b = await stream_pair(any_transport)
+    async with a, b:
+        got = bytearray(len(header) + count + 1)
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(b.recv_exactly_into, got)
+                await a.sendfile(fd, offset, count, header=header)
+                await a.sendfile(fd, 0, 0, header=b"")  # nothing at all: still fine
+                await a.send_all(b"!")
+        assert bytes(got) == header + content[offset : offset + count] + b"!"
+        assert a.bytes_sent == len(header) + count + 1
+
+
+async def test_sendfile_with_a_header_past_end_of_file_is_storage_error(
+    any_transport: Transport, data_file: tuple[int, bytes]
+) -> None:
+    fd, content = data_file
+    a, b = await stream_pair(any_transport)
+    async with a, b:
+        with trio.fail_after(10), pytest.raises(StorageError, match="90 bytes short"):
+            await a.sendfile(fd, len(content) - 10, 100, header=b"hdr")
+        got = bytearray(13)  # the header went out (uncorked by the file's bytes)
+        with trio.fail_after(1):
+            await b.recv_exactly_into(got)
+        assert got == b"hdr" + content[-10:]
+
+
 async def test_sendfile_past_end_of_file_is_storage_error(
     any_transport: Transport, data_file: tuple[int, bytes]
 ) -> None:

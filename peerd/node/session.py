@@ -506,11 +506,16 @@ class PeerSession:
                     self.send_control(Reject(index, offset, length, refusal))
                     self._release_turn()
                     continue
-                await self._send(stream.send_all(self.conn.send(DataHeader(index, offset, length))))
+                # The 13-byte header goes out corked with the payload's first
+                # bytes (Stream.sendfile's ``header``): one segment, one push.
+                header = self.conn.send(DataHeader(index, offset, length))
                 pieces = self.content.segments(index, offset, length)
                 try:
                     for fd, position, n in pieces:  # one per file a tree's chunk spans
-                        await self._send(stream.sendfile(fd, position, n))
+                        await self._send(stream.sendfile(fd, position, n, header=header))
+                        header = b""
+                    if header:  # no file piece (an empty range): the header alone
+                        await self._send(stream.send_all(header))
                 finally:
                     pieces.close()
                 engine.on_uploaded(self, upload, trio.current_time())

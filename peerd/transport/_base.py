@@ -242,8 +242,13 @@ class Stream(trio.abc.HalfCloseableStream):
         finally:
             self._receiving = False
 
-    async def sendfile(self, fd: int, offset: int, count: int) -> None:
+    async def sendfile(self, fd: int, offset: int, count: int, *, header: bytes = b"") -> None:
         """Send ``count`` bytes of file ``fd`` from ``offset`` (sockets: not through Python).
+
+        ``header`` (a frame header, a few bytes) goes out first, corked with
+        ``MSG_MORE`` so that it leaves in the same TCP segment as the file's
+        first bytes instead of a segment (and a push) of its own. It counts
+        in ``bytes_sent`` like the file's bytes.
 
         Raises:
             StreamBroken: the connection broke.

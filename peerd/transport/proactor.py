@@ -60,6 +60,7 @@ _POLLIN = select.POLLIN
 _POLLOUT = select.POLLOUT
 _MSG_WAITALL = socket.MSG_WAITALL
 _MSG_NOSIGNAL = socket.MSG_NOSIGNAL
+_MSG_MORE = socket.MSG_MORE
 _CANCELLED = (-errno.ECANCELED, -errno.EINTR)
 
 
@@ -237,7 +238,7 @@ class ProactorStream(Stream):
         finally:
             self._sending = False
 
-    async def sendfile(self, fd: int, offset: int, count: int) -> None:
+    async def sendfile(self, fd: int, offset: int, count: int, *, header: bytes = b"") -> None:
         if offset < 0 or count < 0:
             raise ValueError("offset and count must be >= 0")
         self._begin(True)
@@ -247,6 +248,8 @@ class ProactorStream(Stream):
             await trio.lowlevel.checkpoint_if_cancelled()
             end = offset + count
             waited = False
+            if header:  # corked (MSG_MORE): it leaves with the file's first bytes
+                waited = await self._send_corked(header, _MSG_MORE if count else 0)
             while offset < end:
                 if self._closed:
                     raise StreamClosed("sendfile: stream is closed")
@@ -270,6 +273,26 @@ class ProactorStream(Stream):
                 await trio.lowlevel.cancel_shielded_checkpoint()
         finally:
             self._sending = False
+
+    async def _send_corked(self, header: bytes, more: int) -> bool:
+        """Send ``header`` with a plain non-blocking send; True if it had to wait."""
+        waited = False
+        with memoryview(header) as view:
+            sent = 0
+            while sent < len(view):
+                if self._closed:
+                    raise StreamClosed("sendfile: stream is closed")
+                try:
+                    n = self._sock.send(view[sent:], more | _MSG_NOSIGNAL)
+                except BlockingIOError:
+                    waited = True
+                    await self._wait(_POLLOUT, "sendfile")
+                    continue
+                except OSError as exc:
+                    raise stream_error(exc, "sendfile") from exc
+                sent += n
+                self.bytes_sent += n
+        return waited
 
     async def send_eof(self) -> None:
         self._begin(True)

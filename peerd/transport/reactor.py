@@ -51,6 +51,7 @@ __all__ = ["EpollMux", "ReactorListener", "ReactorStream", "ReactorTransport"]
 # recv_exactly_into raises SO_RCVLOWAT up to this many bytes, so epoll reports
 # the socket readable (and the kernel wakes us) only once that much is queued.
 LOWAT_CAP = 512 * 1024
+_MSG_MORE = socket.MSG_MORE
 
 
 class ReactorStream(Stream):
@@ -150,7 +151,7 @@ class ReactorStream(Stream):
         finally:
             self._sending = False
 
-    async def sendfile(self, fd: int, offset: int, count: int) -> None:
+    async def sendfile(self, fd: int, offset: int, count: int, *, header: bytes = b"") -> None:
         if offset < 0 or count < 0:
             raise ValueError("offset and count must be >= 0")
         self._begin(True)
@@ -161,6 +162,15 @@ class ReactorStream(Stream):
             waited = False
             end = offset + count
             with translating("sendfile"):
+                if header:  # corked: it leaves with the file's first bytes
+                    waited = True  # trio's send is a checkpoint
+                    more = _MSG_MORE if count else 0
+                    with memoryview(header) as view:
+                        sent = 0
+                        while sent < len(view):
+                            n = await self._sock.send(view[sent:], more)
+                            sent += n
+                            self.bytes_sent += n
                 while offset < end:
                     sockfd = self._sock.fileno()
                     if sockfd < 0:
