@@ -245,8 +245,10 @@ async def test_mux_send_failure_wakes_a_parked_dispatcher(transport: Transport) 
 async def test_ring_mux_waits_for_readiness_after_eagain(
     transport: Transport, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A kernel that answers RECV/SEND with -EAGAIN (forced here with
-    MSG_DONTWAIT) must not make the ring mux spin re-submitting them."""
+    """A kernel that answers RECV with -EAGAIN (forced here with
+    MSG_DONTWAIT) must not make the ring mux spin re-submitting it; nor a
+    reply that does not fit the socket buffer (written directly, then
+    POLL_ADD for POLLOUT: no SEND in the ring)."""
     if transport.name != "proactor":
         pytest.skip("the ring mux only")
     from peerd.transport import _ring

@@ -111,6 +111,70 @@ def test_proactor_unavailable_says_why_and_suggests_reactor(
         _ring._probe_cached.cache_clear()
 
 
+def _proactor_or_skip() -> Transport:
+    try:
+        return get_transport("proactor")
+    except TransportUnavailable as exc:
+        pytest.skip(str(exc))
+
+
+async def _echo_and_cancel(transport: Transport) -> None:
+    """Data both ways, then a parked receive cancelled (the kernel-side cancel)."""
+    a, b = await stream_pair(transport)
+    async with a, b:
+        with trio.fail_after(10):
+            await a.send_all(b"ping")
+            got = bytearray(4)
+            await b.recv_exactly_into(got)
+            assert got == b"ping"
+            with trio.move_on_after(0.1) as scope:
+                await b.receive_some(10)  # parked in the ring: nothing comes
+            assert scope.cancelled_caught
+            await a.send_all(b"pong")
+            assert await b.receive_some(10) == b"pong"
+
+
+async def test_ring_set_up_falls_back_when_the_kernel_refuses_the_flags(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from peerd.transport import _ring
+
+    transport = _proactor_or_skip()
+    L = _ring.L
+    # DEFER_TASKRUN without SINGLE_ISSUER is refused (EINVAL) by every kernel.
+    monkeypatch.setattr(_ring, "SETUP_FLAGS", [L.IORING_SETUP_DEFER_TASKRUN, 0])
+    await _echo_and_cancel(transport)
+    assert _ring.current_ring().flags == 0
+
+
+async def test_ring_with_deferred_task_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    # DEFER_TASKRUN posts completions only when the owner asks for them: the
+    # eventfd still wakes the reaper, which must fetch them (get_events).
+    from peerd.transport import _ring
+
+    transport = _proactor_or_skip()
+    L = _ring.L
+    flags = L.IORING_SETUP_DEFER_TASKRUN | L.IORING_SETUP_SINGLE_ISSUER
+    monkeypatch.setattr(_ring, "SETUP_FLAGS", [flags, 0])
+    await _echo_and_cancel(transport)
+    ring = _ring.current_ring()
+    if ring.flags != flags:
+        pytest.skip("this kernel has no DEFER_TASKRUN")
+    async with transport.open_mux() as mux:  # started ops, completed via callbacks
+        a, b = await stream_pair(transport)
+        async with a, b:
+            mux.add(b)
+            await a.send_all(b"hello")
+            with trio.fail_after(5):
+                assert await mux.next_batch() == [(b, b"hello")]
+            mux.send(b, b"back")
+            got = bytearray(4)
+            with trio.fail_after(5):
+                await a.recv_exactly_into(got)
+            assert got == b"back"
+            await mux.remove(b)
+
+
 # --- conformance ----------------------------------------------------------------
 
 

@@ -40,9 +40,14 @@ except ImportError:  # pragma: no cover - depends on the machine
 __all__ = ["Ring", "current_ring", "probe"]
 
 RING_ENTRIES = 1024  # CQ is twice that; overflow is handled by the kernel anyway
-# Only the Trio thread submits, and it enters the kernel often (epoll_wait,
-# submits): completion work can wait for that instead of interrupting it.
-_SETUP_FLAGS = (L.IORING_SETUP_COOP_TASKRUN | L.IORING_SETUP_SINGLE_ISSUER) if L is not None else 0
+# Set-ups tried in order, the first the kernel accepts is kept (EINVAL: an
+# older kernel without the flag). Only the Trio thread submits, and it enters
+# the kernel often (epoll_wait, submits): completion work can wait for that
+# instead of interrupting it (COOP_TASKRUN). A module-level list so that a
+# test can force the fallback.
+SETUP_FLAGS: list[int] = (
+    [L.IORING_SETUP_COOP_TASKRUN | L.IORING_SETUP_SINGLE_ISSUER, 0] if L is not None else [0]
+)
 _CANCEL_UID = 0  # user_data of cancel requests and neutralised SQEs (ignored)
 
 Step = tuple[Callable[..., Any], tuple[Any, ...]]
@@ -130,15 +135,21 @@ class Ring:
 
     def __init__(self) -> None:
         assert L is not None
-        self._ring = L.Ring()
         self._cqe = L.Cqe()
-        try:
-            L.io_uring_queue_init(RING_ENTRIES, self._ring, _SETUP_FLAGS)
-        except OSError as exc:  # kernel older than 6.0: plain ring
-            if exc.errno != errno.EINVAL:
-                raise
+        self.flags = -1  # the set-up flags the kernel took
+        for i, flags in enumerate(SETUP_FLAGS):
             self._ring = L.Ring()
-            L.io_uring_queue_init(RING_ENTRIES, self._ring, 0)
+            try:
+                L.io_uring_queue_init(RING_ENTRIES, self._ring, flags)
+            except OSError as exc:  # EINVAL: a kernel without these flags
+                if exc.errno != errno.EINVAL or i == len(SETUP_FLAGS) - 1:
+                    raise
+                continue
+            self.flags = flags
+            break
+        # DEFER_TASKRUN: completions are posted only when this thread asks
+        # (io_uring_get_events); the eventfd still fires when work is queued.
+        self._defer = bool(self.flags & L.IORING_SETUP_DEFER_TASKRUN)
         self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         L.io_uring_register_eventfd(self._ring, self._efd)
         self._uids = itertools.count(1)
@@ -175,7 +186,10 @@ class Ring:
     def _submit(self) -> None:
         if self._unsubmitted and not self._closed:
             self._unsubmitted = 0
-            L.io_uring_submit(self._ring)
+            if self._defer:
+                L.io_uring_submit_and_get_events(self._ring)
+            else:
+                L.io_uring_submit(self._ring)
 
     async def _flush_loop(self) -> None:
         while True:
@@ -315,6 +329,8 @@ class Ring:
                     os.read(self._efd, 8)
                 except BlockingIOError:
                     pass
+                if self._defer and not self._closed:
+                    L.io_uring_get_events(self._ring)
                 self._harvest()
         finally:
             self._close()

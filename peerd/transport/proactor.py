@@ -52,7 +52,7 @@ from ._base import (
     stream_error,
 )
 from ._ring import current_ring, probe
-from .reactor import LOWAT_CAP, ReactorListener, ReactorStream, ReactorTransport
+from .reactor import _DEFER_FROM, LOWAT_CAP, ReactorListener, ReactorStream, ReactorTransport
 
 __all__ = ["ProactorListener", "ProactorStream", "ProactorTransport", "RingMux", "probe"]
 
@@ -386,7 +386,6 @@ class _RingEntry:
         "held",
         "on_readable",
         "on_recv",
-        "on_send",
         "on_writable",
         "out",
         "paused",
@@ -399,9 +398,8 @@ class _RingEntry:
         "stream",
         "untaken",
     )
-    # Completion callbacks, bound once by RingMux.add (see _arm / _send_next).
+    # Completion callbacks, bound once by RingMux.add (see _arm / _flush).
     on_recv: Callable[[int], None]
-    on_send: Callable[[int], None]
     on_readable: Callable[[int], None]
     on_writable: Callable[[int], None]
 
@@ -410,8 +408,8 @@ class _RingEntry:
         self.fd = fd
         self.buf = bytearray(_MUX_RECV)
         self.recv_uid = 0  # the RECV in the ring (0: none)
-        self.send_uid = 0  # the SEND in the ring (0: none); at most one, for order
-        self.out: list[bytes] = []  # out[0] is being sent when send_uid is set
+        self.send_uid = 0  # the POLL_ADD(POLLOUT) in the ring (0: none)
+        self.out: list[bytes] = []  # not written yet (socket buffer full, or deferred)
         self.held: list[bytes | TransportError] = []  # input that arrived while paused
         self.queued = 0  # results of this stream in the mux's ready list
         self.untaken = False  # received data not yet handed out by next_batch
@@ -423,16 +421,22 @@ class _RingEntry:
 
 
 class RingMux(Mux):
-    """The proactor's mux: one RECV per stream in the ring, sends as SEND ops.
+    """The proactor's mux: one RECV per stream in the ring; replies written at once.
 
     Completions are collected by the ring's harvest (one ``io_uring_submit``
-    and one harvest serve every stream: the reply SENDs and fresh RECVs a
-    batch produces go to the kernel in one system call) and handed to the
-    one task waiting in ``next_batch``. Each stream has at most one SEND in
-    flight, so replies leave in order; what is queued behind it goes out
-    joined in the next SEND. ``remove`` cancels the stream's operations and
-    waits for their completions, so the kernel is done with its buffers
-    before the owner closes the fd.
+    and one harvest serve every stream: the fresh RECVs a batch produces go to
+    the kernel in one system call) and handed to the one task waiting in
+    ``next_batch``. ``remove`` cancels the stream's operations and waits for
+    their completions, so the kernel is done with its buffers before the
+    owner closes the fd.
+
+    Replies are written with a plain non-blocking ``write`` on the Trio
+    thread, as EpollMux does (bunched for a batch of several streams, until
+    the next ``next_batch``): a reply nearly always fits the socket buffer,
+    and a SEND in the ring cost an SQE, a completion and a callback for the
+    same copy (about 1.5 us per request more, docs/BENCHMARKS.md). Only a
+    reply that does not fit waits, with a ``POLL_ADD(POLLOUT)`` in the ring,
+    behind which later replies queue in order.
 
     Input is read no further ahead than the dispatcher takes it, as the
     reactor's level-triggered reads: a stream's next RECV is armed only when
@@ -443,14 +447,14 @@ class RingMux(Mux):
     it before it is in memory. Re-arming as soon as a RECV completed let a
     sender push everything into the mux (figures: docs/BENCHMARKS.md, "Figures
     moved from module docstrings"). The cost is one RECV submission per stream
-    per batch, which goes in with that batch's replies. ``pause`` also takes
+    per batch, which goes in with that batch's other RECVs. ``pause`` also takes
     back what was already queued for ``next_batch``; it is held (with a RECV that
     completes while paused, which is not re-armed) until ``resume``.
 
-    A RECV or SEND answered with ``-EAGAIN`` (a kernel whose socket ops do
-    not poll internally) is not re-submitted at once, which would spin: a
-    ``POLL_ADD`` for readiness takes its place in the ring (same slot, so
-    ``remove`` cancels it the same way) and its completion re-submits it.
+    A RECV answered with ``-EAGAIN`` (a kernel whose socket ops do not poll
+    internally) is not re-submitted at once, which would spin: a ``POLL_ADD``
+    for readiness takes its place in the ring (same slot, so ``remove``
+    cancels it the same way) and its completion re-submits it.
     """
 
     def __init__(self) -> None:
@@ -458,6 +462,8 @@ class RingMux(Mux):
         self._entries: dict[Stream, _RingEntry] = {}
         self._ready: list[tuple[_RingEntry, bytes | TransportError]] = []
         self._waiter: trio.lowlevel.Task | None = None
+        self._in_batch = False  # a batch of _DEFER_FROM+ streams is being worked on
+        self._deferred: list[_RingEntry] = []  # written when next_batch is called
 
     def _wake(self) -> None:
         task, self._waiter = self._waiter, None
@@ -472,7 +478,6 @@ class RingMux(Mux):
             raise ValueError("stream is already in this mux")
         e = _RingEntry(stream, fd)
         e.on_recv = functools.partial(self._on_recv, e)
-        e.on_send = functools.partial(self._on_send, e)
         e.on_readable = functools.partial(self._on_readable, e)
         e.on_writable = functools.partial(self._on_writable, e)
         self._entries[stream] = e
@@ -522,7 +527,7 @@ class RingMux(Mux):
                 self._deliver(e, b"")
             else:
                 e.broken = True
-                e.out.clear()  # an in-flight SEND fails by itself
+                e.out.clear()  # nothing more is written
                 self._deliver(e, stream_error(OSError(-res, os.strerror(-res)), "recv"))
 
     def _on_readable(self, e: _RingEntry, res: int) -> None:
@@ -538,48 +543,42 @@ class RingMux(Mux):
         if e.removed:
             self._settle(e)
         elif not e.broken and e.out:
-            self._send_next(e)
+            self._flush(e)  # an error (POLLERR) is found by the write
 
-    def _send_next(self, e: _RingEntry) -> None:
-        if len(e.out) > 1:
-            e.out[:] = [b"".join(e.out)]
-        data = e.out[0]
-        e.send_uid = self._ring.start(
-            _ring.L.io_uring_prep_send,
-            (e.fd, data, _MSG_WAITALL | _MSG_NOSIGNAL),
-            data,
-            e.on_send,
-        )
-
-    def _on_send(self, e: _RingEntry, res: int) -> None:
-        e.send_uid = 0
-        if e.removed:
-            self._settle(e)
-            return
-        if e.broken:
-            return  # the stream failed meanwhile (reported once already)
-        if res >= 0:
-            e.stream.bytes_sent += res
-            data = e.out[0]
-            if res < len(data):
-                e.out[0] = data[res:]
-            else:
-                del e.out[0]
-        elif res == -errno.EAGAIN:
-            if e.out:  # the socket buffer is full: wait until it drains
+    def _flush(self, e: _RingEntry) -> None:
+        """Write what ``e`` has queued; wait for POLLOUT in the ring if it does not fit."""
+        out = e.out
+        while out:
+            data = out[0]
+            try:
+                n = os.write(e.fd, data)
+            except BlockingIOError:
+                n = 0
+            except OSError as exc:
+                self._send_failed(e, exc)
+                return
+            e.stream.bytes_sent += n
+            if n < len(data):
+                out[0] = data[n:]
                 e.send_uid = self._ring.start(
                     _ring.L.io_uring_prep_poll_add, (e.fd, _POLLOUT), None, e.on_writable
                 )
-            return
-        else:
-            e.out.clear()
-            e.broken = True
-            if not e.stopped:  # after EOF or an error nothing more is reported
-                e.stopped = True
-                self._deliver(e, stream_error(OSError(-res, os.strerror(-res)), "send"))
-            return
-        if e.out:
-            self._send_next(e)
+                return
+            out.pop(0)
+
+    def _send_failed(self, e: _RingEntry, exc: OSError) -> None:
+        e.out.clear()
+        e.broken = True
+        if not e.stopped:  # after EOF or an error nothing more is reported
+            e.stopped = True
+            self._deliver(e, stream_error(exc, "send"))
+
+    def _write_deferred(self) -> None:
+        self._in_batch = False
+        deferred, self._deferred = self._deferred, []
+        for e in deferred:
+            if e.out and not (e.broken or e.removed or e.send_uid):
+                self._flush(e)
 
     def _settle(self, e: _RingEntry) -> None:
         if not e.recv_uid and not e.send_uid and e.settled is not None:
@@ -630,11 +629,25 @@ class RingMux(Mux):
         e = self._entries[stream]
         if e.broken:
             return  # a send failed already; that failure is reported by next_batch
+        queued = bool(e.out)
         e.out.append(data)
-        if not e.send_uid:
-            self._send_next(e)
+        if queued or e.send_uid:
+            return  # written after what is queued, in order
+        if self._in_batch:
+            if not self._deferred:
+                # Written when the caller asks for its next batch or, should
+                # it wait for anything else first, as soon as it does.
+                trio.lowlevel.current_trio_token().run_sync_soon(
+                    self._write_deferred, idempotent=True
+                )
+            self._deferred.append(e)
+            return
+        self._flush(e)
 
     async def next_batch(self) -> list[MuxResult]:
+        if self._deferred:
+            self._write_deferred()
+        self._in_batch = False
         await trio.lowlevel.checkpoint_if_cancelled()
         if self._ready:
             await trio.lowlevel.cancel_shielded_checkpoint()
@@ -655,6 +668,9 @@ class RingMux(Mux):
                 e.untaken = False
                 self._arm_if_idle(e)
             batch.append((e.stream, result))
+        # Replies to a batch of several streams are written together (see
+        # EpollMux): the peers' wake-ups bunch up; a lone reply goes at once.
+        self._in_batch = len(batch) >= _DEFER_FROM
         return batch
 
     async def aclose(self) -> None:
