@@ -2,16 +2,35 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import socket
 
 import pytest
 import trio
 
-from peerd.errors import TransportError
-from peerd.transport import Mux, Stream, Transport
+from peerd.errors import TransportError, TransportUnavailable
+from peerd.transport import Mux, Stream, Transport, get_transport
 from peerd.transport._base import MUX_BATCH
 
 from .test_transport import pattern, stream_pair
+
+
+@pytest.fixture(params=["reactor", "proactor", "proactor-single-shot"])
+def transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Transport:
+    """Both transports; the proactor twice: its mux with multishot RECVs and a
+    buffer pool (the default where the ring offers one), and with single-shot
+    RECVs (the fallback where it does not)."""
+    name = request.param
+    if name == "proactor-single-shot":
+        from peerd.transport import _ring
+
+        monkeypatch.setattr(_ring, "BUFFER_RINGS", False)
+        name = "proactor"
+    try:
+        return get_transport(name)
+    except TransportUnavailable as exc:
+        pytest.skip(str(exc))
 
 
 async def _collect(mux: Mux, want: dict[Stream, int]) -> dict[Stream, bytes]:
@@ -270,6 +289,7 @@ async def test_ring_mux_waits_for_readiness_after_eagain(
 
     monkeypatch.setattr(_ring.L, "io_uring_prep_recv", recv)
     monkeypatch.setattr(_ring.L, "io_uring_prep_send", send)
+    monkeypatch.setattr(_ring, "BUFFER_RINGS", False)  # single-shot RECVs
     client, server = await stream_pair(transport)
     try:
         async with transport.open_mux() as mux:
@@ -306,8 +326,13 @@ async def test_mux_reads_no_further_ahead_than_one_receive(transport: Transport)
     """A lent stream's input waits in the kernel, not in the mux, until the
     dispatcher takes it: a fast sender is held back by the socket buffers
     (what the server can refuse or charge before it buffers anything)."""
+    from peerd.transport.proactor import MUX_READ_AHEAD
+
     total = 64 << 20  # more than the loopback socket buffers hold (tcp_rmem max 32 MiB)
-    bound = 128 << 10  # "about one receive" (reactor: 64 KiB reads, proactor: 16 KiB)
+    # "About one receive" (reactor: 64 KiB reads, proactor single-shot: 16 KiB);
+    # the proactor's multishot RECV: its threshold plus what the buffer pool
+    # lets in before the cancel lands (a constant per mux, not per stream).
+    bound = max(128 << 10, MUX_READ_AHEAD) if transport.name == "proactor" else 128 << 10
     data = pattern(5, total)
     client, server = await stream_pair(transport)
     sent = 0
@@ -373,3 +398,77 @@ async def test_mux_pause_holds_input_that_already_arrived(transport: Transport) 
         await mux.remove(server)
     await client.aclose()
     await server.aclose()
+
+
+def _multishot_or_skip(mux: Mux) -> None:
+    if not getattr(mux, "_multishot", False):
+        pytest.skip("the ring mux without multishot receive here")
+
+
+async def test_ring_mux_recovers_when_the_buffer_pool_runs_dry(
+    transport: Transport, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A pool of 2 tiny buffers and 8 streams flooding: the kernel ends RECVs
+    # with -ENOBUFS (F_MORE clear); each is armed again and nothing is lost.
+    if transport.name != "proactor":
+        pytest.skip("the ring mux only")
+    from peerd.transport import proactor
+
+    monkeypatch.setattr(proactor, "_MUX_BUFS", 2)
+    monkeypatch.setattr(proactor, "_MUX_BUF", 64)
+    results: list[int] = []
+    real = proactor.RingMux._on_recv_multi
+
+    def spy(self: proactor.RingMux, e: object, res: int, flags: int) -> None:
+        results.append(res)
+        real(self, e, res, flags)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(proactor.RingMux, "_on_recv_multi", spy)
+    pairs = [await stream_pair(transport) for _ in range(8)]
+    try:
+        async with transport.open_mux() as mux:
+            for _, server in pairs:
+                mux.add(server)
+            _multishot_or_skip(mux)
+            frames = {server: pattern(i, 20_000) for i, (_, server) in enumerate(pairs)}
+            with trio.fail_after(20):
+                async with trio.open_nursery() as nursery:
+                    for client, server in pairs:
+                        nursery.start_soon(client.send_all, frames[server])
+                    got = await _collect(mux, {server: 20_000 for _, server in pairs})
+            assert got == frames
+            assert -errno.ENOBUFS in results, "the pool never ran dry: the test proves nothing"
+    finally:
+        for client, server in pairs:
+            await client.aclose()
+            await server.aclose()
+
+
+async def test_ring_mux_close_cancels_armed_receives_and_leaks_nothing(
+    transport: Transport,
+) -> None:
+    if transport.name != "proactor":
+        pytest.skip("the ring mux only")
+    from peerd.transport import _ring
+
+    ring = _ring.current_ring()
+    fds = len(os.listdir("/proc/self/fd"))
+    pairs = [await stream_pair(transport) for _ in range(16)]
+    mux = transport.open_mux()
+    for _, server in pairs:
+        mux.add(server)
+    multishot = getattr(mux, "_multishot", False)
+    await pairs[0][0].send_all(b"some")
+    with trio.fail_after(5):
+        assert await _collect(mux, {pairs[0][1]: 4}) == {pairs[0][1]: b"some"}
+    await trio.sleep(0.05)  # every RECV is armed in the kernel
+    assert len(ring._ops) == 16
+    with trio.fail_after(5):
+        await mux.aclose()  # cancels all 16 in the kernel and waits for them
+    assert not ring._ops, "operations left in the ring after the mux closed"
+    if multishot:
+        assert not ring._buffer_rings, "the buffer pool is still registered"
+    for client, server in pairs:
+        await client.aclose()
+        await server.aclose()
+    assert len(os.listdir("/proc/self/fd")) == fds

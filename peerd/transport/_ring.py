@@ -20,10 +20,14 @@ docs/ARCHITECTURE.md, "The io_uring ring"):
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import functools
 import itertools
+import mmap
 import os
+import platform
+import struct
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -37,7 +41,7 @@ try:  # the probe reports a missing wheel; importing this module must not fail
 except ImportError:  # pragma: no cover - depends on the machine
     L = None
 
-__all__ = ["Ring", "current_ring", "probe"]
+__all__ = ["BufferRing", "Ring", "current_ring", "probe"]
 
 RING_ENTRIES = 1024  # CQ is twice that; overflow is handled by the kernel anyway
 # Set-ups tried in order, the first the kernel accepts is kept (EINVAL: an
@@ -118,11 +122,12 @@ def probe() -> None:
 
 
 class _Op:
-    __slots__ = ("done", "keep", "raise_cancel", "remaining", "results", "task", "uids")
+    __slots__ = ("done", "keep", "multi", "raise_cancel", "remaining", "results", "task", "uids")
 
     def __init__(self, task: trio.lowlevel.Task | None, n: int, keep: object) -> None:
         self.task = task  # None: ``done`` is called instead of waking a task
-        self.done: Callable[[int], None] | None = None
+        self.done: Callable[..., None] | None = None
+        self.multi = False  # a multishot op: done(res, flags) per CQE until F_MORE is clear
         self.keep = keep  # everything the kernel may touch, alive until the CQE
         self.results = [0] * n
         self.remaining = n
@@ -153,6 +158,8 @@ class Ring:
         self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         L.io_uring_register_eventfd(self._ring, self._efd)
         self._uids = itertools.count(1)
+        self._bgids = itertools.count(1)
+        self._buffer_rings: set[BufferRing] = set()  # registered: alive until unregistered
         self._ops: dict[int, tuple[_Op, int]] = {}  # uid -> (op, index in chain)
         self._unsubmitted = 0
         self._flusher: trio.lowlevel.Task | None = None  # set while parked
@@ -275,6 +282,55 @@ class Ring:
         self._wake_flusher()
         return uid
 
+    def start_multishot(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        done: Callable[[int, int], None],
+        buf_group: int,
+    ) -> int:
+        """Submit a multishot op taking buffers from ``buf_group``; returns its uid.
+
+        ``done(result, cqe_flags)`` is called for every completion, like
+        ``start``'s; the op is over (and ``cancel`` no longer applies) with
+        the first completion whose flags lack ``IORING_CQE_F_MORE``.
+        """
+        if self._closed:
+            raise RuntimeError("io_uring ring is closed")
+        op = _Op(None, 1, None)
+        op.done = done
+        op.multi = True
+        uid = next(self._uids)
+        sqe = self._prepare(fn, args, uid, L.IOSQE_BUFFER_SELECT)
+        L.io_uring_sqe_set_buf_group(sqe, buf_group)
+        op.uids.append(uid)
+        self._ops[uid] = (op, 0)
+        self._wake_flusher()
+        return uid
+
+    def buffer_ring(self, count: int, size: int) -> BufferRing | None:
+        """Register ``count`` provided buffers of ``size`` bytes (a new group).
+
+        None where they cannot be used: the kernel refuses the registration,
+        or a CPU whose memory ordering the plain stores that hand buffers back
+        do not respect (see BufferRing); the caller then keeps single-shot ops.
+        """
+        if self._closed or not BUFFER_RINGS or platform.machine() not in ("x86_64", "AMD64"):
+            return None
+        try:
+            br = BufferRing(self._ring.ring_fd, next(self._bgids), count, size)
+        except OSError:
+            return None
+        self._buffer_rings.add(br)
+        return br
+
+    def drop_buffer_ring(self, br: BufferRing) -> None:
+        """Unregister a group; no op may use it any more (every one has completed)."""
+        if br in self._buffer_rings:
+            self._buffer_rings.discard(br)
+            if not self._closed:
+                br.unregister()
+
     def cancel(self, uid: int) -> None:
         """Ask the kernel to cancel a started operation (its ``done`` still runs)."""
         if uid in self._ops and not self._closed:
@@ -302,6 +358,7 @@ class Ring:
             entry = cqe[0]
             uid = entry.user_data
             try:
+                flags = entry.flags
                 res = entry.res
             except OSError as exc:
                 res = -(exc.errno or errno.EIO)
@@ -311,6 +368,14 @@ class Ring:
             if found is None:
                 continue
             op, index = found
+            if op.multi:
+                if flags & _F_MORE:
+                    self._ops[uid] = found  # more completions follow
+                else:
+                    op.keep = None
+                assert op.done is not None
+                op.done(res, flags)
+                continue
             op.results[index] = res
             op.remaining -= 1
             if op.remaining == 0:
@@ -340,8 +405,90 @@ class Ring:
         # Tasks still parked here would be a bug (the run is over); the kernel
         # cancels and waits for their SQEs in queue_exit.
         trio.lowlevel.notify_closing(self._efd)
-        L.io_uring_queue_exit(self._ring)
+        L.io_uring_queue_exit(self._ring)  # unregisters the buffer rings too
+        self._buffer_rings.clear()
         os.close(self._efd)
+
+
+# Provided buffer rings (IORING_REGISTER_PBUF_RING). The wheel's
+# io_uring_setup_buf_ring cannot be called from Python (its error argument is
+# a C pointer), so the ring is registered with the raw system call over memory
+# of our own; set to False to keep every receive single-shot.
+BUFFER_RINGS = True
+_F_MORE = L.IORING_CQE_F_MORE if L is not None else 0
+_SYS_IO_URING_REGISTER = 427  # the same number on every architecture
+_REGISTER_PBUF_RING = 22
+_UNREGISTER_PBUF_RING = 23
+_BUF_ENTRY = struct.Struct("=QIH")  # struct io_uring_buf: addr, len, bid (resv/tail follows)
+_TAIL = struct.Struct("=H")  # the tail: the first entry's resv field (offset 14)
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class BufferRing:
+    """A group of equal buffers the kernel picks from (multishot receive).
+
+    The kernel reads the ring of buffer descriptors (an anonymous mapping of
+    ours) up to its tail and fills the buffer it picks; a completion carries
+    the buffer id. ``take`` copies the data out and hands the buffer back at
+    once (a descriptor, then the tail: two plain stores, ordered on x86, which
+    is why ``Ring.buffer_ring`` offers these only there). Everything lives
+    until ``unregister`` (the ring's close unregisters it otherwise).
+    """
+
+    def __init__(self, ring_fd: int, bgid: int, count: int, size: int) -> None:
+        if count & (count - 1) or not 0 < count <= 32768:
+            raise ValueError("count must be a power of two up to 32768")
+        self.bgid = bgid
+        self.size = size
+        self._ring_fd = ring_fd
+        self._mask = count - 1
+        self._tail = 0
+        self._map = mmap.mmap(-1, max(count * 16, mmap.PAGESIZE))
+        self.pool = bytearray(count * size)
+        # ctypes views export the buffers: neither can be resized or freed
+        # while they exist, and they give the addresses the kernel uses.
+        self._exports = (
+            ctypes.c_char.from_buffer(self._map),
+            ctypes.c_char.from_buffer(self.pool),
+        )
+        self._view = memoryview(self.pool)
+        self._base = ctypes.addressof(self._exports[1])
+        self._reg = ctypes.create_string_buffer(
+            struct.pack("=QIHH3Q", ctypes.addressof(self._exports[0]), count, bgid, 0, 0, 0, 0)
+        )
+        self._call(_REGISTER_PBUF_RING)
+        self.registered = True
+        for bid in range(count):
+            self._put(bid)
+        _TAIL.pack_into(self._map, 14, self._tail)
+
+    def _call(self, opcode: int) -> None:
+        if _libc.syscall(_SYS_IO_URING_REGISTER, self._ring_fd, opcode, self._reg, 1) < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+
+    def _put(self, bid: int) -> None:
+        _BUF_ENTRY.pack_into(
+            self._map, (self._tail & self._mask) * 16, self._base + bid * self.size, self.size, bid
+        )
+        self._tail = (self._tail + 1) & 0xFFFF
+
+    def take(self, cqe_flags: int, n: int) -> bytes:
+        """The ``n`` bytes in the buffer a completion names; the buffer goes back."""
+        bid = cqe_flags >> _BUFFER_SHIFT
+        start = bid * self.size
+        data = self._view[start : start + n].tobytes()
+        self._put(bid)
+        _TAIL.pack_into(self._map, 14, self._tail)
+        return data
+
+    def unregister(self) -> None:
+        if self.registered:
+            self.registered = False
+            self._call(_UNREGISTER_PBUF_RING)
+
+
+_BUFFER_SHIFT = L.IORING_CQE_BUFFER_SHIFT if L is not None else 16
 
 
 def _neutralise(sqe: Any) -> None:

@@ -375,13 +375,24 @@ class ProactorTransport(Transport):
         return RingMux()
 
 
-_MUX_RECV = 16384  # per lent stream: one receive buffer (and at most one untaken result)
+_MUX_RECV = 16384  # single-shot: per lent stream one receive buffer (one untaken result)
+# Multishot: one buffer pool per mux. A stream's RECV is cancelled once this
+# much of its input waits in the mux; what arrives before the cancel lands is
+# bounded by the pool (docs/ARCHITECTURE.md, "The proactor's mux").
+_MUX_AHEAD = 16384
+_MUX_BUFS = 128  # buffers in the pool (a power of two)
+_MUX_BUF = 2048  # bytes per buffer: a tracker frame fits; a bigger one takes several
+# What a stream can have read ahead at most, in the worst case (tests use it):
+# its threshold, and twice the pool (consumed before and while the cancel lands).
+MUX_READ_AHEAD = max(_MUX_RECV, _MUX_AHEAD + 2 * _MUX_BUFS * _MUX_BUF)
+_ENOBUFS = -errno.ENOBUFS
 
 
 class _RingEntry:
     __slots__ = (
         "broken",
         "buf",
+        "cancelling",
         "fd",
         "held",
         "on_readable",
@@ -399,20 +410,21 @@ class _RingEntry:
         "untaken",
     )
     # Completion callbacks, bound once by RingMux.add (see _arm / _flush).
-    on_recv: Callable[[int], None]
+    on_recv: Callable[..., None]
     on_readable: Callable[[int], None]
     on_writable: Callable[[int], None]
 
     def __init__(self, stream: Stream, fd: int) -> None:
         self.stream = stream
         self.fd = fd
-        self.buf = bytearray(_MUX_RECV)
+        self.buf: bytearray | None = None  # single-shot RECV's buffer
         self.recv_uid = 0  # the RECV in the ring (0: none)
+        self.cancelling = False  # the multishot RECV is being cancelled
         self.send_uid = 0  # the POLL_ADD(POLLOUT) in the ring (0: none)
         self.out: list[bytes] = []  # not written yet (socket buffer full, or deferred)
         self.held: list[bytes | TransportError] = []  # input that arrived while paused
         self.queued = 0  # results of this stream in the mux's ready list
-        self.untaken = False  # received data not yet handed out by next_batch
+        self.untaken = 0  # bytes received, not yet handed out by next_batch
         self.paused = False
         self.stopped = False  # EOF or an error was seen: nothing more is read
         self.broken = False  # a send failed: nothing more is sent
@@ -464,6 +476,11 @@ class RingMux(Mux):
         self._waiter: trio.lowlevel.Task | None = None
         self._in_batch = False  # a batch of _DEFER_FROM+ streams is being worked on
         self._deferred: list[_RingEntry] = []  # written when next_batch is called
+        # Multishot RECVs with a buffer pool where the ring offers one (on
+        # first add); single-shot RECVs into a buffer per stream otherwise.
+        self._bufs: _ring.BufferRing | None = None
+        self._multishot: bool | None = None
+        self._ahead = _MUX_RECV  # untaken bytes from which no RECV is armed
 
     def _wake(self) -> None:
         task, self._waiter = self._waiter, None
@@ -476,14 +493,25 @@ class RingMux(Mux):
             raise ConnectionClosed("mux: stream is closed")
         if stream in self._entries:
             raise ValueError("stream is already in this mux")
+        if self._multishot is None:
+            self._bufs = self._ring.buffer_ring(_MUX_BUFS, _MUX_BUF)
+            self._multishot = self._bufs is not None
+            self._ahead = _MUX_AHEAD if self._multishot else 1
         e = _RingEntry(stream, fd)
-        e.on_recv = functools.partial(self._on_recv, e)
+        e.on_recv = functools.partial(self._on_recv_multi if self._multishot else self._on_recv, e)
         e.on_readable = functools.partial(self._on_readable, e)
         e.on_writable = functools.partial(self._on_writable, e)
         self._entries[stream] = e
         self._arm(e)
 
     def _arm(self, e: _RingEntry) -> None:
+        if self._bufs is not None:
+            e.recv_uid = self._ring.start_multishot(
+                _ring.L.io_uring_prep_recv_multishot, (e.fd, None, 0), e.on_recv, self._bufs.bgid
+            )
+            return
+        if e.buf is None:
+            e.buf = bytearray(_MUX_RECV)
         e.recv_uid = self._ring.start(
             _ring.L.io_uring_prep_recv,
             (e.fd, e.buf, 0),
@@ -492,8 +520,8 @@ class RingMux(Mux):
         )
 
     def _arm_if_idle(self, e: _RingEntry) -> None:
-        """Arm the next RECV unless one is in the ring or its data is untaken."""
-        if not (e.recv_uid or e.untaken or e.paused or e.stopped or e.removed):
+        """Arm the next RECV unless one is in the ring or enough input is untaken."""
+        if not (e.recv_uid or e.untaken >= self._ahead or e.paused or e.stopped or e.removed):
             self._arm(e)
 
     def _deliver(self, e: _RingEntry, result: bytes | TransportError) -> None:
@@ -512,23 +540,64 @@ class RingMux(Mux):
         if e.broken:
             return  # a send failed: the stream is over (reported once already)
         if res > 0:
+            assert e.buf is not None
             data = bytes(memoryview(e.buf)[:res])
             e.stream.bytes_received += res
-            e.untaken = True  # the next RECV is armed when next_batch hands it out
+            e.untaken += res  # the next RECV is armed when next_batch hands it out
             self._deliver(e, data)
         elif res == -errno.EAGAIN:
-            # Sockets poll inside io_uring; a kernel that does not: wait first.
-            e.recv_uid = self._ring.start(
-                _ring.L.io_uring_prep_poll_add, (e.fd, _POLLIN), None, e.on_readable
-            )
+            self._wait_readable(e)
         else:
-            e.stopped = True
-            if res == 0:
-                self._deliver(e, b"")
-            else:
-                e.broken = True
-                e.out.clear()  # nothing more is written
-                self._deliver(e, stream_error(OSError(-res, os.strerror(-res)), "recv"))
+            self._recv_ended(e, res)
+
+    def _wait_readable(self, e: _RingEntry) -> None:
+        # Sockets poll inside io_uring; a kernel that does not: wait first.
+        e.recv_uid = self._ring.start(
+            _ring.L.io_uring_prep_poll_add, (e.fd, _POLLIN), None, e.on_readable
+        )
+
+    def _recv_ended(self, e: _RingEntry, res: int) -> None:
+        e.stopped = True
+        if res == 0:
+            self._deliver(e, b"")
+        else:
+            e.broken = True
+            e.out.clear()  # nothing more is written
+            self._deliver(e, stream_error(OSError(-res, os.strerror(-res)), "recv"))
+
+    def _on_recv_multi(self, e: _RingEntry, res: int, flags: int) -> None:
+        data = b""
+        if flags & _ring.L.IORING_CQE_F_BUFFER:  # copied out; the buffer goes back at once
+            assert self._bufs is not None
+            data = self._bufs.take(flags, max(res, 0))
+        final = not flags & _ring.L.IORING_CQE_F_MORE
+        if final:
+            e.recv_uid = 0
+            e.cancelling = False
+        if e.removed:
+            if final:
+                self._settle(e)
+            return
+        if e.broken or e.stopped:
+            return  # the stream is over (reported once already)
+        if res > 0:
+            e.stream.bytes_received += res
+            e.untaken += res
+            self._deliver(e, data)
+            if final:  # the kernel ended it (e.g. CQ overflow): arm again if due
+                self._arm_if_idle(e)
+            elif (e.untaken >= _MUX_AHEAD or e.paused) and not e.cancelling:
+                # Enough waits in the mux: leave the rest in the socket.
+                e.cancelling = True
+                self._ring.cancel(e.recv_uid)
+        elif res in (_ENOBUFS, *_CANCELLED):
+            # The pool ran dry (every buffer is back by now) or our cancel:
+            # arm again once the stream is due.
+            self._arm_if_idle(e)
+        elif res == -errno.EAGAIN:
+            self._wait_readable(e)
+        else:
+            self._recv_ended(e, res)
 
     def _on_readable(self, e: _RingEntry, res: int) -> None:
         e.recv_uid = 0
@@ -608,6 +677,9 @@ class RingMux(Mux):
     def pause(self, stream: Stream) -> None:
         e = self._entries[stream]
         e.paused = True
+        if e.recv_uid and self._multishot and not e.cancelling:
+            e.cancelling = True  # read no further (what arrives meanwhile is held)
+            self._ring.cancel(e.recv_uid)
         if e.queued:  # not reported any more: held, in order, until resume
             e.held += [r for x, r in self._ready if x is e]
             self._ready = [r for r in self._ready if r[0] is not e]
@@ -665,7 +737,7 @@ class RingMux(Mux):
         for e, result in taken:
             e.queued -= 1
             if result and type(result) is bytes:  # its data is taken: read on
-                e.untaken = False
+                e.untaken -= len(result)
                 self._arm_if_idle(e)
             batch.append((e.stream, result))
         # Replies to a batch of several streams are written together (see
@@ -676,4 +748,7 @@ class RingMux(Mux):
     async def aclose(self) -> None:
         for stream in list(self._entries):
             await self.remove(stream)
+        if self._bufs is not None:  # every RECV has completed (remove waited)
+            self._ring.drop_buffer_ring(self._bufs)
+            self._bufs = None
         await trio.lowlevel.checkpoint()
