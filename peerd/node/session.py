@@ -4,8 +4,8 @@ A :class:`PeerSession` pumps bytes between a transport stream and a sans-IO
 :class:`~peerd.wire.PeerConnection` in two tasks. The reader hands messages
 to its owner (the content's driver, which asks the engine) and receives DATA
 payloads straight into pooled buffers. The writer coalesces control frames
-ahead of uploads and sends a chunk as its 13-byte header then ``sendfile``,
-one at a time across the node (:class:`~peerd.engine.scheduling.UploadTurns`).
+ahead of uploads and sends a chunk as ``sendfile`` with its 13-byte header
+corked in front (one segment, one push), one at a time across the node (:class:`~peerd.engine.scheduling.UploadTurns`).
 A watchdog sends KEEPALIVE, closes an idle connection and aborts a send that
 makes no progress. The limits and why: docs/ARCHITECTURE.md, "Limits a
 remote controls" and "How the real node uses them".

@@ -12,14 +12,17 @@ this module maps the stream contract onto ring operations.
   puts the mark back to 1 byte and uses RECV for a whole bytearray, READV
   with an ``Iovec`` otherwise (liburing's recv/send take only whole objects).
 * Sending: SEND + ``MSG_WAITALL`` for bytes/bytearray, WRITEV otherwise;
-  ``sendfile`` is ``os.sendfile`` (no copy), waiting for POLLOUT in the ring.
+  ``sendfile`` is ``os.sendfile`` (no copy), waiting for POLLOUT in the ring,
+  after its ``header`` sent corked (``MSG_MORE``) by a plain ``send``.
+* ``RingMux`` (many streams, one task): a multishot RECV per stream with a
+  provided-buffer pool, replies written directly (see its docstring).
 * Accept and connect use the reactor's Trio sockets (once per connection,
   same timeouts and errors); the connected fd is then handed to the ring.
 * Closing a stream cancels its in-flight ops by fd *before* closing the fd:
   ``close`` alone does not cancel them (the ring holds a file reference).
 
-Why these choices and not splice, multishot receive, ``send_zc`` or
-``IOSQE_ASYNC``: docs/ARCHITECTURE.md, "The proactor's choices" (figures:
+Why these choices and not splice, multishot receive on streams, ``send_zc``
+or ``IOSQE_ASYNC``: docs/ARCHITECTURE.md, "The proactor's choices" (figures:
 docs/BENCHMARKS.md, "Transports").
 """
 
@@ -433,35 +436,40 @@ class _RingEntry:
 
 
 class RingMux(Mux):
-    """The proactor's mux: one RECV per stream in the ring; replies written at once.
+    """The proactor's mux: a multishot RECV per stream; replies written at once.
 
     Completions are collected by the ring's harvest (one ``io_uring_submit``
-    and one harvest serve every stream: the fresh RECVs a batch produces go to
-    the kernel in one system call) and handed to the one task waiting in
-    ``next_batch``. ``remove`` cancels the stream's operations and waits for
-    their completions, so the kernel is done with its buffers before the
-    owner closes the fd.
+    and one harvest serve every stream: what a batch arms goes to the kernel
+    in one system call) and handed to the one task waiting in ``next_batch``.
+    ``remove`` cancels the stream's operations and waits for their
+    completions, so the kernel is done with its buffers before the owner
+    closes the fd.
+
+    Receiving (where the ring offers a buffer pool, see ``Ring.buffer_ring``):
+    one multishot RECV stays armed per stream and the kernel fills buffers of
+    the mux's pool; each completion's bytes are copied out and the buffer
+    handed back at once. Read-ahead is bounded: once ``_MUX_AHEAD`` bytes of
+    a stream wait in the mux undelivered, or it is paused, its RECV is
+    cancelled (what arrives before the cancel lands is held; at most
+    ``MUX_READ_AHEAD`` in all), and armed again when ``next_batch`` hands the
+    data out or on ``resume``. A completion without F_MORE (``-ENOBUFS``: the
+    pool ran dry; our cancel; EOF; an error) ends it. Without a pool: one
+    single-shot RECV into a 16 KiB buffer per stream, armed only when
+    ``next_batch`` hands out the data of the previous one (one received
+    buffer per stream in the mux at most). Either way a fast sender is held
+    back by the socket buffers, where the owner's accounting (the tracker
+    charges each frame from its header) can refuse it before it is in memory.
+    ``pause`` also takes back what was already queued for ``next_batch``; it
+    is held until ``resume``. Why and figures: docs/ARCHITECTURE.md, "Many
+    small conversations: the Mux"; docs/BENCHMARKS.md, "Transports".
 
     Replies are written with a plain non-blocking ``write`` on the Trio
     thread, as EpollMux does (bunched for a batch of several streams, until
     the next ``next_batch``): a reply nearly always fits the socket buffer,
     and a SEND in the ring cost an SQE, a completion and a callback for the
-    same copy (about 1.5 us per request more, docs/BENCHMARKS.md). Only a
-    reply that does not fit waits, with a ``POLL_ADD(POLLOUT)`` in the ring,
-    behind which later replies queue in order.
-
-    Input is read no further ahead than the dispatcher takes it, as the
-    reactor's level-triggered reads: a stream's next RECV is armed only when
-    ``next_batch`` hands out the data of its previous one (and the stream is
-    not paused), so at most one received buffer per stream waits in the mux
-    and a fast sender is held back by the socket buffers, where the owner's
-    accounting (the tracker charges each frame from its header) can refuse
-    it before it is in memory. Re-arming as soon as a RECV completed let a
-    sender push everything into the mux (figures: docs/BENCHMARKS.md, "Figures
-    moved from module docstrings"). The cost is one RECV submission per stream
-    per batch, which goes in with that batch's other RECVs. ``pause`` also takes
-    back what was already queued for ``next_batch``; it is held (with a RECV that
-    completes while paused, which is not re-armed) until ``resume``.
+    same copy. Only a reply that does not fit waits, with a
+    ``POLL_ADD(POLLOUT)`` in the ring, behind which later replies queue in
+    order.
 
     A RECV answered with ``-EAGAIN`` (a kernel whose socket ops do not poll
     internally) is not re-submitted at once, which would spin: a ``POLL_ADD``
