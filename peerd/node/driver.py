@@ -140,9 +140,10 @@ class BufferPool:
         self._sem.release()
 
     def reattach(self, buf: mmap.mmap) -> None:
-        """A detached buffer is done with: kept for reuse while the pool has room."""
-        if len(self._free) < self.count:
-            self._free.append(buf)
+        """A detached buffer is done with: kept for reuse. (Buffers are made only
+        when none is free, so there are never more than ``count`` plus the
+        most ever detached at once.)"""
+        self._free.append(buf)
 
 
 class Content:
