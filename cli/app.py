@@ -641,6 +641,7 @@ def cmd_get(
                     nursery.cancel_scope.cancel()
                     return None
             if to_stdout:
+                _end_stdout()  # the reader sees the end now, not after the cleanup
                 await trio.to_thread.run_sync(partial(Path(result.path).unlink, missing_ok=True))
                 result = replace(result, path="-")
             if as_json:  # stdout carries the content itself with -o -
@@ -784,6 +785,17 @@ def _my_address() -> str:
         err=True,
     )
     return "127.0.0.1"
+
+
+def _end_stdout() -> None:
+    """Close our end of stdout (a reader of ``-o -`` gets end of file at once)
+    and leave ``/dev/null`` in its place, so no later open can become fd 1."""
+    sys.stdout.flush()
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 1)
+    finally:
+        os.close(null)
 
 
 def _widen_pipe(fd: int) -> None:
