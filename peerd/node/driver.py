@@ -122,7 +122,6 @@ class BufferPool:
 
     def __init__(self, size: int, count: int) -> None:
         self.size = size
-        self.count = count
         self._free: list[mmap.mmap] = []
         self._sem = trio.Semaphore(count)
 
@@ -141,8 +140,8 @@ class BufferPool:
 
     def reattach(self, buf: mmap.mmap) -> None:
         """A detached buffer is done with: kept for reuse. (Buffers are made only
-        when none is free, so there are never more than ``count`` plus the
-        most ever detached at once.)"""
+        when none is free, so there are never more than the pool's ``count``
+        plus the most ever detached at once.)"""
         self._free.append(buf)
 
 
