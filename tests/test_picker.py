@@ -446,3 +446,23 @@ def _check_books(p: PiecePicker, held: dict[str, bytearray]) -> None:
         assert not (p.have[i] and inflight[i])
     for q, f in held.items():
         assert p._peers[q].useful == sum(1 for i in open_chunks if f[i])
+
+
+def test_a_peer_that_owes_part_of_the_read_ahead_window_is_asked_for_nothing_else() -> None:
+    # Its uploader serves fresh chunks first, not in our order: a far chunk
+    # asked beside the window would go out first and the reader would wait.
+    n = 64
+    p = PiecePicker(n, rng=random.Random(5))
+    p.add_peer("a", bytearray([1] * n))
+    p.add_peer("few", bytearray([0] * 32 + [1] * 32))  # none of the window
+    p.priority = range(0, 4)
+    assert p.pick("a", 10, now=0, timeout=10) == [0, 1, 2, 3]  # the window only
+    assert p.pick("a", 10, now=0, timeout=10) == []  # still owes it: nothing else
+    # A peer that holds none of the window is asked rarest first, as ever.
+    assert len(p.pick("few", 3, now=0, timeout=10)) == 3
+    for i in (0, 1, 2):  # its window chunks come in: it owes 3 still
+        p.chunk_received("a", i)
+    assert p.pick("a", 10, now=0, timeout=10) == []
+    p.chunk_received("a", 3)  # owes nothing of the window: anything again
+    got = p.pick("a", 5, now=0, timeout=10)
+    assert len(got) == 5 and all(i >= 4 for i in got)

@@ -166,3 +166,31 @@ async def test_state_is_written_before_the_part_file(tmp_path: Path) -> None:
     store.close()
     state = msgpack.unpackb((tmp_path / "f.bin.part.state").read_bytes())
     assert state["id"] == cid and not any(state["bits"])
+
+
+@pytest.mark.parametrize("cache", [False, True])
+async def test_read_into_reads_back_what_was_written(tmp_path: Path, cache: bool) -> None:
+    # A stream's cache reads its chunks back with O_DIRECT into a page-aligned
+    # buffer (here tmp_path is on a disk; on tmpfs it falls back to preadv):
+    # the bytes are the ones written, the short last chunk and runs included.
+    import mmap
+
+    chunk = 64 * 1024
+    data = os.urandom(5 * chunk + 1234)
+    info = data_info(data, chunk)
+    store = await ChunkStore.open(info, cid_of(info), tmp_path / "f.bin", cache=cache)
+    try:
+        for i in range(info.num_chunks):
+            store.write_chunk_sync(i, data[i * chunk : (i + 1) * chunk])
+        buf = mmap.mmap(-1, len(data) + chunk)
+        view = memoryview(buf)
+        assert store.read_into_sync(chunk, view[: 2 * chunk]) == data[chunk : 3 * chunk]
+        last = 5 * chunk
+        assert store.read_into_sync(last, view[:1234]) == data[last:]
+        assert store.read_into_sync(0, view[: len(data)]) == data  # a run, unaligned end
+        # Past the end: only what there is.
+        assert store.read_into_sync(last, view[: 2 * chunk]) == data[last:]
+        unaligned = memoryview(bytearray(chunk + 1))[1:]  # not page-aligned: buffered
+        assert store.read_into_sync(chunk, unaligned) == data[chunk : 2 * chunk]
+    finally:
+        store.close()

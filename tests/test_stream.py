@@ -137,3 +137,28 @@ def test_sequential_file_download(shared: tuple[Path, str, dict[str, str]], tmp_
     )
     assert res.returncode == 0, res.stderr.decode()
     assert out.read_bytes() == src.read_bytes()
+
+
+def test_a_stream_cut_short_resumes_from_its_cache(
+    shared: tuple[Path, str, dict[str, str]],
+) -> None:
+    # The second run finds verified chunks in the stream's cache: those are
+    # read back from the disk (not held in memory, as fresh ones are) and
+    # must come out exactly as the fresh ones do, the short last one included.
+    src, link, env = shared
+    cut = subprocess.Popen(
+        [PY, "-m", "cli", "get", link, "-o", "-", "--down-limit", "2MiB"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    assert cut.stdout is not None
+    assert len(cut.stdout.read(3 * MiB)) == 3 * MiB
+    cut.stdout.close()
+    assert cut.wait(timeout=60) == 0
+    res = subprocess.run(
+        [PY, "-m", "cli", "get", link, "-o", "-", "-v"], env=env, capture_output=True, timeout=60
+    )
+    assert res.returncode == 0, res.stderr.decode()
+    assert "resuming:" in res.stderr.decode()
+    assert res.stdout == src.read_bytes()

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import pytest
 
-from tracker._addresses import recorded_address
+from peerd.wire import FRAME_HEADER, FrameType
+from peerd.wire._codec import decode_body
+from tracker._addresses import is_loopback, recorded_address
+from tracker.index import SwarmIndex
 
 
 @pytest.mark.parametrize(
@@ -68,3 +71,77 @@ def test_what_a_node_states_in_announce(public: str, tracker: str, stated: str) 
     from peerd.node.node import stated_ip
 
     assert stated_ip(public, tracker) == stated
+
+
+@pytest.mark.parametrize(
+    ("text", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.8.9.10", True),
+        ("::1", True),
+        ("::ffff:127.0.0.1", True),
+        ("10.77.0.1", False),
+        ("::", False),
+        ("0.0.0.0", False),
+        ("2001:db8::1", False),
+        ("not-an-ip", False),
+    ],
+)
+def test_is_loopback(text: str, loopback: bool) -> None:
+    assert is_loopback(text) is loopback
+
+
+def _bits(n: int) -> bytes:
+    return bytes([0xFF] * (n // 8))
+
+
+def _swarm() -> SwarmIndex:
+    """3 seeders beside the tracker (announced over loopback) and 6 on the LAN."""
+    idx = SwarmIndex(ttl=100, interval=30)
+    for n in range(3):
+        idx.announce(CID, _key(n), "127.0.0.1", 7000 + n, "started", _bits(16), 16, 0, 0)
+    for n in range(3, 9):
+        idx.announce(CID, _key(n), f"10.77.0.{n}", 7000, "started", _bits(16), 16, 0, 0)
+    return idx
+
+
+def _key(n: int) -> bytes:
+    return n.to_bytes(32, "big")
+
+
+CID = bytes(range(32))
+
+
+def _asked(idx: SwarmIndex, asker: int, ip: str, want: int, encoded: bool) -> list[str]:
+    """The addresses an announce from ``ip`` is answered with (either path)."""
+    args = (CID, _key(asker), ip, 7000, "periodic", bytes(2), 16, want, 1.0)
+    if not encoded:
+        peers, _avail = idx.announce(*args)
+        return [p[0] for p in peers]
+    frame = idx.announce_frame(*args, 30)
+    assert frame is not None
+    return [entry.ip for entry in decode_body(FrameType.PEERS, frame[FRAME_HEADER.size :]).peers]
+
+
+@pytest.mark.parametrize("encoded", [False, True])
+def test_loopback_entries_go_only_to_askers_on_loopback(encoded: bool) -> None:
+    idx = _swarm()
+    for _ in range(3):  # the third ask is answered from a cached ranking's frame
+        remote = _asked(idx, 9, "10.77.0.9", 5, encoded)
+        # Five usable peers, though the loopback seeders rank as high as any.
+        assert len(remote) == 5 and not any(ip.startswith("127.") for ip in remote)
+        every = _asked(idx, 9, "10.77.0.9", 50, encoded)
+        assert sorted(every) == [f"10.77.0.{n}" for n in range(3, 9)]
+        local = _asked(idx, 10, "127.0.0.1", 50, encoded)
+        assert sorted(local) == [f"10.77.0.{n}" for n in range(3, 10)] + ["127.0.0.1"] * 3
+    # A loopback entry that now states a LAN address is handed out again; one
+    # that stops is gone from the count the answer makes room for.
+    idx.announce(CID, _key(0), "127.0.0.1", 7000, "periodic", _bits(16), 16, 0, 2, at="10.77.0.1")
+    idx.announce(CID, _key(1), "127.0.0.1", 7001, "stopped", _bits(16), 16, 0, 2)
+    remote = _asked(idx, 9, "10.77.0.9", 50, encoded)
+    assert sorted(remote) == ["10.77.0.1"] + [f"10.77.0.{n}" for n in range(3, 9)]
+    # Entries learnt from a shared store (Redis) follow the same rule.
+    idx.put_entry(CID, _key(20), "127.0.0.1", 7020, _bits(16), 16, 90.0, 2.0)
+    assert "127.0.0.1" not in _asked(idx, 9, "10.77.0.9", 50, encoded)
+    # (Keys 2, 10 and 20 are on loopback; so is the asker now, and it sees them.)
+    assert _asked(idx, 9, "::ffff:127.0.0.1", 50, encoded).count("127.0.0.1") == 3

@@ -521,9 +521,20 @@ class _Oracle:
     def avail(self, cid: bytes) -> bytes:
         return b"".join(c.to_bytes(2, "big") for c in self.counts(cid))
 
-    def live_others(self, cid: bytes, asker: bytes, now: float) -> dict[bytes, _Entry]:
+    def live_others(
+        self, cid: bytes, asker: bytes, now: float, asker_ip: str = "127.0.0.1"
+    ) -> dict[bytes, _Entry]:
+        """The live entries an asker from ``asker_ip`` may be handed: not its
+        own, and none on loopback unless it is on loopback too."""
         swarm = self.swarms.get(cid, {})
-        return {k: e for k, e in swarm.items() if k != asker and e.expiry > now}
+        local = ipaddress.ip_address(_canonical(asker_ip)).is_loopback
+        return {
+            k: e
+            for k, e in swarm.items()
+            if k != asker
+            and e.expiry > now
+            and (local or not ipaddress.ip_address(e.snap[0]).is_loopback)
+        }
 
     def rare(self, cid: bytes) -> int:
         """The rarest chunks: those whose count is in the lowest quarter of the
@@ -547,12 +558,13 @@ class _Oracle:
         avail: bytes,
         *,
         settled: bool,
+        asker_ip: str,
     ) -> None:
         """Check one answer. ``settled``: nothing changed in the swarm for more than
         2 s, so any ranking it was answered from was made on the present state;
         the ranking rule is then checked too."""
         assert avail == self.avail(cid)  # "avail is always current"
-        others = self.live_others(cid, asker, now)
+        others = self.live_others(cid, asker, now, asker_ip)
         keys = [p[2] for p in listed]
         assert len(set(keys)) == len(keys) and asker not in keys
         assert len(listed) == min(want, len(others))  # sample >= swarm: all are candidates
@@ -676,7 +688,7 @@ def run_oracle_workload(seed: int, rounds: int = 12, steps: int = 150) -> int:
                     current.pop((cid, k), None)
                     break
                 current[(cid, k)] = (ip, port, bits)
-                oracle.check(cid, k, bits, want, now, peers, avail, settled=False)
+                oracle.check(cid, k, bits, want, now, peers, avail, settled=False, asker_ip=ip)
                 event = "periodic"
             if step % 50 == 49:
                 idx.expire(now)
@@ -698,7 +710,7 @@ def run_oracle_workload(seed: int, rounds: int = 12, steps: int = 150) -> int:
                     idx, rng.random() < 0.5, cid, k, ip, port, "periodic", bits, n, want, now
                 )
                 oracle.announce(cid, k, ip, port, "periodic", bits, now)
-                oracle.check(cid, k, bits, want, now, peers, avail, settled=True)
+                oracle.check(cid, k, bits, want, now, peers, avail, settled=True, asker_ip=ip)
                 settled_checked += 1
     return settled_checked
 

@@ -229,3 +229,79 @@ def test_a_sharer_beside_the_tracker_states_its_public_address(
             for pipe in (p.stdout, p.stderr):
                 if pipe is not None:
                     pipe.close()
+
+
+@needs_root
+def test_a_remote_getter_is_not_handed_the_loopback_entry(
+    machines: tuple[list[str], list[str]], tmp_path: Path
+) -> None:
+    """A sharer beside the tracker that announces over loopback, without
+    ``--public-addr``, is recorded at 127.0.0.1. The tracker hands that entry
+    only to askers on loopback: a getter on machine B is told of no peer at
+    all (before, it was told of one it would not dial), and a getter on A's
+    loopback still finds it."""
+    on_a, on_b = machines
+    src = tmp_path / "clip.ogv"
+    src.write_bytes(os.urandom(1024 * 1024 + 3))
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        tracker = subprocess.Popen(
+            [*on_a, PY, "-m", "cli", "tracker", "--data", str(tmp_path / "trk")],
+            env=_env(tmp_path / "a", "reactor"),
+            stderr=subprocess.PIPE,
+        )
+        procs.append(tracker)
+        assert tracker.stderr is not None
+        lines = [tracker.stderr.readline().decode() for _ in range(2)]
+        assert any("tracker listening on" in line for line in lines), lines
+        share = subprocess.Popen(
+            [
+                *on_a,
+                *(PY, "-m", "cli", "share", str(src), "--id-only"),
+                *("--tracker", "127.0.0.1:7070"),
+            ],
+            env=_env(tmp_path / "a", "reactor"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        procs.append(share)
+        assert share.stdout is not None
+        cid = share.stdout.readline().decode().strip()
+        assert len(cid) == 64, cid
+        far = subprocess.run(
+            [
+                *on_b,
+                *(PY, "-m", "cli", "get", cid, "--tracker", f"{A}:7070"),
+                *("-o", str(tmp_path / "far.ogv"), "--timeout", "3"),
+            ],
+            env=_env(tmp_path / "b", "reactor"),
+            capture_output=True,
+            timeout=60,
+        )
+        said = far.stderr.decode()
+        assert far.returncode != 0, said
+        assert "the tracker knows none" in said, said  # not "named 1, none could be used"
+        near = subprocess.run(
+            [
+                *on_a,
+                *(PY, "-m", "cli", "get", cid, "--tracker", "127.0.0.1:7070"),
+                *("-o", str(tmp_path / "near.ogv")),
+            ],
+            env=_env(tmp_path / "c", "reactor"),
+            capture_output=True,
+            timeout=60,
+        )
+        assert near.returncode == 0, near.stderr.decode()
+        assert (tmp_path / "near.ogv").read_bytes() == src.read_bytes()
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+            for pipe in (p.stdout, p.stderr):
+                if pipe is not None:
+                    pipe.close()

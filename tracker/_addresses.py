@@ -11,6 +11,13 @@ announce from a public address that names another address is recorded at
 its source address, as if it named none. A stated address that nobody can
 dial (unspecified, multicast, broadcast, link-local, reserved) is never
 recorded, nor a loopback address stated from anywhere but loopback.
+
+An entry recorded at a loopback address (a peer beside the tracker that
+announced over loopback) is handed only to askers that are on loopback
+themselves (``is_loopback`` of the asker's source address, applied by the
+index where it builds PEERS answers): to anyone else it names their own
+machine, which they will not dial, and it would take the place of a peer
+they could use.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 
-__all__ = ["recorded_address"]
+__all__ = ["is_loopback", "recorded_address"]
 
 _SHARED = ipaddress.ip_network("100.64.0.0/10")  # carrier-grade NAT (RFC 6598)
 _BROADCAST = ipaddress.IPv4Address("255.255.255.255")
@@ -68,3 +75,11 @@ def recorded_address(stated: str, seen: str) -> str:
     if claim.is_loopback and not source.is_loopback:
         return seen
     return str(claim)
+
+
+@functools.lru_cache(maxsize=4096)
+def is_loopback(text: str) -> bool:
+    """Is ``text`` a loopback address (127.0.0.0/8, ::1, or IPv4-mapped 127/8)?
+    False for anything that is not an IP address."""
+    address = _parse(text)
+    return address is not None and address.is_loopback

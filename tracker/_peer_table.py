@@ -96,6 +96,7 @@ class PeerTable:
         "full_int",
         "heads",
         "keys",
+        "loopback",
         "members",
         "min_expiry",
         "nbytes",
@@ -124,6 +125,7 @@ class PeerTable:
         self.bits: list[int] = []  # bitmap per slot, as a big-endian int (0 when free)
         self.heads: list[bytes | None] = []
         self.addrs: list[str | None] = []  # per slot, the address its entry is charged to
+        self.loopback: set[int] = set()  # slots whose entry names a loopback address
         self.owner = ""  # the address whose announce created the table (pays its cost)
         self.cost = table_cost(num_chunks)
         self.bin_header = bin_header(self.nbytes)
@@ -189,6 +191,7 @@ class PeerTable:
         self.keys[slot] = None
         self.heads[slot] = None
         self.addrs[slot] = None
+        self.loopback.discard(slot)
         self.free.append(slot)
         self.version += 1
         self.members += 1

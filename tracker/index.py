@@ -33,6 +33,7 @@ import msgpack
 from peerd.errors import TrackerError
 from peerd.wire import FRAME_HEADER, MAX_BODY, FrameType
 
+from ._addresses import is_loopback
 from ._budget import Budget
 from ._peer_table import MAX_LANES_PEERS, PeerTable, entry_cost, pack_ip, unpack_ip
 from ._peers_frame import body_head, entry_head, frame_header
@@ -252,6 +253,9 @@ class SwarmIndex:
         table, slot = recorded
         if want <= 0:
             return [], table.avail()
+        if table.loopback and not is_loopback(ip):
+            chosen = self._pick_remote(content_id, table, slot, bits, want, now)
+            return [_info(table.entry(s)) for s in chosen], table.avail()
         answer = self._answer_for(content_id, table, slot, bits, want, now)
         frame = self._cached_frame(content_id, 1, table, answer, slot, want)
         if frame is not None:  # what the encoded path answers, as tuples
@@ -289,7 +293,9 @@ class SwarmIndex:
             return None
         table, slot = recorded
         chosen: list[int] = []
-        if want > 0:
+        if want > 0 and table.loopback and not is_loopback(ip):
+            chosen = self._pick_remote(content_id, table, slot, bits, want, now)
+        elif want > 0:
             answer = self._answer_for(content_id, table, slot, bits, want, now)
             frame = self._cached_frame(content_id, interval, table, answer, slot, want)
             if frame is not None:
@@ -377,6 +383,10 @@ class SwarmIndex:
         finally:
             if not table.slots:
                 self._drop_table(content_id, table)
+        if is_loopback(where):
+            table.loopback.add(slot)
+        else:
+            table.loopback.discard(slot)
         if event == "completed" and key not in table.completed_keys:
             table.completed += 1
             if len(table.completed_keys) < self.max_peers_per_content:
@@ -710,6 +720,21 @@ class SwarmIndex:
             answer.frame, answer.frame_version = frame, table.version
             self._answer_bytes += len(frame) - before
         return frame
+
+    def _pick_remote(
+        self, content_id: bytes, table: PeerTable, slot: int, bits: bytes, want: int, now: float
+    ) -> list[int]:
+        """Up to ``want`` slots for an asker not on loopback, in a table that
+        has loopback entries: the ranking's, without them (they name the
+        asker's own machine; see ``_addresses``). The ranking is asked for as
+        many more as there are such entries, so the asker still gets
+        ``want`` usable peers where the table has them. Not from a cached
+        frame: those may list loopback entries."""
+        hidden = table.loopback
+        answer = self._answer_for(content_id, table, slot, bits, want + len(hidden), now)
+        chosen = [s for s in answer.ranked if s != slot and s not in hidden]
+        del chosen[self._fit(table, want) :]
+        return chosen
 
     def _pick(self, table: PeerTable, ranked: list[int], asker: int, want: int) -> list[int]:
         """Up to ``want`` slots of a valid ``ranked`` (all live) other than ``asker``.

@@ -15,6 +15,7 @@ taken).
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,8 +29,9 @@ from peerd.errors import PeerError, TrackerError
 from peerd.node.driver import Content
 from peerd.node.node import Node
 
-READ_AHEAD_BYTES = 16 * 1024 * 1024  # asked for in order ahead of the reader
+READ_AHEAD_BYTES = 64 * 1024 * 1024  # asked for in order ahead of the reader
 READ_AHEAD_MIN = 4  # chunks, whatever their size
+WRITE_RUN_BYTES = 16 * 1024 * 1024  # most written out (-o -) in one thread trip
 WAITING_SAID_EVERY = 10.0  # seconds between "waiting: ..." lines (-v) while nothing arrives
 
 log = logging.getLogger("peerd.app.download")
@@ -235,15 +237,17 @@ async def download(
     on_start: Callable[[Content], None] | None = None,
     peers: Sequence[tuple[str, int]] = (),
     sequential: bool = False,
-    write: Callable[[int, int, int], Awaitable[object]] | None = None,
+    write: Callable[[ChunkStore, list[Piece]], Awaitable[object]] | None = None,
 ) -> tuple[Content, DownloadResult]:
     """Download a content into ``output`` and return the running content and a summary.
 
     With ``sequential``, chunks are asked for in order within a read-ahead
     window (rarest first beyond it); with ``write``, the content is also
     written in order as chunks are verified (and ``sequential`` holds):
-    ``write(fd, offset, length)`` copies that range of the part file out (so
-    it can ``sendfile`` with no copy through Python); a broken pipe raises
+    ``write(store, pieces)`` copies a run of verified chunks out, each
+    ``(offset, length, held)``: its bytes in ``held`` when the node kept
+    them in memory, else in the part file (:meth:`ChunkStore.read_into_sync`
+    reads them back without the page cache); a broken pipe raises
     :class:`OutputClosed`.
 
     The content keeps serving (seeding) in ``node`` until the node stops or
@@ -319,42 +323,77 @@ async def download(
     return content, result
 
 
+# A verified range of a streamed content: (offset, length, the buffer that
+# holds its bytes from offset 0 if the node kept it in memory, else None).
+Piece = tuple[int, int, mmap.mmap | None]
+
+
 class OutputClosed(PeerError):
     """The reader of a streamed download went away (a closed pipe)."""
 
 
 async def _in_order(
-    content: Content, store: ChunkStore, write: Callable[[int, int, int], Awaitable[object]] | None
+    content: Content,
+    store: ChunkStore,
+    write: Callable[[ChunkStore, list[Piece]], Awaitable[object]] | None,
 ) -> None:
     """Follow the content from its first chunk to its last as chunks are
     verified: keep the read-ahead window just past what is consumed and, with
-    ``write``, write each chunk once verified (never before)."""
+    ``write``, write each chunk once verified (never before).
+
+    With ``write``, the node keeps the window's chunks in their receive
+    buffers once verified (``Content.hold``), and ``write`` gets that copy
+    when there is one: then no byte of the stream is read back from disk.
+    """
     info = content.info
     window = max(READ_AHEAD_MIN, READ_AHEAD_BYTES // max(info.chunk_size, 1))
+    run = max(1, WRITE_RUN_BYTES // max(info.chunk_size, 1))
     index = written = 0
-    while index < info.num_chunks:
-        content.apply(content.engine.read_ahead(index, window, trio.current_time()))
-        while not store.have[index]:
-            stored = content.next_stored()
-            if store.have[index]:
-                break
-            if content.ended.is_set():
-                return  # _until_complete says why
-            with trio.move_on_after(1.0):
-                await stored.wait()
-        if write is not None:
-            length = info.chunk_length(index)
-            offset = index * info.chunk_size
+    try:
+        while index < info.num_chunks:
+            now = trio.current_time()
+            content.apply(content.engine.read_ahead(index, window, now))
+            if write is not None:
+                content.hold(index, window)
+            while not store.have[index]:
+                stored = content.next_stored()
+                if store.have[index]:
+                    break
+                if content.ended.is_set():
+                    return  # _until_complete says why
+                with trio.move_on_after(1.0):
+                    await stored.wait()
+            if write is None:
+                index += 1
+                continue
+            # Every verified chunk from here on in one write (one thread trip).
+            end = index + 1
+            while end < min(info.num_chunks, index + run) and store.have[end]:
+                end += 1
+            pieces: list[Piece] = []
+            for i in range(index, end):
+                pieces.append((i * info.chunk_size, info.chunk_length(i), content.take_held(i)))
+            # What follows the run is what the reader needs next, while it is written.
+            content.apply(content.engine.read_ahead(end, window, trio.current_time()))
+            content.hold(end, window)
             try:
-                await write(store.fd, offset, length)
+                await write(store, pieces)
             except (BrokenPipeError, trio.BrokenResourceError, trio.ClosedResourceError):
                 raise OutputClosed(
                     f"the output was closed after {written} of {info.size} bytes; stopped "
                     "(the verified chunks are kept: the same command resumes)"
                 ) from None
-            written += length
-        index += 1
-    content.apply(content.engine.read_ahead(0, 0, trio.current_time()))
+            # Back to the pool only once written: a write cut short by
+            # cancellation may still be reading them in its thread.
+            for _offset, length, held in pieces:
+                if held is not None:
+                    content.done_with(held)
+                written += length
+            index = end
+        content.apply(content.engine.read_ahead(0, 0, trio.current_time()))
+    finally:
+        if write is not None:
+            content.hold(0, 0)
 
 
 async def _until_complete(

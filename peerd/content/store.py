@@ -33,6 +33,11 @@ on this 2-core machine (~30% of the leecher's CPU for buffered writes into a
 preallocated file). The short last chunk, unaligned buffers, and file systems
 without ``O_DIRECT`` (tmpfs) use ordinary buffered writes on a second
 descriptor; the kernel keeps the two coherent and one fsync covers both.
+A stream's cache (``-o -``) is written the same way, and what it reads back
+to write out, :meth:`ChunkStore.read_into_sync`, also bypasses the page
+cache: buffered, every byte of a 1 GiB stream was first copied into fresh
+page-cache pages, ~2 s of system CPU per GiB here (docs/BENCHMARKS.md,
+"Streaming").
 
 When every chunk is in, the part file is fsynced and moved into place with
 ``link`` + ``unlink`` (which fails instead of overwriting an existing PATH)
@@ -239,10 +244,8 @@ class ChunkStore:
         """Create or resume ``path.part``; re-verify what the state file claims.
 
         ``cache``: the store is a stream's cache (``-o -``, ``peer stream``),
-        read back as it fills. Its writes then go through the page cache
-        (a download's whole aligned chunks are otherwise written with
-        ``O_DIRECT``: not read again soon, no page cache spent on them), and
-        it is not fsynced when complete (its bytes have gone out already).
+        read back as it fills: it is not fsynced when complete (its bytes
+        have gone out already).
 
         Raises:
             StorageError: PATH exists (without ``force``), the directory is not
@@ -327,10 +330,8 @@ class ChunkStore:
             raise
         if claimed:
             self._verify_claimed(claimed)
-        if self._stream_cache:
-            return
         try:
-            self.direct_fd = os.open(self.part_path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+            self.direct_fd = os.open(self.part_path, os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC)
         except OSError:
             self.direct_fd = -1  # no O_DIRECT here (tmpfs): buffered writes only
 
@@ -433,6 +434,36 @@ class ChunkStore:
 
     def _read_range(self, off: int, length: int) -> bytes:
         return os.pread(self.fd, length, off)
+
+    def read_into_sync(self, off: int, view: memoryview) -> memoryview:
+        """Read ``len(view)`` bytes at ``off`` into ``view`` (call from a worker
+        thread); returns the part of ``view`` filled (shorter only past the end).
+
+        With ``O_DIRECT`` (a page-aligned buffer such as an ``mmap``, an aligned
+        offset and length) the bytes go from the disk into ``view`` without
+        a page-cache copy: that is how a stream's chunks are read back to go
+        to stdout (see the module comment); otherwise an ordinary ``preadv``.
+        """
+        fd = self.direct_fd
+        length = len(view)
+        if fd < 0 or off % DIRECT_ALIGN or length % DIRECT_ALIGN or not _is_aligned(view):
+            fd = self.fd
+        done = 0
+        try:
+            while done < length:
+                try:
+                    n = os.preadv(fd, [view[done:]], off + done)
+                except OSError as exc:
+                    if fd != self.direct_fd or exc.errno != errno.EINVAL:
+                        raise
+                    fd = self.fd  # O_DIRECT refused after all: read buffered
+                    continue
+                if n == 0:
+                    break
+                done += n
+        except OSError as exc:
+            raise describe_os_error(exc, f"reading {self.part_path}") from None
+        return view[:done]
 
     def segments(self, index: int, offset: int, length: int) -> Segments:
         """``(descriptor, position, length)`` pieces of a chunk range, for ``sendfile``."""

@@ -308,7 +308,14 @@ class PiecePicker:
         deadline = now + timeout
         # The streaming window first, in order; then useful chunks, rarest
         # first (a peer with none costs nothing here).
-        chosen = self._pick_in_order(peer, p, count, now, deadline) if self.priority else []
+        window = self.priority
+        chosen = self._pick_in_order(peer, p, count, now, deadline) if window else []
+        if window and any(i in window for i in p.inflight):
+            # A reader waits on the window: a peer that owes part of it is
+            # asked for nothing else meanwhile. Its uploader serves fresh
+            # chunks first, not in our order, so a far one asked beside
+            # would go out first and the reader's next chunk wait behind.
+            return chosen
         left = count - len(chosen)
         if left > 0 and p.useful:
             chosen += self._pick_rarest(peer, p, min(left, p.useful), now, deadline)

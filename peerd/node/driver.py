@@ -62,6 +62,7 @@ log = logging.getLogger("peerd.node.driver")
 STATE_FLUSH_EVERY = 1.0
 RATE_SPAN = 5.0  # seconds the shown transfer rates are measured over
 BUFFER_BUDGET = 32 * 1024 * 1024  # bytes of chunk buffers per download
+HOLD_BUDGET = 64 * 1024 * 1024  # bytes of verified chunks held for an in-order reader
 
 
 def _is_loopback(host: str) -> bool:
@@ -133,6 +134,16 @@ class BufferPool:
         self._free.append(buf)
         self._sem.release()
 
+    def detach(self) -> None:
+        """A buffer leaves the pool (held for a reader): its place is free for another."""
+        self._sem.release()
+
+    def reattach(self, buf: mmap.mmap) -> None:
+        """A detached buffer is done with: kept for reuse. (Buffers are made only
+        when none is free, so there are never more than the pool's ``count``
+        plus the most ever detached at once.)"""
+        self._free.append(buf)
+
 
 class Content:
     """Everything one node does about one content id."""
@@ -170,6 +181,10 @@ class Content:
         self._tracker_wake = trio.Event()
         self._rechecking = False
         self._stored = trio.Event()
+        # Verified chunks kept in their receive buffers for an in-order reader
+        # (see hold): index -> buffer, for indexes in [_hold_from, _hold_end).
+        self._held: dict[int, mmap.mmap] = {}
+        self._hold_from = self._hold_end = 0
         # (time, downloaded, uploaded) each tick over the last RATE_SPAN s: rates.
         self._samples: deque[tuple[float, int, int]] = deque()
         self.started_at = now
@@ -357,6 +372,7 @@ class Content:
     ) -> None:
         """Verify a received chunk, write it, and tell the engine."""
         store = self.source
+        kept = False
         try:
             if not isinstance(store, ChunkStore) or store.have[index]:
                 return
@@ -377,8 +393,13 @@ class Content:
                 # count, announce and finish it once only.
                 return
             store.mark_have(index)
+            if self._hold_from <= index < self._hold_end:
+                self._held[index] = buf  # verified and written: the reader's now
+                self.buffers.detach()
+                kept = True
         finally:
-            self.buffers.release(buf)
+            if not kept:
+                self.buffers.release(buf)
         self.bytes_from[session.name] = self.bytes_from.get(session.name, 0) + length
         self.apply(self.engine.chunk_stored(session, index, length, trio.current_time()))
         stored, self._stored = self._stored, trio.Event()
@@ -387,6 +408,30 @@ class Content:
     def next_stored(self) -> trio.Event:
         """An event set when the next chunk is verified and written."""
         return self._stored
+
+    def hold(self, start: int, count: int) -> None:
+        """Keep chunks ``start .. start + count - 1`` in their receive buffers
+        once verified and written, for an in-order reader (``-o -``) to take
+        (:meth:`take_held`) instead of reading them back from the disk.
+
+        Held buffers leave the pool (receiving keeps its whole budget);
+        ``count`` is capped at :data:`HOLD_BUDGET` bytes of chunks, and those
+        held below ``start`` are dropped. ``hold(0, 0)`` ends it.
+        """
+        count = max(0, min(count, HOLD_BUDGET // self.buffers.size))
+        self._hold_from, self._hold_end = start, start + count
+        for index in [i for i in self._held if not start <= i < start + count]:
+            self.buffers.reattach(self._held.pop(index))
+
+    def take_held(self, index: int) -> mmap.mmap | None:
+        """Chunk ``index``'s verified bytes (the first ``chunk_length`` bytes of
+        the buffer), if held. The caller owns the buffer: it hands it back
+        with :meth:`done_with` once nothing reads it any more (or drops it)."""
+        return self._held.pop(index, None)
+
+    def done_with(self, buf: mmap.mmap) -> None:
+        """A buffer from :meth:`take_held` is no longer used."""
+        self.buffers.reattach(buf)
 
     def _verify_and_write(self, store: ChunkStore, index: int, view: memoryview) -> bool:
         """Worker thread: hash the chunk; write it only if it matches."""
