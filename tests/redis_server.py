@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["RedisServer", "redis_server_binary"]
+__all__ = ["RedisClusterServers", "RedisServer", "redis_server_binary"]
 
 
 def redis_server_binary() -> str:
@@ -43,6 +43,21 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_cluster_port() -> int:
+    """A free port P <= 55535 whose cluster bus port P + 10000 is free too."""
+    for _ in range(1000):
+        port = free_port()
+        if port > 55535:
+            continue
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port + 10000))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
 class RedisServer:
     """One redis-server process on 127.0.0.1."""
 
@@ -50,6 +65,7 @@ class RedisServer:
         self.workdir = workdir
         self.port = port or free_port()
         self.proc: subprocess.Popen[bytes] | None = None
+        self.extra: list[str] = []  # more redis-server options (cluster mode)
 
     @property
     def url(self) -> str:
@@ -72,6 +88,7 @@ class RedisServer:
                 str(self.workdir),
                 "--logfile",
                 str(self.workdir / "redis.log"),
+                *self.extra,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -106,3 +123,69 @@ class RedisServer:
             self.proc.kill()
             self.proc.wait()
             self.proc = None
+
+
+class RedisClusterServers:
+    """A real Redis Cluster: ``n`` redis-server processes (cluster mode) on 127.0.0.1.
+
+    Formed with ``CLUSTER ADDSLOTS`` and ``CLUSTER MEET`` (slots split
+    evenly, no replicas); ``start()`` returns once every node says ``cluster_state:ok``.
+    """
+
+    def __init__(self, workdir: Path, n: int = 3) -> None:
+        self.nodes = [RedisServer(workdir / f"node{i}", free_cluster_port()) for i in range(n)]
+
+    @property
+    def url(self) -> str:
+        return f"redis+cluster://127.0.0.1:{self.nodes[0].port}"
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.extra = [
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                str(node.workdir / "nodes.conf"),
+                "--cluster-node-timeout",
+                "2000",
+            ]
+            node.start()
+        # the slots split evenly, then every node meets the first (what
+        # ``redis-cli --cluster create`` does, without its one-second waits)
+        n = len(self.nodes)
+        for i, node in enumerate(self.nodes):
+            slots = range(i * 16384 // n, (i + 1) * 16384 // n)
+            assert node.command("CLUSTER", "ADDSLOTS", *map(str, slots)).startswith(b"+OK")
+            if i:
+                assert node.command(
+                    "CLUSTER", "MEET", "127.0.0.1", str(self.nodes[0].port)
+                ).startswith(b"+OK")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if all(b"cluster_state:ok" in n.command("CLUSTER", "INFO") for n in self.nodes):
+                return
+            time.sleep(0.05)
+        raise RuntimeError("the Redis cluster did not reach cluster_state:ok in 10 s")
+
+    def node_for(self, key: str | bytes) -> RedisServer:
+        """The node that serves ``key``'s slot (for checks with ``command``)."""
+        k = key.encode() if isinstance(key, str) else key
+        slot = int(self.nodes[0].command("CLUSTER", "KEYSLOT", k)[1:].split(b"\r")[0])
+        for node in self.nodes:
+            for line in node.command("CLUSTER", "NODES").decode().splitlines():
+                fields = line.split()
+                if len(fields) < 8 or "myself" not in fields[2]:
+                    continue
+                for r in fields[8:]:
+                    lo, _, hi = r.partition("-")
+                    if lo.isdigit() and int(lo) <= slot <= int(hi or lo):
+                        return node
+        raise RuntimeError(f"no node serves slot {slot}")
+
+    def command(self, *args: str | bytes) -> bytes:
+        """One command on the node that holds ``args[1]`` (the key)."""
+        return self.node_for(args[1]).command(*args)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()

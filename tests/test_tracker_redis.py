@@ -22,6 +22,7 @@ import pytest
 import trio
 
 import tracker._redis
+from tracker._redis import _entries, _log
 from peerd.content.identity import Identity
 from peerd.errors import TrackerError
 from peerd.node.tracker_client import TrackerClient
@@ -120,10 +121,10 @@ async def test_announce_to_one_seen_by_the_other(
                 # what is in Redis is not trusted: garbage there (a hand-written
                 # entry, a log record) is skipped, and both trackers go on answering
                 bad_key = b"\x07" * 32
-                redis.command("HSET", f"peer:{{{cid.hex()}}}:p", bad_key, b"9999999999999\xc1")
+                redis.command("HSET", _entries(cid), bad_key, b"9999999999999\xc1")
                 for junk in (b"\xc1", msgpack.packb(["no-ip", "", 1, b"\x00"])):
                     record = b"\x00" * 8 + cid + bad_key + b"9999999999999" + junk
-                    assert redis.command("XADD", "peer:log", "*", "e", record).startswith(b"$")
+                    assert redis.command("XADD", _log(cid.hex()[:2]), "*", "e", record).startswith(b"$")
                 await trio.sleep(0.3)
                 everyone = {alice.public_key, bob.public_key}
                 for client, me in ((ca, alice), (cb, bob)):
@@ -157,7 +158,7 @@ async def test_limit_per_address_holds_across_trackers(
                     await c.announce(cid, 2000 + n, "started", bits(1, {0}), 0)
                     await trio.sleep(0.25)  # each write flushed before the next
                 # three entries from 127.0.0.1 in Redis, counted there over both trackers
-                assert redis.command("HLEN", f"peer:{{{cid.hex()}}}:p") == b":3\r\n"
+                assert redis.command("HLEN", _entries(cid)) == b":3\r\n"
                 assert redis.command("ZCARD", "peer:a:{127.0.0.1}") == b":3\r\n"
                 # and their bytes: 256 + a 1-byte bitmap each
                 assert redis.command("GET", "peer:ab:{127.0.0.1}") == b"$3\r\n771\r\n"
@@ -220,7 +221,7 @@ async def test_redis_restart_keeps_serving_then_repopulates(
                 # the writes queued meanwhile and the re-announces fill it again
                 await ca.announce(cid, 1111, "periodic", bits(2, {0, 1}), 0)
                 await trio.sleep(2.5)  # the backoff reaches 0.8 s by now
-                assert redis.command("HEXISTS", f"peer:{{{cid.hex()}}}:p", alice.public_key.hex())
+                assert redis.command("HEXISTS", _entries(cid), alice.public_key) == b":1\r\n"
                 # a newcomer after the restart reaches the other tracker again
                 async with await connect(transport, a, carol) as cc:
                     await cc.announce(cid, 3333, "started", bits(2, {1}), 0)
