@@ -502,8 +502,8 @@ def run_one(
             redis_entry = log_bytes = 0.0
             if store:
                 # The change log is transient (trimmed to its last seconds): apart.
-                for shard in range(256):  # its shards: peer:{00}:log .. peer:{ff}:log
-                    reply = redis_command(store, "MEMORY", "USAGE", f"peer:{{{shard:02x}}}:log")
+                for shard in range(16):  # its shards: peer:{0}:log .. peer:{f}:log
+                    reply = redis_command(store, "MEMORY", "USAGE", f"peer:{{{shard:x}}}:log")
                     log_bytes += int(reply[1:].split(b"\r")[0]) if reply.startswith(b":") else 0
                 redis_entry = (redis_used(store) - redis_before - log_bytes) / args.entries
             print(

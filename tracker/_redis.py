@@ -79,8 +79,11 @@ SWEEP = 512  # expired entries an address's script sweeps per flush
 _BACKOFF_FIRST = 0.1
 _BACKOFF_MAX = 2.0
 _HEX = frozenset("0123456789abcdef")
-# The shards: a content's hash tag is the first two hex digits of its id.
-SHARDS = tuple(f"{i:02x}" for i in range(256))
+# The shards: a content's hash tag is the first hex digit of its id. Each
+# shard's change log is one stream in its slot; a tracker on a cluster reads
+# them with one XREAD each, so more shards would cost every tracker more
+# reads (16 spread 4/6/6 over a 3-node cluster's even slot ranges).
+SHARDS = tuple(f"{i:x}" for i in range(16))
 CLUSTER_SUFFIX = "+cluster"  # redis+cluster://, rediss+cluster://
 
 # Per address (one slot: {address}): sweep the address's expired entries,
@@ -130,7 +133,7 @@ end
 return {refused, swept}
 """ % {"sweep": SWEEP}
 
-# Per content shard (one slot: {xx}): write, delete or sweep entries, count
+# Per content shard (one slot: {x}): write, delete or sweep entries, count
 # completions, and append each change to the shard's change log. An op is
 # 'w' (write), 'c' (write, and the key completed), 'd' (delete), 's' (delete
 # if expired). Returns the refused op numbers (the content is full).
@@ -218,9 +221,13 @@ IDS = "peer:{g}:ids"  # sorted set of published content ids (hex)
 QUOTA = "peer:{g}:q"  # manifest bytes charged: in all, per key, per address
 
 
+def _shard(cid: bytes) -> str:
+    return f"{cid[0] >> 4:x}"
+
+
 def _content(cid: bytes, what: str) -> str:
     h = cid.hex()
-    return f"peer:{{{h[:2]}}}{h[2:]}:{what}"
+    return f"peer:{{{h[:1]}}}{h[1:]}:{what}"
 
 
 def _entries(cid: bytes) -> str:
@@ -510,6 +517,7 @@ class RedisBackend(Backend):
         self.origin = secrets.token_bytes(8)
         self._pay = client.register_script(_PAY)
         self._put = client.register_script(_PUT)
+        self._time = client.register_script("return redis.call('TIME')")
         # (content, key) -> (payer address, entry value or b"" to delete, charge, completed)
         self.pending: dict[tuple[bytes, bytes], tuple[str, bytes, int, bool]] = {}
         self.refused: dict[tuple[bytes, bytes], float] = {}
@@ -693,14 +701,15 @@ class RedisBackend(Backend):
         try:
             with trio.fail_after(5.0):
                 await self.ping()
-                clock = await self.call(self.client.time())
+                # Redis's clock (the log's ids), by a script: routed by its key on a cluster
+                clock = await self.call(self._time(keys=[_log(SHARDS[0])]))
         except (StorageError, trio.TooSlowError) as exc:
             detail = (
                 str(exc.__cause__ or exc) if isinstance(exc, StorageError) else "no answer in 5 s"
             )
             raise StorageError(f"cannot reach Redis at {self.where}: {detail}") from None
         # the change log from a second before now (a cluster's nodes' clocks may differ a little)
-        start = b"%d-0" % (int(clock.timestamp() * 1000) - 1000)
+        start = b"%d-0" % (int(clock[0]) * 1000 + int(clock[1]) // 1000 - 1000)
         self.last_ids = dict.fromkeys(SHARDS, start)
         try:
             async with trio.open_nursery() as nursery:
@@ -791,7 +800,7 @@ class RedisBackend(Backend):
         for m in swept:
             if len(m) >= 64:
                 puts.append((m[:32], m[32:64], b"", b"s", -1))
-        groups = self._grouped([cid.hex()[:2] for cid, *_ in puts])
+        groups = self._grouped([_shard(cid) for cid, *_ in puts])
         calls = []
         for nums in groups:
             keys: list[str] = []
@@ -805,7 +814,7 @@ class RedisBackend(Backend):
             ]
             for j in nums:
                 cid, key, value, what, _i = puts[j]
-                keys += [_entries(cid), _completed(cid), _log(cid.hex()[:2])]
+                keys += [_entries(cid), _completed(cid), _log(_shard(cid))]
                 args += [cid, key, value, what]
             calls.append(self._put(keys=keys, args=args))
         full: list[int] = []
@@ -855,7 +864,7 @@ class RedisBackend(Backend):
                         c = _raw(fields.get(b"c", b""))
                         if len(c) > 40 and index.num_chunks(c[8:40]) is not None:
                             self._completed(c[8:40], c[40:])
-                    shard = _raw(stream)[6:8].decode("ascii", "replace")
+                    shard = _raw(stream)[6:7].decode("ascii", "replace")
                     if shard in self.last_ids:
                         self.last_ids[shard] = bytes(_raw(entries[-1].identifier))
                     more = more or len(entries) >= LOG_READ
@@ -905,7 +914,13 @@ async def open_redis(
     }
     try:
         if cluster:
-            client: Any = coredis.RedisCluster.from_url(target, **options)
+            from urllib.parse import urlsplit
+
+            from coredis.connection import TCPLocation
+
+            u = urlsplit(target)
+            start = TCPLocation(u.hostname or "127.0.0.1", u.port or 6379)
+            client: Any = coredis.RedisCluster.from_url(target, startup_nodes=[start], **options)
         else:
             client = coredis.Redis.from_url(target, **options)
     except (ValueError, TypeError, OSError) as exc:
