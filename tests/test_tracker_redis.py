@@ -25,13 +25,14 @@ import pytest
 import trio
 
 import tracker._redis
-from tracker._redis import _entries, _log, _shard
 from peerd.content.identity import Identity
 from peerd.errors import TrackerError
 from peerd.node.tracker_client import TrackerClient
 from peerd.transport import Transport
-from tests.redis_server import RedisClusterServers, RedisServer, free_port
+from tests.e2e import stop, wait_port
+from tests.redis_server import RedisClusterServers, RedisServer, TlsProxy, free_port, make_tls_cert
 from tests.test_tracker import CS, bits, make_manifest
+from tracker._redis import _entries, _log, _manifest, _shard
 from tracker.server import TrackerLimits, serve_tracker
 
 SEEN_WITHIN = 1.0  # the promise: announced to one tracker, in every other's answers by then
@@ -161,7 +162,9 @@ async def test_announce_to_one_seen_by_the_other(
                 redis.command("HSET", _entries(cid), bad_key, b"9999999999999\xc1")
                 for junk in (b"\xc1", msgpack.packb(["no-ip", "", 1, b"\x00"])):
                     record = b"\x00" * 8 + cid + bad_key + b"9999999999999" + junk
-                    assert redis.command("XADD", _log(_shard(cid)), "*", "e", record).startswith(b"$")
+                    assert redis.command("XADD", _log(_shard(cid)), "*", "e", record).startswith(
+                        b"$"
+                    )
                 await trio.sleep(0.3)
                 everyone = {alice.public_key, bob.public_key}
                 for client, me in ((ca, alice), (cb, bob)):
@@ -350,3 +353,72 @@ def test_bad_store_url_is_one_line(tmp_path: Path) -> None:
     )
     assert done.returncode != 0
     assert done.stderr.strip().splitlines()[-1].startswith("peer: error: --store mysql://x")
+
+
+@pytest.fixture
+def tls_redis(redis: RedisServer, tmp_path: Path) -> Iterator[tuple[TlsProxy, Path]]:
+    """TLS (a throwaway self-signed certificate) in front of the real redis-server."""
+    cert, key = make_tls_cert(tmp_path / "tls")
+    proxy = TlsProxy(redis.port, cert, key)
+    try:
+        yield proxy, cert
+    finally:
+        proxy.close()
+
+
+def test_rediss_with_its_ca(
+    transport: Transport, tmp_path: Path, redis: RedisServer, tls_redis: tuple[TlsProxy, Path]
+) -> None:
+    proxy, cert = tls_redis
+    port = free_port()
+    url = f"rediss://127.0.0.1:{proxy.port}/0?ssl_ca_certs={cert}"
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "cli", "tracker", "--port", str(port)),
+            *("--transport", transport.name, "--data", str(tmp_path / "t"), "--store", url),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    owner = Identity.generate()
+    manifest = make_manifest(os.urandom(CS), owner)
+    cid = manifest.content_id
+
+    async def publish() -> None:
+        with trio.fail_after(20):
+            async with await connect(transport, port, owner) as client:
+                await client.publish(manifest)
+                assert await client.resolve(cid.hex()[:16]) == cid
+
+    try:
+        wait_port(port, proc)
+        trio.run(publish)
+        # it went through TLS to the real Redis
+        assert proxy.handshakes >= 1
+        assert redis.command("EXISTS", _manifest(cid)) == b":1\r\n"
+    finally:
+        assert stop(proc) == 0
+
+
+def test_rediss_with_an_untrusted_certificate_is_one_line(
+    tmp_path: Path, tls_redis: tuple[TlsProxy, Path]
+) -> None:
+    proxy, _cert = tls_redis  # its CA not given: the self-signed certificate is refused
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "cli", "tracker", "--port", "0", "--data", str(tmp_path)),
+            *("--store", f"rediss://:secret@127.0.0.1:{proxy.port}/0"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if "peer: error:" in line]
+    assert len(errors) == 1, done.stderr
+    assert errors[0].startswith(
+        f"peer: error: cannot reach Redis at rediss://127.0.0.1:{proxy.port}"
+    )
+    assert "certificate" in errors[0] and "ssl_ca_certs" in errors[0]
+    assert "secret" not in done.stderr and "Traceback" not in done.stderr
+    assert proxy.handshakes == 0

@@ -105,7 +105,7 @@ for i = 1, n do
   local member, cost, exp = ARGV[3 * i + 2], tonumber(ARGV[3 * i + 3]), ARGV[3 * i + 4]
   if not seen[a] then
     seen[a] = true
-    local gone = redis.call('ZRANGEBYSCORE', a, '-inf', now, 'LIMIT', 0, %(sweep)d)
+    local gone = redis.call('ZRANGEBYSCORE', a, '-inf', now, 'LIMIT', 0, SWEEP)
     for _, m in ipairs(gone) do
       redis.call('ZREM', a, m)
       redis.call('DECRBY', ab, tonumber(string.sub(m, 65)) or 0)
@@ -131,7 +131,7 @@ for i = 1, n do
   end
 end
 return {refused, swept}
-""" % {"sweep": SWEEP}
+""".replace("SWEEP", str(SWEEP))
 
 # Per content shard (one slot: {x}): write, delete or sweep entries, count
 # completions, and append each change to the shard's change log. An op is
@@ -705,7 +705,7 @@ class RedisBackend(Backend):
                 clock = await self.call(self._time(keys=[_log(SHARDS[0])]))
         except (StorageError, trio.TooSlowError) as exc:
             detail = (
-                str(exc.__cause__ or exc) if isinstance(exc, StorageError) else "no answer in 5 s"
+                _why(exc.__cause__ or exc) if isinstance(exc, StorageError) else "no answer in 5 s"
             )
             raise StorageError(f"cannot reach Redis at {self.where}: {detail}") from None
         # the change log from a second before now (a cluster's nodes' clocks may differ a little)
@@ -870,6 +870,22 @@ class RedisBackend(Backend):
                     more = more or len(entries) >= LOG_READ
             if not more:
                 return
+
+
+def _why(exc: BaseException) -> str:
+    """``exc`` in words, with the TLS failure under it if there is one (a certificate)."""
+    import ssl
+
+    cause: BaseException | None = exc
+    for _ in range(8):
+        if cause is None or isinstance(cause, ssl.SSLError):
+            break
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return f"{exc} (TLS: {cause.verify_message}; give the CA: ?ssl_ca_certs=PATH)"
+    if isinstance(cause, ssl.SSLError):
+        return f"{exc} (TLS: {cause.reason or cause})"
+    return str(exc)
 
 
 def _raw(value: object) -> bytes:
