@@ -165,7 +165,14 @@ async def test_announce_to_one_seen_by_the_other(
                     assert redis.command("XADD", _log(_shard(cid)), "*", "e", record).startswith(
                         b"$"
                     )
+                for junk in (b"-5", b"x", b"9" * 12):  # completed counts no tracker wrote
+                    record = b"\x00" * 8 + cid + junk
+                    assert redis.command("XADD", _log(_shard(cid)), "*", "c", record).startswith(
+                        b"$"
+                    )
                 await trio.sleep(0.3)
+                for client in (ca, cb):
+                    assert [s.completed for s in await client.scrape([cid])] == [0]
                 everyone = {alice.public_key, bob.public_key}
                 for client, me in ((ca, alice), (cb, bob)):
                     peers = await client.announce(cid, 7000, "periodic", bits(3, {0}), 50)

@@ -4,15 +4,17 @@ Each tracker answers ANNOUNCE from its local ``SwarmIndex`` (the hot path is
 unchanged) and keeps that index a *view* of the state in Redis:
 
 * Write-behind: every announce that changes what Redis holds is queued,
-  deduplicated per (content, key), and flushed every ``FLUSH_SECONDS`` by
-  one ``EVALSHA`` of ``_FLUSH`` for the whole batch. The script checks the
-  limits *in Redis* (entries per address, peers per content), writes the
-  entry, and appends it to the change log ``peer:log`` (a stream). An entry
-  already in Redis with the same address, port and bitmap is only written
-  again once its expiry there is ``ttl / 4`` old, so repeated announces of
-  an unchanged peer cost Redis nothing.
-* Read: every ``READ_SECONDS`` the tracker reads the change log from where it
-  left off (one ``XREAD``) and applies the other trackers' changes to the
+  deduplicated per (content, key), and flushed every ``FLUSH_SECONDS`` in
+  two steps, each a script call per hash slot (on one Redis: one call for
+  the whole batch): the payers' addresses check and charge their limits
+  (``_PAY``), then the contents' shards write the charged entries, check the
+  per-content limit, count completions and append to their change log
+  (``_PUT``). An entry already in Redis with the same address, port and
+  bitmap is only written again once its expiry there is ``ttl / 4`` old, so
+  repeated announces of an unchanged peer cost Redis nothing.
+* Read: every ``READ_SECONDS`` the tracker reads the change log's shards
+  from where it left off (one ``XREAD`` of all 16 on one Redis, one per
+  shard on a cluster) and applies the other trackers' changes to the
   contents its view holds. A content it has not seen yet is loaded whole
   (``HGETALL``) on its first local announce, before that announce is
   answered. So a peer announced to one tracker is in every other's answers
@@ -23,25 +25,26 @@ unchanged) and keeps that index a *view* of the state in Redis:
   Redis that restarted empty is refilled by these queued writes and by the
   peers' periodic re-announces.
 
-Keys (``{...}`` is the Redis Cluster hash tag: a content's keys share a slot):
+Keys. ``{...}`` is the Redis Cluster hash tag; every call touches one slot,
+so the same calls run on one Redis and on a cluster (``redis+cluster://``):
 
-* ``peer:{<cid hex>}:p``  hash: 32-byte key -> entry (13 digits of expiry in
-  unix ms, then msgpack [payer address, stated address, port, bitmap]);
-  expires ``ttl`` after its last write.
-* ``peer:{<cid hex>}:m``  hash: ``d`` the manifest bytes, ``n`` its chunk count.
-* ``peer:a:{<address>}``  sorted set of cid+key (64 bytes) by expiry: the
-  entries an address pays for, counted against ``entries_per_address``.
-* ``peer:ids``  sorted set of published content ids (hex): prefix lookup by
-  ``ZRANGEBYLEX``. ``peer:q``  hash: manifest bytes charged, in all (``t``),
-  per key (``k:<hex>``) and per address (``a:<address>``).
-* ``peer:log``  stream of changes (one field: origin tracker, content id,
-  key, entry value or empty for gone), trimmed to the last ``LOG_SECONDS`` (a
-  tracker that falls further behind misses changes until the peers' next
-  periodic announces).
-
-The flush script and the manifest script touch keys of several slots, so
-as written they run on one Redis (or a Sentinel-managed primary); on Redis
-Cluster they would have to be split per slot (docs/ARCHITECTURE.md).
+* Per content, tagged with its shard, the first hex digit of its id ``x``
+  (the key then spells the whole id, ``peer:{x}yyyy...``):
+  ``:p`` hash: 32-byte key -> entry (13 digits of expiry in unix ms, then
+  msgpack [payer address, stated address, port, bitmap]), expires ``ttl``
+  after its last write; ``:m`` hash: ``d`` the manifest, ``n`` its chunk
+  count; ``:c`` hash: ``#`` the completed count, and the keys counted.
+* ``peer:{x}:log``  the shard's change log, a stream (field ``e``: origin
+  tracker, content id, key, entry value or empty for gone; field ``c``:
+  origin, content id, completed count), trimmed to the last
+  ``LOG_SECONDS`` (a tracker that falls further behind misses changes
+  until the peers' next periodic announces).
+* ``peer:a:{<address>}`` sorted set of cid+key+charge by expiry, and
+  ``peer:ab:{<address>}`` bytes: what an address pays for, counted against
+  its limits.
+* ``peer:{g}:ids`` sorted set of published content ids (hex): prefix lookup
+  by ``ZRANGE BYLEX``; ``peer:{g}:q`` hash: manifest bytes charged, in all
+  (``t``), per key (``k:<hex>``) and per address (``a:<address>``).
 """
 
 from __future__ import annotations
@@ -635,6 +638,8 @@ class RedisBackend(Backend):
                 self._apply(content_id, bytes(key), bytes(value), num_chunks, now, wall)
             if completed is not None:
                 self._completed(content_id, bytes(completed))
+            else:
+                self.completed.pop(content_id, None)
         finally:
             del self.loading[content_id]
             done.set()
@@ -644,6 +649,8 @@ class RedisBackend(Backend):
             n = int(count)
         except ValueError:
             return  # not written by a tracker: ignored
+        if not 0 <= n < 1 << 32:  # SCRAPE's field is a u32
+            return
         counts = self.completed
         counts[cid] = n
         if len(counts) > 2 * self.index.max_contents:  # keep those of contents the view holds
