@@ -32,8 +32,10 @@ from peerd.transport import Transport
 from tests.e2e import stop, wait_port
 from tests.redis_server import RedisClusterServers, RedisServer, TlsProxy, free_port, make_tls_cert
 from tests.test_tracker import CS, bits, make_manifest
+from tracker._budget import Budget
 from tracker._redis import _entries, _log, _manifest, _shard
 from tracker.server import TrackerLimits, serve_tracker
+from tracker.store import open_backend
 
 SEEN_WITHIN = 1.0  # the promise: announced to one tracker, in every other's answers by then
 
@@ -275,6 +277,57 @@ async def test_scrape_counts_completed_over_the_pool(
                 await trio.sleep(0.3)  # and it stays 3 (alice's second completion not counted)
                 for client in (ca, cb):
                     assert [s.completed for s in await client.scrape([cid])] == [3]
+
+
+async def test_expired_entries_are_swept_from_their_contents(
+    tmp_path: Path, shared: RedisServer | RedisClusterServers
+) -> None:
+    """Step 1 finds an address's expired entries; step 2 deletes them in their contents' slots."""
+    backend = await open_backend(
+        shared.url,
+        tmp_path,
+        ttl=2.0,
+        interval=1.0,
+        clock=trio.current_time,
+        max_contents=100,
+        max_contents_per_peer=100,
+        max_peers_per_content=100,
+        memory=Budget(1 << 30, 1 << 28),
+        max_disk=1 << 30,
+        entries_per_address=100,
+    )
+    cid, other = b"\x3c" + os.urandom(31), b"\xd2" + os.urandom(31)  # two shards
+    gone, kept = b"k" * 32, b"m" * 32
+
+    async def until(*check: str | bytes, reply: bytes) -> None:
+        start = trio.current_time()
+        while shared.command(*check) != reply:
+            assert trio.current_time() - start < SEEN_WITHIN, check
+            await trio.sleep(0.05)
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(backend.run)
+            backend.wrote(cid, gone, "127.0.0.9", "", 1, b"\x80")
+            await until("HEXISTS", _entries(cid), gone, reply=b":1\r\n")
+            await trio.sleep(1.0)
+            # another address's entry keeps the content's hash alive, and another
+            # entry of the first address keeps that address's keys alive
+            backend.wrote(cid, kept, "127.0.0.8", "", 2, b"\x80")
+            backend.wrote(other, kept, "127.0.0.9", "", 3, b"\x80")
+            await until("HEXISTS", _entries(cid), kept, reply=b":1\r\n")
+            await until("HEXISTS", _entries(other), kept, reply=b":1\r\n")
+            await trio.sleep(1.1)  # the first entry has expired, its hash lives on
+            assert shared.command("HEXISTS", _entries(cid), gone) == b":1\r\n"
+            assert shared.command("ZCARD", "peer:a:{127.0.0.9}") == b":2\r\n"
+            # that address's next write (to the other shard) sweeps it, from both slots
+            backend.wrote(other, gone, "127.0.0.9", "", 4, b"\x80")
+            await until("HEXISTS", _entries(other), gone, reply=b":1\r\n")
+            await until("HEXISTS", _entries(cid), gone, reply=b":0\r\n")
+            assert shared.command("HEXISTS", _entries(cid), kept) == b":1\r\n"
+            assert shared.command("ZCARD", "peer:a:{127.0.0.9}") == b":2\r\n"
+            assert shared.command("GET", "peer:ab:{127.0.0.9}") == b"$3\r\n514\r\n"
+            nursery.cancel_scope.cancel()
 
 
 @pytest.fixture
