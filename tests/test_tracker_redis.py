@@ -330,6 +330,50 @@ async def test_expired_entries_are_swept_from_their_contents(
             nursery.cancel_scope.cancel()
 
 
+async def test_a_full_content_sheds_entries_no_address_sweeps(
+    tmp_path: Path, shared: RedisServer | RedisClusterServers
+) -> None:
+    """Entries whose addresses went quiet (their keys expired whole) do not keep a content full."""
+    backend = await open_backend(
+        shared.url,
+        tmp_path,
+        ttl=2.0,
+        interval=1.0,
+        clock=trio.current_time,
+        max_contents=100,
+        max_contents_per_peer=100,
+        max_peers_per_content=2,
+        memory=Budget(1 << 30, 1 << 28),
+        max_disk=1 << 30,
+        entries_per_address=100,
+    )
+    cid = os.urandom(32)
+    quiet, live, late = b"q" * 32, b"l" * 32, b"n" * 32
+
+    async def until(*check: str | bytes, reply: bytes) -> None:
+        start = trio.current_time()
+        while shared.command(*check) != reply:
+            assert trio.current_time() - start < SEEN_WITHIN, check
+            await trio.sleep(0.05)
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(backend.run)
+            backend.wrote(cid, quiet, "127.0.0.7", "", 1, b"\x80")
+            await until("HEXISTS", _entries(cid), quiet, reply=b":1\r\n")
+            await trio.sleep(1.0)
+            backend.wrote(cid, live, "127.0.0.6", "", 2, b"\x80")  # full now, alive till +3 s
+            await until("HEXISTS", _entries(cid), live, reply=b":1\r\n")
+            await trio.sleep(1.1)  # the quiet address's entry and keys have expired
+            assert shared.command("EXISTS", "peer:a:{127.0.0.7}") == b":0\r\n"
+            assert shared.command("HLEN", _entries(cid)) == b":2\r\n"
+            backend.wrote(cid, late, "127.0.0.5", "", 3, b"\x80")
+            await until("HEXISTS", _entries(cid), late, reply=b":1\r\n")
+            assert shared.command("HEXISTS", _entries(cid), quiet) == b":0\r\n"
+            assert shared.command("HEXISTS", _entries(cid), live) == b":1\r\n"
+            nursery.cancel_scope.cancel()
+
+
 @pytest.fixture
 def coredis_leaks() -> Iterator[None]:
     """Collect garbage after the test, still under its warning filter.

@@ -33,7 +33,8 @@ so the same calls run on one Redis and on a cluster (``redis+cluster://``):
   ``:p`` hash: 32-byte key -> entry (13 digits of expiry in unix ms, then
   msgpack [payer address, stated address, port, bitmap]), expires ``ttl``
   after its last write; ``:m`` hash: ``d`` the manifest, ``n`` its chunk
-  count; ``:c`` hash: ``#`` the completed count, and the keys counted.
+  count; ``:c`` hash: ``#`` the completed count, and the keys counted
+  (``s``: when a full ``:p`` was last swept).
 * ``peer:{x}:log``  the shard's change log, a stream (field ``e``: origin
   tracker, content id, key, entry value or empty for gone; field ``c``:
   origin, content id, completed count), trimmed to the last
@@ -79,6 +80,7 @@ REFUSED_SECONDS = 5.0  # an entry Redis refused is refused locally this long
 ENTRY_BYTES = 256  # an entry's charge in Redis beyond its bitmap
 PENDING_MAX = 1_000_000  # queued writes kept while Redis is away (oldest dropped)
 SWEEP = 512  # expired entries an address's script sweeps per flush
+FULL_SWEEP_SECONDS = 5.0  # a full content's hash is swept of expired entries at most this often
 _BACKOFF_FIRST = 0.1
 _BACKOFF_MAX = 2.0
 _HEX = frozenset("0123456789abcdef")
@@ -171,6 +173,18 @@ for i = 1, n do
     local ok = true
     if not (old and string.sub(old, 14) == string.sub(val, 14)
             and expiry(val) - expiry(old) < renew) then
+      if not old and redis.call('HLEN', h) >= per_content
+         and now - (tonumber(redis.call('HGET', c, 's')) or 0) >= FULL_SWEEP_MS then
+        -- full: its expired entries (whose addresses no longer sweep them) go,
+        -- at most every FULL_SWEEP_MS per content over the pool
+        redis.call('HSET', c, 's', now)
+        local all = redis.call('HGETALL', h)
+        for j = 1, #all, 2 do
+          if expiry(all[j + 1]) <= now then
+            redis.call('HDEL', h, all[j])
+          end
+        end
+      end
       if not old and redis.call('HLEN', h) >= per_content then
         ok = false
         refused[#refused + 1] = i
@@ -193,7 +207,7 @@ for i = 1, n do
   end
 end
 return refused
-"""
+""".replace("FULL_SWEEP_MS", str(int(FULL_SWEEP_SECONDS * 1000)))
 
 # The manifest budgets (one slot: {g}): check and charge, or give back.
 _CHARGE = """
