@@ -526,3 +526,47 @@ def test_rediss_with_an_untrusted_certificate_is_one_line(
     assert "certificate" in errors[0] and "ssl_ca_certs" in errors[0]
     assert "secret" not in done.stderr and "Traceback" not in done.stderr
     assert proxy.handshakes == 0
+
+
+def tracker_error(tmp_path: Path, url: str) -> str:
+    """``peer tracker --store url`` fails at start: its one error line."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cli",
+            "tracker",
+            "--port",
+            "0",
+            "--data",
+            str(tmp_path),
+            "--store",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if "peer: error:" in line]
+    assert len(errors) == 1, done.stderr
+    return errors[0]
+
+
+def test_a_cluster_and_a_lone_redis_are_not_mistaken(
+    tmp_path: Path, redis: RedisServer, redis_cluster: RedisClusterServers
+) -> None:
+    # a cluster's node named as one Redis: said so (not a MOVED error later)
+    node = redis_cluster.nodes[0]
+    line = tracker_error(tmp_path, f"redis://127.0.0.1:{node.port}/0")
+    assert line == (
+        f"peer: error: redis://127.0.0.1:{node.port}/0 is a Redis Cluster node: "
+        "name it redis+cluster://HOST:PORT"
+    )
+    # a lone Redis named as a cluster
+    line = tracker_error(tmp_path, f"redis+cluster://127.0.0.1:{redis.port}")
+    assert line.startswith(
+        f"peer: error: cannot reach Redis at redis+cluster://127.0.0.1:{redis.port}"
+    )
+    assert line.endswith("(is it a Redis Cluster?)")

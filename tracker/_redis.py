@@ -708,27 +708,43 @@ class RedisBackend(Backend):
         Raises:
             StorageError: Redis does not answer (in 5 s) at the start.
         """
+        from coredis.exceptions import RedisError
+
         try:
             async with self.client:
                 await self._started(task_status)
         except* StorageError as group:
             raise group.exceptions[0] from None
-        except* (OSError, TimeoutError) as group:
+        except* (OSError, TimeoutError, RedisError) as group:
+            # the cluster client connects (and maps the cluster) on entering
+            hint = " (is it a Redis Cluster?)" if self.cluster else ""
             raise StorageError(
-                f"cannot reach Redis at {self.where}: {group.exceptions[0]}"
+                f"cannot reach Redis at {self.where}: {group.exceptions[0]}{hint}"
             ) from None
 
     async def _started(self, task_status: trio.TaskStatus[None]) -> None:
         try:
             with trio.fail_after(5.0):
                 await self.ping()
-                # Redis's clock (the log's ids), by a script: routed by its key on a cluster
-                clock = await self.call(self._time(keys=[_log(SHARDS[0])]))
+                node = False
+                if not self.cluster:  # a cluster's node named as a lone Redis: say so
+                    try:
+                        info = await self.call(self.client.info("cluster"))
+                        node = str(info.get("cluster_enabled", 0)) == "1"
+                    except StorageError:
+                        pass  # a Redis-compatible server without INFO cluster: not a cluster
+                if not node:
+                    # Redis's clock (the log's ids), by a script: routed by its key on a cluster
+                    clock = await self.call(self._time(keys=[_log(SHARDS[0])]))
         except (StorageError, trio.TooSlowError) as exc:
             detail = (
                 _why(exc.__cause__ or exc) if isinstance(exc, StorageError) else "no answer in 5 s"
             )
             raise StorageError(f"cannot reach Redis at {self.where}: {detail}") from None
+        if node:
+            raise StorageError(
+                f"{self.where} is a Redis Cluster node: name it redis+cluster://HOST:PORT"
+            )
         # the change log from a second before now (a cluster's nodes' clocks may differ a little)
         start = b"%d-0" % (int(clock[0]) * 1000 + int(clock[1]) // 1000 - 1000)
         self.last_ids = dict.fromkeys(SHARDS, start)
