@@ -33,7 +33,7 @@ from tests.e2e import stop, wait_port
 from tests.redis_server import RedisClusterServers, RedisServer, TlsProxy, free_port, make_tls_cert
 from tests.test_tracker import CS, bits, make_manifest
 from tracker._budget import Budget
-from tracker._redis import _entries, _log, _manifest, _shard
+from tracker._redis import _entries, _log, _manifest, _payer, _payer_bytes, _shard
 from tracker.server import TrackerLimits, serve_tracker
 from tracker.store import open_backend
 
@@ -215,9 +215,9 @@ async def test_limit_per_address_holds_across_trackers(
                         await trio.sleep(0.05)
                 # three entries from 127.0.0.1 in Redis, counted there over both trackers
                 assert redis.command("HLEN", _entries(cid)) == b":3\r\n"
-                assert redis.command("ZCARD", "peer:a:{127.0.0.1}") == b":3\r\n"
+                assert redis.command("ZCARD", _payer("127.0.0.1")) == b":3\r\n"
                 # and their bytes: 256 + a 1-byte bitmap each
-                assert redis.command("GET", "peer:ab:{127.0.0.1}") == b"$3\r\n771\r\n"
+                assert redis.command("GET", _payer_bytes("127.0.0.1")) == b"$3\r\n771\r\n"
                 # the fourth is refused by Redis, then by its tracker
                 start = trio.current_time()
                 with pytest.raises(TrackerError) as info:
@@ -233,11 +233,11 @@ async def test_limit_per_address_holds_across_trackers(
                 # one stops (on A): its place frees in Redis, and the refused one fits (on B)
                 await clients[0].announce(cid, 2000, "stopped", bits(1, {0}), 0)
                 await trio.sleep(0.35)
-                assert redis.command("ZCARD", "peer:a:{127.0.0.1}") == b":2\r\n"
-                assert redis.command("GET", "peer:ab:{127.0.0.1}") == b"$3\r\n514\r\n"
+                assert redis.command("ZCARD", _payer("127.0.0.1")) == b":2\r\n"
+                assert redis.command("GET", _payer_bytes("127.0.0.1")) == b"$3\r\n514\r\n"
                 await clients[3].announce(cid, 2003, "periodic", bits(1, {0}), 0)
                 start = trio.current_time()
-                while redis.command("ZCARD", "peer:a:{127.0.0.1}") != b":3\r\n":
+                while redis.command("ZCARD", _payer("127.0.0.1")) != b":3\r\n":
                     assert trio.current_time() - start < SEEN_WITHIN
                     await trio.sleep(0.05)
             finally:
@@ -319,14 +319,14 @@ async def test_expired_entries_are_swept_from_their_contents(
             await until("HEXISTS", _entries(other), kept, reply=b":1\r\n")
             await trio.sleep(1.1)  # the first entry has expired, its hash lives on
             assert shared.command("HEXISTS", _entries(cid), gone) == b":1\r\n"
-            assert shared.command("ZCARD", "peer:a:{127.0.0.9}") == b":2\r\n"
+            assert shared.command("ZCARD", _payer("127.0.0.9")) == b":2\r\n"
             # that address's next write (to the other shard) sweeps it, from both slots
             backend.wrote(other, gone, "127.0.0.9", "", 4, b"\x80")
             await until("HEXISTS", _entries(other), gone, reply=b":1\r\n")
             await until("HEXISTS", _entries(cid), gone, reply=b":0\r\n")
             assert shared.command("HEXISTS", _entries(cid), kept) == b":1\r\n"
-            assert shared.command("ZCARD", "peer:a:{127.0.0.9}") == b":2\r\n"
-            assert shared.command("GET", "peer:ab:{127.0.0.9}") == b"$3\r\n514\r\n"
+            assert shared.command("ZCARD", _payer("127.0.0.9")) == b":2\r\n"
+            assert shared.command("GET", _payer_bytes("127.0.0.9")) == b"$3\r\n514\r\n"
             nursery.cancel_scope.cancel()
 
 
@@ -365,7 +365,7 @@ async def test_a_full_content_sheds_entries_no_address_sweeps(
             backend.wrote(cid, live, "127.0.0.6", "", 2, b"\x80")  # full now, alive till +3 s
             await until("HEXISTS", _entries(cid), live, reply=b":1\r\n")
             await trio.sleep(1.1)  # the quiet address's entry and keys have expired
-            assert shared.command("EXISTS", "peer:a:{127.0.0.7}") == b":0\r\n"
+            assert shared.command("EXISTS", _payer("127.0.0.7")) == b":0\r\n"
             assert shared.command("HLEN", _entries(cid)) == b":2\r\n"
             backend.wrote(cid, late, "127.0.0.5", "", 3, b"\x80")
             await until("HEXISTS", _entries(cid), late, reply=b":1\r\n")

@@ -40,9 +40,11 @@ so the same calls run on one Redis and on a cluster (``redis+cluster://``):
   origin, content id, completed count), trimmed to the last
   ``LOG_SECONDS`` (a tracker that falls further behind misses changes
   until the peers' next periodic announces).
-* ``peer:a:{<address>}`` sorted set of cid+key+charge by expiry, and
-  ``peer:ab:{<address>}`` bytes: what an address pays for, counted against
-  its limits.
+* ``peer:{aN}:a:<address>`` sorted set of cid+key+charge by expiry, and
+  ``peer:{aN}:ab:<address>`` bytes: what an address pays for, counted
+  against its limits; ``N`` (one hex digit of the address's CRC-32) puts the
+  addresses in 16 shards, so a flush is at most 16 calls per step on a
+  cluster however many addresses it carries.
 * ``peer:{g}:ids`` sorted set of published content ids (hex): prefix lookup
   by ``ZRANGE BYLEX``; ``peer:{g}:q`` hash: manifest bytes charged, in all
   (``t``), per key (``k:<hex>``) and per address (``a:<address>``).
@@ -54,6 +56,7 @@ import dataclasses
 import logging
 import secrets
 import time
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -91,7 +94,7 @@ _HEX = frozenset("0123456789abcdef")
 SHARDS = tuple(f"{i:x}" for i in range(16))
 CLUSTER_SUFFIX = "+cluster"  # redis+cluster://, rediss+cluster://
 
-# Per address (one slot: {address}): sweep the address's expired entries,
+# Per address shard (one slot: {aN}): sweep the address's expired entries,
 # then for each write check and charge its count and bytes, or give back a
 # release. Returns {refused op numbers, swept members}: the caller deletes
 # the swept entries in their contents' slots.
@@ -263,12 +266,17 @@ def _log(shard: str) -> str:
     return f"peer:{{{shard}}}:log"
 
 
+def _payer_shard(address: str) -> str:
+    """An address's shard: its keys' hash tag (16 of them, like the contents')."""
+    return f"a{zlib.crc32(address.encode()) & 15:x}"
+
+
 def _payer(address: str) -> str:
-    return f"peer:a:{{{address}}}"
+    return f"peer:{{{_payer_shard(address)}}}:a:{address}"
 
 
 def _payer_bytes(address: str) -> str:
-    return f"peer:ab:{{{address}}}"
+    return f"peer:{{{_payer_shard(address)}}}:ab:{address}"
 
 
 def entry_charge(nbytes: int) -> int:
@@ -506,7 +514,8 @@ class RedisBackend(Backend):
     one Redis and on Redis Cluster. ``cluster`` only changes how a flush's
     writes are grouped into calls: on one Redis all of a step's writes go in
     one script call (as few round trips as possible), on a cluster one call
-    per slot (per address, per content shard), sent concurrently.
+    per slot (per address shard, per content shard: 16 of each at most),
+    sent concurrently.
     """
 
     index: SharedIndex
@@ -822,8 +831,7 @@ class RedisBackend(Backend):
                 args += [members[i], charge, b"" if release or not value else value[:13]]
             return keys, args
 
-        payers = [payer for _k, (payer, _v, _c, _d) in ops]
-        groups = self._grouped(payers)
+        groups = self._grouped([_payer_shard(payer) for _k, (payer, _v, _c, _d) in ops])
         calls = [self._pay(*pay_args(nums, False)) for nums in groups]
         for nums, (out, gone) in zip(groups, await self.call_all(calls), strict=True):
             refused.update(nums[int(i) - 1] for i in out)
@@ -858,7 +866,7 @@ class RedisBackend(Backend):
         for nums, out in zip(groups, await self.call_all(calls), strict=True):
             full += [puts[nums[int(j) - 1]][4] for j in out]
         if full:  # step 3: what a full content refused is given back to its payer
-            groups = self._grouped([ops[i][1][0] for i in full])
+            groups = self._grouped([_payer_shard(ops[i][1][0]) for i in full])
             await self.call_all(
                 [self._pay(*pay_args([full[j] for j in nums], True)) for nums in groups]
             )
