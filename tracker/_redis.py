@@ -821,17 +821,43 @@ class RedisBackend(Backend):
         refused: set[int] = set()
         swept: list[bytes] = []
         members = [cid + key + b"%d" % charge for (cid, key), (_p, _v, charge, _c) in ops]
+        # key names, once per address and per content of the batch
+        payer_keys: dict[str, tuple[str, str, str]] = {}
+        content_keys: dict[bytes, tuple[str, str, str, str]] = {}
+
+        def payer_names(address: str) -> tuple[str, str, str]:
+            names = payer_keys.get(address)
+            if names is None:
+                tag = _payer_shard(address)
+                names = (tag, f"peer:{{{tag}}}:a:{address}", f"peer:{{{tag}}}:ab:{address}")
+                payer_keys[address] = names
+            return names
+
+        def content_names(cid: bytes) -> tuple[str, str, str, str]:
+            names = content_keys.get(cid)
+            if names is None:
+                h = cid.hex()
+                tag, rest = h[:1], h[1:]
+                names = (
+                    tag,
+                    f"peer:{{{tag}}}{rest}:p",
+                    f"peer:{{{tag}}}{rest}:c",
+                    f"peer:{{{tag}}}:log",
+                )
+                content_keys[cid] = names
+            return names
 
         def pay_args(nums: list[int], release: bool) -> tuple[list[str], list[Any]]:
             keys: list[str] = []
             args: list[Any] = [now, ttl, self.entries_per_address, self.bytes_per_address]
             for i in nums:
                 payer, value, charge, _c = ops[i][1]
-                keys += [_payer(payer), _payer_bytes(payer)]
+                _tag, a, ab = payer_names(payer)
+                keys += [a, ab]
                 args += [members[i], charge, b"" if release or not value else value[:13]]
             return keys, args
 
-        groups = self._grouped([_payer_shard(payer) for _k, (payer, _v, _c, _d) in ops])
+        groups = self._grouped([payer_names(payer)[0] for _k, (payer, _v, _c, _d) in ops])
         calls = [self._pay(*pay_args(nums, False)) for nums in groups]
         for nums, (out, gone) in zip(groups, await self.call_all(calls), strict=True):
             refused.update(nums[int(i) - 1] for i in out)
@@ -845,7 +871,7 @@ class RedisBackend(Backend):
         for m in swept:
             if len(m) >= 64:
                 puts.append((m[:32], m[32:64], b"", b"s", -1))
-        groups = self._grouped([_shard(cid) for cid, *_ in puts])
+        groups = self._grouped([content_names(cid)[0] for cid, *_ in puts])
         calls = []
         for nums in groups:
             keys: list[str] = []
@@ -859,14 +885,14 @@ class RedisBackend(Backend):
             ]
             for j in nums:
                 cid, key, value, what, _i = puts[j]
-                keys += [_entries(cid), _completed(cid), _log(_shard(cid))]
+                keys += content_names(cid)[1:]
                 args += [cid, key, value, what]
             calls.append(self._put(keys=keys, args=args))
         full: list[int] = []
         for nums, out in zip(groups, await self.call_all(calls), strict=True):
             full += [puts[nums[int(j) - 1]][4] for j in out]
         if full:  # step 3: what a full content refused is given back to its payer
-            groups = self._grouped([_payer_shard(ops[i][1][0]) for i in full])
+            groups = self._grouped([payer_names(ops[i][1][0])[0] for i in full])
             await self.call_all(
                 [self._pay(*pay_args([full[j] for j in nums], True)) for nums in groups]
             )
