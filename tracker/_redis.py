@@ -808,7 +808,7 @@ class RedisBackend(Backend):
     ) -> None:
         """One batch in two steps: the payers' counts, then the contents' entries.
 
-        Step 1 (per address slot) checks and charges each write against its
+        Step 1 (per address shard slot) checks and charges each write against its
         address's limits and sweeps the address's expired entries; step 2
         (per content shard slot) writes the charged entries and deletes the
         swept ones, checks the per-content limit and appends to the change
