@@ -828,22 +828,15 @@ class RedisBackend(Backend):
         def payer_names(address: str) -> tuple[str, str, str]:
             names = payer_keys.get(address)
             if names is None:
-                tag = _payer_shard(address)
-                names = (tag, f"peer:{{{tag}}}:a:{address}", f"peer:{{{tag}}}:ab:{address}")
+                names = (_payer_shard(address), _payer(address), _payer_bytes(address))
                 payer_keys[address] = names
             return names
 
         def content_names(cid: bytes) -> tuple[str, str, str, str]:
             names = content_keys.get(cid)
             if names is None:
-                h = cid.hex()
-                tag, rest = h[:1], h[1:]
-                names = (
-                    tag,
-                    f"peer:{{{tag}}}{rest}:p",
-                    f"peer:{{{tag}}}{rest}:c",
-                    f"peer:{{{tag}}}:log",
-                )
+                shard = _shard(cid)
+                names = (shard, _entries(cid), _completed(cid), _log(shard))
                 content_keys[cid] = names
             return names
 
