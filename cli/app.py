@@ -1022,8 +1022,10 @@ def cmd_tracker(
         typer.Option(
             "--store",
             metavar="URL",
-            help="memory (default), or redis://[:PASSWORD@]HOST:PORT/DB (or rediss://): "
-            "share state with every tracker on that Redis (default $PEER_REDIS_URL).",
+            help="memory (default), or redis://[:PASSWORD@]HOST:PORT/DB: share state with "
+            "every tracker on that Redis (default $PEER_REDIS_URL). rediss:// for TLS "
+            "(?ssl_ca_certs=PATH for a private CA); redis+cluster://HOST:PORT (or "
+            "rediss+cluster://) for a Redis Cluster, through any of its nodes.",
         ),
     ] = None,
     verbose: VerboseOpt = False,

@@ -502,8 +502,9 @@ def run_one(
             redis_entry = log_bytes = 0.0
             if store:
                 # The change log is transient (trimmed to its last seconds): apart.
-                reply = redis_command(store, "MEMORY", "USAGE", "peer:log")
-                log_bytes = int(reply[1:].split(b"\r")[0]) if reply.startswith(b":") else 0
+                for shard in range(16):  # its shards: peer:{0}:log .. peer:{f}:log
+                    reply = redis_command(store, "MEMORY", "USAGE", f"peer:{{{shard:x}}}:log")
+                    log_bytes += int(reply[1:].split(b"\r")[0]) if reply.startswith(b":") else 0
                 redis_entry = (redis_used(store) - redis_before - log_bytes) / args.entries
             print(
                 f"[{transport} {label}] preloaded {args.entries} entries in {took:.1f} s; RSS "

