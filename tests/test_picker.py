@@ -8,7 +8,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from peerd.engine.picker import PiecePicker, swarm_counts
+from peerd.engine.picker import (
+    MAX_DEPTH,
+    STREAM_INFLIGHT_BYTES,
+    PiecePicker,
+    stream_depth,
+    swarm_counts,
+)
 from peerd.wire import bits_from_flags, flags_from_bits
 
 
@@ -466,3 +472,28 @@ def test_a_peer_that_owes_part_of_the_read_ahead_window_is_asked_for_nothing_els
     p.chunk_received("a", 3)  # owes nothing of the window: anything again
     got = p.pick("a", 5, now=0, timeout=10)
     assert len(got) == 5 and all(i >= 4 for i in got)
+
+
+def test_a_peer_owes_at_most_priority_depth_window_chunks_at_a_time() -> None:
+    # The reader's next chunk waits behind what the peer's uploader has
+    # queued (fresh first, not in our order): while a window is set, one peer
+    # is asked for at most priority_depth chunks at a time.
+    n = 64
+    p = PiecePicker(n, rng=random.Random(7))
+    p.add_peer("a", bytearray([1] * n))
+    p.add_peer("b", bytearray([1] * n))
+    p.priority = range(0, 20)
+    p.priority_depth = 3
+    assert p.pick("a", 10, now=0, timeout=10) == [0, 1, 2]
+    assert p.pick("a", 10, now=0, timeout=10) == []  # owes 3 already
+    assert p.pick("b", 10, now=0, timeout=10) == [3, 4, 5]  # the next ones, from b
+    p.chunk_received("a", 0)
+    assert p.pick("a", 10, now=0, timeout=10) == [6]  # one place freed: one more
+    p.priority = range(0)  # no window: the depth the caller asks for
+    assert len(p.pick("a", 10, now=0, timeout=10)) == 10
+
+
+def test_stream_depth_is_bytes_in_chunks_within_bounds() -> None:
+    assert stream_depth(1 << 20) == STREAM_INFLIGHT_BYTES >> 20
+    assert stream_depth(64 << 20) == 2  # at least two: one arriving, one queued
+    assert stream_depth(16 << 10) == MAX_DEPTH

@@ -18,7 +18,7 @@ from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 
 from peerd.engine import pex
-from peerd.engine.picker import PiecePicker, pipeline_depth, swarm_counts
+from peerd.engine.picker import PiecePicker, pipeline_depth, stream_depth, swarm_counts
 from peerd.engine.scheduling import (
     BUSY_BACKOFF,
     QUEUE_WAIT,
@@ -652,6 +652,7 @@ class ContentEngine:
         if self.picker is None:
             return []
         self.picker.priority = range(first, min(self.num_chunks, first + window))
+        self.picker.priority_depth = stream_depth(self.chunk_size)
         self._fill_all(now)
         return self._take()
 

@@ -22,12 +22,18 @@ __all__ = [
     "MAX_DEPTH",
     "PiecePicker",
     "pipeline_depth",
+    "stream_depth",
     "swarm_counts",
 ]
 
 MAX_DEPTH = 32
 _WEIGHT_CAP = 15  # swarm-wide counts above this rank alike (a key's low 4 bits)
 PIPELINE_SECONDS = 0.25
+# Bytes of a stream's read-ahead window one peer may owe at a time (at least
+# 2 chunks, at most MAX_DEPTH): 8 MiB keeps a 100 ms link busy at 80 MB/s per
+# peer, while the reader's next chunk waits behind 8 MiB, not 32 MiB, in an
+# uploader's queue (docs/BENCHMARKS.md, "Streaming").
+STREAM_INFLIGHT_BYTES = 8 * 1024 * 1024
 
 
 def pipeline_depth(rate: float, chunk_size: int) -> int:
@@ -43,6 +49,12 @@ def pipeline_depth(rate: float, chunk_size: int) -> int:
     1.16 homogeneous, 1.13 -> 1.10 heterogeneous).
     """
     return max(1, min(MAX_DEPTH, int(rate * PIPELINE_SECONDS / chunk_size + 0.999) + 1))
+
+
+def stream_depth(chunk_size: int) -> int:
+    """Window chunks one peer may owe at a time while a reader waits in order:
+    :data:`STREAM_INFLIGHT_BYTES` of them, at least 2, at most :data:`MAX_DEPTH`."""
+    return max(2, min(MAX_DEPTH, STREAM_INFLIGHT_BYTES // max(chunk_size, 1)))
 
 
 PeerKey = Hashable
@@ -130,6 +142,9 @@ class PiecePicker:
         # Chunks to ask for first, in order, before rarest first (a stream's
         # read-ahead window; empty: none).
         self.priority: range = range(0)
+        # Window chunks one peer may owe at a time while a reader waits (set
+        # with priority; see pick).
+        self.priority_depth = MAX_DEPTH
         self._pos = [-1] * num_chunks  # index inside its bucket, -1 if not in one
         self._bucket_of = [0] * num_chunks
         self.missing = num_chunks - sum(self.have)
@@ -309,6 +324,13 @@ class PiecePicker:
         # The streaming window first, in order; then useful chunks, rarest
         # first (a peer with none costs nothing here).
         window = self.priority
+        if window:
+            # A peer is asked for at most priority_depth window chunks at a
+            # time: its uploader serves its queue fresh first, not in our
+            # order, so the reader's next chunk can wait behind all of them.
+            count = min(count, self.priority_depth - len(p.inflight))
+            if count <= 0:
+                return []
         chosen = self._pick_in_order(peer, p, count, now, deadline) if window else []
         if window and any(i in window for i in p.inflight):
             # A reader waits on the window: a peer that owes part of it is
