@@ -489,6 +489,10 @@ def test_a_peer_owes_at_most_priority_depth_window_chunks_at_a_time() -> None:
     assert p.pick("b", 10, now=0, timeout=10) == [3, 4, 5]  # the next ones, from b
     p.chunk_received("a", 0)
     assert p.pick("a", 10, now=0, timeout=10) == [6]  # one place freed: one more
+    # A peer that holds none of the window is not held to the cap: rarest
+    # first, as many as the caller asks.
+    p.add_peer("far", bytearray([0] * 32 + [1] * 32))
+    assert len(p.pick("far", 10, now=0, timeout=10)) == 10
     p.priority = range(0)  # no window: the depth the caller asks for
     assert len(p.pick("a", 10, now=0, timeout=10)) == 10
 

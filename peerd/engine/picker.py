@@ -323,21 +323,19 @@ class PiecePicker:
         deadline = now + timeout
         # The streaming window first, in order; then useful chunks, rarest
         # first (a peer with none costs nothing here).
+        chosen: list[int] = []
         window = self.priority
         if window:
-            # A peer is asked for at most priority_depth window chunks at a
-            # time: its uploader serves its queue fresh first, not in our
-            # order, so the reader's next chunk can wait behind all of them.
-            count = min(count, self.priority_depth - len(p.inflight))
-            if count <= 0:
-                return []
-        chosen = self._pick_in_order(peer, p, count, now, deadline) if window else []
-        if window and any(i in window for i in p.inflight):
-            # A reader waits on the window: a peer that owes part of it is
-            # asked for nothing else meanwhile. Its uploader serves fresh
-            # chunks first, not in our order, so a far one asked beside
-            # would go out first and the reader's next chunk wait behind.
-            return chosen
+            # A peer owes at most priority_depth window chunks at a time, and
+            # one that owes any is asked for nothing else meanwhile: its
+            # uploader serves its queue fresh first, not in our order, so the
+            # reader's next chunk can wait behind everything queued there.
+            owed = sum(1 for i in p.inflight if i in window)
+            room = min(count, self.priority_depth - owed)
+            if room > 0:
+                chosen = self._pick_in_order(peer, p, room, now, deadline)
+            if owed or chosen:
+                return chosen
         left = count - len(chosen)
         if left > 0 and p.useful:
             chosen += self._pick_rarest(peer, p, min(left, p.useful), now, deadline)
