@@ -715,3 +715,68 @@ async def test_exact_receive_of_a_trickle_then_small_receive_returns_promptly(
         with trio.fail_after(2):
             await b.recv_exactly_into(small)
         assert small == b"xy"
+
+
+# --- the proactor's receive paths ----------------------------------------------------
+
+
+async def test_proactor_receives_a_whole_buffer_in_one_ring_op(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A chunk buffer is a page-aligned mmap: the kernel gathers all of it
+    # (RECV + MSG_WAITALL at the buffer's address), however the bytes trickle
+    # in, and the buffer is free again once the receive has returned.
+    import mmap
+
+    from peerd.transport import _ring
+
+    transport = _proactor_or_skip()
+    assert _ring.RAW_SQE, "the liburing wheel's SQE layout changed: receives fall back to READV"
+    ops: list[int] = []
+    perform = _ring.Ring.perform
+    receiver = trio.lowlevel.current_task()
+
+    async def counting(self: Any, steps: Any, keep: object) -> list[int]:
+        if trio.lowlevel.current_task() is receiver:  # not the sender's ops
+            ops.append(len(steps))
+        return await perform(self, steps, keep)
+
+    a, b = await stream_pair(transport)
+    data = pattern(11, 2 * MiB)
+    async with a, b:
+        buf = mmap.mmap(-1, 3 * MiB)
+
+        async def trickle() -> None:
+            for i in range(0, len(data), 256 * 1024):
+                await a.send_all(data[i : i + 256 * 1024])
+                await trio.sleep(0.01)
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trickle)
+                await trio.testing.wait_all_tasks_blocked()
+                monkeypatch.setattr(_ring.Ring, "perform", counting)
+                await b.recv_exactly_into(memoryview(buf)[MiB:])
+                monkeypatch.setattr(_ring.Ring, "perform", perform)
+        assert ops == [1]
+        assert buf[MiB:] == data
+        buf.close()  # BufferError if the receive still exported it
+
+
+@pytest.mark.parametrize(
+    "check",
+    [
+        test_peer_closes_mid_transfer,
+        test_cancel_mid_receive_then_reuse_buffer,
+        test_exact_receive_of_a_trickle_then_small_receive_returns_promptly,
+    ],
+    ids=lambda f: f.__name__.removeprefix("test_"),
+)
+async def test_proactor_receives_by_readv_where_the_sqe_cannot_be_set(
+    monkeypatch: pytest.MonkeyPatch, check: Any
+) -> None:
+    from peerd.transport import _ring
+
+    transport = _proactor_or_skip()
+    monkeypatch.setattr(_ring, "RAW_SQE", False)
+    await check(transport)

@@ -491,6 +491,61 @@ class BufferRing:
 _BUFFER_SHIFT = L.IORING_CQE_BUFFER_SHIFT if L is not None else 16
 
 
+# Receiving into any buffer. The wheel's io_uring_prep_recv takes only a whole
+# bytearray, but chunk buffers are page-aligned mmaps (O_DIRECT) or slices of
+# one. So the SQE is prepared for an empty bytearray and its ``addr`` and
+# ``len`` are then set to the buffer's: the wheel's SQE object holds a pointer
+# to the ring's io_uring_sqe right after the object header. That layout is
+# checked once (``RAW_SQE``) on a detached SQE; where the check fails, callers
+# keep READV, which takes an Iovec over any buffer.
+_SQE_ADDR_LEN = struct.Struct("=QI")  # io_uring_sqe.addr (offset 16) and .len (offset 24)
+_SQE_HEAD = struct.Struct("=BBHiQQII")  # opcode, flags, ioprio, fd, off, addr, len, msg_flags
+_NO_BYTES = bytearray()
+
+
+def _sqe_struct(sqe: Any) -> int:
+    """The address of the io_uring_sqe a wheel SQE object stands for."""
+    return ctypes.c_void_p.from_address(id(sqe) + 16).value or 0
+
+
+def _raw_sqe_works() -> bool:
+    if L is None:
+        return False
+    try:
+        sqe = L.Sqe()
+        probe_buf = bytearray(100)
+        L.io_uring_prep_recv(sqe, 7, probe_buf, 0x100)
+        address = _sqe_struct(sqe)
+        if not address:
+            return False
+        head = _SQE_HEAD.unpack(ctypes.string_at(address, _SQE_HEAD.size))
+        buf_address = ctypes.addressof(ctypes.c_char.from_buffer(probe_buf))
+        return head[0] == int(L.io_uring_op.IORING_OP_RECV) and head[3:] == (
+            7,
+            0,
+            buf_address,
+            100,
+            0x100,
+        )
+    except Exception:  # any surprise: not the layout we know
+        return False
+
+
+RAW_SQE = _raw_sqe_works()
+
+
+def buffer_address(view: memoryview) -> tuple[Any, int]:
+    """An export of a writable buffer (keep it until the completion) and its address."""
+    export = ctypes.c_char.from_buffer(view)
+    return export, ctypes.addressof(export)
+
+
+def prep_recv_at(sqe: Any, fd: int, address: int, length: int, flags: int) -> None:
+    """``io_uring_prep_recv`` into ``length`` bytes at ``address`` (needs ``RAW_SQE``)."""
+    L.io_uring_prep_recv(sqe, fd, _NO_BYTES, flags)
+    ctypes.memmove(_sqe_struct(sqe) + 16, _SQE_ADDR_LEN.pack(address, length), 12)
+
+
 def _neutralise(sqe: Any) -> None:
     L.io_uring_prep_nop(sqe)  # also clears the SQE's flags (no dangling link)
     L.io_uring_sqe_set_data64(sqe, _CANCEL_UID)

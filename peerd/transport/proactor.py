@@ -6,11 +6,14 @@ this module maps the stream contract onto ring operations.
 * Sockets stay non-blocking. io_uring's recv/send wait for readiness inside
   the kernel; an op that still returns -EAGAIN waits with ``POLL_ADD`` and
   is retried. Non-blocking is what lets ``sendfile`` run on the Trio thread.
-* Receiving: ``recv_exactly_into`` (the bulk path) sets SO_RCVLOWAT to the
-  bytes still missing (at most ``LOWAT_CAP``) and issues one READV per step,
-  so the Trio thread wakes once per step, not per few segments. ``receive_some``
-  puts the mark back to 1 byte and uses RECV for a whole bytearray, READV
-  with an ``Iovec`` otherwise (liburing's recv/send take only whole objects).
+* Receiving: ``recv_exactly_into`` (the bulk path) is one RECV with
+  ``MSG_WAITALL`` for the whole buffer: the kernel gathers it, retrying on
+  each arrival, and the Trio thread wakes once per call. liburing's
+  ``prep_recv`` takes only a whole bytearray, so the SQE's address is set to
+  the buffer's afterwards (``_ring.prep_recv_at``, its layout checked once:
+  ``_ring.RAW_SQE``). Where that check fails: SO_RCVLOWAT set to the bytes
+  still missing (at most ``LOWAT_CAP``) and one READV with an ``Iovec`` per
+  step. ``receive_some`` puts the mark back to 1 byte and is one RECV.
 * Sending: SEND + ``MSG_WAITALL`` for bytes/bytearray, WRITEV otherwise;
   ``sendfile`` is ``os.sendfile`` (no copy), waiting for POLLOUT in the ring,
   after its ``header`` sent corked (``MSG_MORE``) by a plain ``send``.
@@ -65,6 +68,7 @@ _MSG_WAITALL = socket.MSG_WAITALL
 _MSG_NOSIGNAL = socket.MSG_NOSIGNAL
 _MSG_MORE = socket.MSG_MORE
 _CANCELLED = (-errno.ECANCELED, -errno.EINTR)
+_TCP_CLOSE = 7  # tcpi_state of a connection a reset ended
 
 
 def _whole_bytearray(buf: Any) -> bytearray | None:
@@ -160,6 +164,14 @@ class ProactorStream(Stream):
             n = await self._one(
                 _ring.L.io_uring_prep_recv, (self._fd, whole, 0), view, "recv", _POLLIN
             )
+        elif _ring.RAW_SQE:
+            export, address = _ring.buffer_address(view)
+            try:
+                n = await self._one(
+                    _ring.prep_recv_at, (self._fd, address, len(view), 0), export, "recv", _POLLIN
+                )
+            finally:
+                del export
         else:
             iov = _ring.L.Iovec([view])
             n = await self._one(
@@ -174,28 +186,77 @@ class ProactorStream(Stream):
             self._lowat = lowat
 
     async def recv_exactly_into(self, buf: Any) -> None:
-        # SO_RCVLOWAT + one READV per step; see "Receiving" in the module doc.
+        # One RECV + MSG_WAITALL, or SO_RCVLOWAT steps; see "Receiving" in the module doc.
         self._begin(False)
         try:
             view = memoryview(buf).cast("B")
-            total = len(view)
-            got = 0
-            L = _ring.L
-            while got < total:
-                self._set_lowat(min(total - got, LOWAT_CAP))
-                rest = view[got:]
-                iov = L.Iovec([rest])
+            if not view:
+                await trio.lowlevel.checkpoint()
+            elif _ring.RAW_SQE:
+                await self._recv_waitall(view)
+            else:
+                await self._recv_steps(view)
+        finally:
+            self._receiving = False
+
+    async def _recv_waitall(self, view: memoryview) -> None:
+        # The kernel gathers the whole buffer, retrying on each arrival by
+        # itself: one operation (one park and wake-up of this task) per call.
+        # The low-water mark must be 1 byte: a larger one could hold back the
+        # wake-up for the last bytes after a partial read inside the kernel.
+        self._set_lowat(1)
+        total = len(view)
+        got = 0
+        export, address = _ring.buffer_address(view)
+        try:
+            while got < total:  # again only after EOF, a signal or a cancel
                 n = await self._one(
-                    L.io_uring_prep_readv, (self._fd, iov), (rest, iov), "recv", _POLLIN
+                    _ring.prep_recv_at,
+                    (self._fd, address + got, total - got, _MSG_WAITALL),
+                    export,
+                    "recv",
+                    _POLLIN,
                 )
                 self.bytes_received += n
                 if n == 0:
-                    raise eof_error(got, total)
+                    raise self._reset_error() or eof_error(got, total)
                 got += n
-            if total == 0:
-                await trio.lowlevel.checkpoint()
         finally:
-            self._receiving = False
+            del export  # a traceback must not keep the buffer exported
+
+    def _reset_error(self) -> TransportError | None:
+        """A reset, when it ended the connection and went unreported.
+
+        A reset after part of a MSG_WAITALL receive is swallowed: the kernel
+        returns the bytes it got, and the next receive sees only EOF. The
+        socket's state tells the two apart (a FIN leaves it in CLOSE_WAIT, a
+        reset in CLOSE), as long as this side sent no FIN of its own.
+        """
+        if self._eof_sent or self._closed:
+            return None
+        try:
+            state = self._sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+        except OSError:
+            return None
+        if state != _TCP_CLOSE:
+            return None
+        return stream_error(OSError(errno.ECONNRESET, os.strerror(errno.ECONNRESET)), "recv")
+
+    async def _recv_steps(self, view: memoryview) -> None:
+        total = len(view)
+        got = 0
+        L = _ring.L
+        while got < total:
+            self._set_lowat(min(total - got, LOWAT_CAP))
+            rest = view[got:]
+            iov = L.Iovec([rest])
+            n = await self._one(
+                L.io_uring_prep_readv, (self._fd, iov), (rest, iov), "recv", _POLLIN
+            )
+            self.bytes_received += n
+            if n == 0:
+                raise eof_error(got, total)
+            got += n
 
     # -- sending ---------------------------------------------------------------------
     async def _closed_for_sending(self, what: str) -> None:
