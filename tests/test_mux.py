@@ -261,6 +261,48 @@ async def test_mux_send_failure_wakes_a_parked_dispatcher(transport: Transport) 
         await client.aclose()
 
 
+async def test_mux_remove_and_resume_from_other_tasks_while_the_dispatcher_waits(
+    transport: Transport,
+) -> None:
+    # The dispatcher is parked in next_batch (proactor: on the mux's own
+    # ring). Other tasks pause, resume and remove streams: what they arm or
+    # cancel must reach the kernel without waiting for the dispatcher, and a
+    # remove must finish while the dispatcher keeps waiting.
+    (c1, s1), (c2, s2) = [await stream_pair(transport) for _ in range(2)]
+    got: list[tuple[Stream, object]] = []
+    arrived = trio.Event()
+    async with transport.open_mux() as mux:
+        mux.add(s1)
+        mux.add(s2)
+
+        async def dispatcher() -> None:
+            while True:
+                got.extend(await mux.next_batch())
+                arrived.set()
+
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(dispatcher)
+                await trio.sleep(0.05)  # parked
+                mux.pause(s1)
+                await trio.sleep(0.05)
+                await c1.send_all(b"held")
+                await trio.sleep(0.1)
+                assert got == []  # paused: not read
+                mux.resume(s1)  # arms its receive from this task
+                await arrived.wait()
+                assert got == [(s1, b"held")]
+                await mux.remove(s2)  # its receive cancelled; the dispatcher waits on
+                arrived = trio.Event()
+                await c1.send_all(b"more")
+                await arrived.wait()
+                assert got[-1] == (s1, b"more")
+                nursery.cancel_scope.cancel()
+        await mux.remove(s1)
+    for s in (s1, s2, c1, c2):
+        await s.aclose()
+
+
 async def test_ring_mux_waits_for_readiness_after_eagain(
     transport: Transport, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -451,10 +493,11 @@ async def test_ring_mux_close_cancels_armed_receives_and_leaks_nothing(
         pytest.skip("the ring mux only")
     from peerd.transport import _ring
 
-    ring = _ring.current_ring()
+    _ring.current_ring()  # the streams' ring: before the count of open fds
     fds = len(os.listdir("/proc/self/fd"))
     pairs = [await stream_pair(transport) for _ in range(16)]
     mux = transport.open_mux()
+    ring = mux._ring  # type: ignore[attr-defined]  # the mux's own ring
     for _, server in pairs:
         mux.add(server)
     multishot = getattr(mux, "_multishot", False)
@@ -471,4 +514,4 @@ async def test_ring_mux_close_cancels_armed_receives_and_leaks_nothing(
     for client, server in pairs:
         await client.aclose()
         await server.aclose()
-    assert len(os.listdir("/proc/self/fd")) == fds
+    assert len(os.listdir("/proc/self/fd")) == fds  # the mux's ring and eventfd too

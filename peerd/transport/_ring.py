@@ -16,6 +16,9 @@ docs/ARCHITECTURE.md, "The io_uring ring"):
   stays parked until its op's own CQE, so the kernel is done with the buffer
   before the caller runs again.
 * liburing never releases the GIL, so nothing here ever blocks in the ring.
+* An *owned* ring (``Ring(owned=True)``, the proactor's mux) has neither
+  system task: its owner submits, harvests and parks on the eventfd itself
+  (``harvest``, ``pump``), and the eventfd is on only while it is parked.
 """
 
 from __future__ import annotations
@@ -136,9 +139,16 @@ class _Op:
 
 
 class Ring:
-    """An io_uring bound to the current Trio run (use :func:`current_ring`)."""
+    """An io_uring bound to the current Trio run (use :func:`current_ring`).
 
-    def __init__(self) -> None:
+    ``owned=True`` makes a ring driven by one owner instead (``RingMux``):
+    no reaper and no flusher task; the owner calls :meth:`pump`, which
+    submits, waits for the eventfd and harvests in the owner's own task, and
+    :meth:`close` at the end. An SQE prepared by any other task of the run
+    is submitted at once, since the owner may be parked in ``pump``.
+    """
+
+    def __init__(self, *, owned: bool = False) -> None:
         assert L is not None
         self._cqe = L.Cqe()
         self.flags = -1  # the set-up flags the kernel took
@@ -157,6 +167,8 @@ class Ring:
         self._defer = bool(self.flags & L.IORING_SETUP_DEFER_TASKRUN)
         self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         L.io_uring_register_eventfd(self._ring, self._efd)
+        if owned:  # signalled only while the owner waits (pump)
+            L.io_uring_cq_eventfd_toggle(self._ring, False)
         self._uids = itertools.count(1)
         self._bgids = itertools.count(1)
         self._buffer_rings: set[BufferRing] = set()  # registered: alive until unregistered
@@ -164,8 +176,11 @@ class Ring:
         self._unsubmitted = 0
         self._flusher: trio.lowlevel.Task | None = None  # set while parked
         self._closed = False
-        trio.lowlevel.spawn_system_task(self._reaper, name="peerd.io_uring.reaper")
-        trio.lowlevel.spawn_system_task(self._flush_loop, name="peerd.io_uring.flusher")
+        self._owned = owned
+        self.pumper: trio.lowlevel.Task | None = None  # an owned ring's pumping task
+        if not owned:
+            trio.lowlevel.spawn_system_task(self._reaper, name="peerd.io_uring.reaper")
+            trio.lowlevel.spawn_system_task(self._flush_loop, name="peerd.io_uring.flusher")
 
     # -- submission ------------------------------------------------------------
     def _get_sqe(self) -> Any:
@@ -190,6 +205,13 @@ class Ring:
         L.io_uring_sqe_set_data64(sqe, uid)
         return sqe
 
+    def harvest(self) -> None:
+        """Submit what is prepared, handle the completions already in (owner only)."""
+        self._submit()
+        if self._defer and not self._closed:  # post the completion work queued so far
+            L.io_uring_get_events(self._ring)
+        self._harvest()
+
     def _submit(self) -> None:
         if self._unsubmitted and not self._closed:
             self._unsubmitted = 0
@@ -207,9 +229,60 @@ class Ring:
             self._harvest()
 
     def _wake_flusher(self) -> None:
+        if self._owned:
+            if trio.lowlevel.current_task() is not self.pumper:
+                self._submit()  # the owner may be parked in pump: do not wait for it
+            return
         task, self._flusher = self._flusher, None
         if task is not None:
             trio.lowlevel.reschedule(task)
+
+    # -- an owned ring's driving ---------------------------------------------------
+    def claim(self) -> None:
+        """Make the calling task the one that pumps (an owned ring)."""
+        self.pumper = trio.lowlevel.current_task()
+
+    async def pump(self) -> None:
+        """Submit, park until the kernel signals completions, and handle them.
+
+        Only the task that ``claim``-ed the ring may call it (one task may
+        wait for the eventfd). :meth:`kick` wakes it early.
+        """
+        assert self._owned and trio.lowlevel.current_task() is self.pumper
+        # The eventfd is signalled only while the owner is parked here: a
+        # signal per completion costs the kernel a wake-up of epoll each.
+        self._submit()
+        L.io_uring_cq_eventfd_toggle(self._ring, True)
+        if self._defer:  # work queued while the eventfd was off signalled nothing
+            L.io_uring_get_events(self._ring)
+        if not L.io_uring_cq_ready(self._ring):  # none came in before the toggle
+            try:
+                await trio.lowlevel.wait_readable(self._efd)
+            finally:
+                L.io_uring_cq_eventfd_toggle(self._ring, False)
+        else:
+            L.io_uring_cq_eventfd_toggle(self._ring, False)
+            await trio.lowlevel.checkpoint()
+        self._drain_eventfd()
+        if self._defer and not self._closed:
+            L.io_uring_get_events(self._ring)
+        self._harvest()
+
+    def kick(self) -> None:
+        """Wake the task parked in ``pump`` (news that is not a completion)."""
+        if not self._closed:
+            os.eventfd_write(self._efd, 1)
+
+    def _drain_eventfd(self) -> None:
+        try:
+            os.read(self._efd, 8)
+        except BlockingIOError:
+            pass
+
+    def close(self) -> None:
+        """Tear an owned ring down: every operation must have completed."""
+        if self._owned and not self._closed:
+            self._close()
 
     async def perform(self, steps: Sequence[Step], keep: object) -> list[int]:
         """Run one SQE, or a chain linked with IOSQE_IO_LINK; return every result.
@@ -221,6 +294,7 @@ class Ring:
         await trio.lowlevel.checkpoint_if_cancelled()
         if self._closed:
             raise RuntimeError("io_uring ring is closed")
+        assert not self._owned, "an owned ring has no reaper: use start and pump"
         op = _Op(trio.lowlevel.current_task(), len(steps), keep)
         last = len(steps) - 1
         if L.io_uring_sq_space_left(self._ring) < len(steps):
@@ -390,10 +464,7 @@ class Ring:
         try:
             while True:
                 await trio.lowlevel.wait_readable(self._efd)
-                try:
-                    os.read(self._efd, 8)
-                except BlockingIOError:
-                    pass
+                self._drain_eventfd()
                 if self._defer and not self._closed:
                     L.io_uring_get_events(self._ring)
                 self._harvest()

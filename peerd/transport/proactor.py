@@ -468,7 +468,6 @@ class _RingEntry:
         "recv_uid",
         "removed",
         "send_uid",
-        "settled",
         "stopped",
         "stream",
         "untaken",
@@ -493,18 +492,18 @@ class _RingEntry:
         self.stopped = False  # EOF or an error was seen: nothing more is read
         self.broken = False  # a send failed: nothing more is sent
         self.removed = False
-        self.settled: trio.Event | None = None  # set when removed and no op is left
 
 
 class RingMux(Mux):
     """The proactor's mux: a multishot RECV per stream; replies written at once.
 
-    Completions are collected by the ring's harvest (one ``io_uring_submit``
-    and one harvest serve every stream: what a batch arms goes to the kernel
-    in one system call) and handed to the one task waiting in ``next_batch``.
-    ``remove`` cancels the stream's operations and waits for their
-    completions, so the kernel is done with its buffers before the owner
-    closes the fd.
+    The mux has a ring of its own (``Ring(owned=True)``), driven by the
+    dispatcher: ``next_batch`` submits what the last batch armed, harvests
+    what completed (handing the pool's buffers back), and parks on the
+    ring's eventfd only when nothing is ready (``_pump``). ``remove`` cancels
+    the stream's operations and waits for their completions, pumping the
+    ring itself if no other task does, so the kernel is done with its
+    buffers before the owner closes the fd.
 
     Receiving (where the ring offers a buffer pool, see ``Ring.buffer_ring``):
     one multishot RECV stays armed per stream and the kernel fills buffers of
@@ -539,10 +538,11 @@ class RingMux(Mux):
     """
 
     def __init__(self) -> None:
-        self._ring = current_ring()
+        self._ring = _ring.Ring(owned=True)  # pumped by next_batch (or remove)
+        self._pumping = False  # a task is parked in the ring's pump
+        self._changed = trio.lowlevel.ParkingLot()  # tasks waiting for the pumping one
         self._entries: dict[Stream, _RingEntry] = {}
         self._ready: list[tuple[_RingEntry, bytes | TransportError]] = []
-        self._waiter: trio.lowlevel.Task | None = None
         self._in_batch = False  # a batch of _DEFER_FROM+ streams is being worked on
         self._deferred: list[_RingEntry] = []  # written when next_batch is called
         # Multishot RECVs with a buffer pool where the ring offers one (on
@@ -552,9 +552,29 @@ class RingMux(Mux):
         self._ahead = _MUX_RECV  # untaken bytes from which no RECV is armed
 
     def _wake(self) -> None:
-        task, self._waiter = self._waiter, None
-        if task is not None:
-            trio.lowlevel.reschedule(task)
+        """News for next_batch: wake whoever waits for it."""
+        if self._changed:  # parked behind the task that pumps
+            self._changed.unpark_all()
+        if self._pumping and trio.lowlevel.current_task() is not self._ring.pumper:
+            self._ring.kick()  # the pumping task waits for the ring only
+
+    async def _pump(self) -> None:
+        """Wait for completions and handle them, or for the task that does.
+
+        One task at a time waits on the ring (the dispatcher in next_batch,
+        or a remove while it is not there); the others park until it is
+        done, then look again.
+        """
+        if self._pumping:
+            await self._changed.park()
+            return
+        self._pumping = True
+        self._ring.claim()
+        try:
+            await self._ring.pump()
+        finally:
+            self._pumping = False
+            self._changed.unpark_all()
 
     def add(self, stream: Stream) -> None:
         fd = stream.fileno()
@@ -604,7 +624,6 @@ class RingMux(Mux):
     def _on_recv(self, e: _RingEntry, res: int) -> None:
         e.recv_uid = 0
         if e.removed:
-            self._settle(e)
             return
         if e.broken:
             return  # a send failed: the stream is over (reported once already)
@@ -644,8 +663,6 @@ class RingMux(Mux):
             e.recv_uid = 0
             e.cancelling = False
         if e.removed:
-            if final:
-                self._settle(e)
             return
         if e.broken or e.stopped:
             return  # the stream is over (reported once already)
@@ -670,17 +687,13 @@ class RingMux(Mux):
 
     def _on_readable(self, e: _RingEntry, res: int) -> None:
         e.recv_uid = 0
-        if e.removed:
-            self._settle(e)
-        else:
+        if not e.removed:
             # An error (POLLERR/POLLHUP or a failed poll) is found by the RECV.
             self._arm_if_idle(e)
 
     def _on_writable(self, e: _RingEntry, res: int) -> None:
         e.send_uid = 0
-        if e.removed:
-            self._settle(e)
-        elif not e.broken and e.out:
+        if not e.removed and not e.broken and e.out:
             self._flush(e)  # an error (POLLERR) is found by the write
 
     def _flush(self, e: _RingEntry) -> None:
@@ -718,10 +731,6 @@ class RingMux(Mux):
             if e.out and not (e.broken or e.removed or e.send_uid):
                 self._flush(e)
 
-    def _settle(self, e: _RingEntry) -> None:
-        if not e.recv_uid and not e.send_uid and e.settled is not None:
-            e.settled.set()
-
     async def remove(self, stream: Stream) -> None:
         e = self._entries.pop(stream, None)
         if e is None:
@@ -736,12 +745,12 @@ class RingMux(Mux):
         if not (e.recv_uid or e.send_uid):
             await trio.lowlevel.checkpoint()
             return
-        e.settled = trio.Event()
         for uid in (e.recv_uid, e.send_uid):
             if uid:
                 self._ring.cancel(uid)
         with trio.CancelScope(shield=True):  # the kernel must let go of the buffers
-            await e.settled.wait()
+            while e.recv_uid or e.send_uid:  # cleared by their final completions
+                await self._pump()
 
     def pause(self, stream: Stream) -> None:
         e = self._entries[stream]
@@ -790,16 +799,11 @@ class RingMux(Mux):
             self._write_deferred()
         self._in_batch = False
         await trio.lowlevel.checkpoint_if_cancelled()
+        self._ring.harvest()  # hands the pool's buffers back to the kernel
         if self._ready:
             await trio.lowlevel.cancel_shielded_checkpoint()
         while not self._ready:
-            self._waiter = trio.lowlevel.current_task()
-
-            def abort(_: object) -> trio.lowlevel.Abort:
-                self._waiter = None
-                return trio.lowlevel.Abort.SUCCEEDED
-
-            await trio.lowlevel.wait_task_rescheduled(abort)
+            await self._pump()
         taken = self._ready[:MUX_BATCH]
         del self._ready[:MUX_BATCH]
         batch: list[MuxResult] = []
@@ -820,4 +824,5 @@ class RingMux(Mux):
         if self._bufs is not None:  # every RECV has completed (remove waited)
             self._ring.drop_buffer_ring(self._bufs)
             self._bufs = None
+        self._ring.close()
         await trio.lowlevel.checkpoint()
