@@ -300,6 +300,10 @@ class TlsProxy:
 
     def close(self) -> None:
         self._closed = True
+        try:  # wakes the accept thread (close alone does not, on Linux)
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.listener.close()
         for s in self._sockets:
             try:
