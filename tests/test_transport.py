@@ -780,3 +780,51 @@ async def test_proactor_receives_by_readv_where_the_sqe_cannot_be_set(
     transport = _proactor_or_skip()
     monkeypatch.setattr(_ring, "RAW_SQE", False)
     await check(transport)
+
+
+async def test_proactor_sends_a_small_frame_without_a_ring_op_and_waits_when_full(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A control frame goes with one plain send when the socket takes it; when
+    # the socket buffer is full, what is left waits in the ring, in order.
+    from peerd.transport import _ring
+
+    transport = _proactor_or_skip()
+    ops: list[int] = []
+    perform = _ring.Ring.perform
+
+    async def counting(self: Any, steps: Any, keep: object) -> list[int]:
+        ops.append(len(steps))
+        return await perform(self, steps, keep)
+
+    a, b = await stream_pair(transport)
+    async with a, b:
+        monkeypatch.setattr(_ring.Ring, "perform", counting)
+        await a.send_all(b"frame")
+        assert ops == []
+        got = bytearray(5)
+        await b.recv_exactly_into(got)
+        assert got == b"frame"
+        # Fill the socket buffers with a plain non-blocking writer on a's fd:
+        # the next frame only partly fits, or not at all.
+        raw = socket.socket(fileno=os.dup(a.fileno()))
+        raw.setblocking(False)
+        filled = bytearray()
+        try:
+            while True:
+                block = pattern(len(filled), 65536)
+                filled += block[: raw.send(block)]
+        except BlockingIOError:
+            pass
+        finally:
+            os.close(raw.detach())  # only the duplicate fd: the connection stays
+        tail = pattern(13, 60_000)
+        out = bytearray(len(filled) + len(tail))
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(a.send_all, tail)
+                await trio.sleep(0.2)
+                assert ops, "the rest of the frame did not wait in the ring"
+                await b.recv_exactly_into(out)
+        assert out[: len(filled)] == filled
+        assert out[len(filled) :] == tail

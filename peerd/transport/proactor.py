@@ -14,7 +14,10 @@ this module maps the stream contract onto ring operations.
   ``_ring.RAW_SQE``). Where that check fails: SO_RCVLOWAT set to the bytes
   still missing (at most ``LOWAT_CAP``) and one READV with an ``Iovec`` per
   step. ``receive_some`` puts the mark back to 1 byte and is one RECV.
-* Sending: SEND + ``MSG_WAITALL`` for bytes/bytearray, WRITEV otherwise;
+* Sending: a frame of up to 64 KiB (control frames) goes with one plain
+  non-blocking ``send`` on the Trio thread when the socket takes it, as the
+  mux's replies do; what does not fit, and anything larger, is a SEND +
+  ``MSG_WAITALL`` for bytes/bytearray, WRITEV otherwise;
   ``sendfile`` is ``os.sendfile`` (no copy), waiting for POLLOUT in the ring,
   after its ``header`` sent corked (``MSG_MORE``) by a plain ``send``.
 * ``RingMux`` (many streams, one task): a multishot RECV per stream with a
@@ -68,6 +71,7 @@ _MSG_WAITALL = socket.MSG_WAITALL
 _MSG_NOSIGNAL = socket.MSG_NOSIGNAL
 _MSG_MORE = socket.MSG_MORE
 _CANCELLED = (-errno.ECANCELED, -errno.EINTR)
+_SEND_AT_ONCE = 65536  # send_all tries a plain send first up to this size
 _TCP_CLOSE = 7  # tcpi_state of a connection a reset ended
 
 
@@ -276,7 +280,23 @@ class ProactorStream(Stream):
                 await trio.lowlevel.checkpoint()
                 return
             sent = 0
-            if type(data) in (bytes, bytearray):
+            if total <= _SEND_AT_ONCE:
+                # A control frame: one plain non-blocking send on this thread
+                # nearly always takes it whole; a ring SEND would cost an
+                # SQE, a park and a wake-up for the same copy. Only the rest
+                # of one that does not fit waits in the ring.
+                await trio.lowlevel.checkpoint_if_cancelled()
+                try:
+                    sent = self._sock.send(view, _MSG_NOSIGNAL)
+                except BlockingIOError:
+                    sent = 0
+                except OSError as exc:
+                    raise stream_error(exc, "send") from exc
+                self.bytes_sent += sent
+                if sent == total:
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                    return
+            if sent == 0 and type(data) in (bytes, bytearray):
                 flags = _MSG_WAITALL | _MSG_NOSIGNAL
                 sent = await self._one(
                     _ring.L.io_uring_prep_send, (self._fd, data, flags), view, "send", _POLLOUT
