@@ -303,6 +303,38 @@ async def test_mux_remove_and_resume_from_other_tasks_while_the_dispatcher_waits
         await s.aclose()
 
 
+async def test_mux_replies_deferred_in_a_batch_go_out_while_the_dispatcher_waits_elsewhere(
+    transport: Transport,
+) -> None:
+    # Replies to a batch of several streams are held until the next
+    # next_batch; a dispatcher that awaits something else first must not
+    # hold them back.
+    pairs = [await stream_pair(transport) for _ in range(6)]
+    async with transport.open_mux() as mux:
+        for _, server in pairs:
+            mux.add(server)
+        for client, _ in pairs:
+            await client.send_all(b"ask")
+        await trio.sleep(0.1)  # every request is in
+        with trio.fail_after(5):
+            batch = await mux.next_batch()
+            while len(batch) < len(pairs):
+                batch += await mux.next_batch()
+        for stream, result in batch:
+            assert result == b"ask"
+            mux.send(stream, b"answer")
+        got = bytearray(6)
+        with trio.fail_after(5):  # no next_batch: the dispatcher waits here
+            for client, _ in pairs:
+                await client.recv_exactly_into(got)
+                assert got == b"answer"
+        for _, server in pairs:
+            await mux.remove(server)
+    for client, server in pairs:
+        await client.aclose()
+        await server.aclose()
+
+
 async def test_ring_mux_waits_for_readiness_after_eagain(
     transport: Transport, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -299,6 +299,54 @@ MUX_BATCH = 32
 MuxResult = tuple[Stream, "bytes | TransportError"]
 
 
+class SoonCall:
+    """Call ``fn`` once the current task yields, unless it is called before.
+
+    The muxes' safety net for deferred replies: a dispatcher that awaits
+    anything but ``next_batch`` still gets its replies written. Like Trio's
+    ``run_sync_soon`` but for the Trio thread itself, without its wake-up
+    socket (a write, an epoll event and a read per call): ``arm`` reschedules
+    a parked system task, which runs ``fn`` in the next scheduling pass.
+    ``fn`` must be idempotent and must not raise. ``close`` ends the task.
+    """
+
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self._fn = fn
+        self._task: trio.lowlevel.Task | None = None  # set while parked
+        self._started = self._armed = self._closed = False
+
+    def arm(self) -> None:
+        if self._closed:
+            return
+        self._armed = True
+        if not self._started:
+            self._started = True
+            trio.lowlevel.spawn_system_task(self._run, name="peerd.mux.soon")
+        elif self._task is not None:
+            task, self._task = self._task, None
+            trio.lowlevel.reschedule(task)
+
+    def close(self) -> None:
+        self._closed = True
+        if self._task is not None:
+            task, self._task = self._task, None
+            trio.lowlevel.reschedule(task)
+
+    async def _run(self) -> None:
+        while not self._closed:
+            if self._armed:
+                self._armed = False
+                self._fn()
+            else:
+                self._task = trio.lowlevel.current_task()
+                await trio.lowlevel.wait_task_rescheduled(self._abort)
+
+    def _abort(self, _: object) -> trio.lowlevel.Abort:
+        self._task = None  # the run is ending
+        self._closed = True
+        return trio.lowlevel.Abort.SUCCEEDED
+
+
 class Mux:
     """Many streams served by one task: input in batches, output queued.
 

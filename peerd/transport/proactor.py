@@ -53,6 +53,7 @@ from ._base import (
     Listener,
     Mux,
     MuxResult,
+    SoonCall,
     Stream,
     StreamClosed,
     Transport,
@@ -565,6 +566,7 @@ class RingMux(Mux):
         self._ready: list[tuple[_RingEntry, bytes | TransportError]] = []
         self._in_batch = False  # a batch of _DEFER_FROM+ streams is being worked on
         self._deferred: list[_RingEntry] = []  # written when next_batch is called
+        self._soon = SoonCall(self._write_deferred)  # should the dispatcher not ask soon
         # Multishot RECVs with a buffer pool where the ring offers one (on
         # first add); single-shot RECVs into a buffer per stream otherwise.
         self._bufs: _ring.BufferRing | None = None
@@ -807,9 +809,7 @@ class RingMux(Mux):
             if not self._deferred:
                 # Written when the caller asks for its next batch or, should
                 # it wait for anything else first, as soon as it does.
-                trio.lowlevel.current_trio_token().run_sync_soon(
-                    self._write_deferred, idempotent=True
-                )
+                self._soon.arm()
             self._deferred.append(e)
             return
         self._flush(e)
@@ -839,6 +839,7 @@ class RingMux(Mux):
         return batch
 
     async def aclose(self) -> None:
+        self._soon.close()
         for stream in list(self._entries):
             await self.remove(stream)
         if self._bufs is not None:  # every RECV has completed (remove waited)

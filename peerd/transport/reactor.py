@@ -34,6 +34,7 @@ from ._base import (
     Listener,
     Mux,
     MuxResult,
+    SoonCall,
     Stream,
     StreamClosed,
     Transport,
@@ -366,6 +367,7 @@ class EpollMux(Mux):
         self._failed: list[MuxResult] = []  # send failures, reported by next_batch
         self._in_batch = False  # a batch of _DEFER_FROM+ streams is being worked on
         self._deferred: list[_MuxEntry] = []  # written when next_batch is called
+        self._soon = SoonCall(self._write_deferred)  # should the dispatcher not ask soon
         self._wakeup = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._ep.register(self._wakeup, _EPOLLIN)
         self._parked = False  # next_batch waits for the epoll fd
@@ -430,9 +432,7 @@ class EpollMux(Mux):
             if not self._deferred:
                 # Written when the caller asks for its next batch or, should
                 # it wait for anything else first, as soon as it does.
-                trio.lowlevel.current_trio_token().run_sync_soon(
-                    self._write_deferred, idempotent=True
-                )
+                self._soon.arm()
             self._deferred.append(e)
             return
         try:
@@ -530,6 +530,7 @@ class EpollMux(Mux):
                 self._parked = False
 
     async def aclose(self) -> None:
+        self._soon.close()
         for e in list(self._entries.values()):
             self._drop(e)
         if not self._ep.closed:
