@@ -8,6 +8,7 @@ Tests of what only sockets do (resets, socket buffers, low-water marks) take
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import hashlib
 import os
@@ -828,3 +829,19 @@ async def test_proactor_sends_a_small_frame_without_a_ring_op_and_waits_when_ful
                 await b.recv_exactly_into(out)
         assert out[: len(filled)] == filled
         assert out[len(filled) :] == tail
+
+
+def test_the_raw_sqe_check_refuses_a_wrong_layout_without_crashing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Should a wheel version lay its SQE object out differently, the pointer
+    # read from it is garbage: unmapped (read through the kernel: EFAULT, no
+    # crash) or readable but not an SQE. Either way the READV path is kept.
+    from peerd.transport import _ring
+
+    _proactor_or_skip()
+    assert _ring._raw_sqe_works()
+    junk = bytearray(b"\xab" * 64)
+    for wrong in (4096, ctypes.addressof(ctypes.c_char.from_buffer(junk))):
+        monkeypatch.setattr(_ring, "_sqe_struct", lambda sqe, wrong=wrong: wrong)
+        assert not _ring._raw_sqe_works()

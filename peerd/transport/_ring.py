@@ -249,6 +249,8 @@ class Ring:
         wait for the eventfd). :meth:`kick` wakes it early.
         """
         assert self._owned and trio.lowlevel.current_task() is self.pumper
+        if self._closed:
+            raise RuntimeError("io_uring ring is closed")
         # The eventfd is signalled only while the owner is parked here: a
         # signal per completion costs the kernel a wake-up of epoll each.
         self._submit()
@@ -257,9 +259,10 @@ class Ring:
             L.io_uring_get_events(self._ring)
         if not L.io_uring_cq_ready(self._ring):  # none came in before the toggle
             try:
-                await trio.lowlevel.wait_readable(self._efd)
+                await trio.lowlevel.wait_readable(self._efd)  # close() ends it too
             finally:
-                L.io_uring_cq_eventfd_toggle(self._ring, False)
+                if not self._closed:  # the ring's memory is gone once closed
+                    L.io_uring_cq_eventfd_toggle(self._ring, False)
         else:
             L.io_uring_cq_eventfd_toggle(self._ring, False)
             await trio.lowlevel.checkpoint()
@@ -579,27 +582,56 @@ def _sqe_struct(sqe: Any) -> int:
     return ctypes.c_void_p.from_address(id(sqe) + 16).value or 0
 
 
+def _read_memory(address: int, n: int) -> bytes | None:
+    """``n`` bytes at ``address``, or None if it is not readable (no crash:
+    the kernel reads it for a ``write`` into a pipe and says EFAULT)."""
+    r, w = os.pipe()
+    try:
+        if _libc.write(w, ctypes.c_void_p(address), n) != n:
+            return None
+        return os.read(r, n)
+    finally:
+        os.close(r)
+        os.close(w)
+
+
 def _raw_sqe_works() -> bool:
+    """Whether ``prep_recv_at`` may write into the SQEs of this wheel.
+
+    On an SQE of a scratch ring: prepare a RECV the wheel's way, then read
+    the io_uring_sqe our pointer names (through the kernel, so a wrong
+    pointer cannot crash) and compare it with what was prepared and with
+    the wheel's own getters.
+    """
     if L is None:
         return False
+    ring = L.Ring()
     try:
-        sqe = L.Sqe()
+        L.io_uring_queue_init(2, ring, 0)
+    except OSError:
+        return False
+    try:
+        sqe = L.io_uring_get_sqe(ring)
         probe_buf = bytearray(100)
         L.io_uring_prep_recv(sqe, 7, probe_buf, 0x100)
         address = _sqe_struct(sqe)
-        if not address:
+        raw = _read_memory(address, _SQE_HEAD.size) if address else None
+        if raw is None:
             return False
-        head = _SQE_HEAD.unpack(ctypes.string_at(address, _SQE_HEAD.size))
+        head = _SQE_HEAD.unpack(raw)
         buf_address = ctypes.addressof(ctypes.c_char.from_buffer(probe_buf))
-        return head[0] == int(L.io_uring_op.IORING_OP_RECV) and head[3:] == (
-            7,
-            0,
-            buf_address,
-            100,
-            0x100,
+        recv = int(L.io_uring_op.IORING_OP_RECV)
+        wheel = (sqe.opcode, sqe.fd, sqe.len)
+        L.io_uring_prep_nop(sqe)  # never submitted; the ring is torn down below
+        return (
+            head[0] == recv
+            and head[3:] == (7, 0, buf_address, 100, 0x100)
+            and wheel == (recv, 7, 100)
         )
     except Exception:  # any surprise: not the layout we know
         return False
+    finally:
+        L.io_uring_queue_exit(ring)
 
 
 RAW_SQE = _raw_sqe_works()
