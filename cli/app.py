@@ -18,16 +18,17 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
-import trio
 import typer
 
 from cli.config import Config
 from peerd.app.link import Link, format_address, is_link, parse_address, parse_link
 from peerd.content.identity import Identity, parse_public_key, peer_home
 from peerd.errors import PeerError
-from peerd.node.ratelimit import parse_rate, parse_size
+from peerd.units import parse_rate, parse_size
 
 if TYPE_CHECKING:
+    import trio
+
     from peerd.node.node import Node
 
 app = typer.Typer(
@@ -245,6 +246,8 @@ def run_trio(main: Callable[[], Awaitable[Any]], *, interrupt_ok: bool = False) 
     With ``interrupt_ok`` a signal is a normal way to stop (seeding); otherwise
     it is an error (exit 130).
     """
+    import trio
+
     interrupted = False
 
     async def wrapper() -> Any:
@@ -388,6 +391,8 @@ def cmd_share(
     verbose: VerboseOpt = False,
 ) -> None:
     """Share a file or a directory: print a link (first line of stdout), then seed until Ctrl-C."""
+    import trio
+
     setup_logging(verbose)
     from peerd.app.share import share_file
     from peerd.transport import is_wildcard
@@ -518,6 +523,8 @@ def cmd_get(
     it afterwards) and this command shows its progress; Ctrl-C asks whether
     to leave it running there.
     """
+    import trio
+
     setup_logging(verbose)
     json_errors(as_json and output_text != "-")  # with -o -, stdout is the content
     import mmap
@@ -682,7 +689,7 @@ def _get_via_daemon(
             (a :class:`cli.remote.Failure` carries its exit code).
     """
     from cli.remote import daemon_status, follow_download, given, refuse_daemon_flags
-    from peerd.app.daemon import control_request
+    from peerd.app.control import control_request
 
     home = peer_home()
     daemon = daemon_status(home)
@@ -867,6 +874,8 @@ def cmd_stream(
     verbose: VerboseOpt = False,
 ) -> None:
     """Serve a content over HTTP (with Range: players can seek) while it downloads."""
+    import trio
+
     setup_logging(verbose)
     from peerd.app.download import close_store, obtain_manifest, resolve_id, tree_not_streamable
     from peerd.app.http_stream import HttpStreamer
@@ -938,6 +947,8 @@ def cmd_info(
     verbose: VerboseOpt = False,
 ) -> None:
     """Say what a getter would get (name, size, chunks, hash, signer) without downloading."""
+    import trio
+
     setup_logging(verbose)
     json_errors(as_json)
     from peerd.app.download import obtain_manifest, resolve_id
@@ -1205,7 +1216,7 @@ def _detach_daemon(home: Path, verbose: bool) -> int:
 
 
 def _control(request: dict[str, Any]) -> dict[str, Any]:
-    from peerd.app.daemon import control_request
+    from peerd.app.control import control_request
 
     try:
         reply = control_request(peer_home(), request)

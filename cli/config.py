@@ -23,7 +23,7 @@ from typing import Any
 
 from peerd.app.link import parse_address
 from peerd.errors import PeerError
-from peerd.node.ratelimit import parse_rate
+from peerd.units import parse_rate
 
 __all__ = ["CONFIG_NAME", "Config", "load_config"]
 

@@ -13,8 +13,7 @@ from typing import Any
 
 import typer
 
-from peerd.app.daemon import control_request
-from peerd.app.progress import PolledProgress
+from peerd.app.control import control_request
 from peerd.errors import PeerError
 
 __all__ = ["Failure", "daemon_status", "follow_download", "refuse_daemon_flags"]
@@ -93,6 +92,8 @@ def follow_download(home: Path, cid: str, *, show: bool, stall_timeout: float) -
         Failure: it failed, was paused or removed, made no progress for
             ``stall_timeout`` s (it stays in the daemon), or Ctrl-C.
     """
+    from peerd.app.progress import PolledProgress
+
     short = cid[:16]
     view = PolledProgress(enabled=show)
     started = time.monotonic()

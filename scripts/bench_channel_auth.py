@@ -64,7 +64,7 @@ import blake3
 import cryptography
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
-from peerd.node.ratelimit import parse_size
+from peerd.units import parse_size
 
 MiB = 1 << 20
 TAG = 16

@@ -29,7 +29,7 @@ from rich.console import Console
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from swarm import SwarmError, remove_work, run_swarm
 
-from peerd.node.ratelimit import parse_size
+from peerd.units import parse_size
 
 
 def t_min(size: int, seeder_rate: float, leecher_rates: list[float]) -> float:

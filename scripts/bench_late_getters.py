@@ -27,7 +27,7 @@ from pathlib import Path
 
 from bench_swarm import free_port, wait_port  # scripts/ is this script's first path entry
 
-from peerd.node.ratelimit import parse_size
+from peerd.units import parse_size
 
 PY = sys.executable
 

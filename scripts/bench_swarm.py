@@ -28,7 +28,7 @@ from pathlib import Path
 
 import blake3
 
-from peerd.node.ratelimit import parse_size
+from peerd.units import parse_size
 
 PY = sys.executable
 MiB = 1 << 20

@@ -37,7 +37,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, Trans
 from rich.table import Table
 
 from peerd.content.manifest import default_chunk_size
-from peerd.node.ratelimit import parse_size
+from peerd.units import parse_size
 
 PY = sys.executable
 
