@@ -681,6 +681,13 @@ async def test_sendfile_waiting_on_a_full_socket_is_cancellable(
         os.close(fd)
 
 
+async def _trickle(stream: Stream, data: bytes, step: int, pause: float) -> None:
+    """Send ``data`` in ``step``-byte pieces, ``pause`` seconds apart."""
+    for i in range(0, len(data), step):
+        await stream.send_all(data[i : i + step])
+        await trio.sleep(pause)
+
+
 async def test_exact_receive_of_a_trickle_then_small_receive_returns_promptly(
     transport: Transport,
 ) -> None:
@@ -691,15 +698,9 @@ async def test_exact_receive_of_a_trickle_then_small_receive_returns_promptly(
     data = pattern(9, 700 * 1024)
     async with a, b:
         got = bytearray(len(data))
-
-        async def trickle() -> None:
-            for i in range(0, len(data), 100 * 1024):
-                await a.send_all(data[i : i + 100 * 1024])
-                await trio.sleep(0.02)
-
         with trio.fail_after(10):
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(trickle)
+                nursery.start_soon(_trickle, a, data, 100 * 1024, 0.02)
                 await b.recv_exactly_into(got)
         assert got == data
 
@@ -721,6 +722,24 @@ async def test_exact_receive_of_a_trickle_then_small_receive_returns_promptly(
 # --- the proactor's receive paths ----------------------------------------------------
 
 
+def _count_ring_ops(
+    monkeypatch: pytest.MonkeyPatch, task: trio.lowlevel.Task | None = None
+) -> list[int]:
+    """From now on, the SQE count of every ring operation (of ``task`` only, if given)."""
+    from peerd.transport import _ring
+
+    ops: list[int] = []
+    perform = _ring.Ring.perform
+
+    async def counting(self: Any, steps: Any, keep: object) -> list[int]:
+        if task is None or trio.lowlevel.current_task() is task:
+            ops.append(len(steps))
+        return await perform(self, steps, keep)
+
+    monkeypatch.setattr(_ring.Ring, "perform", counting)
+    return ops
+
+
 async def test_proactor_receives_a_whole_buffer_in_one_ring_op(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -733,32 +752,17 @@ async def test_proactor_receives_a_whole_buffer_in_one_ring_op(
 
     transport = _proactor_or_skip()
     assert _ring.RAW_SQE, "the liburing wheel's SQE layout changed: receives fall back to READV"
-    ops: list[int] = []
-    perform = _ring.Ring.perform
-    receiver = trio.lowlevel.current_task()
-
-    async def counting(self: Any, steps: Any, keep: object) -> list[int]:
-        if trio.lowlevel.current_task() is receiver:  # not the sender's ops
-            ops.append(len(steps))
-        return await perform(self, steps, keep)
-
     a, b = await stream_pair(transport)
     data = pattern(11, 2 * MiB)
     async with a, b:
         buf = mmap.mmap(-1, 3 * MiB)
-
-        async def trickle() -> None:
-            for i in range(0, len(data), 256 * 1024):
-                await a.send_all(data[i : i + 256 * 1024])
-                await trio.sleep(0.01)
-
         with trio.fail_after(10):
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(trickle)
+                nursery.start_soon(_trickle, a, data, 256 * 1024, 0.01)
                 await trio.testing.wait_all_tasks_blocked()
-                monkeypatch.setattr(_ring.Ring, "perform", counting)
+                # Only this task's operations: not the sender's.
+                ops = _count_ring_ops(monkeypatch, trio.lowlevel.current_task())
                 await b.recv_exactly_into(memoryview(buf)[MiB:])
-                monkeypatch.setattr(_ring.Ring, "perform", perform)
         assert ops == [1]
         assert buf[MiB:] == data
         buf.close()  # BufferError if the receive still exported it
@@ -788,19 +792,11 @@ async def test_proactor_sends_a_small_frame_without_a_ring_op_and_waits_when_ful
 ) -> None:
     # A control frame goes with one plain send when the socket takes it; when
     # the socket buffer is full, what is left waits in the ring, in order.
-    from peerd.transport import _ring
 
     transport = _proactor_or_skip()
-    ops: list[int] = []
-    perform = _ring.Ring.perform
-
-    async def counting(self: Any, steps: Any, keep: object) -> list[int]:
-        ops.append(len(steps))
-        return await perform(self, steps, keep)
-
     a, b = await stream_pair(transport)
     async with a, b:
-        monkeypatch.setattr(_ring.Ring, "perform", counting)
+        ops = _count_ring_ops(monkeypatch)
         await a.send_all(b"frame")
         assert ops == []
         got = bytearray(5)
