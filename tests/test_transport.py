@@ -13,6 +13,7 @@ import functools
 import hashlib
 import os
 import resource
+import select
 import socket
 import struct
 from collections.abc import Iterator
@@ -825,6 +826,31 @@ async def test_proactor_sends_a_small_frame_without_a_ring_op_and_waits_when_ful
                 await b.recv_exactly_into(out)
         assert out[: len(filled)] == filled
         assert out[len(filled) :] == tail
+
+
+async def test_proactor_receives_what_is_there_without_a_ring_op_and_waits_in_the_ring(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # receive_some takes bytes already queued with one plain recv; only a
+    # receive that has to wait for them is a ring operation.
+    transport = _proactor_or_skip()
+    a, b = await stream_pair(transport)
+    async with a, b:
+        ops = _count_ring_ops(monkeypatch)
+        await a.send_all(b"header")
+        assert select.select([b.fileno()], [], [], 5)[0], "loopback did not deliver"
+        assert await b.receive_some(100) == b"header"
+        assert ops == []
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+
+                async def later() -> None:
+                    await trio.sleep(0.05)
+                    await a.send_all(b"later")
+
+                nursery.start_soon(later)
+                assert await b.receive_some(100) == b"later"
+        assert ops == [1]
 
 
 def test_the_raw_sqe_check_refuses_a_wrong_layout_without_crashing(

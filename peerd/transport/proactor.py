@@ -13,7 +13,9 @@ this module maps the stream contract onto ring operations.
   the buffer's afterwards (``_ring.prep_recv_at``, its layout checked once:
   ``_ring.RAW_SQE``). Where that check fails: SO_RCVLOWAT set to the bytes
   still missing (at most ``LOWAT_CAP``) and one READV with an ``Iovec`` per
-  step. ``receive_some`` puts the mark back to 1 byte and is one RECV.
+  step. ``receive_some`` puts the mark back to 1 byte and tries one plain
+  non-blocking ``recv`` on the Trio thread first; only a receive that has to
+  wait is a RECV in the ring.
 * Sending: a frame of up to 64 KiB (control frames) goes with one plain
   non-blocking ``send`` on the Trio thread when the socket takes it, as the
   mux's replies do; what does not fit, and anything larger, is a SEND +
@@ -164,6 +166,23 @@ class ProactorStream(Stream):
         if not view:
             await trio.lowlevel.checkpoint()
             return 0
+        # What is already there (a DATA header, the next control frame)
+        # comes with one plain non-blocking recv on this thread; a ring RECV
+        # would cost an SQE, a park and a wake-up for the same copy. Only a
+        # receive that has to wait goes to the ring.
+        await trio.lowlevel.checkpoint_if_cancelled()
+        n = -1
+        if not self._closed:  # closed: the ring path says so
+            try:
+                n = self._sock.recv_into(view)
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                raise stream_error(exc, "recv") from exc
+        if n >= 0:
+            self.bytes_received += n
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return n
         whole = _whole_bytearray(view)
         if whole is not None:
             n = await self._one(
