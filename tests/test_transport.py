@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import itertools
 import os
 import resource
 import select
@@ -769,23 +770,32 @@ async def test_proactor_receives_a_whole_buffer_in_one_ring_op(
         buf.close()  # BufferError if the receive still exported it
 
 
+_FALLBACK_CHECKS = [
+    ("RAW_SQE", test_peer_closes_mid_transfer),
+    ("RAW_SQE", test_cancel_mid_receive_then_reuse_buffer),
+    ("RAW_SQE", test_exact_receive_of_a_trickle_then_small_receive_returns_promptly),
+    ("SUBMIT_RELEASES_GIL", test_peer_closes_mid_transfer),
+    ("SUBMIT_RELEASES_GIL", test_cancel_mid_receive_then_reuse_buffer),
+]
+
+
 @pytest.mark.parametrize(
-    "check",
-    [
-        test_peer_closes_mid_transfer,
-        test_cancel_mid_receive_then_reuse_buffer,
-        test_exact_receive_of_a_trickle_then_small_receive_returns_promptly,
-    ],
-    ids=lambda f: f.__name__.removeprefix("test_"),
+    ("switch", "check"),
+    _FALLBACK_CHECKS,
+    ids=[f"no {k}-{f.__name__.removeprefix('test_')}" for k, f in _FALLBACK_CHECKS],
 )
-async def test_proactor_receives_by_readv_where_the_sqe_cannot_be_set(
-    monkeypatch: pytest.MonkeyPatch, check: Any
+async def test_proactor_works_where_a_wheel_layout_check_fails(
+    monkeypatch: pytest.MonkeyPatch, switch: str, check: Any
 ) -> None:
+    # RAW_SQE off: receives are READV steps; SUBMIT_RELEASES_GIL off: the
+    # wheel's own submit (holding the GIL).
     from peerd.transport import _ring
 
     transport = _proactor_or_skip()
-    monkeypatch.setattr(_ring, "RAW_SQE", False)
+    monkeypatch.setattr(_ring, switch, False)
     await check(transport)
+    if switch == "SUBMIT_RELEASES_GIL":
+        assert _ring.current_ring()._struct == 0
 
 
 async def test_proactor_sends_a_small_frame_without_a_ring_op_and_waits_when_full(
@@ -853,17 +863,112 @@ async def test_proactor_receives_what_is_there_without_a_ring_op_and_waits_in_th
         assert ops == [1]
 
 
-def test_the_raw_sqe_check_refuses_a_wrong_layout_without_crashing(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # Should a wheel version lay its SQE object out differently, the pointer
-    # read from it is garbage: unmapped (read through the kernel: EFAULT, no
-    # crash) or readable but not an SQE. Either way the READV path is kept.
+def _longest_pause_during(submit: Any) -> tuple[float, float]:
+    """Run ``submit()`` while another thread runs Python; return the longest
+    pause of that thread during the call and the call's duration (s)."""
+    import threading
+    import time
+
+    stamps: list[float] = []
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            stamps.append(time.perf_counter())
+
+    thread = threading.Thread(target=spin)
+    thread.start()
+    try:
+        while len(stamps) < 1000:  # running
+            time.sleep(0.001)
+        t0 = time.perf_counter()
+        submit()
+        t1 = time.perf_counter()
+    finally:
+        stop.set()
+        thread.join()
+    inside = [t0] + [t for t in stamps if t0 < t < t1] + [t1]
+    return max(b - a for a, b in itertools.pairwise(inside)), t1 - t0
+
+
+def test_the_ring_submits_without_holding_the_gil() -> None:
+    # The kernel does the proactor's receives inside io_uring_submit; another
+    # Python thread (a getter's hashing and writing) must run meanwhile. A
+    # long submit: 16 READVs of 64 MiB from /dev/zero, done inline. With the
+    # wheel's own submit the other thread stalls for the whole call.
+    import mmap
+
+    import liburing as L
+
     from peerd.transport import _ring
 
     _proactor_or_skip()
-    assert _ring._raw_sqe_works()
-    junk = bytearray(b"\xab" * 64)
+    assert _ring.SUBMIT_RELEASES_GIL, "the wheel's layout changed: submits hold the GIL"
+    ring = L.Ring()
+    L.io_uring_queue_init(32, ring, 0)
+    buf = mmap.mmap(-1, 64 * MiB)
+    zero = os.open("/dev/zero", os.O_RDONLY)
+    view = memoryview(buf)
+    cqe = L.Cqe()
+    iovs = []
+
+    def prepare() -> None:
+        for _ in range(16):
+            iovs.append(L.Iovec([view]))
+            L.io_uring_prep_readv(L.io_uring_get_sqe(ring), zero, iovs[-1], 0)
+
+    def reap() -> None:
+        for _ in range(16):
+            L.io_uring_wait_cqe(ring, cqe)
+            assert cqe[0].res > 0  # the kernel may stop a read of /dev/zero early
+            L.io_uring_cqe_seen(ring, cqe[0])
+        iovs.clear()
+
+    try:
+        address = _ring._wheel_pointer(ring)
+        for _attempt in range(3):  # a busy machine may pause the thread anyway
+            prepare()
+            pause, took = _longest_pause_during(lambda: _ring._submit_releasing_gil(address))
+            reap()
+            if pause < took / 2:
+                break
+        else:
+            pytest.fail(f"another thread paused {pause * 1e3:.0f} of {took * 1e3:.0f} ms")
+        prepare()
+        pause, took = _longest_pause_during(lambda: L.io_uring_submit(ring))
+        reap()
+        assert pause > took / 2  # the wheel's call: the measure can tell
+    finally:
+        os.close(zero)
+        L.io_uring_queue_exit(ring)
+
+
+async def test_proactor_rings_use_the_gil_free_submit() -> None:
+    from peerd.transport import _ring
+
+    _proactor_or_skip()
+    ring = _ring.current_ring()
+    assert ring._struct and ring._struct == _ring._wheel_pointer(ring._ring)
+
+
+@pytest.mark.parametrize(
+    ("check", "pointer"),
+    [("_raw_sqe_works", "_sqe_struct"), ("_submit_without_gil_works", "_wheel_pointer")],
+    ids=["raw SQE", "GIL-free submit"],
+)
+def test_a_layout_check_refuses_a_wrong_layout_without_crashing(
+    monkeypatch: pytest.MonkeyPatch, check: str, pointer: str
+) -> None:
+    # Should a wheel version lay its objects out differently, the pointer
+    # read from one is garbage: unmapped (read through the kernel: EFAULT, no
+    # crash) or readable but not the struct. Either way the wheel's own path
+    # is kept (READV receives; the GIL-holding submit).
+    from peerd.transport import _ring
+
+    _proactor_or_skip()
+    works = getattr(_ring, check)
+    assert works()
+    junk = bytearray(b"\xab" * 600)
     for wrong in (4096, ctypes.addressof(ctypes.c_char.from_buffer(junk))):
-        monkeypatch.setattr(_ring, "_sqe_struct", lambda sqe, wrong=wrong: wrong)
-        assert not _ring._raw_sqe_works()
+        monkeypatch.setattr(_ring, pointer, lambda obj, wrong=wrong: wrong)
+        assert not works()

@@ -15,7 +15,10 @@ docs/ARCHITECTURE.md, "The io_uring ring"):
 * Cancellation: submit ``ASYNC_CANCEL`` and return ``Abort.FAILED``; the task
   stays parked until its op's own CQE, so the kernel is done with the buffer
   before the caller runs again.
-* liburing never releases the GIL, so nothing here ever blocks in the ring.
+* The wheel's liburing calls never release the GIL, so nothing here ever
+  blocks in the ring. The submit is liburing's C function called through
+  ctypes instead, which releases it: the kernel's receive work done in that
+  call does not stall the process's other threads (``SUBMIT_RELEASES_GIL``).
 * An *owned* ring (``Ring(owned=True)``, the proactor's mux) has neither
   system task: its owner submits, harvests and parks on the eventfd itself
   (``harvest``, ``pump``), and the eventfd is on only while it is parked.
@@ -165,6 +168,9 @@ class Ring:
         # DEFER_TASKRUN: completions are posted only when this thread asks
         # (io_uring_get_events); the eventfd still fires when work is queued.
         self._defer = bool(self.flags & L.IORING_SETUP_DEFER_TASKRUN)
+        # The ring's struct io_uring, for a submit that releases the GIL
+        # (0: the wheel's own submit; see SUBMIT_RELEASES_GIL).
+        self._struct = _wheel_pointer(self._ring) if SUBMIT_RELEASES_GIL else 0
         self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         L.io_uring_register_eventfd(self._ring, self._efd)
         if owned:  # signalled only while the owner waits (pump)
@@ -217,6 +223,14 @@ class Ring:
             self._unsubmitted = 0
             if self._defer:
                 L.io_uring_submit_and_get_events(self._ring)
+            elif self._struct and _submit_releasing_gil is not None:
+                # The kernel runs the receives it can complete, and the
+                # retries queued for this thread, inside this call: copies
+                # that other Python threads (hashing, writing) need not wait
+                # for. The wheel's own call holds the GIL throughout.
+                res = _submit_releasing_gil(self._struct)
+                if res < 0:
+                    raise OSError(-res, os.strerror(-res))
             else:
                 L.io_uring_submit(self._ring)
 
@@ -577,9 +591,13 @@ _SQE_HEAD = struct.Struct("=BBHiQQII")  # opcode, flags, ioprio, fd, off, addr, 
 _NO_BYTES = bytearray()
 
 
-def _sqe_struct(sqe: Any) -> int:
-    """The address of the io_uring_sqe a wheel SQE object stands for."""
-    return ctypes.c_void_p.from_address(id(sqe) + 16).value or 0
+def _wheel_pointer(obj: Any) -> int:
+    """The C struct a wheel object (Sqe, Ring) stands for: its pointer sits
+    right after the object header."""
+    return ctypes.c_void_p.from_address(id(obj) + 16).value or 0
+
+
+_sqe_struct = _wheel_pointer  # the io_uring_sqe of a wheel SQE object
 
 
 def _read_memory(address: int, n: int) -> bytes | None:
@@ -603,6 +621,11 @@ def _raw_sqe_works() -> bool:
     pointer cannot crash) and compare it with what was prepared and with
     the wheel's own getters.
     """
+    return _check_on_scratch_ring(_raw_sqe_layout)
+
+
+def _check_on_scratch_ring(check: Callable[[Any], bool]) -> bool:
+    """``check(ring)`` on a 2-entry ring of its own; False on any surprise."""
     if L is None:
         return False
     ring = L.Ring()
@@ -611,30 +634,92 @@ def _raw_sqe_works() -> bool:
     except OSError:
         return False
     try:
-        sqe = L.io_uring_get_sqe(ring)
-        probe_buf = bytearray(100)
-        L.io_uring_prep_recv(sqe, 7, probe_buf, 0x100)
-        address = _sqe_struct(sqe)
-        raw = _read_memory(address, _SQE_HEAD.size) if address else None
-        if raw is None:
-            return False
-        head = _SQE_HEAD.unpack(raw)
-        buf_address = ctypes.addressof(ctypes.c_char.from_buffer(probe_buf))
-        recv = int(L.io_uring_op.IORING_OP_RECV)
-        wheel = (sqe.opcode, sqe.fd, sqe.len)
-        L.io_uring_prep_nop(sqe)  # never submitted; the ring is torn down below
-        return (
-            head[0] == recv
-            and head[3:] == (7, 0, buf_address, 100, 0x100)
-            and wheel == (recv, 7, 100)
-        )
+        return check(ring)
     except Exception:  # any surprise: not the layout we know
         return False
     finally:
         L.io_uring_queue_exit(ring)
 
 
+def _raw_sqe_layout(ring: Any) -> bool:
+    sqe = L.io_uring_get_sqe(ring)
+    probe_buf = bytearray(100)
+    L.io_uring_prep_recv(sqe, 7, probe_buf, 0x100)
+    address = _sqe_struct(sqe)
+    raw = _read_memory(address, _SQE_HEAD.size) if address else None
+    if raw is None:
+        return False
+    head = _SQE_HEAD.unpack(raw)
+    buf_address = ctypes.addressof(ctypes.c_char.from_buffer(probe_buf))
+    recv = int(L.io_uring_op.IORING_OP_RECV)
+    wheel = (sqe.opcode, sqe.fd, sqe.len)
+    L.io_uring_prep_nop(sqe)  # never submitted; the ring is torn down after
+    return (
+        head[0] == recv and head[3:] == (7, 0, buf_address, 100, 0x100) and wheel == (recv, 7, 100)
+    )
+
+
 RAW_SQE = _raw_sqe_works()
+
+
+# Submitting without the GIL. The wheel's functions hold the GIL even in the
+# system call, and io_uring_submit is where the kernel does most of the
+# proactor's receiving: the receives that can complete at once, and (with
+# COOP_TASKRUN) the retries queued for this thread, run on its way back. A
+# getter's hashing and writing threads then wait for the GIL while the kernel
+# copies. The wheel's shared object exports liburing's C io_uring_submit;
+# ctypes calls it with the GIL released, given the ring's struct io_uring,
+# whose pointer the wheel's Ring object holds after its header. Checked once
+# per process on a scratch ring, through the kernel like RAW_SQE: the pointer
+# must name memory holding that ring's flags, fd and features in liburing's
+# order. Where the check fails, the wheel's own submit stays.
+_RING_FIELDS = struct.Struct("=IiI")  # struct io_uring: flags, ring_fd, features
+
+
+def _find_submit() -> Callable[[int], int] | None:
+    if L is None:
+        return None
+    try:
+        lib = ctypes.CDLL(os.path.join(os.path.dirname(L.__file__), "liburing.so"))
+        submit = lib.io_uring_submit
+    except (OSError, AttributeError):
+        return None
+    submit.argtypes = [ctypes.c_void_p]
+    submit.restype = ctypes.c_int
+    return submit  # type: ignore[no-any-return]
+
+
+def _names_ring(address: int, ring: Any) -> bool:
+    """Whether ``address`` holds ``ring``'s struct io_uring (read through the kernel)."""
+    raw = _read_memory(address, 512) if address else None
+    if raw is None:
+        return False
+    fields = _RING_FIELDS.pack(ring.flags, ring.ring_fd, ring.features)
+    found = [k for k in range(0, 512 - 12, 4) if raw[k : k + 12] == fields]
+    return len(found) == 1
+
+
+def _submit_without_gil_works() -> bool:
+    return _submit_releasing_gil is not None and _check_on_scratch_ring(_submits_through_c)
+
+
+def _submits_through_c(ring: Any) -> bool:
+    assert _submit_releasing_gil is not None
+    address = _wheel_pointer(ring)
+    if not _names_ring(address, ring):
+        return False
+    # One NOP through the C call: it must be submitted and complete.
+    L.io_uring_prep_nop(L.io_uring_get_sqe(ring))
+    if _submit_releasing_gil(address) != 1:
+        return False
+    cqe = L.Cqe()
+    L.io_uring_peek_cqe(ring, cqe)  # BlockingIOError if it did not run
+    L.io_uring_cqe_seen(ring, cqe[0])
+    return True
+
+
+_submit_releasing_gil = _find_submit()
+SUBMIT_RELEASES_GIL = _submit_without_gil_works()
 
 
 def buffer_address(view: memoryview) -> tuple[Any, int]:
