@@ -6,13 +6,14 @@ this module maps the stream contract onto ring operations.
 * Sockets stay non-blocking. io_uring's recv/send wait for readiness inside
   the kernel; an op that still returns -EAGAIN waits with ``POLL_ADD`` and
   is retried. Non-blocking is what lets ``sendfile`` run on the Trio thread.
-* Receiving: ``recv_exactly_into`` (the bulk path) is one RECV with
-  ``MSG_WAITALL`` for the whole buffer: the kernel gathers it, retrying on
-  each arrival, and the Trio thread wakes once per call. liburing's
+* Receiving: ``recv_exactly_into`` (the bulk path) works in the reactor's
+  steps: SO_RCVLOWAT is set to the bytes still missing (at most
+  ``LOWAT_CAP``) and one RECV takes what is there, or waits inside io_uring
+  until the mark is reached, so the task wakes about once per 512 KiB and
+  the sender is not woken for every segment drained. liburing's
   ``prep_recv`` takes only a whole bytearray, so the SQE's address is set to
   the buffer's afterwards (``_ring.prep_recv_at``, its layout checked once:
-  ``_ring.RAW_SQE``). Where that check fails: SO_RCVLOWAT set to the bytes
-  still missing (at most ``LOWAT_CAP``) and one READV with an ``Iovec`` per
+  ``_ring.RAW_SQE``); where that check fails, a READV with an ``Iovec`` per
   step. ``receive_some`` puts the mark back to 1 byte and tries one plain
   non-blocking ``recv`` on the Trio thread first; only a receive that has to
   wait is a RECV in the ring.
@@ -75,7 +76,6 @@ _MSG_NOSIGNAL = socket.MSG_NOSIGNAL
 _MSG_MORE = socket.MSG_MORE
 _CANCELLED = (-errno.ECANCELED, -errno.EINTR)
 _SEND_AT_ONCE = 65536  # send_all tries a plain send first up to this size
-_TCP_CLOSE = 7  # tcpi_state of a connection a reset ended
 
 
 def _whole_bytearray(buf: Any) -> bytearray | None:
@@ -210,77 +210,45 @@ class ProactorStream(Stream):
             self._lowat = lowat
 
     async def recv_exactly_into(self, buf: Any) -> None:
-        # One RECV + MSG_WAITALL, or SO_RCVLOWAT steps; see "Receiving" in the module doc.
+        # Steps as the reactor's: the low-water mark is set to the bytes still
+        # missing (at most LOWAT_CAP), and one op takes what is there; if
+        # nothing is, it waits (inside io_uring for a RECV) until the mark is
+        # reached. The mark never exceeds what the peer still owes, so it
+        # cannot wait for bytes that will not come. See "Receiving" in the
+        # module doc.
         self._begin(False)
         try:
             view = memoryview(buf).cast("B")
-            if not view:
+            total = len(view)
+            if not total:
                 await trio.lowlevel.checkpoint()
-            elif _ring.RAW_SQE:
-                await self._recv_waitall(view)
-            else:
-                await self._recv_steps(view)
+                return
+            export, address = _ring.buffer_address(view) if _ring.RAW_SQE else (None, 0)
+            got = 0
+            try:
+                while got < total:
+                    self._set_lowat(min(total - got, LOWAT_CAP))
+                    if export is not None:
+                        args: tuple[Any, ...] = (self._fd, address + got, total - got, 0)
+                        n = await self._one(_ring.prep_recv_at, args, export, "recv", _POLLIN)
+                    else:  # READV honours O_NONBLOCK: _one waits for POLLIN
+                        rest = view[got:]
+                        iov = _ring.L.Iovec([rest])
+                        n = await self._one(
+                            _ring.L.io_uring_prep_readv,
+                            (self._fd, iov),
+                            (rest, iov),
+                            "recv",
+                            _POLLIN,
+                        )
+                    self.bytes_received += n
+                    if n == 0:
+                        raise eof_error(got, total)
+                    got += n
+            finally:
+                del export  # a traceback must not keep the buffer exported
         finally:
             self._receiving = False
-
-    async def _recv_waitall(self, view: memoryview) -> None:
-        # The kernel gathers the whole buffer, retrying on each arrival by
-        # itself: one operation (one park and wake-up of this task) per call.
-        # The low-water mark must be 1 byte: a larger one could hold back the
-        # wake-up for the last bytes after a partial read inside the kernel.
-        self._set_lowat(1)
-        total = len(view)
-        got = 0
-        export, address = _ring.buffer_address(view)
-        try:
-            while got < total:  # again only after EOF, a signal or a cancel
-                n = await self._one(
-                    _ring.prep_recv_at,
-                    (self._fd, address + got, total - got, _MSG_WAITALL),
-                    export,
-                    "recv",
-                    _POLLIN,
-                )
-                self.bytes_received += n
-                if n == 0:
-                    raise self._reset_error() or eof_error(got, total)
-                got += n
-        finally:
-            del export  # a traceback must not keep the buffer exported
-
-    def _reset_error(self) -> TransportError | None:
-        """A reset, when it ended the connection and went unreported.
-
-        A reset after part of a MSG_WAITALL receive is swallowed: the kernel
-        returns the bytes it got, and the next receive sees only EOF. The
-        socket's state tells the two apart (a FIN leaves it in CLOSE_WAIT, a
-        reset in CLOSE), as long as this side sent no FIN of its own.
-        """
-        if self._eof_sent or self._closed:
-            return None
-        try:
-            state = self._sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
-        except OSError:
-            return None
-        if state != _TCP_CLOSE:
-            return None
-        return stream_error(OSError(errno.ECONNRESET, os.strerror(errno.ECONNRESET)), "recv")
-
-    async def _recv_steps(self, view: memoryview) -> None:
-        total = len(view)
-        got = 0
-        L = _ring.L
-        while got < total:
-            self._set_lowat(min(total - got, LOWAT_CAP))
-            rest = view[got:]
-            iov = L.Iovec([rest])
-            n = await self._one(
-                L.io_uring_prep_readv, (self._fd, iov), (rest, iov), "recv", _POLLIN
-            )
-            self.bytes_received += n
-            if n == 0:
-                raise eof_error(got, total)
-            got += n
 
     # -- sending ---------------------------------------------------------------------
     async def _closed_for_sending(self, what: str) -> None:
