@@ -31,9 +31,12 @@ pytestmark = pytest.mark.parametrize("backend", ["reactor", "proactor"])
 
 CHUNK = 32 * 1024
 SIZE = 1536 * 1024 + 1000  # 49 chunks, the last one short
-# The sharer pushes one copy in ~6 s, longer than the getters' start-up skew;
-# the getters' own limit keeps them from completing as soon as it has.
+# The sharer pushes one copy in ~6 s, longer than the getters' start-up skew.
+# The getters' own, lower limit keeps them from completing as soon as it has:
+# at half its rate, four getters still owe each other ~2 s of relaying when
+# the last chunk leaves the sharer (at its rate, ~0.4 s: a race under load).
 RATE = "256KiB"
+GETTER_RATE = "128KiB"
 GETTERS = 4
 # Short PEX timers (the product's are 3 s and 60 s): every real process.
 PATCH = {"peerd.engine.pex.PEX_FIRST_DELAY": 0.3, "peerd.engine.pex.PEX_INTERVAL": 2.0}
@@ -134,7 +137,7 @@ def test_getters_find_each_other_by_pex_and_outlive_the_sharer(
                     "--host",
                     "127.0.0.1",
                     "--up-limit",
-                    RATE,
+                    GETTER_RATE,
                     "--timeout",
                     "20",
                     stderr=log,
