@@ -33,8 +33,8 @@ CHUNK = 32 * 1024
 SIZE = 1536 * 1024 + 1000  # 49 chunks, the last one short
 # The sharer pushes one copy in ~6 s, longer than the getters' start-up skew.
 # The getters' own, lower limit keeps them from completing as soon as it has:
-# at half its rate, four getters still owe each other ~2 s of relaying when
-# the last chunk leaves the sharer (at its rate, ~0.4 s: a race under load).
+# at half its rate each getter holds 32-37 of the 49 chunks when the last one
+# leaves the sharer (measured); at its rate, 48-49, a race lost under load.
 RATE = "256KiB"
 GETTER_RATE = "128KiB"
 GETTERS = 4
