@@ -671,9 +671,14 @@ RAW_SQE = _raw_sqe_works()
 # ctypes calls it with the GIL released, given the ring's struct io_uring,
 # whose pointer the wheel's Ring object holds after its header. Checked once
 # per process on a scratch ring, through the kernel like RAW_SQE: the pointer
-# must name memory holding that ring's flags, fd and features in liburing's
-# order. Where the check fails, the wheel's own submit stays.
+# must name memory laid out as liburing's struct io_uring (its ABI on x86-64)
+# holding that ring's sizes, flags, fd and features, and a NOP submitted
+# through the C call must complete. Where the check fails, the wheel's own
+# submit stays.
+_RING_SIZES = struct.Struct("=II")  # io_uring_sq/_cq: ring_mask, ring_entries
+_SQ_SIZES, _CQ_SIZES = 88, 176  # their offsets in struct io_uring
 _RING_FIELDS = struct.Struct("=IiI")  # struct io_uring: flags, ring_fd, features
+_RING_FIELDS_AT = 192
 
 
 def _find_submit() -> Callable[[int], int] | None:
@@ -689,14 +694,19 @@ def _find_submit() -> Callable[[int], int] | None:
     return submit  # type: ignore[no-any-return]
 
 
-def _names_ring(address: int, ring: Any) -> bool:
-    """Whether ``address`` holds ``ring``'s struct io_uring (read through the kernel)."""
-    raw = _read_memory(address, 512) if address else None
+def _names_ring(address: int, ring: Any, entries: int) -> bool:
+    """Whether ``address`` holds ``ring``'s struct io_uring (read through the
+    kernel), ``ring`` having ``entries`` SQ entries (the CQ twice as many)."""
+    size = _RING_FIELDS_AT + _RING_FIELDS.size
+    raw = _read_memory(address, size) if address and platform.machine() == "x86_64" else None
     if raw is None:
         return False
-    fields = _RING_FIELDS.pack(ring.flags, ring.ring_fd, ring.features)
-    found = [k for k in range(0, 512 - 12, 4) if raw[k : k + 12] == fields]
-    return len(found) == 1
+    return (
+        _RING_SIZES.unpack_from(raw, _SQ_SIZES) == (entries - 1, entries)
+        and _RING_SIZES.unpack_from(raw, _CQ_SIZES) == (2 * entries - 1, 2 * entries)
+        and _RING_FIELDS.unpack_from(raw, _RING_FIELDS_AT)
+        == (ring.flags, ring.ring_fd, ring.features)
+    )
 
 
 def _submit_without_gil_works() -> bool:
@@ -706,7 +716,7 @@ def _submit_without_gil_works() -> bool:
 def _submits_through_c(ring: Any) -> bool:
     assert _submit_releasing_gil is not None
     address = _wheel_pointer(ring)
-    if not _names_ring(address, ring):
+    if not _names_ring(address, ring, 2):
         return False
     # One NOP through the C call: it must be submitted and complete.
     L.io_uring_prep_nop(L.io_uring_get_sqe(ring))
