@@ -745,11 +745,11 @@ def _count_ring_ops(
 async def test_proactor_receives_into_an_mmap_slice_one_ring_op_per_mark_step(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # A chunk buffer is a page-aligned mmap: each step is one RECV at the
-    # buffer's address (no READV, no separate POLL_ADD), however the bytes
-    # trickle in, and the kernel waits for the low-water mark rather than
-    # returning every 64 KiB piece; the buffer is free once the receive is
-    # done.
+    # A chunk buffer is a page-aligned mmap: each step that has to wait is
+    # one RECV at the buffer's address (no READV, no separate POLL_ADD),
+    # however the bytes trickle in, and the kernel waits for the low-water
+    # mark rather than returning every 64 KiB piece; the buffer is free once
+    # the receive is done.
     import mmap
 
     from peerd.transport import _ring
@@ -847,8 +847,8 @@ async def test_proactor_sends_a_small_frame_without_a_ring_op_and_waits_when_ful
 async def test_proactor_receives_what_is_there_without_a_ring_op_and_waits_in_the_ring(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # receive_some takes bytes already queued with one plain recv; only a
-    # receive that has to wait for them is a ring operation.
+    # receive_some and recv_exactly_into take bytes already queued with a
+    # plain recv; only a receive that has to wait for them is a ring operation.
     transport = _proactor_or_skip()
     a, b = await stream_pair(transport)
     async with a, b:
@@ -856,6 +856,12 @@ async def test_proactor_receives_what_is_there_without_a_ring_op_and_waits_in_th
         await a.send_all(b"header")
         assert select.select([b.fileno()], [], [], 5)[0], "loopback did not deliver"
         assert await b.receive_some(100) == b"header"
+        payload = pattern(5, 60_000)  # one loopback segment
+        await a.send_all(payload)
+        assert select.select([b.fileno()], [], [], 5)[0], "loopback did not deliver"
+        got = bytearray(len(payload))
+        await b.recv_exactly_into(got)  # the bulk path too
+        assert got == payload
         assert ops == []
         with trio.fail_after(5):
             async with trio.open_nursery() as nursery:

@@ -6,17 +6,18 @@ this module maps the stream contract onto ring operations.
 * Sockets stay non-blocking. io_uring's recv/send wait for readiness inside
   the kernel; an op that still returns -EAGAIN waits with ``POLL_ADD`` and
   is retried. Non-blocking is what lets ``sendfile`` run on the Trio thread.
-* Receiving: ``recv_exactly_into`` (the bulk path) works in the reactor's
-  steps: SO_RCVLOWAT is set to the bytes still missing (at most
-  ``LOWAT_CAP``) and one RECV takes what is there, or waits inside io_uring
+* Receiving: what is already in the socket is taken with a plain
+  non-blocking ``recv`` on the Trio thread (a ring op would cost an SQE, a
+  park and a wake-up for the same copy); the ring does the receives that
+  have to wait. ``recv_exactly_into`` (the bulk path) works in the
+  reactor's steps: SO_RCVLOWAT is set to the bytes still missing (at most
+  ``LOWAT_CAP``); when nothing is there, one RECV waits inside io_uring
   until the mark is reached, so the task wakes about once per 512 KiB and
   the sender is not woken for every segment drained. liburing's
   ``prep_recv`` takes only a whole bytearray, so the SQE's address is set to
   the buffer's afterwards (``_ring.prep_recv_at``, its layout checked once:
   ``_ring.RAW_SQE``); where that check fails, a READV with an ``Iovec`` per
-  step. ``receive_some`` puts the mark back to 1 byte and tries one plain
-  non-blocking ``recv`` on the Trio thread first; only a receive that has to
-  wait is a RECV in the ring.
+  step. ``receive_some`` puts the mark back to 1 byte.
 * Sending: a frame of up to 64 KiB (control frames) goes with one plain
   non-blocking ``send`` on the Trio thread when the socket takes it, as the
   mux's replies do; what does not fit, and anything larger, is a SEND +
@@ -166,19 +167,8 @@ class ProactorStream(Stream):
         if not view:
             await trio.lowlevel.checkpoint()
             return 0
-        # What is already there (a DATA header, the next control frame)
-        # comes with one plain non-blocking recv on this thread; a ring RECV
-        # would cost an SQE, a park and a wake-up for the same copy. Only a
-        # receive that has to wait goes to the ring.
         await trio.lowlevel.checkpoint_if_cancelled()
-        n = -1
-        if not self._closed:  # closed: the ring path says so
-            try:
-                n = self._sock.recv_into(view)
-            except BlockingIOError:
-                pass
-            except OSError as exc:
-                raise stream_error(exc, "recv") from exc
+        n = self._recv_now(view)
         if n >= 0:
             self.bytes_received += n
             await trio.lowlevel.cancel_shielded_checkpoint()
@@ -204,6 +194,33 @@ class ProactorStream(Stream):
         self.bytes_received += n
         return n
 
+    def _recv_now(self, view: memoryview) -> int:
+        """Take what is already there with one plain non-blocking ``recv`` on
+        this thread; -1 if nothing is (or the stream is closed: the ring path
+        says so). A ring RECV would cost an SQE, a park and a wake-up of the
+        task for the same copy: only a receive that has to wait goes to the
+        ring."""
+        if self._closed:
+            return -1
+        try:
+            return self._sock.recv_into(view)
+        except BlockingIOError:
+            return -1
+        except OSError as exc:
+            raise stream_error(exc, "recv") from exc
+
+    async def _recv_waiting(self, rest: memoryview, export: Any, address: int) -> int:
+        """One ring op into ``rest`` (at ``address``, exported by ``export``, if
+        ``RAW_SQE``) that waits for the low-water mark."""
+        if export is not None:
+            args = (self._fd, address, len(rest), 0)
+            return await self._one(_ring.prep_recv_at, args, export, "recv", _POLLIN)
+        # READV honours O_NONBLOCK: _one waits for POLLIN
+        iov = _ring.L.Iovec([rest])
+        return await self._one(
+            _ring.L.io_uring_prep_readv, (self._fd, iov), (rest, iov), "recv", _POLLIN
+        )
+
     def _set_lowat(self, lowat: int) -> None:
         if lowat != self._lowat and not self._closed:
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, lowat)
@@ -211,11 +228,11 @@ class ProactorStream(Stream):
 
     async def recv_exactly_into(self, buf: Any) -> None:
         # Steps as the reactor's: the low-water mark is set to the bytes still
-        # missing (at most LOWAT_CAP), and one op takes what is there; if
-        # nothing is, it waits (inside io_uring for a RECV) until the mark is
-        # reached. The mark never exceeds what the peer still owes, so it
-        # cannot wait for bytes that will not come. See "Receiving" in the
-        # module doc.
+        # missing (at most LOWAT_CAP); what is there is taken at once, and
+        # only if nothing is does one ring op wait (inside io_uring for a
+        # RECV) until the mark is reached. The mark never exceeds what the
+        # peer still owes, so it cannot wait for bytes that will not come.
+        # See "Receiving" in the module doc.
         self._begin(False)
         try:
             view = memoryview(buf).cast("B")
@@ -223,30 +240,26 @@ class ProactorStream(Stream):
             if not total:
                 await trio.lowlevel.checkpoint()
                 return
+            await trio.lowlevel.checkpoint_if_cancelled()
             export, address = _ring.buffer_address(view) if _ring.RAW_SQE else (None, 0)
             got = 0
+            waited = False
             try:
                 while got < total:
                     self._set_lowat(min(total - got, LOWAT_CAP))
-                    if export is not None:
-                        args: tuple[Any, ...] = (self._fd, address + got, total - got, 0)
-                        n = await self._one(_ring.prep_recv_at, args, export, "recv", _POLLIN)
-                    else:  # READV honours O_NONBLOCK: _one waits for POLLIN
-                        rest = view[got:]
-                        iov = _ring.L.Iovec([rest])
-                        n = await self._one(
-                            _ring.L.io_uring_prep_readv,
-                            (self._fd, iov),
-                            (rest, iov),
-                            "recv",
-                            _POLLIN,
-                        )
+                    rest = view[got:]
+                    n = self._recv_now(rest)
+                    if n < 0:
+                        waited = True
+                        n = await self._recv_waiting(rest, export, address + got)
                     self.bytes_received += n
                     if n == 0:
                         raise eof_error(got, total)
                     got += n
             finally:
                 del export  # a traceback must not keep the buffer exported
+            if not waited:
+                await trio.lowlevel.cancel_shielded_checkpoint()
         finally:
             self._receiving = False
 
