@@ -8,12 +8,11 @@ needs (``peer_address``, ``fileno``, ``recv_exactly_into``, ``sendfile``); a
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -107,17 +106,30 @@ def connect_error(host: str, port: int, exc: BaseException) -> ConnectError:
     return ConnectError(f"cannot connect to {host}:{port}: {_reason(exc)}")
 
 
-@contextlib.contextmanager
-def translating(what: str) -> Iterator[None]:
-    """Translate OSError / trio.ClosedResourceError raised by a stream op."""
-    try:
-        yield
-    except StreamClosed:
-        raise
-    except trio.ClosedResourceError:
-        raise StreamClosed(f"{what}: stream is closed") from None
-    except OSError as exc:
-        raise stream_error(exc, what) from exc
+class translating:
+    """Translate OSError / trio.ClosedResourceError raised by a stream op.
+
+    A class, not a generator-based context manager: it wraps every receive
+    and send of the reactor, and a generator per call was measurable.
+    """
+
+    __slots__ = ("what",)
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
+        if exc is None or isinstance(exc, StreamClosed):
+            return
+        if isinstance(exc, trio.ClosedResourceError):
+            raise StreamClosed(f"{self.what}: stream is closed") from None
+        if isinstance(exc, OSError):
+            raise stream_error(exc, self.what) from exc
 
 
 async def resolve(host: str, port: int, *, for_bind: bool = False) -> tuple[int, Any]:
