@@ -776,6 +776,43 @@ async def test_proactor_receives_into_an_mmap_slice_one_ring_op_per_mark_step(
         buf.close()  # BufferError if the receive still exported it
 
 
+async def test_proactor_lets_other_tasks_run_while_a_peer_trickles(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Bytes that are there are taken with plain recvs, without a ring op: a
+    # peer that keeps a byte or two queued whenever we look must not keep
+    # the loop from yielding. Simulated: every plain recv finds one byte.
+    from peerd.transport import proactor
+
+    transport = _proactor_or_skip()
+    a, b = await stream_pair(transport)
+    async with a, b:
+
+        def one_byte(self: Any, view: memoryview) -> int:
+            view[0] = 0x2A
+            return 1
+
+        monkeypatch.setattr(proactor.ProactorStream, "_recv_now", one_byte)
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await trio.lowlevel.checkpoint()
+                ticks += 1
+
+        buf = bytearray(800)
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ticker)
+                await trio.lowlevel.checkpoint()  # the ticker is running
+                ticks = 0
+                await b.recv_exactly_into(buf)
+                nursery.cancel_scope.cancel()
+        assert buf == b"*" * 800
+        assert ticks >= 50  # a yield every few bytes (none at all: 0 or 1)
+
+
 _FALLBACK_CHECKS = [
     ("RAW_SQE", test_peer_closes_mid_transfer),
     ("RAW_SQE", test_cancel_mid_receive_then_reuse_buffer),

@@ -77,6 +77,7 @@ _MSG_NOSIGNAL = socket.MSG_NOSIGNAL
 _MSG_MORE = socket.MSG_MORE
 _CANCELLED = (-errno.ECANCELED, -errno.EINTR)
 _SEND_AT_ONCE = 65536  # send_all tries a plain send first up to this size
+_RECVS_IN_A_ROW = 8  # recv_exactly_into lets other tasks run after this many
 
 
 def _whole_bytearray(buf: Any) -> bytearray | None:
@@ -243,22 +244,32 @@ class ProactorStream(Stream):
             await trio.lowlevel.checkpoint_if_cancelled()
             export, address = _ring.buffer_address(view) if _ring.RAW_SQE else (None, 0)
             got = 0
-            waited = False
+            yielded = False
+            in_a_row = 0  # plain recvs since this task last let others run
             try:
                 while got < total:
                     self._set_lowat(min(total - got, LOWAT_CAP))
                     rest = view[got:]
                     n = self._recv_now(rest)
-                    if n < 0:
-                        waited = True
+                    from_ring = n < 0
+                    if from_ring:
                         n = await self._recv_waiting(rest, export, address + got)
                     self.bytes_received += n
                     if n == 0:
                         raise eof_error(got, total)
                     got += n
+                    if from_ring:
+                        yielded, in_a_row = True, 0
+                    elif got < total:
+                        in_a_row += 1
+                        if in_a_row == _RECVS_IN_A_ROW:
+                            # A peer that trickles bytes as fast as they are
+                            # taken must not keep the other tasks waiting.
+                            await trio.lowlevel.checkpoint()
+                            yielded, in_a_row = True, 0
             finally:
                 del export  # a traceback must not keep the buffer exported
-            if not waited:
+            if not yielded:
                 await trio.lowlevel.cancel_shielded_checkpoint()
         finally:
             self._receiving = False
