@@ -179,19 +179,12 @@ class ProactorStream(Stream):
             n = await self._one(
                 _ring.L.io_uring_prep_recv, (self._fd, whole, 0), view, "recv", _POLLIN
             )
-        elif _ring.RAW_SQE:
-            export, address = _ring.buffer_address(view)
+        else:
+            export, address = _ring.buffer_address(view) if _ring.RAW_SQE else (None, 0)
             try:
-                n = await self._one(
-                    _ring.prep_recv_at, (self._fd, address, len(view), 0), export, "recv", _POLLIN
-                )
+                n = await self._recv_waiting(view, export, address)
             finally:
                 del export
-        else:
-            iov = _ring.L.Iovec([view])
-            n = await self._one(
-                _ring.L.io_uring_prep_readv, (self._fd, iov), (view, iov), "recv", _POLLIN
-            )
         self.bytes_received += n
         return n
 
@@ -212,7 +205,7 @@ class ProactorStream(Stream):
 
     async def _recv_waiting(self, rest: memoryview, export: Any, address: int) -> int:
         """One ring op into ``rest`` (at ``address``, exported by ``export``, if
-        ``RAW_SQE``) that waits for the low-water mark."""
+        ``RAW_SQE``; else a READV) that waits for the socket's low-water mark."""
         if export is not None:
             args = (self._fd, address, len(rest), 0)
             return await self._one(_ring.prep_recv_at, args, export, "recv", _POLLIN)
