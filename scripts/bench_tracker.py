@@ -413,7 +413,7 @@ def serve(args: argparse.Namespace) -> None:
         peer = PeerEntry("127.0.1.1", 7000, bytes(32), bytes(args.chunks // 8))
         frame = encode_message(Peers(bytes(32), 60, (peer,) * 50, bytes(2 * args.chunks)))
         index.SwarmIndex.num_chunks = lambda self, cid: args.chunks  # type: ignore[method-assign,assignment]
-        index.SwarmIndex.announce_frame = lambda self, *a: frame  # type: ignore[method-assign,assignment]
+        index.SwarmIndex.announce_frame = lambda self, *a, **k: frame  # type: ignore[method-assign,assignment]
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:

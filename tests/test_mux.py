@@ -518,6 +518,66 @@ async def test_ring_mux_recovers_when_the_buffer_pool_runs_dry(
             await server.aclose()
 
 
+async def test_a_multishot_armed_again_sees_every_buffer_handed_back() -> None:
+    # Buffers taken during a harvest go back to the kernel with one tail
+    # store at its end. A RECV armed again inside that harvest (after
+    # -ENOBUFS) and submitted at once must find them back already, or the
+    # kernel answers -ENOBUFS again at once and the harvest never ends.
+    try:
+        get_transport("proactor")
+    except TransportUnavailable as exc:
+        pytest.skip(str(exc))
+    from peerd.transport import _ring
+
+    ring = _ring.Ring(owned=True)
+    bufs = ring.buffer_ring(2, 64)
+    if bufs is None:
+        ring.close()
+        pytest.skip("no provided-buffer rings here")
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.setblocking(False)
+    got = bytearray()
+    dry = 0
+
+    def done(res: int, flags: int) -> None:
+        nonlocal dry
+        if flags & _ring.L.IORING_CQE_F_BUFFER:
+            got.extend(bufs.take(flags, max(res, 0)))
+        if res == -errno.ENOBUFS:
+            dry += 1
+            assert dry < 20, "the pool stayed dry: armed again before its buffers were back"
+            arm()
+            ring._submit()  # as a task that is not the ring's pumper does
+
+    def arm() -> None:
+        ring.start_multishot(
+            _ring.L.io_uring_prep_recv_multishot, (b.fileno(), None, 0), done, bufs.bgid
+        )
+
+    try:
+        b.setblocking(True)
+        a.sendall(bytes(range(200)))
+        b.setblocking(False)
+        arm()
+        with trio.fail_after(5):
+            while len(got) < 200:
+                ring.harvest()
+                await trio.sleep(0.001)
+        assert bytes(got) == bytes(range(200))
+        assert dry >= 1, "the pool never ran dry: the test proves nothing"
+        ring.cancel_fd(b.fileno())
+        with trio.fail_after(5):
+            while ring._ops:
+                ring.harvest()
+                await trio.sleep(0.001)
+    finally:
+        ring.drop_buffer_ring(bufs)
+        ring.close()
+        a.close()
+        b.close()
+
+
 async def test_ring_mux_close_cancels_armed_receives_and_leaks_nothing(
     transport: Transport,
 ) -> None:

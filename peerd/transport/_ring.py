@@ -388,6 +388,8 @@ class Ring:
         """
         if self._closed:
             raise RuntimeError("io_uring ring is closed")
+        for br in self._buffer_rings:  # what the kernel may pick from: all of it
+            br.publish()
         op = _Op(None, 1, None)
         op.done = done
         op.multi = True
@@ -440,11 +442,13 @@ class Ring:
     def _harvest(self) -> None:
         if self._closed:
             return
-        ring, cqe = self._ring, self._cqe
+        ring, cqe, ops = self._ring, self._cqe, self._ops
         while True:
             try:
                 L.io_uring_peek_cqe(ring, cqe)
             except BlockingIOError:
+                for br in self._buffer_rings:  # the buffers taken by this harvest
+                    br.publish()
                 return
             entry = cqe[0]
             uid = entry.user_data
@@ -455,18 +459,17 @@ class Ring:
                 res = -(exc.errno or errno.EIO)
             finally:
                 L.io_uring_cqe_seen(ring, entry)
-            found = self._ops.pop(uid, None)
+            found = ops.get(uid)
             if found is None:
                 continue
             op, index = found
             if op.multi:
-                if flags & _F_MORE:
-                    self._ops[uid] = found  # more completions follow
-                else:
+                if not flags & _F_MORE:  # its last: more completions do not follow
+                    del ops[uid]
                     op.keep = None
-                assert op.done is not None
-                op.done(res, flags)
+                op.done(res, flags)  # type: ignore[misc]
                 continue
+            del ops[uid]
             op.results[index] = res
             op.remaining -= 1
             if op.remaining == 0:
@@ -517,9 +520,11 @@ class BufferRing:
 
     The kernel reads the ring of buffer descriptors (an anonymous mapping of
     ours) up to its tail and fills the buffer it picks; a completion carries
-    the buffer id. ``take`` copies the data out and hands the buffer back at
-    once (a descriptor, then the tail: two plain stores, ordered on x86, which
-    is why ``Ring.buffer_ring`` offers these only there). Everything lives
+    the buffer id. ``take`` copies the data out and puts the buffer's
+    descriptor back; ``publish`` then moves the tail past all of them (plain
+    stores, ordered on x86, which is why ``Ring.buffer_ring`` offers these
+    only there). The ring publishes at the end of every harvest and before
+    it arms a multishot op, which must find the whole pool. Everything lives
     until ``unregister`` (the ring's close unregisters it otherwise).
     """
 
@@ -540,7 +545,9 @@ class BufferRing:
             ctypes.c_char.from_buffer(self.pool),
         )
         self._view = memoryview(self.pool)
-        self._base = ctypes.addressof(self._exports[1])
+        base = ctypes.addressof(self._exports[1])
+        # Each buffer's descriptor never changes: packed once.
+        self._entries = [_BUF_ENTRY.pack(base + bid * size, size, bid) for bid in range(count)]
         self._reg = ctypes.create_string_buffer(
             struct.pack("=QIHH3Q", ctypes.addressof(self._exports[0]), count, bgid, 0, 0, 0, 0)
         )
@@ -548,7 +555,8 @@ class BufferRing:
         self.registered = True
         for bid in range(count):
             self._put(bid)
-        _TAIL.pack_into(self._map, 14, self._tail)
+        self._published = -1
+        self.publish()
 
     def _call(self, opcode: int) -> None:
         if _libc.syscall(_SYS_IO_URING_REGISTER, self._ring_fd, opcode, self._reg, 1) < 0:
@@ -556,19 +564,25 @@ class BufferRing:
             raise OSError(err, os.strerror(err))
 
     def _put(self, bid: int) -> None:
-        _BUF_ENTRY.pack_into(
-            self._map, (self._tail & self._mask) * 16, self._base + bid * self.size, self.size, bid
-        )
+        at = (self._tail & self._mask) << 4
+        self._map[at : at + _BUF_ENTRY.size] = self._entries[bid]
         self._tail = (self._tail + 1) & 0xFFFF
 
     def take(self, cqe_flags: int, n: int) -> bytes:
-        """The ``n`` bytes in the buffer a completion names; the buffer goes back."""
+        """The ``n`` bytes in the buffer a completion names; the buffer goes
+        back with the next ``publish``."""
         bid = cqe_flags >> _BUFFER_SHIFT
         start = bid * self.size
         data = self._view[start : start + n].tobytes()
         self._put(bid)
-        _TAIL.pack_into(self._map, 14, self._tail)
         return data
+
+    def publish(self) -> None:
+        """Hand the buffers given back since the last call to the kernel (the
+        tail: one store for a whole harvest)."""
+        if self._tail != self._published:
+            self._published = self._tail
+            _TAIL.pack_into(self._map, 14, self._tail)
 
     def unregister(self) -> None:
         if self.registered:

@@ -475,6 +475,8 @@ _MUX_BUF = 2048  # bytes per buffer: a tracker frame fits; a bigger one takes se
 # its threshold, and twice the pool (consumed before and while the cancel lands).
 MUX_READ_AHEAD = max(_MUX_RECV, _MUX_AHEAD + 2 * _MUX_BUFS * _MUX_BUF)
 _ENOBUFS = -errno.ENOBUFS
+_F_BUFFER = _ring.L.IORING_CQE_F_BUFFER if _ring.L is not None else 1
+_F_MORE = _ring.L.IORING_CQE_F_MORE if _ring.L is not None else 2
 
 
 class _RingEntry:
@@ -533,7 +535,7 @@ class RingMux(Mux):
     Receiving (where the ring offers a buffer pool, see ``Ring.buffer_ring``):
     one multishot RECV stays armed per stream and the kernel fills buffers of
     the mux's pool; each completion's bytes are copied out and the buffer
-    handed back at once. Read-ahead is bounded: once ``_MUX_AHEAD`` bytes of
+    handed back by the end of the harvest. Read-ahead is bounded: once ``_MUX_AHEAD`` bytes of
     a stream wait in the mux undelivered, or it is paused, its RECV is
     cancelled (what arrives before the cancel lands is held; at most
     ``MUX_READ_AHEAD`` in all), and armed again when ``next_batch`` hands the
@@ -640,12 +642,14 @@ class RingMux(Mux):
             self._arm(e)
 
     def _deliver(self, e: _RingEntry, result: bytes | TransportError) -> None:
+        """Queue ``result`` for next_batch. Called from the ring's harvest,
+        whose caller wakes whoever waits (see next_batch and _pump), or
+        followed by ``_wake``."""
         if e.paused:
             e.held.append(result)
         else:
             self._ready.append((e, result))
             e.queued += 1
-            self._wake()
 
     def _on_recv(self, e: _RingEntry, res: int) -> None:
         e.recv_uid = 0
@@ -680,22 +684,24 @@ class RingMux(Mux):
             self._deliver(e, stream_error(OSError(-res, os.strerror(-res)), "recv"))
 
     def _on_recv_multi(self, e: _RingEntry, res: int, flags: int) -> None:
+        # Runs once per received frame on a busy tracker: kept lean.
         data = b""
-        if flags & _ring.L.IORING_CQE_F_BUFFER:  # copied out; the buffer goes back at once
-            assert self._bufs is not None
-            data = self._bufs.take(flags, max(res, 0))
-        final = not flags & _ring.L.IORING_CQE_F_MORE
+        if flags & _F_BUFFER:  # copied out; the buffer goes back with the harvest
+            data = self._bufs.take(flags, res if res > 0 else 0)  # type: ignore[union-attr]
+        final = not flags & _F_MORE
         if final:
             e.recv_uid = 0
             e.cancelling = False
-        if e.removed:
-            return
-        if e.broken or e.stopped:
+        if e.removed or e.broken or e.stopped:
             return  # the stream is over (reported once already)
         if res > 0:
             e.stream.bytes_received += res
             e.untaken += res
-            self._deliver(e, data)
+            if e.paused:
+                e.held.append(data)
+            else:
+                self._ready.append((e, data))
+                e.queued += 1
             if final:  # the kernel ended it (e.g. CQ overflow): arm again if due
                 self._arm_if_idle(e)
             elif (e.untaken >= _MUX_AHEAD or e.paused) and not e.cancelling:
@@ -749,6 +755,7 @@ class RingMux(Mux):
         if not e.stopped:  # after EOF or an error nothing more is reported
             e.stopped = True
             self._deliver(e, stream_error(exc, "send"))
+            self._wake()
 
     def _write_deferred(self) -> None:
         self._in_batch = False
@@ -824,6 +831,8 @@ class RingMux(Mux):
         self._in_batch = False
         await trio.lowlevel.checkpoint_if_cancelled()
         self._ring.harvest()  # hands the pool's buffers back to the kernel
+        if self._pumping:  # a remove waits in the ring: it may be done now
+            self._ring.kick()
         if self._ready:
             await trio.lowlevel.cancel_shielded_checkpoint()
         while not self._ready:
@@ -835,7 +844,8 @@ class RingMux(Mux):
             e.queued -= 1
             if result and type(result) is bytes:  # its data is taken: read on
                 e.untaken -= len(result)
-                self._arm_if_idle(e)
+                if not e.recv_uid:
+                    self._arm_if_idle(e)
             batch.append((e.stream, result))
         # Replies to a batch of several streams are written together (see
         # EpollMux): the peers' wake-ups bunch up; a lone reply goes at once.
