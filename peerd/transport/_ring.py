@@ -511,6 +511,7 @@ _SYS_IO_URING_REGISTER = 427  # the same number on every architecture
 _REGISTER_PBUF_RING = 22
 _UNREGISTER_PBUF_RING = 23
 _BUF_ENTRY = struct.Struct("=QIH")  # struct io_uring_buf: addr, len, bid (resv/tail follows)
+_BUF_ENTRY_SIZE = _BUF_ENTRY.size
 _TAIL = struct.Struct("=H")  # the tail: the first entry's resv field (offset 14)
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -565,7 +566,7 @@ class BufferRing:
 
     def _put(self, bid: int) -> None:
         at = (self._tail & self._mask) << 4
-        self._map[at : at + _BUF_ENTRY.size] = self._entries[bid]
+        self._map[at : at + _BUF_ENTRY_SIZE] = self._entries[bid]
         self._tail = (self._tail + 1) & 0xFFFF
 
     def take(self, cqe_flags: int, n: int) -> bytes:
@@ -574,7 +575,9 @@ class BufferRing:
         bid = cqe_flags >> _BUFFER_SHIFT
         start = bid * self.size
         data = self._view[start : start + n].tobytes()
-        self._put(bid)
+        at = (self._tail & self._mask) << 4  # _put, inline: once per received frame
+        self._map[at : at + _BUF_ENTRY_SIZE] = self._entries[bid]
+        self._tail = (self._tail + 1) & 0xFFFF
         return data
 
     def publish(self) -> None:
