@@ -51,17 +51,20 @@ what the serve loop, the wire and the transport cost without the index.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
 import random
 import select
 import socket
+import statistics
 import struct
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import trio
@@ -444,13 +447,26 @@ def serve(args: argparse.Namespace) -> None:
     cProfile.runctx("trio.run(profiled)", globals(), locals(), "/tmp/bench_tracker.prof")
 
 
-def run_one(
+class _Started:
+    """A tracker (or two on one Redis), published to and preloaded."""
+
+    def __init__(self, transport: str, label: str, procs: list, ports: list[int]) -> None:
+        self.transport = transport
+        self.label = label
+        self.procs = procs
+        self.ports = ports
+        self.ids_path = Path()
+        self.per_entry = 0.0
+        self.redis_entry = 0.0
+
+
+@contextlib.contextmanager
+def started(
     transport: str,
     args: argparse.Namespace,
     store: str | None = None,
     trackers: int = 1,
-    redis_pid: int | None = None,
-) -> list[dict]:
+) -> Iterator[_Started]:
     contents = infos(args.contents, args.chunks)
     cids = [info.content_id for info in contents]
     items_of = plan(cids, args.entries, args.chunks)
@@ -498,97 +514,156 @@ def run_one(
             took = time.monotonic() - t
             time.sleep(0.5)
             after = rss(proc.pid)
-            per_entry = (after - before) / args.entries
-            redis_entry = log_bytes = 0.0
+            setup = _Started(transport, label, procs, ports)
+            setup.ids_path = ids_path
+            setup.per_entry = (after - before) / args.entries
+            log_bytes = 0.0
             if store:
                 # The change log is transient (trimmed to its last seconds): apart.
                 for shard in range(16):  # its shards: peer:{0}:log .. peer:{f}:log
                     reply = redis_command(store, "MEMORY", "USAGE", f"peer:{{{shard:x}}}:log")
                     log_bytes += int(reply[1:].split(b"\r")[0]) if reply.startswith(b":") else 0
-                redis_entry = (redis_used(store) - redis_before - log_bytes) / args.entries
+                setup.redis_entry = (redis_used(store) - redis_before - log_bytes) / args.entries
             print(
                 f"[{transport} {label}] preloaded {args.entries} entries in {took:.1f} s; RSS "
-                f"{before / 2**20:.1f} -> {after / 2**20:.1f} MiB = {per_entry:.0f} B/entry"
+                f"{before / 2**20:.1f} -> {after / 2**20:.1f} MiB = "
+                f"{setup.per_entry:.0f} B/entry"
                 + (
-                    f"; Redis {redis_entry:.0f} B/entry, change log {log_bytes / 2**20:.1f} MiB"
+                    f"; Redis {setup.redis_entry:.0f} B/entry, "
+                    f"change log {log_bytes / 2**20:.1f} MiB"
                     if store
                     else ""
                 ),
                 flush=True,
             )
-            rows = []
-            for c in args.conns:
-                ids = list(range(c))
-                shards = [ids[w :: args.workers] for w in range(min(args.workers, c))]
-                # Logins (an Ed25519 signature each) happen before start_at.
-                start_at = time.monotonic() + 1.0 + 0.004 * c
-                workers = [
-                    subprocess.Popen(
-                        [
-                            sys.executable,
-                            __file__,
-                            "--worker",
-                            json.dumps(
-                                [
-                                    ports,
-                                    s,
-                                    args.seconds,
-                                    start_at,
-                                    args.warmup,
-                                    args.pin,
-                                    args.churn,
-                                    str(ids_path),
-                                ]
-                            ),
-                            "--entries",
-                            str(args.entries),
-                            "--chunks",
-                            str(args.chunks),
-                        ],
-                        stdout=subprocess.PIPE,
-                        text=True,
-                    )
-                    for s in shards
-                ]
-                time.sleep(max(0.0, start_at + args.warmup - time.monotonic()))
-                cpu0 = sum(cpu_seconds(p.pid) for p in procs)
-                rcpu0 = cpu_seconds(redis_pid) if redis_pid else 0.0
-                time.sleep(args.seconds)
-                cpu = sum(cpu_seconds(p.pid) for p in procs) - cpu0
-                rcpu = cpu_seconds(redis_pid) - rcpu0 if redis_pid else 0.0
-                results = [json.loads(w.communicate()[0]) for w in workers]
-                total = sum(r["count"] for r in results)
-                lat = sorted(x for r in results for x in r["lat"])
-                row = {
-                    "store": label,
-                    "redis_cpu": rcpu / args.seconds,
-                    "redis_bytes_per_entry": redis_entry,
-                    "transport": transport,
-                    "conns": c,
-                    "rate": total / args.seconds,
-                    "p50_ms": 1000 * lat[len(lat) // 2],
-                    "p99_ms": 1000 * lat[min(len(lat) - 1, int(len(lat) * 0.99))],
-                    "rss_mib": sum(rss(p.pid) for p in procs) / 2**20,
-                    "bytes_per_entry": per_entry,
-                    "cpu": cpu / args.seconds,
-                    "tracker_us": 1e6 * cpu / total,
-                    "client_us": 1e6 * sum(r["cpu"] for r in results) / total,
-                }
-                rows.append(row)
-                print(
-                    f"[{transport} {label}] C={c:4d}: {row['rate']:8.0f} announces/s  "
-                    f"p50 {row['p50_ms']:6.2f} ms  p99 {row['p99_ms']:6.2f} ms  "
-                    f"tracker RSS {row['rss_mib']:.1f} MiB, tracker CPU {100 * row['cpu']:.0f}% "
-                    f"= {row['tracker_us']:.0f} us/announce, clients {row['client_us']:.0f} us"
-                    + (f", Redis CPU {100 * row['redis_cpu']:.0f}%" if redis_pid else ""),
-                    flush=True,
-                )
-            return rows
+            yield setup
         finally:
             for p in procs:
                 p.terminate()
             for p in procs:
                 p.wait(10)
+
+
+def measure(
+    setup: _Started, c: int, args: argparse.Namespace, redis_pid: int | None = None
+) -> dict:
+    """C connections announcing for ``args.warmup`` + ``args.seconds``: one row."""
+    procs, label, transport = setup.procs, setup.label, setup.transport
+    ids = list(range(c))
+    shards = [ids[w :: args.workers] for w in range(min(args.workers, c))]
+    # Logins (an Ed25519 signature each) happen before start_at.
+    start_at = time.monotonic() + 1.0 + 0.004 * c
+    plan_of = [
+        setup.ports,
+        None,
+        args.seconds,
+        start_at,
+        args.warmup,
+        args.pin,
+        args.churn,
+        str(setup.ids_path),
+    ]
+    workers = []
+    for shard in shards:
+        plan_of[1] = shard
+        workers.append(
+            subprocess.Popen(
+                [
+                    *(sys.executable, __file__, "--worker", json.dumps(plan_of)),
+                    *("--entries", str(args.entries), "--chunks", str(args.chunks)),
+                ],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+        )
+    time.sleep(max(0.0, start_at + args.warmup - time.monotonic()))
+    cpu0 = sum(cpu_seconds(p.pid) for p in procs)
+    rcpu0 = cpu_seconds(redis_pid) if redis_pid else 0.0
+    time.sleep(args.seconds)
+    cpu = sum(cpu_seconds(p.pid) for p in procs) - cpu0
+    rcpu = cpu_seconds(redis_pid) - rcpu0 if redis_pid else 0.0
+    results = [json.loads(w.communicate()[0]) for w in workers]
+    total = sum(r["count"] for r in results)
+    lat = sorted(x for r in results for x in r["lat"])
+    row = {
+        "store": label,
+        "redis_cpu": rcpu / args.seconds,
+        "redis_bytes_per_entry": setup.redis_entry,
+        "transport": transport,
+        "conns": c,
+        "rate": total / args.seconds,
+        "p50_ms": 1000 * lat[len(lat) // 2],
+        "p99_ms": 1000 * lat[min(len(lat) - 1, int(len(lat) * 0.99))],
+        "rss_mib": sum(rss(p.pid) for p in procs) / 2**20,
+        "bytes_per_entry": setup.per_entry,
+        "cpu": cpu / args.seconds,
+        "tracker_us": 1e6 * cpu / total,
+        "client_us": 1e6 * sum(r["cpu"] for r in results) / total,
+    }
+    print(
+        f"[{transport} {label}] C={c:4d}: {row['rate']:8.0f} announces/s  "
+        f"p50 {row['p50_ms']:6.2f} ms  p99 {row['p99_ms']:6.2f} ms  "
+        f"tracker RSS {row['rss_mib']:.1f} MiB, tracker CPU {100 * row['cpu']:.0f}% "
+        f"= {row['tracker_us']:.0f} us/announce, clients {row['client_us']:.0f} us"
+        + (f", Redis CPU {100 * row['redis_cpu']:.0f}%" if redis_pid else ""),
+        flush=True,
+    )
+    return row
+
+
+def run_one(
+    transport: str,
+    args: argparse.Namespace,
+    store: str | None = None,
+    trackers: int = 1,
+    redis_pid: int | None = None,
+) -> list[dict]:
+    with started(transport, args, store, trackers) as setup:
+        return [measure(setup, c, args, redis_pid) for c in args.conns]
+
+
+def run_alternated(args: argparse.Namespace) -> list[dict]:
+    """Both transports' trackers up at once; ``--alternate N`` rounds of one
+    measurement each (the first C), the order swapped every round, so that
+    what the machine's other load does falls on both alike. Prints each
+    round's proactor/reactor ratios and their medians."""
+    names = ["reactor", "proactor"]
+    rows: list[dict] = []
+    ratios: list[tuple[float, float, float]] = []
+    with contextlib.ExitStack() as stack:
+        setups = {name: stack.enter_context(started(name, args)) for name in names}
+        for k in range(args.alternate):
+            got = {}
+            for name in names if k % 2 == 0 else names[::-1]:
+                got[name] = measure(setups[name], args.conns[0], args)
+                rows.append(got[name])
+            r, p = got["reactor"], got["proactor"]
+            ratios.append(
+                (
+                    p["rate"] / r["rate"],
+                    r["tracker_us"] / p["tracker_us"],
+                    p["p99_ms"] / r["p99_ms"],
+                )
+            )
+            print(
+                f"round {k + 1}: proactor/reactor announces/s {ratios[-1][0]:.3f}, "
+                f"CPU per announce (reactor/proactor) {ratios[-1][1]:.3f}, "
+                f"p99 (proactor/reactor) {ratios[-1][2]:.3f}",
+                flush=True,
+            )
+    for i, what in enumerate(
+        (
+            "announces/s (proactor/reactor)",
+            "CPU per announce (reactor/proactor)",
+            "p99 (proactor/reactor; below 1: the proactor's is lower)",
+        )
+    ):
+        values = sorted(x[i] for x in ratios)
+        print(
+            f"median {what}: {statistics.median(values):.3f} "
+            f"(rounds, sorted: {', '.join(f'{v:.3f}' for v in values)})"
+        )
+    return rows
 
 
 def main() -> None:
@@ -624,6 +699,13 @@ def main() -> None:
         "--store",
         help="also run one and two trackers on this Redis (redis://...; auto: start one)",
     )
+    parser.add_argument(
+        "--alternate",
+        type=int,
+        default=0,
+        metavar="N",
+        help="both transports' trackers at once, N alternated measurements of the first C",
+    )
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--serve-store", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -651,6 +733,9 @@ def main() -> None:
         if store == "auto":
             redis_proc, store = start_redis(redis_dir)
         try:
+            if args.alternate:
+                rows += run_alternated(args)
+                names = []
             for name in names:
                 rows += run_one(name, args)
                 if store:
