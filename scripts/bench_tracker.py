@@ -3,6 +3,7 @@
     python scripts/bench_tracker.py [--transport reactor|proactor|both]
         [--conns 1,16,256] [--seconds 10] [--contents 1000] [--entries 100000]
         [--chunks 256] [--workers 2] [--pin] [--floor] [--churn 0.1] [--warmup 1]
+        [--alternate N]
 
 1. Starts a tracker *process* (this script with ``--serve``; limits raised so
    the per-connection rate limit does not cap a single benchmark connection).
@@ -46,6 +47,14 @@ per entry in Redis, and its CPU share is shown when this script started it. ``--
 other load on CPU 0). ``--floor`` is a diagnostic: the tracker's index
 answers every announce with one constant 50-peer PEERS body, which measures
 what the serve loop, the wire and the transport cost without the index.
+
+``--alternate N`` (memory store, the first C only) compares the transports
+on a noisy machine: both trackers are started and preloaded at once, then
+measured one after the other, N rounds, the order swapped every round; it
+prints each round's proactor/reactor ratios (announces/s, CPU per announce,
+p99) and their medians. Consecutive windows of a few seconds on a shared
+machine differ by up to ±10 %; a ratio taken within one round shares the
+machine's state, two separate invocations do not.
 """
 
 from __future__ import annotations
