@@ -535,11 +535,11 @@ class RingMux(Mux):
     Receiving (where the ring offers a buffer pool, see ``Ring.buffer_ring``):
     one multishot RECV stays armed per stream and the kernel fills buffers of
     the mux's pool; each completion's bytes are copied out and the buffer
-    handed back by the end of the harvest. Read-ahead is bounded: once ``_MUX_AHEAD`` bytes of
-    a stream wait in the mux undelivered, or it is paused, its RECV is
-    cancelled (what arrives before the cancel lands is held; at most
-    ``MUX_READ_AHEAD`` in all), and armed again when ``next_batch`` hands the
-    data out or on ``resume``. A completion without F_MORE (``-ENOBUFS``: the
+    handed back by the end of the harvest. Read-ahead is bounded: once
+    ``_MUX_AHEAD`` bytes of a stream wait in the mux undelivered, or it is
+    paused, its RECV is cancelled (what arrives before the cancel lands is
+    held; at most ``MUX_READ_AHEAD`` in all), and armed again when
+    ``next_batch`` hands the data out or on ``resume``. A completion without F_MORE (``-ENOBUFS``: the
     pool ran dry; our cancel; EOF; an error) ends it. Without a pool: one
     single-shot RECV into a 16 KiB buffer per stream, armed only when
     ``next_batch`` hands out the data of the previous one (one received
