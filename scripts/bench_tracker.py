@@ -734,6 +734,8 @@ def main() -> None:
         print(json.dumps(result))
         return
     args.conns = [int(c) for c in args.conns.split(",")]
+    if args.alternate and (args.store or args.transport != "both"):
+        parser.error("--alternate compares both transports on the memory store (no --store)")
     names = ["reactor", "proactor"] if args.transport == "both" else [args.transport]
     rows = []
     redis_proc = None
