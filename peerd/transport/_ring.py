@@ -536,7 +536,6 @@ class BufferRing:
         self.size = size
         self._ring_fd = ring_fd
         self._mask = count - 1
-        self._tail = 0
         self._map = mmap.mmap(-1, max(count * 16, mmap.PAGESIZE))
         self.pool = bytearray(count * size)
         # ctypes views export the buffers: neither can be resized or freed
@@ -554,8 +553,9 @@ class BufferRing:
         )
         self._call(_REGISTER_PBUF_RING)
         self.registered = True
-        for bid in range(count):
-            self._put(bid)
+        for bid in range(count):  # slot k holds buffer k; take puts buffers back
+            self._map[bid << 4 : (bid << 4) + _BUF_ENTRY_SIZE] = self._entries[bid]
+        self._tail = count & 0xFFFF
         self._published = -1
         self.publish()
 
@@ -564,18 +564,13 @@ class BufferRing:
             err = ctypes.get_errno()
             raise OSError(err, os.strerror(err))
 
-    def _put(self, bid: int) -> None:
-        at = (self._tail & self._mask) << 4
-        self._map[at : at + _BUF_ENTRY_SIZE] = self._entries[bid]
-        self._tail = (self._tail + 1) & 0xFFFF
-
     def take(self, cqe_flags: int, n: int) -> bytes:
         """The ``n`` bytes in the buffer a completion names; the buffer goes
         back with the next ``publish``."""
         bid = cqe_flags >> _BUFFER_SHIFT
         start = bid * self.size
         data = self._view[start : start + n].tobytes()
-        at = (self._tail & self._mask) << 4  # _put, inline: once per received frame
+        at = (self._tail & self._mask) << 4  # the next free slot of the ring
         self._map[at : at + _BUF_ENTRY_SIZE] = self._entries[bid]
         self._tail = (self._tail + 1) & 0xFFFF
         return data

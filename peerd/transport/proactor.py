@@ -539,8 +539,9 @@ class RingMux(Mux):
     ``_MUX_AHEAD`` bytes of a stream wait in the mux undelivered, or it is
     paused, its RECV is cancelled (what arrives before the cancel lands is
     held; at most ``MUX_READ_AHEAD`` in all), and armed again when
-    ``next_batch`` hands the data out or on ``resume``. A completion without F_MORE (``-ENOBUFS``: the
-    pool ran dry; our cancel; EOF; an error) ends it. Without a pool: one
+    ``next_batch`` hands the data out or on ``resume``. A completion without
+    F_MORE (``-ENOBUFS``: the pool ran dry; our cancel; EOF; an error) ends
+    it. Without a pool: one
     single-shot RECV into a 16 KiB buffer per stream, armed only when
     ``next_batch`` hands out the data of the previous one (one received
     buffer per stream in the mux at most). Either way a fast sender is held
@@ -697,11 +698,7 @@ class RingMux(Mux):
         if res > 0:
             e.stream.bytes_received += res
             e.untaken += res
-            if e.paused:
-                e.held.append(data)
-            else:
-                self._ready.append((e, data))
-                e.queued += 1
+            self._deliver(e, data)
             if final:  # the kernel ended it (e.g. CQ overflow): arm again if due
                 self._arm_if_idle(e)
             elif (e.untaken >= _MUX_AHEAD or e.paused) and not e.cancelling:
