@@ -734,6 +734,12 @@ def main() -> None:
         print(json.dumps(result))
         return
     args.conns = [int(c) for c in args.conns.split(",")]
+    if not IDENTITIES <= args.entries <= IDENTITIES * args.contents:
+        parser.error(
+            f"--entries: {IDENTITIES} identities announce entries/{IDENTITIES} contents each,"
+            f" so it must be {IDENTITIES}..{IDENTITIES * args.contents} (--contents"
+            f" {args.contents})"
+        )
     if args.alternate and (args.store or args.transport != "both"):
         parser.error("--alternate compares both transports on the memory store (no --store)")
     names = ["reactor", "proactor"] if args.transport == "both" else [args.transport]

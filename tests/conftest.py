@@ -39,6 +39,7 @@ _PROCESS_MODULES = (
     "test_local_robustness",
     "test_session_deadlines",
     "test_tracker",
+    "test_bench_scripts",
 )
 
 
