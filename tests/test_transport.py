@@ -983,10 +983,16 @@ def test_the_ring_submits_without_holding_the_gil() -> None:
                 break
         else:
             pytest.fail(f"another thread paused {pause * 1e3:.0f} of {took * 1e3:.0f} ms")
-        prepare()
-        pause, took = _longest_pause_during(lambda: L.io_uring_submit(ring))
-        reap()
-        assert pause > took / 2  # the wheel's call: the measure can tell
+        for _attempt in range(10):  # the wheel's call: the measure can tell
+            prepare()
+            pause, took = _longest_pause_during(lambda: L.io_uring_submit(ring))
+            reap()
+            # A busy machine may deschedule this thread around the call,
+            # while the other one runs: then the call looks short of stalls.
+            if pause > took / 2:
+                break
+        else:
+            pytest.fail(f"the wheel's submit stalled the other thread only {pause * 1e3:.0f} ms")
     finally:
         os.close(zero)
         L.io_uring_queue_exit(ring)
