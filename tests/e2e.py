@@ -71,8 +71,9 @@ def content_id_of(line: str) -> str | None:
     return m.group(1) if m else None
 
 
-def free_port() -> int:
-    """A port free on every interface, outside the kernel's ephemeral range.
+def free_port(*, and_plus: int = 0) -> int:
+    """A port free on every interface, outside the kernel's ephemeral range;
+    with ``and_plus``, port + and_plus as well (a Redis cluster bus).
 
     The tests run in parallel and some open hundreds of connections: a port
     the kernel handed out (bind to port 0) may be some connection's local
@@ -81,10 +82,9 @@ def free_port() -> int:
     ephemeral = _ephemeral_ports()
     rng = random.Random()
     for _ in range(200):
-        port = rng.randrange(10000, 32000)
-        if port in ephemeral:
-            continue
-        if _bindable(port):
+        port = rng.randrange(10000, 32000 - and_plus)
+        ports = (port, port + and_plus) if and_plus else (port,)
+        if not any(p in ephemeral for p in ports) and all(map(_bindable, ports)):
             return port
     raise AssertionError("no free port found")
 

@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from tests.e2e import free_port
+
 __all__ = ["RedisClusterServers", "RedisServer", "TlsProxy", "make_tls_cert", "redis_server_binary"]
 
 
@@ -37,25 +39,9 @@ def redis_server_binary() -> str:
     return found
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def free_cluster_port() -> int:
-    """A free port P <= 55535 whose cluster bus port P + 10000 is free too."""
-    for _ in range(1000):
-        port = free_port()
-        if port > 55535:
-            continue
-        try:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", port + 10000))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no free port pair for a cluster node")
+    """A free port P whose cluster bus port P + 10000 is free too."""
+    return free_port(and_plus=10000)
 
 
 class RedisServer:

@@ -29,8 +29,8 @@ from peerd.content.identity import Identity
 from peerd.errors import TrackerError
 from peerd.node.tracker_client import TrackerClient
 from peerd.transport import Transport
-from tests.e2e import stop, wait_port
-from tests.redis_server import RedisClusterServers, RedisServer, TlsProxy, free_port, make_tls_cert
+from tests.e2e import free_port, stop, wait_port
+from tests.redis_server import RedisClusterServers, RedisServer, TlsProxy, make_tls_cert
 from tests.test_tracker import CS, bits, make_manifest
 from tracker._budget import Budget
 from tracker._redis import _entries, _log, _manifest, _payer, _payer_bytes, _shard
@@ -476,14 +476,16 @@ def test_rediss_with_its_ca(
     proxy, cert = tls_redis
     port = free_port()
     url = f"rediss://127.0.0.1:{proxy.port}/0?ssl_ca_certs={cert}"
-    proc = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "cli", "tracker", "--port", str(port)),
-            *("--transport", transport.name, "--data", str(tmp_path / "t"), "--store", url),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    err = tmp_path / "tracker.err"
+    with err.open("wb") as to_err:
+        proc = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "cli", "tracker", "--port", str(port)),
+                *("--transport", transport.name, "--data", str(tmp_path / "t"), "--store", url),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=to_err,
+        )
     owner = Identity.generate()
     manifest = make_manifest(os.urandom(CS), owner)
     cid = manifest.content_id
@@ -495,7 +497,10 @@ def test_rediss_with_its_ca(
                 assert await client.resolve(cid.hex()[:16]) == cid
 
     try:
-        wait_port(port, proc)
+        try:
+            wait_port(port, proc)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}: {err.read_text(errors='replace')[-2000:]}") from None
         trio.run(publish)
         # it went through TLS to the real Redis
         assert proxy.handshakes >= 1
