@@ -17,6 +17,8 @@ from hypothesis import strategies as st
 from peerd.app.link import Link, LinkError, parse_link
 from peerd.errors import PeerError
 
+from .e2e import free_port
+
 PY = sys.executable
 CID = bytes(range(32))
 KEY = bytes(range(32, 64))
@@ -182,11 +184,7 @@ def test_an_unreachable_tracker_does_not_stop_sharing(tmp_path: Path) -> None:
     """The tracker is down: `peer share` says so once and seeds anyway; a getter
     with the link gets the file from the link's peer; once the tracker is up,
     the sharer publishes in the background."""
-    import socket
-
-    with socket.socket() as s:  # a port with nothing behind it (for now)
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # nothing behind it (for now)
     src = tmp_path / "f.bin"
     src.write_bytes(os.urandom(300_000))
     env = dict(os.environ, PEER_TRANSPORT="reactor")
