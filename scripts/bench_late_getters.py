@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_swarm import free_port, wait_port  # scripts/ is this script's first path entry
+from bench_swarm import free_port, start_tracker  # scripts/ is this script's first path entry
 
 from peerd.units import parse_size
 
@@ -40,14 +40,7 @@ def run(
     procs: list[subprocess.Popen[bytes]] = []
     rows: list[tuple[float, float]] = []
     try:
-        procs.append(
-            subprocess.Popen(
-                [PY, "-m", "cli", "tracker", "--port", str(port), "--data", str(work / "tracker")],
-                env=env,
-                stderr=subprocess.DEVNULL,
-            )
-        )
-        wait_port(port)
+        procs.append(start_tracker(work, port, env))
         t0 = time.monotonic()
         cid = ""
         for k in range(seeders):

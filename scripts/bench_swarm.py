@@ -28,26 +28,33 @@ from pathlib import Path
 
 import blake3
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 from peerd.units import parse_size
+from tests.e2e import free_port, wait_port  # ports outside the ephemeral range
 
 PY = sys.executable
 MiB = 1 << 20
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int) -> None:
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise SystemExit(f"nothing listens on {port}")
+def start_tracker(work: Path, port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """A tracker on ``port`` (every interface), listening when this returns;
+    if it exits first, the benchmark stops and says why (its log)."""
+    log = work / "tracker.log"
+    with log.open("wb") as to_log:
+        tracker = subprocess.Popen(
+            [PY, "-m", "cli", "tracker", "--port", str(port), "--data", str(work / "tracker")],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=to_log,
+        )
+    try:
+        wait_port(port, tracker)
+    except AssertionError as exc:
+        tracker.kill()
+        tracker.wait()
+        raise SystemExit(f"tracker: {exc}: {log.read_text(errors='replace')[-2000:]}") from None
+    return tracker
 
 
 def one_run(work: Path, src: Path, transport: str, seeders: int) -> tuple[float, int]:
@@ -55,14 +62,7 @@ def one_run(work: Path, src: Path, transport: str, seeders: int) -> tuple[float,
     env = dict(os.environ, PEER_TRACKER=f"127.0.0.1:{port}", PEER_TRANSPORT=transport)
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        procs.append(
-            subprocess.Popen(
-                [PY, "-m", "cli", "tracker", "--port", str(port), "--data", str(work / "tracker")],
-                env=env,
-                stderr=subprocess.DEVNULL,
-            )
-        )
-        wait_port(port)
+        procs.append(start_tracker(work, port, env))
         cid = ""
         for k in range(seeders):
             home = work / f"seed{k}"
