@@ -20,31 +20,17 @@ import argparse
 import hashlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.e2e import free_port, wait_port  # ports outside the ephemeral range
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {port}")
 
 
 def peer(home: Path, *args: str, **kw: object) -> subprocess.Popen[bytes]:
@@ -73,7 +59,7 @@ def one_run(tmp: Path, src: Path, args: argparse.Namespace, kill: bool) -> list[
     )
     procs.append(redis)
     try:
-        wait_port(rport)
+        wait_port(rport, redis)
         url = f"redis://127.0.0.1:{rport}/0"
         ports = [free_port(), free_port()]
         trackers = []
@@ -85,7 +71,7 @@ def one_run(tmp: Path, src: Path, args: argparse.Namespace, kill: bool) -> list[
             )
             procs.append(t)
             trackers.append(t)
-            wait_port(port)
+            wait_port(port, t)
         a, b = (f"127.0.0.1:{p}" for p in ports)
         seeder = peer(
             tmp / "seeder",
