@@ -464,7 +464,7 @@ class Ring:
                 continue
             op, index = found
             if op.multi:
-                if not flags & _F_MORE:  # its last: more completions do not follow
+                if not flags & F_MORE:  # its last: more completions do not follow
                     del ops[uid]
                     op.keep = None
                 op.done(res, flags)  # type: ignore[misc]
@@ -506,7 +506,9 @@ class Ring:
 # a C pointer), so the ring is registered with the raw system call over memory
 # of our own; set to False to keep every receive single-shot.
 BUFFER_RINGS = True
-_F_MORE = L.IORING_CQE_F_MORE if L is not None else 0
+# Completion flags (the kernel's values where liburing is missing).
+F_BUFFER = L.IORING_CQE_F_BUFFER if L is not None else 1  # a pool buffer holds the data
+F_MORE = L.IORING_CQE_F_MORE if L is not None else 2  # a multishot op goes on
 _SYS_IO_URING_REGISTER = 427  # the same number on every architecture
 _REGISTER_PBUF_RING = 22
 _UNREGISTER_PBUF_RING = 23

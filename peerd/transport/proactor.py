@@ -475,8 +475,7 @@ _MUX_BUF = 2048  # bytes per buffer: a tracker frame fits; a bigger one takes se
 # its threshold, and twice the pool (consumed before and while the cancel lands).
 MUX_READ_AHEAD = max(_MUX_RECV, _MUX_AHEAD + 2 * _MUX_BUFS * _MUX_BUF)
 _ENOBUFS = -errno.ENOBUFS
-_F_BUFFER = _ring.L.IORING_CQE_F_BUFFER if _ring.L is not None else 1
-_F_MORE = _ring.L.IORING_CQE_F_MORE if _ring.L is not None else 2
+_F_BUFFER, _F_MORE = _ring.F_BUFFER, _ring.F_MORE  # read once per received frame
 
 
 class _RingEntry:
